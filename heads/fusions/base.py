@@ -1,0 +1,99 @@
+"""What every fusion head shares: its config, the modality switch, and a few small layers.
+
+A head maps one batch of cached features to logits:
+
+    batch = {"text_tokens": (B,L,Dt), "text_mask": (B,L) bool, "text_pooled": (B,Dtp),
+             "image_tokens": (B,P,Di), "image_pooled": (B,Dip)}      ->      {"logits": (B,C), ...}
+
+Modality handling is defined once here so that every head behaves the same way: a modality that is switched
+off (`modality="text"|"image"`) or dropped for a sample (modality dropout, training only) has its *projected*
+features multiplied by zero. Each head documents what a zero modality means for its own arithmetic.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+MODALITIES = ("both", "text", "image")
+
+
+@dataclass
+class HeadConfig:
+    # Input sizes come from the cache (token and pooled sizes may differ, e.g. EfficientNet: 320 vs 1280).
+    text_dim: int
+    text_pooled_dim: int
+    image_dim: int
+    image_pooled_dim: int
+    num_classes: int = 3
+    hidden: int = 128
+    dropout: float = 0.1
+    attn_heads: int = 4
+    modality: str = "both"  # both | text | image
+    modality_dropout: float = 0.0  # per-sample probability of dropping ONE modality while training
+
+    def __post_init__(self):
+        if self.modality not in MODALITIES:
+            raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
+        if not 0.0 <= self.modality_dropout < 1.0:
+            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+        if self.hidden % self.attn_heads:
+            raise ValueError(f"hidden ({self.hidden}) must be divisible by attn_heads ({self.attn_heads})")
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over dim 1 of (B,L,H) using only mask==True positions. `where` (not multiply) so that even
+    inf/NaN in padding cannot leak into the result."""
+    m = mask.unsqueeze(-1)
+    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
+    return total / m.sum(1).clamp_min(1).to(x.dtype)
+
+
+def safe_mask(mask: torch.Tensor) -> torch.Tensor:
+    """A row with no valid token would make attention softmax over nothing (NaN); let it see position 0."""
+    empty = ~mask.any(1)
+    if empty.any():
+        mask = mask.clone()
+        mask[empty, 0] = True
+    return mask
+
+
+def projector(in_dim: int, hidden: int) -> nn.Sequential:
+    # LayerNorm on the raw features first: backbones differ wildly in scale (normalised sentence
+    # embeddings vs. unnormalised CNN activations), and the head should not have to learn that.
+    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
+
+
+def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
+    # One hidden layer: fusions such as a gated sum are not linearly separable for XOR-like interactions.
+    return nn.Sequential(nn.Dropout(dropout), nn.Linear(in_dim, hidden), nn.GELU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, num_classes))
+
+
+class FusionHead(nn.Module):
+    """Base class: holds the config and decides, per sample, which modalities a forward pass may use."""
+
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    def modality_keep(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keep_text, keep_image), float (B,) of 0/1. Never both 0: dropout removes one modality of a sample
+        at most, and only in training with modality="both" (dropping the only modality would leave nothing)."""
+        ones = torch.ones(batch_size, device=device)
+        if self.cfg.modality == "text":
+            return ones, torch.zeros_like(ones)
+        if self.cfg.modality == "image":
+            return torch.zeros_like(ones), ones
+        p = self.cfg.modality_dropout
+        if not self.training or p <= 0:
+            return ones, ones
+        drop = torch.rand(batch_size, device=device) < p
+        drop_text = torch.rand(batch_size, device=device) < 0.5
+        keep_t = (~(drop & drop_text)).float()
+        keep_i = (~(drop & ~drop_text)).float()
+        return keep_t, keep_i
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        raise NotImplementedError

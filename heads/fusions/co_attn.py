@@ -1,0 +1,37 @@
+"""`co-attn`: co-attention, both directions, then fused.
+
+Text tokens attend over image patches and image patches attend over the (masked) text tokens; each side is
+pooled (masked mean for text, mean for image) and the classifier sees [h_t, h_i, h_t * h_i], the product
+giving it an explicit agreement term. Padded text positions are excluded twice: as keys (attention mask) and
+from the text pooling. A switched-off modality has zero projected tokens, so the other direction receives a
+constant and the head reduces to the remaining modality's self-contained path.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .attention import CrossAttentionBlock
+from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
+
+
+class CoAttnHead(FusionHead):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__(cfg)
+        self.proj_t = projector(cfg.text_dim, cfg.hidden)
+        self.proj_i = projector(cfg.image_dim, cfg.hidden)
+        self.text_to_image = CrossAttentionBlock(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.image_to_text = CrossAttentionBlock(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.norm_t, self.norm_i = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
+        self.mlp = classifier(3 * cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
+        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
+        t = self.proj_t(tokens) * keep_t[:, None, None]
+        i = self.proj_i(batch["image_tokens"]) * keep_i[:, None, None]
+        t2 = self.text_to_image(t, i)
+        i2 = self.image_to_text(i, t, mask)
+        ht = masked_mean(self.norm_t(t2), mask)
+        hi = self.norm_i(i2).mean(1)
+        return {"logits": self.mlp(torch.cat([ht, hi, ht * hi], dim=-1))}

@@ -1,0 +1,40 @@
+"""`film`: text-conditioned FiLM (Perez et al., 2018) on the image patch tokens.
+
+The pooled text embedding produces a per-channel scale and shift (gamma, beta) that modulate every projected
+image patch token; the modulated tokens are pooled and classified:
+
+    x_p = LN(W_i img_p),   (gamma, beta) = W_f gelu(W_t text),   h = mean_p relu(x_p * (1 + gamma) + beta)
+
+The FiLM layer starts at zero so training begins from the plain image model (identity modulation) and the
+text learns what to change. With the image switched off the tokens are zero and h = relu(beta(text)): a
+text-only model. With the text switched off its projection is zero and (gamma, beta) reduce to the learned
+biases: a fixed modulation, i.e. an image-only model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import FusionHead, HeadConfig, classifier, projector
+
+
+class FiLMHead(FusionHead):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__(cfg)
+        self.proj_t = projector(cfg.text_pooled_dim, cfg.hidden)
+        self.proj_i = projector(cfg.image_dim, cfg.hidden)
+        self.norm_i = nn.LayerNorm(cfg.hidden)
+        self.film = nn.Linear(cfg.hidden, 2 * cfg.hidden)
+        nn.init.zeros_(self.film.weight)
+        nn.init.zeros_(self.film.bias)
+        self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        tokens = batch["image_tokens"]
+        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
+        t = F.gelu(self.proj_t(batch["text_pooled"])) * keep_t[:, None]
+        gamma, beta = self.film(t).unsqueeze(1).chunk(2, dim=-1)
+        x = self.norm_i(self.proj_i(tokens)) * keep_i[:, None, None]
+        h = F.relu(x * (1 + gamma) + beta).mean(1)  # image tokens have no padding: a plain mean
+        return {"logits": self.mlp(h)}

@@ -1,0 +1,32 @@
+"""Apply a head to rows of an in-memory cache in large batches, without autograd.
+
+Shared by training (per-epoch validation) and `predict`, so validation numbers and predictions on new data
+come from exactly the same code path.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .data import CacheData
+
+
+@torch.inference_mode()
+def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_size: int = 1024) -> dict:
+    """{"logits": (n,C) float32 numpy, and "gate": (n,) when the head exports one}. Leaves the model in eval."""
+    model.eval()
+    rows = np.asarray(rows, dtype=np.int64)
+    outs: dict[str, list] = {}
+    for start in range(0, len(rows), batch_size):
+        out = model(data.batch(rows[start:start + batch_size], device))
+        for k, v in out.items():
+            outs.setdefault(k, []).append(v.float().cpu())
+    if not outs:  # no rows: keep the shapes downstream code expects
+        return {"logits": np.zeros((0, getattr(model, "cfg").num_classes), dtype=np.float32)}
+    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)

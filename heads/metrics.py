@@ -1,0 +1,60 @@
+"""Classification metrics (sklearn), as a JSON-ready dict, and the early-stopping score they provide.
+
+Always computed over the full label set (LABELS) so that a class absent from a small validation split still
+gets a row (support 0) and the confusion matrix keeps its 3x3 shape.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from featcache.dataset import LABELS
+
+METRICS = ("macro_f1", "accuracy", "weighted_f1")
+
+
+def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
+    """accuracy, macro_f1, weighted_f1, per_class {label: precision/recall/f1/support}, confusion_matrix."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    ids = list(range(len(labels)))
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    return {
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
+        "per_class": {name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]),
+                             "support": int(s[c])} for c, name in enumerate(labels)},
+        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+    }
+
+
+def _confusion(y_true, y_pred, num_classes: int) -> np.ndarray:
+    return np.bincount(np.asarray(y_true) * num_classes + np.asarray(y_pred),
+                       minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def _f1_per_class(cm: np.ndarray) -> np.ndarray:
+    tp = np.diag(cm).astype(np.float64)
+    denom = cm.sum(0) + cm.sum(1)  # 2TP + FP + FN
+    return np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+
+
+def macro_f1(y_true, y_pred, num_classes: int) -> float:
+    """Fast macro-F1 (numpy only): the bias search calls this thousands of times."""
+    return float(_f1_per_class(_confusion(y_true, y_pred, num_classes)).mean())
+
+
+def quick_scores(y_true, y_pred, num_classes: int) -> dict:
+    """The three headline numbers without sklearn's overhead, for per-epoch validation. Same definitions
+    as compute_metrics (zero_division=0, all classes in the macro average)."""
+    cm = _confusion(y_true, y_pred, num_classes)
+    f1, support = _f1_per_class(cm), cm.sum(1)
+    return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "macro_f1": float(f1.mean()),
+            "weighted_f1": float((f1 * support).sum() / max(1, support.sum()))}
+
+
+def check_metric(name: str) -> str:
+    if name not in METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+    return name

@@ -1,0 +1,33 @@
+"""The short rich table printed at the end of `heads train` (and reused by the ablation)."""
+from __future__ import annotations
+
+from rich.table import Table
+
+from featcache.dataset import LABELS
+
+
+def summary_table(metrics: dict) -> Table:
+    title = f"{metrics.get('fusion', '?')} · {metrics.get('modality', '?')} · best epoch " \
+            f"{metrics.get('best_epoch')}/{metrics.get('epochs_run')}"
+    t = Table(title=title, title_justify="left")
+    t.add_column("")
+    cols = [("untuned", metrics["untuned"]), ("tuned bias", metrics)] if "untuned" in metrics \
+        else [("val", metrics)]
+    for name, _ in cols:
+        t.add_column(name, justify="right")
+    for key in ("accuracy", "macro_f1", "weighted_f1"):
+        t.add_row(key, *[f"{m[key]:.4f}" for _, m in cols])
+    for c in LABELS:
+        t.add_row(f"F1 {c}", *[f"{m['per_class'][c]['f1']:.4f}" for _, m in cols])
+    return t
+
+
+def print_summary(metrics: dict, run_dir: str | None, console) -> None:
+    console.print(summary_table(metrics))
+    n = metrics.get("counts", {})
+    timing = metrics.get("timing", {})
+    console.print(f"train {n.get('train')} · val {n.get('val')} · invalid excluded {n.get('invalid_excluded')}"
+                  f" · unlabelled {n.get('unlabelled')} · trained in {timing.get('train_s', 0):.1f}s on "
+                  f"{timing.get('device')} ({timing.get('threads')} threads)", highlight=False)
+    if run_dir:
+        console.print(f"run directory: {run_dir}", highlight=False)

@@ -1,0 +1,99 @@
+"""A small, model-agnostic training loop (minGPT style): AdamW, linear warmup + cosine decay, early stopping
+on a validation score with the best weights restored at the end.
+
+The Trainer knows nothing about heads, batches or losses. It is given:
+    loss_fn(model, idx)  -> scalar loss for training rows idx (positions 0..n_train-1, a LongTensor)
+    evaluate(model)      -> dict of validation numbers, containing the key `metric` (higher is better)
+and it owns only the optimisation schedule. Shuffling uses its own seeded generator so that a run is
+repeatable independently of whatever else consumed the global RNG.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    patience: int = 6  # epochs without improvement before stopping (0 = never stop early)
+    grad_clip: float = 1.0
+    seed: int = 0
+
+
+def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    # Decay matrices only: decaying LayerNorm gains and biases just pulls them towards 0 for no benefit.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_cosine(step: int, total: int, warmup: int) -> float:
+    """LR multiplier: linear ramp over `warmup` steps, then cosine from 1 to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+class Trainer:
+    def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, n_train: int, loss_fn, evaluate,
+                 metric: str, on_epoch=None):
+        self.model, self.cfg, self.n_train = model, cfg, n_train
+        self.loss_fn, self.evaluate, self.metric, self.on_epoch = loss_fn, evaluate, metric, on_epoch
+        self.history: list[dict] = []
+        self.best_epoch, self.best_score = -1, -math.inf
+
+    def run(self) -> list[dict]:
+        cfg, model = self.cfg, self.model
+        steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
+        total = steps_per_epoch * cfg.epochs
+        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        warmup = int(cfg.warmup_frac * total)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
+        gen = torch.Generator().manual_seed(cfg.seed)
+        best_state, bad_epochs = None, 0
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            model.train()
+            perm = torch.randperm(self.n_train, generator=gen)
+            loss_sum = torch.zeros(())
+            for s in range(steps_per_epoch):
+                idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
+                loss = self.loss_fn(model, idx)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach().cpu() * idx.numel()  # no .item() per step: no sync per step
+            model.eval()
+            scores = self.evaluate(model)
+            score = scores[self.metric]
+            row = {"epoch": epoch, "train_loss": float(loss_sum) / self.n_train,
+                   "lr": opt.param_groups[0]["lr"], **scores, "seconds": time.perf_counter() - t0}
+            self.history.append(row)
+            if score > self.best_score:
+                self.best_score, self.best_epoch, bad_epochs = score, epoch, 0
+                best_state = copy.deepcopy(model.state_dict())
+            else:
+                bad_epochs += 1
+            if self.on_epoch:
+                self.on_epoch(row)
+            if cfg.patience and bad_epochs >= cfg.patience:
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        model.eval()
+        return self.history

@@ -1,0 +1,57 @@
+"""Shared fixtures. `make_synthetic_cache(...)` writes a small, complete feature cache with the real schema
+(via featcache.store.CacheWriter) whose labels are learnable from both text and image features."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from featcache.dataset import LABELS, Sample
+from featcache.store import CacheWriter
+
+BACKBONE = {"name": "synthetic-text+synthetic-image", "text": "synthetic-text", "image": "synthetic-image"}
+
+
+def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_invalid: int = 6, L: int = 12,
+                          Dt: int = 16, Dtp: int = 16, P: int = 6, Di: int = 12, Dip: int = 20,
+                          key: str = "synthetic-key-1", backbone: dict | None = None,
+                          preprocessing: dict | None = None, seed: int = 0, noise: float = 1.0) -> str:
+    """Rows: n_train labelled train samples (the last n_invalid of them marked invalid), then n_test unlabelled
+    test samples (one of them invalid). Class c shifts text features along u_c and image features along v_c;
+    text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
+    rng = np.random.default_rng(seed)
+    n = n_train + n_test
+    labels = rng.integers(0, len(LABELS), n)
+    samples = []
+    for k in range(n):
+        is_train = k < n_train
+        valid = not ((is_train and k >= n_train - n_invalid) or (not is_train and k == n - 1))
+        samples.append(Sample(guid=str(1000 + k), split="train" if is_train else "test",
+                              label=int(labels[k]) if is_train else -1, raw_text=f"text {k}",
+                              text=f"text {k}", image_path=f"/nowhere/{k}.jpg", valid=valid))
+    u_tok, u_pool = rng.normal(size=(3, Dt)), rng.normal(size=(3, Dtp))
+    v_tok, v_pool = rng.normal(size=(3, Di)), rng.normal(size=(3, Dip))
+    lengths = rng.integers(2, L + 1, n)
+    mask = np.arange(L)[None, :] < lengths[:, None]
+    text_tokens = noise * rng.normal(size=(n, L, Dt)) + u_tok[labels][:, None, :]
+    text_tokens[~mask] = rng.normal(scale=50.0, size=((~mask).sum(), Dt))  # garbage in the padding
+    arrays = {
+        "text/tokens": text_tokens.astype(np.float16),
+        "text/mask": mask,
+        "text/pooled": (noise * rng.normal(size=(n, Dtp)) + u_pool[labels]).astype(np.float32),
+        "image/tokens": (noise * rng.normal(size=(n, P, Di)) + v_tok[labels][:, None, :]).astype(np.float16),
+        "image/pooled": (noise * rng.normal(size=(n, Dip)) + v_pool[labels]).astype(np.float32),
+    }
+    meta = {"key": key, "backbone": backbone or BACKBONE,
+            "preprocessing": preprocessing or {"clean_text": False, "max_text_len": L},
+            "dataset": {"root": "/synthetic", "fingerprint": "0" * 8}, "counts": {"samples": n}}
+    writer = CacheWriter(path, meta, samples, {name: a.shape for name, a in arrays.items()})
+    writer.write(0, arrays, invalid=[k for k, s in enumerate(samples) if not s.valid])
+    return writer.finish(meta)
+
+
+@pytest.fixture
+def make_synthetic_cache(tmp_path):
+    """Factory: make_synthetic_cache(name="cache.h5", **build_synthetic_cache kwargs) -> path."""
+    def make(name: str = "cache.h5", **kwargs) -> str:
+        return build_synthetic_cache(str(tmp_path / name), **kwargs)
+    return make
