@@ -89,7 +89,7 @@ def missing(name: str, looked: list[str], how: str) -> WeightsError:
     return WeightsError(
         f"no weights for backbone '{name}'. Looked in: {where}. {how} "
         f"Or put them at ${ENV_DIR}/{name} (a folder or file), or pass the path with --text-weights / "
-        f"--image-weights. `featcache backbones` shows what is available on this machine.")
+        f"--image-weights / --caption-weights. `featcache backbones` shows what is available on this machine.")
 
 
 def file_sha256(path: str) -> str:

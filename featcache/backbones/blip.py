@@ -29,7 +29,8 @@ class BlipCaptioner(torch.nn.Module):
         self.model = BlipForConditionalGeneration.from_pretrained(location,
                                                                   local_files_only=local or offline()).eval()
         ip = self.processor.image_processor
-        size = ip.size.get("height", 384) if isinstance(ip.size, dict) else int(ip.size)
+        # a dict in transformers 4, a SizeDict (dict-like, not a dict) in transformers 5
+        size = ip.size.get("height", 384) if hasattr(ip.size, "get") else int(ip.size)
         self.image_size = size
         self._transform = T.Compose([T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
                                      T.ToTensor(), T.Normalize(ip.image_mean, ip.image_std)])

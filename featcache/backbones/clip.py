@@ -113,8 +113,12 @@ class CLIPImage(ImageEncoder):
         return self._preprocess(img)
 
     def forward_features(self, pixels):
+        # output_tokens is a flag on the shared model: set it only for this call, so encode_image stays intact.
         self.visual.output_tokens = True
-        pooled, tokens = self.visual(pixels)
+        try:
+            pooled, tokens = self.visual(pixels)
+        finally:
+            self.visual.output_tokens = False
         return {"tokens": tokens, "pooled": pooled}
 
 

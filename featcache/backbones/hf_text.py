@@ -56,6 +56,8 @@ class HFTextEncoder(TextEncoder):
     def __init__(self, location: str, max_len: int = 64, pooling: str = "mean"):
         super().__init__()
         from transformers import AutoModel, AutoTokenizer  # heavy import, only when a backbone is built
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()  # our own progress bar is the one that matters
         local = os.path.exists(location)
         self.tokenizer = AutoTokenizer.from_pretrained(location, local_files_only=local or offline())
         self.model = AutoModel.from_pretrained(location, local_files_only=local or offline()).eval()
