@@ -116,7 +116,8 @@ def read_mvsa(root: str, clean_text: bool = False, limit: int | None = None) -> 
             if guid in seen:
                 first = seen[guid]
                 same = (first.split == split and
-                        (first.label == (LABELS.index(tag) if tag in LABELS else -2)))
+                        (first.label == (LABELS.index(tag) if tag in LABELS else
+                                         -1 if tag == UNLABELLED else -2)))
                 msg = (f"guid listed again (first in {first.split}); this line is ignored" if same else
                        f"guid listed again with a different split/tag ({split},{tag}); the sample is ambiguous")
                 ds.problems.append(Problem(guid, where, "duplicate", msg, not same))

@@ -14,8 +14,8 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
+from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from . import __version__
@@ -150,7 +150,7 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         except CacheError:
             same = False
         if same:
-            say(f"[green]cache {out} already holds these features (key {key}); reusing it "
+            say(f"[green]cache {escape(out)} already holds these features (key {key}); reusing it "
                 "(--force recomputes)[/]")
             return out
         raise CacheError(f"{out} exists and was made with other settings; choose another --out or pass --force")
@@ -221,7 +221,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     if resume:
         for p in json.loads(writer.f.attrs.get("image_problems", "[]")):
             note_image_problems(ds, p[0], [ImageNote(*p[1:])])
-        say(f"resuming {partial_path(out)} at row {start} of {n}")
+        say(f"resuming {escape(partial_path(out))} at row {start} of {n}")
 
     transforms = [image_model.transform] + ([captioner.transform] if captioner else [])
     workers = max(1, (os.cpu_count() or 2) - 1) if cfg.workers < 0 else cfg.workers
@@ -319,7 +319,7 @@ def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep
     if keep_from is not None:
         arrays["text_hidden/states"] = tx["hidden"].half()
     arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
-    bad = [k for k in range(len(idx)) if pix[k] is None]
+    bad = [k for k in range(len(idx)) if pix[k] is None or not ds.samples[idx[k]].valid]
     for k in bad:  # exact zeros for invalid rows, whatever the model made of a black image
         for name in ("image/tokens", "image/pooled"):
             arrays[name][k] = 0
@@ -348,7 +348,7 @@ def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from
 def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
     say = console.print
     d, t = meta["dataset"], meta.get("timings", {})
-    say(f"[bold green]wrote[/] {path}: {d['samples']} samples ({d['train']} train, {d['test']} test), "
+    say(f"[bold green]wrote[/] {escape(path)}: {d['samples']} samples ({d['train']} train, {d['test']} test), "
         f"{d['invalid']} invalid, texts decoded as {d['text_encodings']}, {d['empty_texts']} empty text(s)")
     if t:
         rate = t["samples"] / max(t["read_wait_s"] + t["model_s"] + t["write_s"], 1e-9)
@@ -357,4 +357,4 @@ def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
     if ds.problems:
         say(f"[yellow]{len(ds.problems)} problem(s) in the input[/] (invalid rows are skipped by heads):")
         for p in ds.problems:
-            say(f"  {p}", highlight=False)
+            say(f"  {p}", highlight=False, markup=False)  # "[kind]" and user text are not markup

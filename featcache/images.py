@@ -68,6 +68,7 @@ def load_rgb(path: str, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | 
             fmt = img.format
             w, h = img.size
             if w * h > max_pixels:
+                img.close()
                 return None, [ImageNote("too_large", f"{name}: {w}x{h} pixels exceeds the limit of "
                                         f"{max_pixels:,} (decompression-bomb guard; raise --max-image-pixels "
                                         f"if the image is genuine)", True)]

@@ -1,0 +1,96 @@
+"""Extraction throughput, three ways in one run on the same pairs (the machine is shared and noisy):
+
+  pipeline      : `featcache extract` (workers decode while the model runs, batched, HDF5 writes)
+  backbone-only : the same two backbones on tensors decoded and tokenized beforehand (the ceiling)
+  naive         : one sample at a time: decode, transform, forward, write (what scripts usually do)
+
+Targets (issue 2): pipeline >= 0.9x backbone-only, >= 1.5x naive. Writes bench/out/extract.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import h5py
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from featcache.backbones import create_image, create_text, locate, parse_backbone  # noqa: E402
+from featcache.dataset import read_mvsa  # noqa: E402
+from featcache.extract import ExtractConfig, extract  # noqa: E402
+from featcache.images import load_rgb  # noqa: E402
+from PIL import Image  # noqa: E402
+
+
+def models(backbone):
+    t, i = parse_backbone(backbone)
+    return create_text(t, locate(t)).eval(), create_image(i, locate(i)).eval()
+
+
+@torch.inference_mode()
+def backbone_only(ds, text, image, bs):
+    pix = torch.stack([image.transform(load_rgb(s.image_path, draft_size=256)[0]) for s in ds.samples])
+    toks = [text.tokenize([s.text for s in ds.samples[k:k + bs]]) for k in range(0, len(ds.samples), bs)]
+    t0 = time.perf_counter()
+    for j, k in enumerate(range(0, len(ds.samples), bs)):
+        text.forward_features(toks[j])
+        image.forward_features(pix[k:k + bs])
+    return len(ds.samples) / (time.perf_counter() - t0)
+
+
+@torch.inference_mode()
+def naive(ds, text, image, path):
+    n = len(ds.samples)
+    t0 = time.perf_counter()
+    with h5py.File(path, "w") as f:
+        tt = f.create_dataset("text", (n, text.max_len, text.token_dim), "f2")
+        it = f.create_dataset("image", (n, image.num_patches, image.token_dim), "f2")
+        for k, s in enumerate(ds.samples):
+            img = Image.open(s.image_path).convert("RGB")  # full-size decode, as scripts do
+            tx = text.forward_features(text.tokenize([s.text]))
+            im = image.forward_features(image.transform(img)[None])
+            tt[k] = tx["tokens"][0].half().numpy()
+            it[k] = im["tokens"][0].half().numpy()
+    return n / (time.perf_counter() - t0)
+
+
+def pipeline(data, per_file, backbone, bs, out):
+    cfg = ExtractConfig(data=data, backbone=backbone, limit=per_file, out=out, batch_size=bs)
+    from rich.console import Console
+    extract(cfg, force=True, progress=False, console=Console(file=open(os.devnull, "w")))
+    with h5py.File(out, "r") as f:
+        t = json.loads(f.attrs["meta"])["timings"]
+    # Loop time only (read wait + model + write): model loading is the same fixed cost for every method.
+    return t["samples"] / (t["read_wait_s"] + t["model_s"] + t["write_s"]), t
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--data", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "mvsa"))
+    ap.add_argument("--per-file", type=int, default=160, help="rows per label file (x2 samples)")
+    ap.add_argument("--backbone", default="minilm-l6+efficientnet-lite0")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "extract.json"))
+    a = ap.parse_args()
+    ds = read_mvsa(a.data, limit=a.per_file)
+    text, image = models(a.backbone)
+    with tempfile.TemporaryDirectory() as tmp:
+        ours, timings = pipeline(a.data, a.per_file, a.backbone, a.batch_size, os.path.join(tmp, "c.h5"))
+        ceiling = backbone_only(ds, text, image, a.batch_size)
+        slow = naive(ds, text, image, os.path.join(tmp, "n.h5"))
+    res = {"samples": len(ds.samples), "backbone": a.backbone, "threads": torch.get_num_threads(),
+           "pipeline_sps": round(ours, 2), "backbone_only_sps": round(ceiling, 2), "naive_sps": round(slow, 2),
+           "vs_backbone_only": round(ours / ceiling, 3), "vs_naive": round(ours / slow, 3),
+           "pipeline_timings": timings}
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    json.dump(res, open(a.out, "w"), indent=2)
+    print(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
