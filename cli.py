@@ -23,7 +23,8 @@ heads_app = typer.Typer(help="Train, evaluate and apply light fusion heads on a 
 
 
 def fail(message: str, code: int = 2):
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -106,6 +107,86 @@ def backbones_cmd():
 
 # --------------------------------------------------------------------------------------------- heads
 # (heads commands below)
+@heads_app.command("train")
+def heads_train_cmd(
+    cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract`."),
+    fusion: Optional[str] = typer.Option(None, help="Fusion head (see `heads fusions`); default: the "
+                                         "registry's DEFAULT_FUSION."),
+    modality: str = typer.Option("both", help="both | text | image (single-modality ablation)."),
+    loss: str = typer.Option("ce", help="ce | weighted_ce (1/sqrt(freq) class weights) | focal"),
+    label_smoothing: float = typer.Option(0.0, help="Label smoothing for the loss (0 = off)."),
+    rdrop: float = typer.Option(0.0, help="R-Drop: weight of the KL between two dropout passes (0 = off)."),
+    modality_dropout: float = typer.Option(0.0, help="Per-sample probability of dropping one modality "
+                                           "(never both) while training."),
+    epochs: int = typer.Option(30, help="Maximum epochs (early stopping may end sooner)."),
+    batch_size: int = typer.Option(64, help="Training batch size."),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup + cosine)."),
+    hidden: int = typer.Option(128, help="Hidden size of the head."),
+    patience: int = typer.Option(6, help="Stop after this many epochs without improvement (0 = never)."),
+    seed: int = typer.Option(0, help="Seed for the split, initialisation, dropout and batch order."),
+    val_ratio: float = typer.Option(0.2, help="Stratified validation fraction of the labelled samples."),
+    metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
+    tune_bias: bool = typer.Option(False, help="Fit per-class logit offsets on the validation split for "
+                                   "macro-F1 (both tuned and untuned metrics are reported)."),
+    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast for the training steps)."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<fusion>-<modality>-s<seed>-"
+                                       "<time>)."),
+):
+    """Train one fusion head on the cache and write a run directory (config, weights, metrics, plots)."""
+    import time
+
+    from heads.fusions import DEFAULT_FUSION
+    from heads.train import TrainConfig, train
+
+    fusion = fusion or DEFAULT_FUSION
+    cfg = TrainConfig(fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
+                      modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr,
+                      hidden=hidden, patience=patience, seed=seed, val_ratio=val_ratio, metric=metric,
+                      tune_bias=tune_bias, precision=precision, device=device, plots=plots)
+    out = out or Path("runs") / f"{fusion}-{modality}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        train(cfg.validate(), str(cache), str(out), console=Console())
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+
+
+@heads_app.command("predict")
+def heads_predict_cmd(
+    run: Path = typer.Option(..., "--run", help="A run directory written by `heads train`."),
+    cache: Path = typer.Option(..., "--cache", help="Feature cache with the same backbone/preprocessing."),
+    split: str = typer.Option("test", help="Which split of the cache to predict (train | test)."),
+    out: Path = typer.Option(..., "--out", help="Output file: `guid,tag` lines with a header."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Apply a trained head to every sample of a cache split; invalid samples are listed, not dropped."""
+    from heads.predict import predict
+
+    try:
+        res = predict(str(run), str(cache), str(out), split=split, device=device)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+    tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
+    console.print(f"wrote {res.written} predictions ({tags}) to {res.out}", highlight=False)
+    if res.invalid:
+        console.print(f"[yellow]{len(res.invalid)} invalid sample(s) written with the fallback tag "
+                      f"'{res.fallback_tag}':[/] {', '.join(res.invalid)}", highlight=False)
+
+
+@heads_app.command("fusions")
+def heads_fusions_cmd():
+    """List the registered fusion heads."""
+    from rich.table import Table
+
+    from heads.fusions import DEFAULT_FUSION, FUSIONS
+
+    table = Table("name", "inputs", "description")
+    for spec in FUSIONS.values():
+        name = f"{spec.name} (default)" if spec.name == DEFAULT_FUSION else spec.name
+        table.add_row(name, "tokens + masks" if spec.uses_tokens else "pooled", spec.description)
+    Console().print(table)
+
 
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience

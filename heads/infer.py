@@ -18,7 +18,7 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     rows = np.asarray(rows, dtype=np.int64)
     outs: dict[str, list] = {}
     for start in range(0, len(rows), batch_size):
-        out = model(data.batch(rows[start:start + batch_size], device))
+        out = model(data.batch(rows[start:start + batch_size], device, getattr(model, "inputs", None)))
         for k, v in out.items():
             outs.setdefault(k, []).append(v.float().cpu())
     if not outs:  # no rows: keep the shapes downstream code expects

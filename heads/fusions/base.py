@@ -71,8 +71,15 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
                          nn.Linear(hidden, num_classes))
 
 
+INPUTS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
+
+
 class FusionHead(nn.Module):
     """Base class: holds the config and decides, per sample, which modalities a forward pass may use."""
+
+    # Batch keys the head reads. The data loader gathers only these: a pooled-only head then never pays for
+    # copying and converting (B, L, D) token arrays.
+    inputs: tuple[str, ...] = INPUTS
 
     def __init__(self, cfg: HeadConfig):
         super().__init__()

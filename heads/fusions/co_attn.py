@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttentionBlock
+from .attention import CrossAttention
 from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
 
 
 class CoAttnHead(FusionHead):
+    inputs = ("text_tokens", "text_mask", "image_tokens")
+
     def __init__(self, cfg: HeadConfig):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_dim, cfg.hidden)
         self.proj_i = projector(cfg.image_dim, cfg.hidden)
-        self.text_to_image = CrossAttentionBlock(cfg.hidden, cfg.attn_heads, cfg.dropout)
-        self.image_to_text = CrossAttentionBlock(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.text_to_image = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.image_to_text = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
         self.norm_t, self.norm_i = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
         self.mlp = classifier(3 * cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 

@@ -13,6 +13,8 @@ from .base import FusionHead, HeadConfig, classifier
 
 
 class ConcatHead(FusionHead):
+    inputs = ("text_pooled", "image_pooled")
+
     def __init__(self, cfg: HeadConfig):
         super().__init__(cfg)
         self.norm_t = nn.LayerNorm(cfg.text_pooled_dim)

@@ -11,16 +11,18 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttentionBlock
+from .attention import CrossAttention
 from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
 
 
 class CrossAttnHead(FusionHead):
+    inputs = ("text_tokens", "text_mask", "image_tokens")
+
     def __init__(self, cfg: HeadConfig):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_dim, cfg.hidden)
         self.proj_i = projector(cfg.image_dim, cfg.hidden)
-        self.block = CrossAttentionBlock(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.block = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
         self.norm = nn.LayerNorm(cfg.hidden)
         self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 

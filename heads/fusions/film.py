@@ -20,6 +20,8 @@ from .base import FusionHead, HeadConfig, classifier, projector
 
 
 class FiLMHead(FusionHead):
+    inputs = ("text_pooled", "image_tokens")
+
     def __init__(self, cfg: HeadConfig):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_pooled_dim, cfg.hidden)

@@ -16,6 +16,8 @@ from .base import FusionHead, HeadConfig, classifier, projector
 
 
 class GMUHead(FusionHead):
+    inputs = ("text_pooled", "image_pooled")
+
     def __init__(self, cfg: HeadConfig):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_pooled_dim, cfg.hidden)

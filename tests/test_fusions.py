@@ -1,0 +1,140 @@
+"""Every registered fusion head: shapes, finiteness, masks, modality modes, modality dropout, and that it
+actually fuses (learns a task that no single modality can solve)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from heads.fusions import DEFAULT_FUSION, FUSIONS, MODALITIES, HeadConfig, create_fusion, list_fusions
+
+DIMS = dict(text_dim=16, text_pooled_dim=12, image_dim=10, image_pooled_dim=14)
+NAMES = list_fusions()
+
+
+def head(name: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    cfg = HeadConfig(**DIMS, **{"hidden": 32, "attn_heads": 4, **kw})
+    return create_fusion(name, cfg).eval()
+
+
+def make_batch(B: int = 8, L: int = 7, P: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, L + 1, (B,), generator=g)
+    lengths[0] = L  # one full row, so that "extend the padding" really adds columns beyond every length
+    return {
+        "text_tokens": torch.randn(B, L, DIMS["text_dim"], generator=g),
+        "text_mask": torch.arange(L)[None, :] < lengths[:, None],
+        "text_pooled": torch.randn(B, DIMS["text_pooled_dim"], generator=g),
+        "image_tokens": torch.randn(B, P, DIMS["image_dim"], generator=g),
+        "image_pooled": torch.randn(B, DIMS["image_pooled_dim"], generator=g),
+    }
+
+
+def test_registry():
+    assert {"concat", "gmu", "film", "cross-attn", "co-attn"} <= set(NAMES)
+    assert DEFAULT_FUSION in FUSIONS
+    with pytest.raises(ValueError, match="valid: concat, gmu"):
+        create_fusion("nope", HeadConfig(**DIMS))
+    with pytest.raises(ValueError, match="modality"):
+        HeadConfig(**DIMS, modality="audio")
+
+
+@pytest.mark.parametrize("modality", MODALITIES)
+@pytest.mark.parametrize("name", NAMES)
+def test_shapes_and_finite(name, modality):
+    m = head(name, modality=modality, num_classes=3)
+    out = m(make_batch())
+    assert out["logits"].shape == (8, 3)
+    assert torch.isfinite(out["logits"]).all()
+    if name == "gmu":
+        gate = out["gate"]
+        assert gate.shape == (8,) and ((gate >= 0) & (gate <= 1)).all()
+        if modality != "both":  # the present modality gets the full weight
+            assert torch.all(gate == (1.0 if modality == "text" else 0.0))
+    m.train()  # with dropout active too
+    assert torch.isfinite(m(make_batch())["logits"]).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_padding_changes_nothing(name):
+    m, b = head(name), make_batch()
+    ref = m(b)["logits"]
+    # 1) garbage (huge values) in the padded positions
+    garbage = dict(b)
+    garbage["text_tokens"] = torch.where(b["text_mask"][..., None], b["text_tokens"],
+                                         1e4 * torch.randn_like(b["text_tokens"]))
+    torch.testing.assert_close(m(garbage)["logits"], ref, rtol=0, atol=1e-5)
+    # 2) more padding columns
+    B, L, D = b["text_tokens"].shape
+    longer = dict(b)
+    longer["text_tokens"] = torch.cat([b["text_tokens"], 100 * torch.randn(B, 5, D)], 1)
+    longer["text_mask"] = torch.cat([b["text_mask"], torch.zeros(B, 5, dtype=torch.bool)], 1)
+    torch.testing.assert_close(m(longer)["logits"], ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_single_modality_ignores_the_other(name):
+    b, other = make_batch(seed=0), make_batch(seed=1)
+    m = head(name, modality="text")
+    swapped = {**b, "image_tokens": other["image_tokens"], "image_pooled": other["image_pooled"]}
+    torch.testing.assert_close(m(swapped)["logits"], m(b)["logits"])
+    m = head(name, modality="image")
+    swapped = {**b, "text_tokens": other["text_tokens"], "text_pooled": other["text_pooled"]}
+    torch.testing.assert_close(m(swapped)["logits"], m(b)["logits"])
+
+
+def test_modality_dropout_never_both():
+    m = head("concat", modality_dropout=0.9).train()
+    torch.manual_seed(1)
+    keep_t, keep_i = m.modality_keep(20000)
+    assert not ((keep_t == 0) & (keep_i == 0)).any()
+    dropped = (keep_t == 0) | (keep_i == 0)
+    assert 0.88 < dropped.float().mean() < 0.92
+    assert 0.4 < (keep_t == 0).float().sum() / dropped.sum() < 0.6  # both modalities get dropped
+    m.eval()  # never at inference
+    assert all(k.all() for k in m.modality_keep(100))
+    m = head("concat", modality="text", modality_dropout=0.9).train()  # never drop the only modality
+    keep_t, keep_i = m.modality_keep(1000)
+    assert keep_t.all() and not keep_i.any()
+
+
+def xor_data(n: int, seed: int) -> tuple[dict, torch.Tensor]:
+    """label = (text sign) XOR (image sign): either modality alone is at chance (50%)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    c = torch.randint(0, 2, (n,), generator=g) * 2 - 1
+    gd = torch.Generator().manual_seed(1234)  # the same feature directions for train and test
+    u_tok, u_pool = torch.randn(DIMS["text_dim"], generator=gd), torch.randn(DIMS["text_pooled_dim"], generator=gd)
+    v_tok, v_pool = torch.randn(DIMS["image_dim"], generator=gd), torch.randn(DIMS["image_pooled_dim"], generator=gd)
+    b = make_batch(B=n, seed=seed)
+    s = 0.5  # noise scale relative to the unit-ish signal directions
+    b["text_tokens"] = s * b["text_tokens"] + a[:, None, None] * u_tok
+    b["text_pooled"] = s * b["text_pooled"] + a[:, None] * u_pool
+    b["image_tokens"] = s * b["image_tokens"] + c[:, None, None] * v_tok
+    b["image_pooled"] = s * b["image_pooled"] + c[:, None] * v_pool
+    return b, (a * c > 0).long()
+
+
+def fit_accuracy(name: str, modality: str = "both", steps: int = 150) -> float:
+    train_b, train_y = xor_data(512, seed=0)
+    test_b, test_y = xor_data(256, seed=1)
+    m = head(name, modality=modality, num_classes=2, dropout=0.0).train()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(steps):
+        loss = torch.nn.functional.cross_entropy(m(train_b)["logits"], train_y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        return (m.eval()(test_b)["logits"].argmax(1) == test_y).float().mean().item()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_learns_a_task_that_needs_both_modalities(name):
+    assert fit_accuracy(name) > 0.9
+
+
+def test_single_modality_cannot_solve_the_xor_task():
+    # The control for the test above: the task really needs both modalities.
+    assert fit_accuracy("concat", modality="text") < 0.65
+    assert fit_accuracy("concat", modality="image") < 0.65

@@ -1,0 +1,169 @@
+"""Training end to end on a small synthetic cache: reproducibility, the run directory, predict, the CLI."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import inspect
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from featcache.dataset import LABELS
+from featcache.store import CacheError
+from heads.fusions import HeadConfig
+from heads.data import DataError, load_cache, split_labelled
+from heads.metrics import compute_metrics
+from heads.predict import predict
+from heads.train import TrainConfig, train
+
+FAST = dict(epochs=4, patience=0, hidden=32, plots=False)
+RUN_FILES = ("config.json", "metrics.json", "history.json", "head.safetensors", "val_predictions.csv",
+             "cache.json", "split.json")
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def strip_timing(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k != "timing"}
+
+
+@pytest.fixture
+def cache(make_synthetic_cache):
+    return make_synthetic_cache(noise=3.0)  # noisy enough that validation is not trivially perfect
+
+
+def test_data_split_counts_and_invalid(cache):
+    data = load_cache(cache)
+    split = split_labelled(data, 0.2, seed=0)
+    c = split.counts
+    assert c["invalid_excluded"] == 6 and c["unlabelled"] == 40 and c["invalid"] == 7
+    assert c["train"] + c["val"] == 240 - 6
+    assert set(split.train).isdisjoint(split.val)
+    assert data.valid[split.train].all() and data.valid[split.val].all()
+    assert data.features["text_tokens"].dtype.is_floating_point and data.features["text_tokens"].element_size() == 2
+    # stratified: class proportions of val follow train
+    val_frac = np.bincount(data.labels[split.val], minlength=3) / split.val.size
+    train_frac = np.bincount(data.labels[split.train], minlength=3) / split.train.size
+    assert np.abs(val_frac - train_frac).max() < 0.05
+
+
+def test_refuses_cache_without_labels(make_synthetic_cache):
+    path = make_synthetic_cache("unlabelled.h5", n_train=0, n_invalid=0)
+    with pytest.raises(DataError, match="no labelled valid samples"):
+        train(TrainConfig(**FAST), path)
+
+
+def test_unknown_names_are_user_errors(cache):
+    with pytest.raises(ValueError, match="valid: concat"):
+        train(TrainConfig(fusion="nope", **FAST), cache)
+    with pytest.raises(ValueError, match="valid: macro_f1"):
+        train(TrainConfig(metric="auc", **FAST), cache)
+
+
+def test_reproducible_with_same_seed(cache, tmp_path):
+    data = load_cache(cache)  # loaded once, trained twice: the ablation's use
+    a = train(TrainConfig(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5, **FAST), data, str(tmp_path / "a"))
+    b = train(TrainConfig(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5, **FAST), data, str(tmp_path / "b"))
+    assert strip_timing(a.metrics) == strip_timing(b.metrics)
+    assert [{**h, "seconds": 0} for h in a.history] == [{**h, "seconds": 0} for h in b.history]
+    assert open(tmp_path / "a" / "head.safetensors", "rb").read() == open(tmp_path / "b" / "head.safetensors", "rb").read()
+    c = train(TrainConfig(fusion="cross-attn", seed=1, **FAST), data)
+    assert not np.array_equal(c.split.val, a.split.val)
+
+
+@pytest.mark.parametrize("fusion", ["gmu", "film"])
+def test_run_dir_and_metrics_match_predictions(cache, tmp_path, fusion):
+    out = str(tmp_path / "run")
+    res = train(TrainConfig(fusion=fusion, loss="weighted_ce", label_smoothing=0.1, tune_bias=True,
+                            **{**FAST, "plots": True}), cache, out)
+    for name in RUN_FILES + ("bias.json", "curves.png", "confusion.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    assert os.path.exists(os.path.join(out, "gate.png")) == (fusion == "gmu")
+
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    rows = read_csv(os.path.join(out, "val_predictions.csv"))
+    y = [LABELS.index(r["label"]) for r in rows]
+    for key, column in (("tuned", "pred"), ("untuned", "pred_untuned")):
+        ref = metrics if key == "tuned" else metrics["untuned"]
+        again = compute_metrics(y, [LABELS.index(r[column]) for r in rows])
+        for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"):
+            assert again[k] == ref[k], (key, k)
+    probs = np.array([[float(r[f"p_{c}"]) for c in LABELS] for r in rows])
+    assert np.allclose(probs.sum(1), 1, atol=1e-4)
+    assert [LABELS.index(r["pred_untuned"]) for r in rows] == list(probs.argmax(1))
+    assert metrics["counts"]["invalid_excluded"] == 6
+    assert set(metrics["bias"]) == set(LABELS)
+
+    split = json.load(open(os.path.join(out, "split.json")))
+    assert [r["guid"] for r in rows] == split["val"]
+    assert len(split["train"]) + len(split["val"]) == 234 and not set(split["train"]) & set(split["val"])
+    cfg = json.load(open(os.path.join(out, "config.json")))
+    rebuilt = TrainConfig(**cfg["train"])
+    assert rebuilt.fusion == fusion and rebuilt.tune_bias and rebuilt.loss == "weighted_ce"
+    assert HeadConfig(**cfg["head"]).text_dim == res.model.cfg.text_dim
+    assert json.load(open(os.path.join(out, "cache.json")))["key"] == "synthetic-key-1"
+    assert len(json.load(open(os.path.join(out, "history.json")))) == 4
+
+
+def test_predict_every_test_guid_and_refuses_other_caches(cache, make_synthetic_cache, tmp_path):
+    out = str(tmp_path / "run")
+    res = train(TrainConfig(fusion="concat", **FAST), cache, out)
+    preds = str(tmp_path / "preds.txt")
+    r = predict(out, cache, preds)
+    lines = open(preds).read().splitlines()
+    assert lines[0] == "guid,tag"
+    data = load_cache(cache)
+    test_guids = [g for g, s in zip(data.guids, data.splits) if s == "test"]
+    assert [ln.split(",")[0] for ln in lines[1:]] == test_guids
+    assert all(ln.split(",")[1] in LABELS for ln in lines[1:])
+    assert r.invalid == [test_guids[-1]] and r.written == 40  # the invalid one is listed, not dropped
+    assert lines[-1] == f"{test_guids[-1]},{r.fallback_tag}"
+
+    # Valid test predictions equal the head applied in memory (the run dir round-trips exactly).
+    from heads.infer import infer
+    rows = data.rows("test")[:-1]
+    expect = np.array(LABELS)[infer(res.model, data, rows)["logits"].argmax(1)]
+    assert [ln.split(",")[1] for ln in lines[1:-1]] == list(expect)
+
+    other_key = make_synthetic_cache("other.h5", key="another-key")
+    with pytest.raises(CacheError, match="synthetic-key-1.*another-key"):
+        predict(out, other_key, preds)
+    other_backbone = make_synthetic_cache("clip.h5", backbone={"name": "clip-vit-b32"})
+    with pytest.raises(CacheError, match="clip-vit-b32"):
+        predict(out, other_backbone, preds)
+    with pytest.raises(ValueError, match="no samples in split 'dev'"):
+        predict(out, cache, preds, split="dev")
+
+
+def test_cli_defaults_follow_train_config():
+    from cli import heads_train_cmd
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    for name, param in inspect.signature(heads_train_cmd).parameters.items():
+        if name in defaults and name != "fusion":
+            assert param.default.default == defaults[name], name
+
+
+def test_cli_train_then_predict(cache, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    run = str(tmp_path / "cli-run")
+    r = runner.invoke(heads_app, ["train", "--cache", cache, "--fusion", "co-attn", "--epochs", "2", "--hidden",
+                                  "32", "--tune-bias", "--seed", "3", "--out", run])
+    assert r.exit_code == 0, r.output
+    assert "macro_f1" in r.output and os.path.exists(os.path.join(run, "head.safetensors"))
+    preds = str(tmp_path / "preds.txt")
+    r = runner.invoke(heads_app, ["predict", "--run", run, "--cache", cache, "--out", preds])
+    assert r.exit_code == 0, r.output
+    assert len(open(preds).read().splitlines()) == 41
+    r = runner.invoke(heads_app, ["fusions"])
+    assert r.exit_code == 0 and "cross-attn" in r.output
+    r = runner.invoke(heads_app, ["train", "--cache", cache, "--fusion", "nope", "--out", run])
+    assert r.exit_code == 2 and "valid: concat" in r.output and "Traceback" not in r.output
+    r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path), "--cache", cache, "--out", preds])
+    assert r.exit_code == 2 and "not a heads run directory" in r.output
