@@ -47,6 +47,18 @@ def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 2
     return (rows,) + tuple(shape[1:])
 
 
+def feature_signature(meta: dict) -> dict:
+    """What the features of a cache *mean*: backbones, their weights, and preprocessing.
+
+    Two caches with equal signatures hold interchangeable features even if their datasets differ, so a head
+    trained on one applies to the other. `limit` only selects rows and is left out.
+    """
+    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k != "limit"}
+    backbone = meta.get("backbone") or {}
+    weights = {role: w.get("sha256") for role, w in (meta.get("weights") or {}).items()}
+    return {"backbone": backbone, "weights": weights, "preprocessing": prep}
+
+
 class CacheWriter:
     """Create (or reopen, for resume) FILE.partial and fill it batch by batch."""
 

@@ -6,8 +6,9 @@ features cannot be trusted, so they are not run through the head; they are writt
 tag (the most frequent class of its training split) and returned in `PredictResult.invalid` so the caller
 can list them. Nothing is silently dropped.
 
-A run only applies to a cache whose key, backbone and preprocessing equal those it was trained on
-(cache.json); otherwise the features mean something else and predict refuses, naming both.
+A run only applies to a cache whose backbones, weights and preprocessing (featcache.store.feature_signature)
+equal those it was trained on (cache.json); otherwise the features mean something else and predict refuses,
+naming both. The dataset may differ: applying a head to new data is the point of predict.
 """
 from __future__ import annotations
 
@@ -19,12 +20,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featcache.dataset import LABELS
-from featcache.store import CacheError
+from featcache.store import CacheError, feature_signature
 
 from .bias import apply_bias
 from .data import CacheData, load_cache
 from .infer import infer
-from .rundir import CACHE_FIELDS, load_head, load_json
+from .rundir import load_head, load_json
 from .train import resolve_device
 
 
@@ -43,9 +44,15 @@ def _show(value) -> str:
 
 
 def check_compatible(run_dir: str, trained_on: dict, cache_path: str, meta: dict) -> None:
-    """Raise CacheError naming both sides of every field that differs."""
-    diffs = [f"{k}: run has {_show(trained_on.get(k))}, cache has {_show(meta.get(k))}"
-             for k in CACHE_FIELDS if trained_on.get(k) != meta.get(k)]
+    """Raise CacheError naming both sides of every field of the feature signature that differs.
+
+    The dataset may differ (that is what predicting on new data means); backbones, weights and
+    preprocessing may not, or the features the head sees would mean something else.
+    """
+    ran = trained_on.get("signature") or feature_signature(trained_on)
+    has = feature_signature(meta)
+    diffs = [f"{k}: run has {_show(ran.get(k))}, cache has {_show(has.get(k))}"
+             for k in has if ran.get(k) != has.get(k)]
     if diffs:
         raise CacheError(f"run {run_dir} was trained on cache {trained_on.get('path')}, which differs from "
                          f"{cache_path}: " + "; ".join(diffs) + ". Train a head on this cache, or extract "

@@ -21,10 +21,11 @@ import numpy as np
 import torch
 
 from featcache.dataset import LABELS
+from featcache.store import feature_signature
 
 from .fusions import HeadConfig, create_fusion
 
-CACHE_FIELDS = ("key", "backbone", "preprocessing")  # a run only applies to caches that agree on these
+CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
 
 
 def save_json(path: str, obj) -> None:
@@ -40,7 +41,7 @@ def load_json(path: str):
 
 def cache_info(meta: dict, path: str) -> dict:
     return {"path": os.path.abspath(path), **{k: meta.get(k) for k in CACHE_FIELDS},
-            "dataset": meta.get("dataset")}
+            "signature": feature_signature(meta), "dataset": meta.get("dataset")}
 
 
 def save_head(run_dir: str, model: torch.nn.Module, train_cfg, head_cfg: HeadConfig) -> None:

@@ -131,9 +131,12 @@ def test_predict_every_test_guid_and_refuses_other_caches(cache, make_synthetic_
     expect = np.array(LABELS)[infer(res.model, data, rows)["logits"].argmax(1)]
     assert [ln.split(",")[1] for ln in lines[1:-1]] == list(expect)
 
-    other_key = make_synthetic_cache("other.h5", key="another-key")
-    with pytest.raises(CacheError, match="synthetic-key-1.*another-key"):
-        predict(out, other_key, preds)
+    # Another dataset with the same backbones and preprocessing (another key): that is what predict is for.
+    other_data = make_synthetic_cache("other.h5", key="another-key", seed=5)
+    assert predict(out, other_data, preds).written == 40
+    other_prep = make_synthetic_cache("prep.h5", preprocessing={"clean_text": True})
+    with pytest.raises(CacheError, match="preprocessing.*clean_text"):
+        predict(out, other_prep, preds)
     other_backbone = make_synthetic_cache("clip.h5", backbone={"name": "clip-vit-b32"})
     with pytest.raises(CacheError, match="clip-vit-b32"):
         predict(out, other_backbone, preds)
