@@ -188,6 +188,126 @@ def heads_fusions_cmd():
     Console().print(table)
 
 
+@heads_app.command("ablate")
+def heads_ablate_cmd(
+    cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (one)."),
+    out: Path = typer.Option(..., "--out", help="Ablation directory: runs/<grid values>/ and the summaries."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="TOML grid file: one line per axis, a TrainConfig field = a list of values."),
+    fusion: Optional[str] = typer.Option(None, help="Comma list of fusions (grid axis)."),
+    modality: Optional[str] = typer.Option(None, help="Comma list of both,text,image (grid axis)."),
+    loss: Optional[str] = typer.Option(None, help="Comma list of losses (grid axis)."),
+    seeds: str = typer.Option("0,1,2", help="Comma list of seeds (each split and initialisation)."),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="key=v1,v2: any `heads train` option as a "
+                                             "grid axis (repeatable), e.g. --set label_smoothing=0,0.1"),
+    folds: int = typer.Option(0, help="Stratified K-fold cross-validation (K runs per config and seed) "
+                              "instead of one validation split (0)."),
+    baseline: str = typer.Option("concat", help="Fusion every configuration is compared against (paired)."),
+    probe: bool = typer.Option(False, help="Add a logistic-regression probe per seed/fold (logreg-probe)."),
+    progress: bool = typer.Option(True, help="Show the progress bar."),
+):
+    """Train a grid of heads from one cache loaded once (resumable), then write summaries and comparisons.
+    Without axis options or --grid the grid is every fusion x modality both,text,image."""
+    from heads.ablate import AblateConfig, ablate, load_grid_toml, parse_axis
+
+    try:
+        axes = {k: v for k, v in (("fusion", fusion), ("modality", modality), ("loss", loss)) if v}
+        if grid and (axes or set_):
+            raise ValueError("give the grid either as --grid FILE.toml or as axis options, not both")
+        spec = load_grid_toml(str(grid)) if grid else dict(parse_axis(f"{k}={v}") for k, v in axes.items())
+        for item in set_ or []:
+            key, values = parse_axis(item)
+            if key in spec:
+                raise ValueError(f"grid axis {key!r} is given twice")
+            spec[key] = values
+        cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
+                           folds=folds, progress=progress,
+                           seeds=[int(s) for s in seeds.split(",") if s.strip()])
+        res = ablate(cfg, console=console)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+    console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
+                  highlight=False)
+    typer.echo(open(res.report.files[1]).read(), nl=False)
+
+
+@heads_app.command("report")
+def heads_report_cmd(
+    dirs: list[Path] = typer.Argument(..., help="Ablation or run directories (searched recursively)."),
+    out: Optional[Path] = typer.Option(None, help="Where to write the summaries (default: the first DIR)."),
+    baseline: Optional[str] = typer.Option(None, help="Baseline fusion (default: the ablation's, else concat)."),
+):
+    """Rebuild summary.csv/md, best.json, comparison.png, paired.* and modality.md from finished runs."""
+    import os
+
+    from heads.summary import write_reports
+
+    meta = os.path.join(str(dirs[0]), "ablate.json")
+    try:
+        if baseline is None:
+            from heads.rundir import load_json
+            baseline = load_json(meta).get("baseline", "concat") if os.path.exists(meta) else "concat"
+        report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+    console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
+                  f"{', '.join(os.path.basename(f) for f in report.files)} to {out or dirs[0]}", highlight=False)
+    typer.echo(open(report.files[1]).read(), nl=False)
+
+# ------------------------------------------------------------------------------------ stage 2 (finetune)
+@featcache_app.command("add-text-layers")
+def add_text_layers_cmd(
+    file: Path = typer.Argument(..., help="A cache written by `featcache extract` (updated in place, safely)."),
+    layers: int = typer.Option(..., "--layers", help="Store the hidden states entering the top N text layers."),
+    batch_size: int = typer.Option(64, help="Texts per backbone call."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Add text_hidden/states for `heads finetune --unfreeze-text N` to an existing cache, running only the
+    text backbone (checked against the cached tokens); the features and the cache key do not change."""
+    from featcache.addon import add_text_layers
+    try:
+        add_text_layers(str(file), layers, batch_size=batch_size, device=device, console=console)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+
+
+@heads_app.command("finetune")
+def heads_finetune_cmd(
+    cache: Path = typer.Option(..., "--cache", help="A feature cache (ideally with text_hidden/states: "
+                               "`featcache extract --text-layers N` or `featcache add-text-layers`)."),
+    unfreeze_text: int = typer.Option(..., "--unfreeze-text", help="Train the top N text layers (0 = head only)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Stage-1 run to start from (head, config, split)."),
+    fusion: Optional[str] = typer.Option(None, help="Fusion of a fresh head (without --init)."),
+    lr_head: float = typer.Option(2e-4, help="Peak learning rate of the head."),
+    lr_text: float = typer.Option(5e-5, help="Peak learning rate of the unfrozen text layers."),
+    epochs: int = typer.Option(5, help="Maximum epochs (early stopping on --metric may end sooner)."),
+    batch_size: int = typer.Option(32, help="Micro-batch size."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without improvement (0 = never)."),
+    metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
+    seed: int = typer.Option(0, help="Seed (split without --init, head init, dropout, batch order)."),
+    text_forward: str = typer.Option("cached", help="cached: top N layers on stored states | full: the whole "
+                                     "text tower every step."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
+    out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/ft<N>-<fusion>-s<seed>-<time>)."),
+):
+    """Fine-tune the top N text layers with a fusion head (stage 2); same run directory as `heads train`
+    plus text_layers.safetensors, usable by `heads predict`."""
+    import time
+
+    from heads.finetune import FinetuneConfig, finetune
+    from heads.fusions import DEFAULT_FUSION
+
+    cfg = FinetuneConfig(cache=str(cache), unfreeze_text=unfreeze_text, init=_opt(init),
+                         fusion=fusion or DEFAULT_FUSION, lr_head=lr_head, lr_text=lr_text, epochs=epochs,
+                         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
+                         text_forward=text_forward, device=device, plots=plots)
+    out = out or Path("runs") / f"ft{unfreeze_text}-{cfg.fusion}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    try:
+        finetune(cfg, str(out), console=console)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience
     app = {"featcache": featcache_app, "heads": heads_app}[sys.argv.pop(1)]

@@ -51,9 +51,10 @@ def feature_signature(meta: dict) -> dict:
     """What the features of a cache *mean*: backbones, their weights, and preprocessing.
 
     Two caches with equal signatures hold interchangeable features even if their datasets differ, so a head
-    trained on one applies to the other. `limit` only selects rows and is left out.
+    trained on one applies to the other. `limit` only selects rows and `text_layers` only adds stored hidden
+    states (text_hidden/states, also added later by `featcache add-text-layers`): both are left out.
     """
-    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k != "limit"}
+    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in ("limit", "text_layers")}
     backbone = meta.get("backbone") or {}
     weights = {role: w.get("sha256") for role, w in (meta.get("weights") or {}).items()}
     return {"backbone": backbone, "weights": weights, "preprocessing": prep}

@@ -56,9 +56,11 @@ class CacheData:
         padding) and it is the cheapest speed-up there is: tweets are much shorter than max_text_len."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         keys = FEATURES if keys is None else keys
-        mask = self.features["text_mask"].index_select(0, idx)
-        used = mask.any(0).nonzero()
-        length = int(used[-1]) + 1 if used.numel() else 1
+        mask, length = None, 1
+        if "text_tokens" in keys or "text_mask" in keys:  # pooled-only heads skip the mask work entirely
+            mask = self.features["text_mask"].index_select(0, idx)
+            used = mask.any(0).nonzero()
+            length = int(used[-1]) + 1 if used.numel() else 1
         out = {}
         for k in keys:
             x = mask if k == "text_mask" else self.features[k].index_select(0, idx)
@@ -93,9 +95,13 @@ def load_cache(path: str) -> CacheData:
                          valid=r.array("samples/valid").astype(bool), features=feats)
 
 
-def split_labelled(data: CacheData, val_ratio: float, seed: int) -> Split:
-    """Stratified train/val split of the labelled, valid rows; invalid labelled rows are counted, not used."""
-    from sklearn.model_selection import train_test_split
+def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0, fold: int = 0) -> Split:
+    """Stratified train/val split of the labelled, valid rows; invalid labelled rows are counted, not used.
+
+    folds=0: one split with a val_ratio share for validation. folds=K>=2: stratified K-fold (shuffled with
+    `seed`) and fold `fold` validates, so K runs with folds=K, fold=0..K-1 cover every usable row exactly once
+    (the ablation's --folds). Both are functions of (data, arguments) only: a run's config fixes its split."""
+    from sklearn.model_selection import StratifiedKFold, train_test_split
 
     if not 0.0 < val_ratio < 1.0:
         raise DataError(f"val_ratio must be between 0 and 1 (exclusive), got {val_ratio}")
@@ -111,12 +117,24 @@ def split_labelled(data: CacheData, val_ratio: float, seed: int) -> Split:
     if small:
         raise DataError(f"class(es) {', '.join(small)} have fewer than 2 valid labelled samples: a stratified "
                         "train/validation split is impossible")
-    n_val = int(round(val_ratio * usable.size))
-    n_classes = int((per_class > 0).sum())
-    if n_val < n_classes or usable.size - n_val < n_classes:
-        raise DataError(f"{usable.size} labelled samples with val_ratio {val_ratio} leave a split smaller than "
-                        f"the {n_classes} classes; use more data or another --val-ratio")
-    train, val = train_test_split(usable, test_size=n_val, random_state=seed, stratify=y)
+    if folds:
+        if folds < 2 or not 0 <= fold < folds:
+            raise DataError(f"folds must be 0 (one split) or >= 2 with 0 <= fold < folds; got folds={folds}, "
+                            f"fold={fold}")
+        few = [LABELS[c] for c in range(len(LABELS)) if 0 < per_class[c] < folds]
+        if few:
+            raise DataError(f"class(es) {', '.join(few)} have fewer than {folds} valid labelled samples: "
+                            f"stratified {folds}-fold cross-validation is impossible; use fewer folds")
+        kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+        train, val = list(kfold.split(usable, y))[fold]
+        train, val = usable[train], usable[val]
+    else:
+        n_val = int(round(val_ratio * usable.size))
+        n_classes = int((per_class > 0).sum())
+        if n_val < n_classes or usable.size - n_val < n_classes:
+            raise DataError(f"{usable.size} labelled samples with val_ratio {val_ratio} leave a split smaller "
+                            f"than the {n_classes} classes; use more data or another --val-ratio")
+        train, val = train_test_split(usable, test_size=n_val, random_state=seed, stratify=y)
     train, val = np.sort(train), np.sort(val)  # dataset order: reproducible and readable split.json
     counts = {
         "samples": len(data),

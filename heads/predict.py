@@ -82,7 +82,11 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     fallback = fallback_tag(run_dir)
     tags = np.full(rows.size, fallback, dtype=object)
     if ok.any():
-        logits = infer(model, data, rows[ok], next(model.parameters()).device, batch_size)["logits"]
+        if "finetune" in cfg:  # stage-2 run: the cache's text backbone with the run's layers (ft_model.py)
+            from .ft_model import finetune_logits
+            logits = finetune_logits(run_dir, cfg, model, data, rows[ok], next(model.parameters()).device)
+        else:
+            logits = infer(model, data, rows[ok], next(model.parameters()).device, batch_size)["logits"]
         tags[ok] = np.asarray(LABELS, dtype=object)[apply_bias(logits, bias).argmax(1)]
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

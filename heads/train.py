@@ -49,9 +49,12 @@ class TrainConfig:
     metric: str = "macro_f1"  # macro_f1 | accuracy | weighted_f1 (early stopping and best-state choice)
     val_ratio: float = 0.2
     seed: int = 0
+    folds: int = 0  # 0: one val_ratio split; K >= 2: stratified K-fold CV and this run validates on `fold`
+    fold: int = 0
     tune_bias: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16: bf16 autocast for the training steps (evaluation stays fp32)
+    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast for the training steps (evaluation stays fp32);
+    # auto = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32
     threads: int = 0  # torch CPU threads (0 = all cores)
     eval_batch_size: int = 1024
     plots: bool = True
@@ -66,10 +69,13 @@ class TrainConfig:
             raise ValueError(f"unknown device {self.device!r}; valid: auto, cpu, cuda")
         if self.epochs < 1 or self.batch_size < 1:
             raise ValueError("epochs and batch_size must be at least 1")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"unknown precision {self.precision!r}; valid: fp32, bf16")
+        if self.precision not in ("fp32", "bf16", "auto"):
+            raise ValueError(f"unknown precision {self.precision!r}; valid: fp32, bf16, auto")
         if self.rdrop < 0:
             raise ValueError(f"rdrop must be >= 0, got {self.rdrop}")
+        if self.folds and (self.folds < 2 or not 0 <= self.fold < self.folds):
+            raise ValueError(f"folds must be 0 or >= 2 with 0 <= fold < folds; got folds={self.folds}, "
+                             f"fold={self.fold}")
         return self
 
     def trainer_config(self) -> TrainerConfig:
@@ -99,6 +105,18 @@ def resolve_device(name: str) -> torch.device:
     return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls are native (fast) here. Elsewhere autocast emulates them and is slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:  # not Linux: do not guess
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def seed_everything(seed: int) -> None:
     import random
     random.seed(seed)
@@ -115,8 +133,9 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     if not isinstance(data, CacheData):
         data = load_cache(str(data))
     t_loaded = time.perf_counter()
-    split = split_labelled(data, cfg.val_ratio, cfg.seed)
+    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold)
     device = resolve_device(cfg.device)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     seed_everything(cfg.seed)
 
@@ -131,7 +150,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     def loss_fn(model, idx):
         rows = train_rows[idx]
         batch, y = data.batch(rows, device, model.inputs), labels[rows].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch)["logits"]
             logits2 = model(batch)["logits"] if cfg.rdrop > 0 else None  # second pass, other dropout masks
         if logits2 is None:
@@ -164,7 +183,8 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     # train_s is the optimisation loop only; in a fresh process it includes torch.optim's one-off lazy import
     # of torch._dynamo (~1 s here), setup_s the split (first sklearn import) and model construction.
     metrics["timing"] = {"load_s": t_loaded - t_start, "setup_s": t_fit - t_loaded, "train_s": t_trained - t_fit,
-                         "device": str(device), "threads": torch.get_num_threads()}
+                         "device": str(device), "threads": torch.get_num_threads(),
+                         "precision": "bf16" if bf16 else "fp32"}
     pred = apply_bias(logits, bias).argmax(1)
 
     run_dir = None
@@ -185,7 +205,8 @@ def _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, log
     save_head(out_dir, model, cfg, head_cfg)
     save_json(os.path.join(out_dir, "cache.json"), cache_info(data.meta, data.path))
     save_json(os.path.join(out_dir, "split.json"), {
-        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "train_per_class": split.counts["train_per_class"],
+        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "folds": cfg.folds, "fold": cfg.fold,
+        "train_per_class": split.counts["train_per_class"],
         "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val]})
     if bias is not None:
         save_json(os.path.join(out_dir, "bias.json"), {"labels": list(LABELS), "offsets": bias.tolist()})

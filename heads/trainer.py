@@ -27,15 +27,18 @@ class TrainerConfig:
     patience: int = 6  # epochs without improvement before stopping (0 = never stop early)
     grad_clip: float = 1.0
     seed: int = 0
+    grad_accum: int = 1  # micro-batches of batch_size per optimizer step (stage 2: big effective batches)
 
 
-def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+def _param_groups(params, weight_decay: float, lr: float | None = None) -> list[dict]:
     # Decay matrices only: decaying LayerNorm gains and biases just pulls them towards 0 for no benefit.
     decay, no_decay = [], []
-    for p in model.parameters():
+    for p in params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {} if lr is None else {"lr": lr}
+    return [{"params": decay, "weight_decay": weight_decay, **extra},
+            {"params": no_decay, "weight_decay": 0.0, **extra}]
 
 
 def warmup_cosine(step: int, total: int, warmup: int) -> float:
@@ -48,7 +51,10 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, n_train: int, loss_fn, evaluate,
-                 metric: str, on_epoch=None):
+                 metric: str, on_epoch=None, lr_groups=None):
+        # lr_groups: [(params, lr), ...] for separate learning rates (stage 2: head vs text layers);
+        # None = every trainable parameter at cfg.lr.
+        self.lr_groups = lr_groups
         self.model, self.cfg, self.n_train = model, cfg, n_train
         self.loss_fn, self.evaluate, self.metric, self.on_epoch = loss_fn, evaluate, metric, on_epoch
         self.history: list[dict] = []
@@ -56,9 +62,15 @@ class Trainer:
 
     def run(self) -> list[dict]:
         cfg, model = self.cfg, self.model
-        steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)
-        total = steps_per_epoch * cfg.epochs
-        opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+        steps_per_epoch = math.ceil(self.n_train / cfg.batch_size)  # micro-batches
+        accum = max(1, cfg.grad_accum)
+        total = math.ceil(steps_per_epoch / accum) * cfg.epochs  # optimizer steps
+        groups = [g for params, lr in (self.lr_groups or [(model.parameters(), None)])
+                  for g in _param_groups(params, cfg.weight_decay, lr)]
+        # fused: one kernel per step instead of ~10 small ops per parameter tensor; for the small heads that
+        # per-step overhead was a fifth of the training time (profiled on 2 CPU cores).
+        fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for g in groups for p in g["params"])
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, fused=fused or None)
         warmup = int(cfg.warmup_frac * total)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
         gen = torch.Generator().manual_seed(cfg.seed)
@@ -68,16 +80,19 @@ class Trainer:
             model.train()
             perm = torch.randperm(self.n_train, generator=gen)
             loss_sum = torch.zeros(())
+            opt.zero_grad(set_to_none=True)
             for s in range(steps_per_epoch):
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 loss = self.loss_fn(model, idx)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (loss / accum if accum > 1 else loss).backward()
+                loss_sum += loss.detach().cpu() * idx.numel()  # no .item() per step: no sync per step
+                if (s + 1) % accum and s + 1 < steps_per_epoch:
+                    continue  # accumulate; an epoch's last, shorter group still steps
                 if cfg.grad_clip:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
                 opt.step()
                 sched.step()
-                loss_sum += loss.detach().cpu() * idx.numel()  # no .item() per step: no sync per step
+                opt.zero_grad(set_to_none=True)
             model.eval()
             scores = self.evaluate(model)
             score = scores[self.metric]

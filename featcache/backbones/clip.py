@@ -82,13 +82,18 @@ class CLIPText(TextEncoder):
         return {"input_ids": ids, "attention_mask": mask}
 
     def embed(self, batch):
-        return self.clip.token_embedding(batch["input_ids"]) + self.clip.positional_embedding
+        # Sliced to the batch length: stage 2 cuts trailing positions that are padding in every row.
+        ids = batch["input_ids"]
+        return self.clip.token_embedding(ids) + self.clip.positional_embedding[:ids.shape[1]]
 
     def run_block(self, block, hidden, batch):
-        # Causal attention: positions after EOT never influence the ones we keep.
+        # Causal attention: positions after EOT never influence the ones we keep (which is also why a batch
+        # cut to its longest text, as stage 2 runs it, is exact: the mask is sliced to match).
+        n = hidden.shape[1]
+        attn = self.clip.attn_mask[:n, :n] if self.clip.attn_mask is not None else None
         if not self.clip.transformer.batch_first:
-            return block(hidden.transpose(0, 1), attn_mask=self.clip.attn_mask).transpose(0, 1)
-        return block(hidden, attn_mask=self.clip.attn_mask)
+            return block(hidden.transpose(0, 1), attn_mask=attn).transpose(0, 1)
+        return block(hidden, attn_mask=attn)
 
     def finish(self, hidden, batch):
         x = self.clip.ln_final(hidden)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
+from .base import FusionHead, HeadConfig, classifier, masked_mean, project_tokens, projector, safe_mask
 
 
 class CoAttnHead(FusionHead):
@@ -22,15 +22,15 @@ class CoAttnHead(FusionHead):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_dim, cfg.hidden)
         self.proj_i = projector(cfg.image_dim, cfg.hidden)
-        self.text_to_image = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
-        self.image_to_text = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.text_to_image = CrossAttention(cfg.hidden, cfg.attn_heads)
+        self.image_to_text = CrossAttention(cfg.hidden, cfg.attn_heads)
         self.norm_t, self.norm_i = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
         self.mlp = classifier(3 * cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = self.proj_t(tokens) * keep_t[:, None, None]
+        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None]
         i = self.proj_i(batch["image_tokens"]) * keep_i[:, None, None]
         t2 = self.text_to_image(t, i)
         i2 = self.image_to_text(i, t, mask)

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
+from .base import FusionHead, HeadConfig, classifier, masked_mean, project_tokens, projector, safe_mask
 
 
 class CrossAttnHead(FusionHead):
@@ -22,14 +22,14 @@ class CrossAttnHead(FusionHead):
         super().__init__(cfg)
         self.proj_t = projector(cfg.text_dim, cfg.hidden)
         self.proj_i = projector(cfg.image_dim, cfg.hidden)
-        self.block = CrossAttention(cfg.hidden, cfg.attn_heads, cfg.dropout)
+        self.block = CrossAttention(cfg.hidden, cfg.attn_heads)
         self.norm = nn.LayerNorm(cfg.hidden)
         self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = self.proj_t(tokens) * keep_t[:, None, None]
+        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None]
         i = self.proj_i(batch["image_tokens"]) * keep_i[:, None, None]
         x = self.block(t, i)  # image patches are all valid: no key mask
         return {"logits": self.mlp(masked_mean(self.norm(x), mask))}

@@ -1,0 +1,83 @@
+"""Issue 5 speed: the default ablation grid (5 fusions x 3 modalities x 3 seeds = 45 runs) on the full shared
+cache, in ONE process, exactly as `heads ablate --cache FILE --out DIR` runs it (cache loaded once, every run
+trained, summaries and paired bootstrap written).
+
+  grid_s       : wall time of heads.ablate.ablate() into a fresh directory (nothing to resume): cache load,
+                 45 trainings, summary/paired/modality reports
+  per_fusion_s : per fusion, the sum over its 9 runs of setup + training seconds (from their metrics.json)
+Target (issue 5): grid_s <= 120 s on this 2-core machine. Writes bench/out/ablate.json (and the grid's
+summary table as bench/out/ablate-summary.md).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+from heads.ablate import AblateConfig, ablate  # noqa: E402
+from heads.rundir import load_json  # noqa: E402
+
+BUDGET_S = 120
+
+
+def default_cache() -> str | None:
+    # The largest default-backbone cache is the full one (smaller ones come from --limit trials).
+    caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
+                    glob.glob(os.path.join(ROOT, "cache", "mvsa-minilm-l6_efficientnet-lite0-*.h5")),
+                    key=os.path.getsize)
+    return caches[-1] if caches else None
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", default=default_cache(), help="the full default cache (default: the largest "
+                    "cache/mvsa-minilm-l6_efficientnet-lite0-*.h5)")
+    ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "ablate.json"))
+    ap.add_argument("--keep", default=None, help="keep the ablation directory here (default: a temp dir, removed)")
+    a = ap.parse_args()
+    if not a.cache:
+        sys.exit("no cache: run `make run` (or `featcache extract --data ../shared/mvsa`) first")
+
+    work = a.keep or tempfile.mkdtemp(prefix="bench-ablate-")
+    if a.keep and os.path.exists(os.path.join(a.keep, "runs")):
+        sys.exit(f"{a.keep} already holds runs; the benchmark needs a fresh directory (nothing to resume)")
+    try:
+        cfg = AblateConfig(cache=a.cache, out=work, progress=sys.stderr.isatty())
+        t0 = time.perf_counter()
+        res = ablate(cfg)
+        grid_s = time.perf_counter() - t0
+        per_fusion: dict[str, float] = {}
+        precision = set()
+        for d in res.run_dirs:
+            m = load_json(os.path.join(d, "metrics.json"))
+            per_fusion[m["fusion"]] = per_fusion.get(m["fusion"], 0.0) + m["timing"]["setup_s"] + m["timing"]["train_s"]
+            precision.add(m["timing"].get("precision", "fp32"))
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        shutil.copy(os.path.join(work, "summary.md"), os.path.join(os.path.dirname(a.out), "ablate-summary.md"))
+    finally:
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    result = {
+        "grid_s": round(grid_s, 1), "budget_s": BUDGET_S, "budget_ratio": round(grid_s / BUDGET_S, 3),
+        "runs": len(res.run_dirs), "trained": res.trained,
+        "per_fusion_s": {k: round(v, 1) for k, v in per_fusion.items()},
+        "cache": os.path.basename(a.cache), "cpu_count": os.cpu_count(), "precision": sorted(precision),
+        "note": f"default grid ({len(res.run_dirs)} runs) in one process: {grid_s:.0f} s wall incl. cache load "
+                f"and reports ({', '.join(f'{k} {v:.0f} s' for k, v in per_fusion.items())})",
+    }
+    with open(a.out, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""Comparisons between configurations on the SAME validation samples, from the runs' val_predictions.csv.
+
+Paired comparison (`--baseline concat`): each configuration against the configuration with the same values
+except fusion=<baseline>. Runs are paired by split (seed, fold): both validated on identical samples. The
+observed difference is the mean over pairs of macro-F1(config) - macro-F1(baseline), i.e. exactly the
+difference of the two summary means when every run has a partner. Its 95% CI is a paired bootstrap over
+samples: each resample draws validation samples with replacement *within* each pair (the same draw for both
+models, which is what makes it paired) and recomputes the mean per-pair difference.
+
+Modality analysis (as in the seed reports): for configurations that have text-only, image-only and fused
+(`both`) runs with the same other values and split, pooled over splits: how often the two single-modality
+models agree, and of the samples where exactly one of them is right, how often the fused model is right.
+"""
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+
+from featcache.dataset import LABELS
+
+from .rundir import read_predictions
+
+NUM_CLASSES = len(LABELS)
+
+
+def _macro_f1_batched(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """Macro-F1 of each row of (B, n) label/prediction arrays (same definition as metrics.compute_metrics:
+    every class in the average, F1 = 0 for a class with no true and no predicted samples)."""
+    B = y.shape[0]
+    codes = (np.arange(B)[:, None] * num_classes + y) * num_classes + pred
+    cm = np.bincount(codes.ravel(), minlength=B * num_classes ** 2).reshape(B, num_classes, num_classes)
+    tp = np.diagonal(cm, axis1=1, axis2=2).astype(np.float64)
+    denom = cm.sum(1) + cm.sum(2)
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return f1.mean(1)
+
+
+def paired_bootstrap(groups, n_boot: int = 2000, seed: int = 0, num_classes: int = NUM_CLASSES) -> dict:
+    """groups: [(y, pred_a, pred_b), ...], one per split. Returns the observed mean per-group macro-F1
+    difference a - b, the 95% percentile CI, and the bootstrap share of differences <= 0. Deterministic for
+    a given seed."""
+    rng = np.random.default_rng(seed)
+    observed, boot = 0.0, np.zeros(n_boot)
+    for y, a, b in groups:
+        y, a, b = np.asarray(y), np.asarray(a), np.asarray(b)
+        observed += (_macro_f1_batched(y[None], a[None], num_classes)[0]
+                     - _macro_f1_batched(y[None], b[None], num_classes)[0])
+        idx = rng.integers(0, len(y), size=(n_boot, len(y)))
+        boot += _macro_f1_batched(y[idx], a[idx], num_classes) - _macro_f1_batched(y[idx], b[idx], num_classes)
+    k = max(1, len(groups))
+    observed, boot = observed / k, boot / k
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {"diff": float(observed), "ci_lo": float(lo), "ci_hi": float(hi),
+            "p_le_0": float(np.mean(boot <= 0)), "n_boot": n_boot}
+
+
+class _Preds:
+    """val_predictions.csv per run directory, read once."""
+
+    def __init__(self):
+        self.cache: dict[str, tuple] = {}
+
+    def __call__(self, run_dir: str) -> tuple[list, np.ndarray, np.ndarray]:
+        if run_dir not in self.cache:
+            import os
+            rows = read_predictions(os.path.join(run_dir, "val_predictions.csv"))
+            self.cache[run_dir] = ([r["guid"] for r in rows], np.array([LABELS.index(r["label"]) for r in rows]),
+                                   np.array([LABELS.index(r["pred"]) for r in rows]))
+        return self.cache[run_dir]
+
+
+def _by_params(runs) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for r in runs:
+        if "probe" not in r.params:
+            out.setdefault(json.dumps(r.params, sort_keys=True), []).append(r)
+    return out
+
+
+def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    preds, groups = _Preds(), _by_params(runs)
+    rows = []
+    for key, members in groups.items():
+        params = json.loads(key)
+        if params.get("fusion") == baseline:
+            continue
+        base_key = json.dumps({**params, "fusion": baseline}, sort_keys=True)
+        if base_key not in groups:
+            continue
+        base_runs = {r.pair_key: r for r in groups[base_key]}
+        pairs = []
+        for r in sorted(members, key=lambda r: r.pair_key):
+            partner = base_runs.get(r.pair_key)
+            if partner is None:
+                continue
+            g_a, y_a, p_a = preds(r.dir)
+            g_b, y_b, p_b = preds(partner.dir)
+            if g_a != g_b:  # same split arguments but another cache: not the same samples
+                raise ValueError(f"{r.dir} and {partner.dir} have the same seed/fold but different validation "
+                                 "samples; report runs of one cache together")
+            pairs.append((y_a, p_a, p_b))
+        if not pairs:
+            continue
+        stats = paired_bootstrap(pairs, n_boot=n_boot, seed=seed)
+        rows.append({"config": members[0].config, "baseline": groups[base_key][0].config, "pairs": len(pairs),
+                     "samples": int(sum(len(p[0]) for p in pairs)), **stats,
+                     "significant": bool(stats["ci_lo"] > 0 or stats["ci_hi"] < 0)})
+    rows.sort(key=lambda row: -row["diff"])
+    return rows
+
+
+def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -> None:
+    cols = ["config", "baseline", "pairs", "samples", "diff", "ci_lo", "ci_hi", "p_le_0", "n_boot", "significant"]
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for row in rows:
+            w.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in cols])
+    lines = [f"# Paired comparison against fusion={baseline}", "",
+             "Δ macro-F1 = mean over splits (seed/fold) of F1(config) − F1(baseline) on the same validation "
+             "samples; 95% CI from a paired bootstrap over samples (resampled within each split).", "",
+             "| configuration | baseline | Δ macro-F1 | 95% CI | P(Δ≤0) | splits | samples |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mark = " *" if r["significant"] else ""
+        lines.append(f"| {r['config']} | {r['baseline']} | {r['diff']:+.4f}{mark} | [{r['ci_lo']:+.4f}, "
+                     f"{r['ci_hi']:+.4f}] | {r['p_le_0']:.3f} | {r['pairs']} | {r['samples']} |")
+    if not rows:
+        lines.append(f"| (no configuration has a fusion={baseline} counterpart on the same splits) | | | | | | |")
+    lines += ["", "\\* the CI excludes 0."]
+    with open(md_path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def modality_analysis(runs) -> list[dict]:
+    preds, out = _Preds(), {}
+    for r in runs:
+        if "probe" in r.params or r.params.get("modality") not in ("both", "text", "image"):
+            continue
+        rest = json.dumps({k: v for k, v in r.params.items() if k != "modality"}, sort_keys=True)
+        out.setdefault(rest, {}).setdefault(r.pair_key, {})[r.params["modality"]] = r
+    rows = []
+    for rest, splits in out.items():
+        trios = [s for _, s in sorted(splits.items()) if len(s) == 3]
+        if not trios:
+            continue
+        y, t, i, b = [], [], [], []
+        for s in trios:
+            g, yy, pt = preds(s["text"].dir)
+            if not (preds(s["image"].dir)[0] == g == preds(s["both"].dir)[0]):
+                raise ValueError(f"{s['text'].dir}: text/image/both runs of one split saw different samples")
+            y.append(yy), t.append(pt), i.append(preds(s["image"].dir)[2]), b.append(preds(s["both"].dir)[2])
+        y, t, i, b = (np.concatenate(a) for a in (y, t, i, b))
+        ok_t, ok_i, ok_b = t == y, i == y, b == y
+        one = ok_t ^ ok_i
+        label = trios[0]["both"].config
+        rows.append({
+            "config": label, "splits": len(trios), "samples": int(len(y)),
+            "acc_text": float(ok_t.mean()), "acc_image": float(ok_i.mean()), "acc_both": float(ok_b.mean()),
+            "agreement": float((t == i).mean()), "exactly_one": int(one.sum()),
+            "fused_right_when_one": float(ok_b[one].mean()) if one.any() else float("nan"),
+            "fused_right_text_only_right": float(ok_b[ok_t & ~ok_i].mean()) if (ok_t & ~ok_i).any() else float("nan"),
+            "fused_right_image_only_right": float(ok_b[ok_i & ~ok_t].mean()) if (ok_i & ~ok_t).any() else float("nan"),
+            "both_wrong_fused_right": float(ok_b[~ok_t & ~ok_i].mean()) if (~ok_t & ~ok_i).any() else float("nan"),
+        })
+    return rows
+
+
+def write_modality_md(rows: list[dict], path: str) -> None:
+    lines = ["# Modality analysis", "",
+             "Per configuration (label shows its fused run), pooled over the splits that have text-only, "
+             "image-only and fused runs: accuracies, how often the text-only and image-only models agree, and "
+             "of the samples where exactly one of them is right, how often the fused model is right (overall, "
+             "when only text is right, when only image is right).", "",
+             "| configuration | splits | samples | acc text | acc image | acc fused | text/image agree | "
+             "exactly one right | fused right (of those) | …text right | …image right | fused right, both wrong |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['config']} | {r['splits']} | {r['samples']} | {r['acc_text']:.3f} | {r['acc_image']:.3f}"
+                     f" | {r['acc_both']:.3f} | {r['agreement']:.3f} | {r['exactly_one']} | "
+                     f"{r['fused_right_when_one']:.3f} | {r['fused_right_text_only_right']:.3f} | "
+                     f"{r['fused_right_image_only_right']:.3f} | {r['both_wrong_fused_right']:.3f} |")
+    if not rows:
+        lines.append("| (no configuration has text, image and both runs on the same splits) |" + " |" * 11)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")

@@ -1,0 +1,227 @@
+"""`heads ablate` / `heads report` on small synthetic caches: the summary agrees with the runs, an interrupted
+ablation resumes, grids parse strictly, K-fold splits partition the data, the paired bootstrap behaves."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import build_synthetic_cache
+from heads.ablate import AblateConfig, ablate, expand, load_grid_toml, parse_axis
+from heads.compare import paired_bootstrap
+from heads.metrics import compute_metrics
+
+FAST = ["--set", "epochs=2", "--set", "hidden=16", "--set", "patience=0"]
+FAST_BASE = {"plots": False, "epochs": 2, "hidden": 16, "patience": 0}
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(path: str):
+    with open(path) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    # Small and noisy: quick to train, and validation is not trivially perfect (differences are non-zero).
+    return build_synthetic_cache(str(tmp_path_factory.mktemp("cache") / "c.h5"), n_train=150, noise=3.0)
+
+
+@pytest.fixture(scope="module")
+def cli_ablation(cache, tmp_path_factory):
+    """One CLI ablation shared by the tests that only read its outputs: 2 fusions x 3 modalities x 2 seeds
+    + probes."""
+    from cli import heads_app
+    out = str(tmp_path_factory.mktemp("abl") / "a")
+    r = CliRunner().invoke(heads_app, ["ablate", "--cache", cache, "--out", out, "--fusion", "concat,gmu",
+                                       "--modality", "both,text,image", "--seeds", "0,1", "--probe",
+                                       "--no-progress", *FAST])
+    assert r.exit_code == 0, r.output
+    return out
+
+
+def test_summary_equals_run_metrics(cli_ablation):
+    out = cli_ablation
+    runs = sorted(os.listdir(os.path.join(out, "runs")))
+    assert len(runs) == 2 * 3 * 2 + 2
+    assert "fusion=gmu,modality=text,epochs=2,hidden=16,patience=0,seed=1" in runs
+    by_config: dict[str, list[dict]] = {}
+    for name in runs:
+        m = load(os.path.join(out, "runs", name, "metrics.json"))
+        label = "logreg-probe" if name.startswith("probe") else f"fusion={m['fusion']},modality={m['modality']}"
+        by_config.setdefault(label, []).append(m)
+    rows = read_csv(os.path.join(out, "summary.csv"))
+    assert {r["config"] for r in rows} == set(by_config) and len(rows) == 7
+    for row in rows:
+        ms = by_config[row["config"]]
+        assert int(row["n"]) == len(ms) == 2
+        for key, get in (("accuracy", lambda m: m["accuracy"]), ("macro_f1", lambda m: m["macro_f1"]),
+                         ("weighted_f1", lambda m: m["weighted_f1"]),
+                         ("neutral_f1", lambda m: m["per_class"]["neutral"]["f1"]),
+                         ("train_s", lambda m: m["timing"]["train_s"])):
+            values = [get(m) for m in ms]
+            assert float(row[f"{key}_mean"]) == pytest.approx(np.mean(values), abs=1e-12), (row["config"], key)
+            assert float(row[f"{key}_std"]) == pytest.approx(np.std(values, ddof=1), abs=1e-12)
+    f1 = [float(r["macro_f1_mean"]) for r in rows]
+    assert f1 == sorted(f1, reverse=True)
+    best = load(os.path.join(out, "best.json"))
+    assert best["config"] == next(r["config"] for r in rows if r["config"] != "logreg-probe")
+    assert best["train_config"]["fusion"] in ("concat", "gmu")
+    assert os.path.getsize(os.path.join(out, "comparison.png")) > 1000
+    # The probe is a run like the others: same metric keys, same split as the head runs of its seed.
+    probe = os.path.join(out, "runs", "probe=logreg,seed=0")
+    head = os.path.join(out, "runs", "fusion=concat,modality=both,epochs=2,hidden=16,patience=0,seed=0")
+    assert load(os.path.join(probe, "split.json"))["val"] == load(os.path.join(head, "split.json"))["val"]
+    assert set(load(os.path.join(head, "metrics.json"))) - {"best_epoch", "epochs_run"} <= \
+        set(load(os.path.join(probe, "metrics.json")))
+
+    # Paired: gmu vs concat for each modality; the observed difference is the difference of summary means.
+    paired = read_csv(os.path.join(out, "paired.csv"))
+    assert len(paired) == 3
+    means = {r["config"]: float(r["macro_f1_mean"]) for r in rows}
+    for p in paired:
+        assert p["baseline"] == p["config"].replace("gmu", "concat") and int(p["pairs"]) == 2
+        assert float(p["diff"]) == pytest.approx(means[p["config"]] - means[p["baseline"]], abs=1e-12)
+        assert float(p["ci_lo"]) <= float(p["diff"]) <= float(p["ci_hi"])
+    modality = open(os.path.join(out, "modality.md")).read()
+    assert "| fusion=concat,modality=both | 2 |" in modality and "| fusion=gmu,modality=both | 2 |" in modality
+
+
+def test_report_rebuilds_identical_summaries(cli_ablation, tmp_path):
+    from cli import heads_app
+    before = {n: open(os.path.join(cli_ablation, n), "rb").read() for n in ("summary.csv", "summary.md",
+                                                                              "paired.csv", "best.json")}
+    for n in before:
+        os.remove(os.path.join(cli_ablation, n))
+    r = CliRunner().invoke(heads_app, ["report", cli_ablation])
+    assert r.exit_code == 0, r.output
+    for n, content in before.items():
+        assert open(os.path.join(cli_ablation, n), "rb").read() == content, n
+    r = CliRunner().invoke(heads_app, ["report", str(tmp_path)])
+    assert r.exit_code == 2 and "no finished run directories" in r.output
+
+
+def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
+    import heads.train
+    real_train = heads.train.train
+    calls = []
+
+    def interrupted(cfg, data, out_dir=None, console=None):
+        calls.append(out_dir)
+        if len(calls) == 3:  # dies mid-run: config written, no metrics
+            os.makedirs(out_dir, exist_ok=True)
+            open(os.path.join(out_dir, "config.json"), "w").write("{}")
+            raise KeyboardInterrupt
+        return real_train(cfg, data, out_dir, console)
+
+    grid = {"fusion": ["concat", "gmu"], "modality": ["both", "text"]}
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False)
+    monkeypatch.setattr(heads.train, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ablate(cfg)
+    first = [os.path.join(d, "metrics.json") for d in calls[:2]]
+    mtimes = [os.stat(p).st_mtime_ns for p in first]
+
+    calls.clear()
+    monkeypatch.setattr(heads.train, "train", lambda *a, **k: (calls.append(a[2]), real_train(*a, **k))[1])
+    res = ablate(cfg)
+    assert (res.trained, res.skipped) == (2, 2) and len(calls) == 2
+    assert [os.stat(p).st_mtime_ns for p in first] == mtimes  # not retrained
+
+    whole = ablate(AblateConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")}))
+    assert whole.trained == 4
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("train_s")} for r in rows]  # noqa: E731
+    assert strip(read_csv(tmp_path / "a" / "summary.csv")) == strip(read_csv(tmp_path / "b" / "summary.csv"))
+    # A finished run whose config changed is retrained, not silently reused.
+    changed = ablate(AblateConfig(**{**cfg.__dict__, "base": {**FAST_BASE, "lr": 5e-3}}))
+    assert changed.trained == 4
+
+
+def test_grid_parsing(tmp_path):
+    assert parse_axis("label_smoothing=0,0.1") == ("label_smoothing", [0.0, 0.1])
+    key, values = parse_axis("rdrop=0,1")
+    assert values == [0.0, 1.0] and all(type(v) is float for v in values)
+    assert parse_axis("epochs=3,5") == ("epochs", [3, 5])
+    assert parse_axis("tune-bias=true,no") == ("tune_bias", [True, False])
+    with pytest.raises(ValueError, match="not a valid int"):
+        parse_axis("epochs=3.5")
+    with pytest.raises(ValueError, match="unknown grid axis 'nope'.*valid: fusion, modality, loss"):
+        parse_axis("nope=1")
+    with pytest.raises(ValueError, match="unknown grid axis 'folds'"):
+        parse_axis("folds=2")
+
+    toml = tmp_path / "grid.toml"
+    toml.write_text('fusion = ["concat", "film"]\nlabel_smoothing = [0, 0.1]\nepochs = 3\n')
+    grid = load_grid_toml(str(toml))
+    assert grid == {"fusion": ["concat", "film"], "label_smoothing": [0.0, 0.1], "epochs": [3]}
+    runs = expand(AblateConfig(cache="c.h5", out="o", grid=grid).validate())
+    assert len(runs) == 2 * 2 * 3 and len({r.name for r in runs}) == 12
+    assert runs[1].name == "fusion=concat,label_smoothing=0.0,epochs=3,seed=1"
+    assert runs[1].train.label_smoothing == 0.0 and runs[1].train.epochs == 3 and runs[1].train.seed == 1
+    toml.write_text('epochs = ["3"]\n')
+    with pytest.raises(ValueError, match="expected int"):
+        load_grid_toml(str(toml))
+
+    default = expand(AblateConfig(cache="c.h5", out="o"))
+    assert len(default) == 45 and default[0].name == "fusion=concat,modality=both,seed=0"
+    with pytest.raises(ValueError, match="several caches"):
+        AblateConfig(cache="a.h5,b.h5", out="o").validate()
+
+
+def test_cli_grid_errors(cache, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    base = ["ablate", "--cache", cache, "--out", str(tmp_path / "x")]
+    r = runner.invoke(heads_app, base + ["--set", "warp=1,2"])
+    assert r.exit_code == 2 and "valid: fusion" in r.output and "Traceback" not in r.output
+    r = runner.invoke(heads_app, base + ["--fusion", "concat,nope"])
+    assert r.exit_code == 2 and "valid: concat" in r.output
+    r = runner.invoke(heads_app, base + ["--baseline", "nope"])
+    assert r.exit_code == 2 and "valid: concat" in r.output
+    assert not os.path.exists(tmp_path / "x" / "runs")  # refused before anything ran
+
+
+def test_folds_partition_the_labelled_samples(cache, tmp_path):
+    from heads.data import load_cache
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "f"), grid={"fusion": ["concat"]}, seeds=[0], folds=3,
+                       base=FAST_BASE, progress=False)
+    res = ablate(cfg)
+    assert res.trained == 3 and [os.path.basename(d)[-6:] for d in res.run_dirs] == ["fold=0", "fold=1", "fold=2"]
+    splits = [load(os.path.join(d, "split.json")) for d in res.run_dirs]
+    vals = [set(s["val"]) for s in splits]
+    assert all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1:])
+    data = load_cache(cache)
+    usable = {g for g, y, v in zip(data.guids, data.labels, data.valid) if y >= 0 and v}
+    assert set().union(*vals) == usable
+    for s, v in zip(splits, vals):
+        assert set(s["train"]) == usable - v and s["folds"] == 3
+    assert read_csv(os.path.join(cfg.out, "summary.csv"))[0]["n"] == "3"
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    groups = []
+    for n in (300, 200):
+        y = rng.integers(0, 3, n)
+        good = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
+        bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
+        groups.append((y, good, bad))
+    res = paired_bootstrap(groups, n_boot=500, seed=3)
+    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
+    assert res["diff"] == pytest.approx(expected, abs=1e-12)
+    assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
+    assert paired_bootstrap(groups, n_boot=500, seed=3) == res
+    assert paired_bootstrap(groups, n_boot=500, seed=4) != res
+    same = paired_bootstrap([(y, a, a) for y, a, _ in groups], n_boot=200)
+    assert same["diff"] == same["ci_lo"] == same["ci_hi"] == 0.0
+    flipped = paired_bootstrap([(y, b, a) for y, a, b in groups], n_boot=500, seed=3)
+    assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["ci_hi"] < 0
+

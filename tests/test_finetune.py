@@ -1,0 +1,201 @@
+"""Stage 2 (`heads finetune`, `featcache add-text-layers`) on small real extractions.
+
+Every text backbone (MiniLM from its wheel, tiny RoBERTa and tiny CLIP built in tiny_models) is extracted
+through featcache.extract; the checks: top-N on the cached states equals the full forward (padding included),
+add-text-layers equals extract --text-layers, N=0 reproduces stage 1 exactly, only the top blocks change,
+the CLI runs end to end with predict, the fallback without states says so, and wrong weights are refused.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import tiny_models as tm
+from featcache.addon import add_text_layers, load_text_backbone, tokenize_cache
+from featcache.extract import ExtractConfig, extract
+from featcache.store import CacheError, CacheReader
+from featcache.weights import ENV_DIR, file_sha256
+from heads.data import load_cache
+from heads.finetune import FinetuneConfig, finetune
+from heads.ft_data import prepare_text_inputs
+from heads.train import TrainConfig, train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+BACKBONES = {"minilm-l6": "minilm-l6+clip-vit-b32", "roberta-base": "roberta-base+clip-vit-b32",  # tiny image tower
+             "clip-vit-b32": "clip-vit-b32"}
+FAST = dict(epochs=3, patience=0, hidden=32, plots=False)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Weights folder ($FEATCACHE_WEIGHTS) and one small MVSA-layout dataset with labels for every class."""
+    root = tmp_path_factory.mktemp("ft")
+    weights = root / "weights"
+    tm.make_tiny_roberta(str(weights / "roberta-base"))
+    tm.make_tiny_clip(str(weights / "clip-vit-b32"))
+    data = tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv(ENV_DIR, str(weights))
+        yield {"root": root, "data": data, "weights": weights}
+
+
+@pytest.fixture(scope="module")
+def caches(env):
+    """name -> {"plain": extract without states, "added": plain + add-text-layers 1, "extracted": --text-layers 1}."""
+    out = {}
+    for name, backbone in BACKBONES.items():
+        paths = {}
+        for kind, layers in (("plain", 0), ("extracted", 1)):
+            paths[kind] = extract(ExtractConfig(data=env["data"], backbone=backbone, text_layers=layers,
+                                                out=str(env["root"] / f"{name}-{kind}.h5"), workers=0,
+                                                batch_size=8, max_text_len=24), progress=False)
+        paths["added"] = str(env["root"] / f"{name}-added.h5")
+        shutil.copyfile(paths["plain"], paths["added"])
+        add_text_layers(paths["added"], 1, batch_size=5, progress=False)
+        out[name] = paths
+    return out
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_top_layers_on_cached_states_equal_full_forward(caches, name):
+    data = load_cache(caches[name]["added"])
+    text = load_text_backbone(data.meta)
+    inputs = prepare_text_inputs(data, text, 1)  # also verifies the states against the cached tokens
+    assert inputs.start == text.num_layers - 1 and inputs.hidden is not None
+    rows = torch.arange(len(data))
+    with CacheReader(data.path) as r:
+        full_batch = tokenize_cache(r, text)
+    mask = full_batch["attention_mask"]
+    assert (~mask).any() and mask.any(1).all()  # real padding, every row has tokens
+    with torch.no_grad():
+        full = text.forward_features(full_batch)
+        b = inputs.batch(rows, "cpu")  # the training path: trimmed to the longest text
+        top = text.forward_layers(b.pop("hidden"), b, inputs.start)
+    n = top["tokens"].shape[1]
+    assert n <= mask.shape[1] and torch.equal(top["mask"], mask[:, :n])
+    m = mask[:, :n]
+    scale = max(1.0, full["tokens"][mask].abs().max().item())
+    torch.testing.assert_close(top["tokens"][m], full["tokens"][:, :n][m], atol=1e-2 * scale, rtol=1e-2)
+    pscale = max(1.0, full["pooled"].abs().max().item())
+    torch.testing.assert_close(top["pooled"], full["pooled"], atol=1e-2 * pscale, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_add_text_layers_equals_extract_text_layers(caches, name):
+    paths = caches[name]
+    with CacheReader(paths["added"]) as a, CacheReader(paths["extracted"]) as e, CacheReader(paths["plain"]) as p:
+        mask = a.array("text/mask")
+        assert a.meta["text"]["hidden_start_layer"] == e.meta["text"]["hidden_start_layer"]
+        np.testing.assert_allclose(a.array("text_hidden/states")[mask].astype(np.float32),
+                                   e.array("text_hidden/states")[mask].astype(np.float32), atol=1e-2, rtol=1e-2)
+        for k in ("text/tokens", "text/pooled", "image/tokens"):  # features untouched, key unchanged
+            assert np.array_equal(a.array(k), p.array(k))
+        assert a.meta["key"] == p.meta["key"] and a.meta["preprocessing"] == p.meta["preprocessing"]
+        assert a.meta["text_hidden"]["added_by"] == "featcache add-text-layers"
+    assert not os.path.exists(paths["added"] + ".addon.partial")
+
+
+def test_add_text_layers_refuses_other_weights(caches, env, tmp_path):
+    path = str(tmp_path / "c.h5")
+    shutil.copyfile(caches["roberta-base"]["plain"], path)
+    other = tm.make_tiny_roberta(str(tmp_path / "other-roberta"), seed=1)
+    with h5py.File(path, "r+") as f:  # recorded weights now point at another model (with its own sha)
+        meta = json.loads(f.attrs["meta"])
+        meta["weights"]["text"].update(location=other, sha256=file_sha256(other))
+        f.attrs["meta"] = json.dumps(meta)
+    before = file_sha256(path)
+    with pytest.raises(CacheError, match="wrong weights"):
+        add_text_layers(path, 1, progress=False)
+    assert file_sha256(path) == before and not os.path.exists(path + ".addon.partial")
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["add-text-layers", path, "--layers", "3"])
+    assert r.exit_code == 2 and "has 2 layers" in r.output and "Traceback" not in r.output
+
+
+def test_n0_reproduces_stage1_exactly(make_synthetic_cache, tmp_path):
+    cache = make_synthetic_cache(noise=3.0)  # no backbone at all: N=0 never loads one
+    ref = train(TrainConfig(**FAST), cache, str(tmp_path / "s1"))
+    ft = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, lr_head=1e-3, batch_size=64, **FAST))
+    assert np.array_equal(ft.val_logits, ref.val_logits)
+    assert np.array_equal(ft.split.val, ref.split.val)
+    drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]
+    assert drop(ft.history) == drop(ref.history)
+    # --init with zero learning rates: the stage-1 head, unchanged, on the stage-1 split
+    same = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=0.0, epochs=1,
+                                   plots=False))
+    assert np.array_equal(same.val_logits, ref.val_logits) and np.array_equal(same.split.val, ref.split.val)
+
+
+def test_only_top_blocks_change(caches):
+    path = caches["minilm-l6"]["added"]
+    res = finetune(FinetuneConfig(cache=path, unfreeze_text=1, lr_text=1e-3, lr_head=1e-3, batch_size=8, **FAST))
+    trained = dict(res.model.text.named_parameters())
+    fresh = dict(load_text_backbone(load_cache(path).meta).named_parameters())
+    top = "model.encoder.layer.5."
+    changed = [k for k in fresh if not torch.equal(fresh[k], trained[k])]
+    assert changed and all(k.startswith(top) for k in changed)
+    assert set(res.model.text_params()) == {k for k in fresh if k.startswith(top)}
+    assert res.metrics["text_forward"] == "cached"
+
+
+def test_cli_finetune_predict_and_fallback(caches, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    path = caches["minilm-l6"]["added"]
+    s1, ft, preds = str(tmp_path / "s1"), str(tmp_path / "ft"), str(tmp_path / "preds.csv")
+    r = runner.invoke(heads_app, ["train", "--cache", path, "--epochs", "2", "--hidden", "32", "--no-plots",
+                                  "--out", s1])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(heads_app, ["finetune", "--cache", path, "--unfreeze-text", "1", "--init", s1, "--epochs",
+                                  "2", "--batch-size", "8", "--grad-accum", "2", "--lr-text", "1e-4", "--out", ft])
+    assert r.exit_code == 0, r.output
+    for f in ("config.json", "metrics.json", "history.json", "head.safetensors", "val_predictions.csv",
+              "cache.json", "split.json", "text_layers.safetensors", "curves.png"):
+        assert os.path.exists(os.path.join(ft, f)), f
+    split = lambda d: json.load(open(os.path.join(d, "split.json")))
+    assert split(ft)["val"] == split(s1)["val"] and split(ft)["train"] == split(s1)["train"]
+    cfg = json.load(open(os.path.join(ft, "config.json")))
+    assert cfg["finetune"]["unfreeze_text"] == 1 and cfg["train"]["fusion"] == "film"
+    r = runner.invoke(heads_app, ["predict", "--run", ft, "--cache", path, "--out", preds])
+    assert r.exit_code == 0, r.output
+    data = load_cache(path)
+    lines = open(preds).read().splitlines()
+    assert lines[0] == "guid,tag" and [ln.split(",")[0] for ln in lines[1:]] == [data.guids[i] for i in data.rows("test")]
+    # no stored states: the fallback is announced and the run still completes
+    r = runner.invoke(heads_app, ["finetune", "--cache", caches["minilm-l6"]["plain"], "--unfreeze-text", "1",
+                                  "--epochs", "1", "--no-plots", "--out", str(tmp_path / "fb")])
+    assert r.exit_code == 0, r.output
+    assert "falling back to the full text forward" in " ".join(r.output.split())
+    assert json.load(open(tmp_path / "fb" / "metrics.json"))["text_forward"] == "full"
+    r = runner.invoke(heads_app, ["finetune", "--cache", path, "--unfreeze-text", "7", "--out", str(tmp_path / "x")])
+    assert r.exit_code == 2 and "has 6 layers" in r.output
+
+
+def test_cached_and_full_forward_agree_and_lower_start(caches):
+    """Same logits (fp16 tolerance) from stored states and from the whole tower; states that start lower
+    than L-N run the frozen blocks once up front (roberta has 2 layers: states entering 0, train the top 1)."""
+    path = caches["roberta-base"]["extracted"]
+    zero = dict(lr_head=0.0, lr_text=0.0, epochs=1, patience=0, plots=False)
+    a = finetune(FinetuneConfig(cache=path, unfreeze_text=1, **zero))
+    b = finetune(FinetuneConfig(cache=path, unfreeze_text=1, text_forward="full", **zero))
+    assert a.metrics["text_forward"] == "cached" and b.metrics["text_forward"] == "full"
+    np.testing.assert_allclose(a.val_logits, b.val_logits, atol=1e-3, rtol=1e-3)
+    data = load_cache(path)
+    text = load_text_backbone(data.meta)
+    text.lock(2)
+    inputs = prepare_text_inputs(data, text, 2)  # states entering layer 1 cover only 1: full fallback
+    assert inputs.hidden is None
+    text.lock(1)
+    lower = str(caches["roberta-base"]["added"]).replace("added", "all")
+    shutil.copyfile(caches["roberta-base"]["plain"], lower)
+    add_text_layers(lower, 2, progress=False)  # states entering block 0
+    c = finetune(FinetuneConfig(cache=lower, unfreeze_text=1, **zero))
+    np.testing.assert_allclose(c.val_logits, a.val_logits, atol=1e-3, rtol=1e-3)
