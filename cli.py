@@ -119,16 +119,16 @@ def heads_train_cmd(
     modality_dropout: float = typer.Option(0.0, help="Per-sample probability of dropping one modality "
                                            "(never both) while training."),
     epochs: int = typer.Option(30, help="Maximum epochs (early stopping may end sooner)."),
-    batch_size: int = typer.Option(64, help="Training batch size."),
+    batch_size: int = typer.Option(128, help="Training batch size."),
     lr: float = typer.Option(1e-3, help="Peak learning rate (AdamW, warmup + cosine)."),
     hidden: int = typer.Option(128, help="Hidden size of the head."),
-    patience: int = typer.Option(6, help="Stop after this many epochs without improvement (0 = never)."),
+    patience: int = typer.Option(3, help="Stop after this many epochs without improvement (0 = never)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation, dropout and batch order."),
     val_ratio: float = typer.Option(0.2, help="Stratified validation fraction of the labelled samples."),
     metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
     tune_bias: bool = typer.Option(False, help="Fit per-class logit offsets on the validation split for "
                                    "macro-F1 (both tuned and untuned metrics are reported)."),
-    precision: str = typer.Option("fp32", help="fp32 | bf16 (autocast for the training steps)."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; auto = bf16 where the CPU/GPU supports it natively."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<fusion>-<modality>-s<seed>-"

@@ -4,7 +4,8 @@ trained, summaries and paired bootstrap written).
 
   grid_s       : wall time of heads.ablate.ablate() into a fresh directory (nothing to resume): cache load,
                  45 trainings, summary/paired/modality reports
-  per_fusion_s : per fusion, the sum over its 9 runs of setup + training seconds (from their metrics.json)
+  per_fusion_s : per fusion, the sum over its 9 runs of setup + training seconds (from their metrics.json;
+                 runs overlap when several run at a time, so these add up to more than grid_s)
 Target (issue 5): grid_s <= 120 s on this 2-core machine. Writes bench/out/ablate.json (and the grid's
 summary table as bench/out/ablate-summary.md).
 """
@@ -70,8 +71,10 @@ def main():
         "runs": len(res.run_dirs), "trained": res.trained,
         "per_fusion_s": {k: round(v, 1) for k, v in per_fusion.items()},
         "cache": os.path.basename(a.cache), "cpu_count": os.cpu_count(), "precision": sorted(precision),
-        "note": f"default grid ({len(res.run_dirs)} runs) in one process: {grid_s:.0f} s wall incl. cache load "
-                f"and reports ({', '.join(f'{k} {v:.0f} s' for k, v in per_fusion.items())})",
+        "workers": res.workers,
+        "note": f"default grid ({len(res.run_dirs)} runs), one `heads ablate` call, {res.workers} run(s) at a time "
+                f"from one cache load: {grid_s:.0f} s wall incl. cache load and reports; per fusion, summed run "
+                f"seconds: {', '.join(f'{k} {v:.0f} s' for k, v in per_fusion.items())}",
     }
     with open(a.out, "w") as f:
         json.dump(result, f, indent=2)

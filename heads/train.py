@@ -40,11 +40,14 @@ class TrainConfig:
     dropout: float = 0.1
     attn_heads: int = 4
     epochs: int = 30
-    batch_size: int = 64
+    # 128 / patience 3 / precision auto were measured on the shared cache (5 fusions x 3 seeds): heads peak
+    # within ~3 epochs, bf16 halves the attention heads' projection cost, and macro-F1 stayed within seed
+    # noise of batch 64 / patience 6 / fp32 while runs got 2-3x faster.
+    batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
-    patience: int = 6
+    patience: int = 3
     grad_clip: float = 1.0
     metric: str = "macro_f1"  # macro_f1 | accuracy | weighted_f1 (early stopping and best-state choice)
     val_ratio: float = 0.2
@@ -53,7 +56,7 @@ class TrainConfig:
     fold: int = 0
     tune_bias: bool = False
     device: str = "auto"  # auto | cpu | cuda
-    precision: str = "fp32"  # fp32 | bf16 | auto: bf16 autocast for the training steps (evaluation stays fp32);
+    precision: str = "auto"  # fp32 | bf16 | auto: bf16 autocast for the training steps (evaluation stays fp32);
     # auto = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32
     threads: int = 0  # torch CPU threads (0 = all cores)
     eval_batch_size: int = 1024

@@ -3,6 +3,7 @@ ablation resumes, grids parse strictly, K-fold splits partition the data, the pa
 from __future__ import annotations
 
 import csv
+import glob
 import json
 import os
 
@@ -123,7 +124,8 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
         return real_train(cfg, data, out_dir, console)
 
     grid = {"fusion": ["concat", "gmu"], "modality": ["both", "text"]}
-    cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False)
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False,
+                       workers=1)  # in order, in this process: the call list above sees every run
     monkeypatch.setattr(heads.train, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ablate(cfg)
@@ -143,6 +145,37 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
     # A finished run whose config changed is retrained, not silently reused.
     changed = ablate(AblateConfig(**{**cfg.__dict__, "base": {**FAST_BASE, "lr": 5e-3}}))
     assert changed.trained == 4
+
+
+def test_parallel_ablation_resumes_and_matches_itself(cache, tmp_path, monkeypatch):
+    import heads.train
+    real_train = heads.train.train
+
+    def dies_on_gmu_text(cfg, data, out_dir=None, console=None):  # runs in a forked worker
+        if cfg.fusion == "gmu" and cfg.modality == "text":
+            raise RuntimeError("worker died")
+        return real_train(cfg, data, out_dir, console)
+
+    grid = {"fusion": ["concat", "gmu"], "modality": ["both", "text"]}
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False,
+                       workers=2)
+    monkeypatch.setattr(heads.train, "train", dies_on_gmu_text)
+    with pytest.raises(RuntimeError, match="worker died"):
+        ablate(cfg)
+    finished = sorted(glob.glob(str(tmp_path / "a" / "runs" / "*" / "metrics.json")))
+    assert finished and not any("fusion=gmu,modality=text" in p for p in finished)
+    mtimes = [os.stat(p).st_mtime_ns for p in finished]
+
+    monkeypatch.setattr(heads.train, "train", real_train)
+    res = ablate(cfg)
+    assert res.skipped == len(finished) and res.trained == 4 - len(finished)
+    assert [os.stat(p).st_mtime_ns for p in finished] == mtimes  # finished runs were not retrained
+    for d in res.run_dirs:  # each parallel run recorded the one thread it used
+        assert json.load(open(os.path.join(d, "config.json")))["train"]["threads"] == 1
+    again = ablate(AblateConfig(**{**cfg.__dict__, "out": str(tmp_path / "b")}))
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("train_s")} for r in rows]  # noqa: E731
+    assert strip(read_csv(tmp_path / "a" / "summary.csv")) == strip(read_csv(tmp_path / "b" / "summary.csv"))
+    assert again.trained == 4
 
 
 def test_grid_parsing(tmp_path):

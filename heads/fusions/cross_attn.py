@@ -29,7 +29,10 @@ class CrossAttnHead(FusionHead):
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None]
-        i = self.proj_i(batch["image_tokens"]) * keep_i[:, None, None]
+        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
+            tokens.new_zeros(*mask.shape, self.cfg.hidden)
+        img = batch["image_tokens"]
+        i = self.proj_i(img) * keep_i[:, None, None] if self.active("image") else \
+            img.new_zeros(*img.shape[:2], self.cfg.hidden)
         x = self.block(t, i)  # image patches are all valid: no key mask
         return {"logits": self.mlp(masked_mean(self.norm(x), mask))}

@@ -3,10 +3,10 @@
 The pooled text embedding produces a per-channel scale and shift (gamma, beta) that modulate every projected
 image patch token; the modulated tokens are pooled and classified:
 
-    x_p = LN(W_i img_p),   (gamma, beta) = W_f gelu(W_t text),   h = mean_p relu(x_p * (1 + gamma) + beta)
+    x_p = LN(W_i img_p),   (gamma, beta) = W_f gelu(W_t text),   h = mean_p gelu(x_p * (1 + gamma) + beta)
 
 The FiLM layer starts at zero so training begins from the plain image model (identity modulation) and the
-text learns what to change. With the image switched off the tokens are zero and h = relu(beta(text)): a
+text learns what to change. With the image switched off the tokens are zero and h = gelu(beta(text)): a
 text-only model. With the text switched off its projection is zero and (gamma, beta) reduce to the learned
 biases: a fixed modulation, i.e. an image-only model.
 """
@@ -37,6 +37,9 @@ class FiLMHead(FusionHead):
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
         t = F.gelu(self.proj_t(batch["text_pooled"])) * keep_t[:, None]
         gamma, beta = self.film(t).unsqueeze(1).chunk(2, dim=-1)
-        x = self.norm_i(self.proj_i(tokens)) * keep_i[:, None, None]
-        h = F.relu(x * (1 + gamma) + beta).mean(1)  # image tokens have no padding: a plain mean
+        x = self.norm_i(self.proj_i(tokens)) * keep_i[:, None, None] if self.active("image") else \
+            tokens.new_zeros(*tokens.shape[:2], self.cfg.hidden)
+        # GELU, not ReLU: with the image off x = 0 and the zero-initialised FiLM gives beta = 0, where ReLU's
+        # gradient is 0 and the text-only model would never learn; GELU'(0) = 0.5.
+        h = F.gelu(x * (1 + gamma) + beta).mean(1)  # image tokens have no padding: a plain mean
         return {"logits": self.mlp(h)}
