@@ -23,6 +23,7 @@ run: setup
 	$(BIN)/featcache extract --data $(DATA) --out $(CACHE)
 	$(BIN)/heads train --cache $(CACHE) --out $(RUN)
 	$(BIN)/heads predict --run $(RUN) --cache $(CACHE) --split test --out $(RUN)/test_predictions.txt
+	$(BIN)/heads show $(RUN)
 
 test: setup
 	$(BIN)/python -m pytest -q

@@ -59,8 +59,10 @@ def extract_cmd(
     max_text_len: int = typer.Option(64, help="Text tokens kept per sample (HF backbones; CLIP uses 77)."),
     text_layers: int = typer.Option(0, help="Also store the hidden states entering the top N text layers "
                                     "(for `heads finetune --unfreeze-text N`)."),
-    batch_size: int = typer.Option(32, help="Samples per backbone call."),
-    workers: int = typer.Option(-1, help="DataLoader workers decoding images (-1: one per spare core)."),
+    batch_size: int = typer.Option(32, help="Samples per batch (text backbone call, cache write)."),
+    image_micro_batch: int = typer.Option(0, help="Images per image-backbone call (0 = auto: 1 on CPU, where "
+                                          "small batches are faster, the whole batch on CUDA)."),
+    workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs (-1: auto, the cores beyond two, at most 4)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),
@@ -76,7 +78,8 @@ def extract_cmd(
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
-                        text_layers=text_layers, batch_size=batch_size, workers=workers, limit=limit,
+                        text_layers=text_layers, batch_size=batch_size, image_micro_batch=image_micro_batch,
+                        workers=workers, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
                         caption_weights=_opt(caption_weights))
@@ -307,6 +310,18 @@ def heads_finetune_cmd(
         finetune(cfg, str(out), console=console)
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
+
+
+@heads_app.command("show")
+def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune).")):
+    """Print a run's validation metrics table."""
+    from heads.report import print_summary
+    from heads.rundir import load_json
+
+    path = run / "metrics.json"
+    if not path.exists():
+        fail(f"{run} has no metrics.json: not a finished run directory of `heads train` or `heads finetune`")
+    print_summary(load_json(str(path)), str(run), Console())
 
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience

@@ -38,8 +38,9 @@ class E2EModel(torch.nn.Module):
 
     def forward(self, batch):
         with torch.no_grad():
-            feats = self.image.forward_features(batch.pop("pixels"))
-        batch.update(image_tokens=feats["tokens"], image_pooled=feats["pooled"])
+            parts = [self.image.forward_features(p) for p in batch.pop("pixels").split(1)]  # fastest on CPU
+        batch.update(image_tokens=torch.cat([p["tokens"] for p in parts]),
+                     image_pooled=torch.cat([p["pooled"] for p in parts]))
         return self.inner(batch)
 
 
@@ -63,7 +64,8 @@ def epoch(model, make_batch, labels, rows, bs, text_params, head_params) -> floa
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="cache/mvsa-ft.h5", help="a cache with text_hidden/states (N=1)")
+    ap.add_argument("--cache", default="cache/mvsa-default.h5",
+                    help="the full default cache (`make run`); stage-2 states are added to it if missing")
     ap.add_argument("--samples", type=int, default=256, help="train pairs timed (the same for all three)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--out", default="bench/out/finetune.json")
@@ -71,6 +73,13 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
 
+    from featcache.addon import add_text_layers
+    from featcache.store import CacheReader
+    with CacheReader(args.cache) as r:
+        has_states = r.has("text_hidden/states") and r.meta["text"].get("hidden_start_layer") is not None
+    if not has_states:  # the documented add-on step; the features themselves are not recomputed
+        print(f"adding stage-2 states to {args.cache} (featcache add-text-layers --layers 1)", flush=True)
+        add_text_layers(args.cache, 1)
     data = load_cache(args.cache)
     rows = torch.from_numpy(split_labelled(data, 0.2, 0).train[:args.samples])
     labels = torch.from_numpy(data.labels)

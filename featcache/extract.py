@@ -42,7 +42,11 @@ class ExtractConfig:
     max_text_len: int = 64
     text_layers: int = 0  # also keep the hidden states entering the top N text layers
     batch_size: int = 32
-    workers: int = -1  # -1: one worker per spare core
+    # Image backbone calls per batch, in chunks of this many images (0 = auto: 1 on CPU, the whole batch on
+    # CUDA). Measured here: EfficientNet-Lite0 runs 101 images/s one at a time and 36 images/s in batches
+    # of 32 on 2 CPU cores (large batches of depthwise-conv activations spill the caches); text prefers batches.
+    image_micro_batch: int = 0
+    workers: int = -1  # -1: auto (cores beyond the two the backbone uses, at most 4)
     limit: int | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     device: str = "auto"
@@ -224,7 +228,9 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
         say(f"resuming {escape(partial_path(out))} at row {start} of {n}")
 
     transforms = [image_model.transform] + ([captioner.transform] if captioner else [])
-    workers = max(1, (os.cpu_count() or 2) - 1) if cfg.workers < 0 else cfg.workers
+    # Auto: the backbone keeps two cores (its two threads), workers decode on the rest. On a 2-core machine
+    # that is no worker: a worker stealing a core slowed the model more than serial decoding costs (~5%).
+    workers = min(4, max(0, (os.cpu_count() or 2) - 2)) if cfg.workers < 0 else cfg.workers
     rows = _ImageRows([s.image_path for s in ds.samples], transforms, cfg.max_image_pixels,
                       draft=max(256, getattr(image_model, "image_size", 224)))
     order = list(range(start, n))
@@ -313,7 +319,9 @@ def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep
             sep = getattr(getattr(text_model, "tokenizer", None), "sep_token", None) or "."
             texts = [f"{t} {sep} {c}" if c else t for t, c in zip(texts, captions)]
         tx = _encode_text(text_model, texts, device, keep_from)
-        im = image_model.forward_features(img_in.to(device))
+        micro = cfg.image_micro_batch or (len(idx) if device.type == "cuda" else 1)
+        parts = [image_model.forward_features(chunk.to(device)) for chunk in img_in.split(micro)]
+        im = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float(),
               "image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
     if keep_from is not None:

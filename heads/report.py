@@ -7,9 +7,7 @@ from featcache.dataset import LABELS
 
 
 def summary_table(metrics: dict) -> Table:
-    title = f"{metrics.get('fusion', '?')} · {metrics.get('modality', '?')} · best epoch " \
-            f"{metrics.get('best_epoch')}/{metrics.get('epochs_run')}"
-    t = Table(title=title, title_justify="left")
+    t = Table()
     t.add_column("")
     cols = [("untuned", metrics["untuned"]), ("tuned bias", metrics)] if "untuned" in metrics \
         else [("val", metrics)]
@@ -23,6 +21,9 @@ def summary_table(metrics: dict) -> Table:
 
 
 def print_summary(metrics: dict, run_dir: str | None, console) -> None:
+    # The title goes on its own line: a table title wraps to the (narrow) table width.
+    console.print(f"[bold]{metrics.get('fusion', '?')} · {metrics.get('modality', '?')}[/] · best epoch "
+                  f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} · validation metrics")
     console.print(summary_table(metrics))
     n = metrics.get("counts", {})
     timing = metrics.get("timing", {})

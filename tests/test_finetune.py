@@ -122,7 +122,8 @@ def test_add_text_layers_refuses_other_weights(caches, env, tmp_path):
 
 def test_n0_reproduces_stage1_exactly(make_synthetic_cache, tmp_path):
     cache = make_synthetic_cache(noise=3.0)  # no backbone at all: N=0 never loads one
-    ref = train(TrainConfig(**FAST), cache, str(tmp_path / "s1"))
+    # Same settings on both sides: stage 2 trains in fp32 on CPU, so stage 1 is pinned to fp32 here.
+    ref = train(TrainConfig(**FAST, batch_size=64, lr=1e-3, precision="fp32"), cache, str(tmp_path / "s1"))
     ft = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, lr_head=1e-3, batch_size=64, **FAST))
     assert np.array_equal(ft.val_logits, ref.val_logits)
     assert np.array_equal(ft.split.val, ref.split.val)

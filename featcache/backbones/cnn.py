@@ -66,7 +66,16 @@ def _imagenet_transform(size: int = 224, resize: int = 256):
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
-class ResNetImage(ImageEncoder):
+class _ImageNetCNN(ImageEncoder):
+    """ImageNet CNNs: 224 px centre crop, ImageNet mean/std, a 7x7 final map."""
+    num_patches, image_size = 49, 224
+    _transform = _imagenet_transform()  # a Compose object, shared: stateless
+
+    def transform(self, img):
+        return self._transform(img)
+
+
+class ResNetImage(_ImageNetCNN):
     def __init__(self, arch: str, state_dict: dict):
         super().__init__()
         import torchvision.models as tvm
@@ -74,11 +83,6 @@ class ResNetImage(ImageEncoder):
         self.net.load_state_dict(state_dict)
         self.net.eval()
         self.token_dim = self.pooled_dim = self.net.fc.in_features
-        self.num_patches, self.image_size = 49, 224
-        self._transform = _imagenet_transform()
-
-    def transform(self, img):
-        return self._transform(img)
 
     def forward_features(self, pixels):
         n = self.net
@@ -87,7 +91,7 @@ class ResNetImage(ImageEncoder):
         return {"tokens": x.flatten(2).transpose(1, 2), "pooled": x.mean(dim=(2, 3))}
 
 
-class EfficientNetImage(ImageEncoder):
+class EfficientNetImage(_ImageNetCNN):
     def __init__(self, arch: str, state_dict: dict):
         super().__init__()
         import timm
@@ -104,11 +108,6 @@ class EfficientNetImage(ImageEncoder):
         self.net.load_state_dict(mapped)
         self.token_dim = self.net.conv_head.in_channels
         self.pooled_dim = self.net.num_features
-        self.num_patches, self.image_size = 49, 224
-        self._transform = _imagenet_transform()
-
-    def transform(self, img):
-        return self._transform(img)
 
     def forward_features(self, pixels):
         n = self.net

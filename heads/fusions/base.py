@@ -102,6 +102,18 @@ class FusionHead(nn.Module):
         skip projecting them (a third of the work of single-modality runs in an ablation)."""
         return self.cfg.modality in ("both", modality)
 
+    def project_both(self, batch: dict[str, torch.Tensor], mask: torch.Tensor):
+        """(text (B,L,H), image (B,P,H)) through self.proj_t / self.proj_i, for the token-level heads: real
+        text tokens only, each modality times its keep factor, and a switched-off modality as zeros without
+        computing its projection."""
+        tokens, img = batch["text_tokens"], batch["image_tokens"]
+        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
+        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
+            tokens.new_zeros(*mask.shape, self.cfg.hidden)
+        i = self.proj_i(img) * keep_i[:, None, None] if self.active("image") else \
+            img.new_zeros(*img.shape[:2], self.cfg.hidden)
+        return t, i
+
     def modality_keep(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep_text, keep_image), float (B,) of 0/1. Never both 0: dropout removes one modality of a sample
         at most, and only in training with modality="both" (dropping the only modality would leave nothing)."""

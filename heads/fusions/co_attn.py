@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, project_tokens, projector, safe_mask
+from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
 
 
 class CoAttnHead(FusionHead):
@@ -28,13 +28,8 @@ class CoAttnHead(FusionHead):
         self.mlp = classifier(3 * cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
-        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
-            tokens.new_zeros(*mask.shape, self.cfg.hidden)
-        img = batch["image_tokens"]
-        i = self.proj_i(img) * keep_i[:, None, None] if self.active("image") else \
-            img.new_zeros(*img.shape[:2], self.cfg.hidden)
+        mask = safe_mask(batch["text_mask"])
+        t, i = self.project_both(batch, mask)
         t2 = self.text_to_image(t, i)
         i2 = self.image_to_text(i, t, mask)
         ht = masked_mean(self.norm_t(t2), mask)

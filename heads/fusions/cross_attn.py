@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, project_tokens, projector, safe_mask
+from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
 
 
 class CrossAttnHead(FusionHead):
@@ -27,12 +27,7 @@ class CrossAttnHead(FusionHead):
         self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        tokens, mask = batch["text_tokens"], safe_mask(batch["text_mask"])
-        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
-            tokens.new_zeros(*mask.shape, self.cfg.hidden)
-        img = batch["image_tokens"]
-        i = self.proj_i(img) * keep_i[:, None, None] if self.active("image") else \
-            img.new_zeros(*img.shape[:2], self.cfg.hidden)
+        mask = safe_mask(batch["text_mask"])
+        t, i = self.project_both(batch, mask)
         x = self.block(t, i)  # image patches are all valid: no key mask
         return {"logits": self.mlp(masked_mean(self.norm(x), mask))}
