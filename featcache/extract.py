@@ -360,7 +360,7 @@ def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
         f"{d['invalid']} invalid, texts decoded as {d['text_encodings']}, {d['empty_texts']} empty text(s)")
     if t:
         rate = t["samples"] / max(t["read_wait_s"] + t["model_s"] + t["write_s"], 1e-9)
-        say(f"time: load models {t['load_models_s']}s | read (waiting on workers) {t['read_wait_s']}s | "
+        say(f"time: load models {t['load_models_s']}s | read + decode (waiting) {t['read_wait_s']}s | "
             f"model {t['model_s']}s | write {t['write_s']}s | total {t['total_s']}s | {rate:.1f} samples/s")
     if ds.problems:
         say(f"[yellow]{len(ds.problems)} problem(s) in the input[/] (invalid rows are skipped by heads):")

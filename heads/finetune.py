@@ -179,8 +179,10 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
     trainer = Trainer(model, cfg.trainer_config(), len(split.train), loss_fn, evaluate, cfg.metric,
                       on_epoch=lambda r: say(f"epoch {r['epoch']}: {cfg.metric} {r[cfg.metric]:.4f} "
                                              f"val_loss {r['val_loss']:.4f} ({r['seconds']:.1f}s)"),
-                      lr_groups=groups)
+                      lr_groups=groups, eval_at_start=bool(cfg.init))
     history = trainer.run()
+    if trainer.best_epoch == 0:
+        say(f"no epoch beat the --init head ({cfg.metric} {trainer.best_score:.4f}); kept its weights")
     t_trained = time.perf_counter()
 
     logits = ft_logits(model, data, inputs, split.val, device, cfg.eval_batch_size)
@@ -191,6 +193,8 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
     metrics["stage"], metrics["unfreeze_text"], metrics["init"] = "finetune", n, cfg.init
     metrics["text_forward"] = "none" if not n else ("cached" if inputs.hidden is not None else "full")
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
+    if trainer.start_scores is not None:  # the --init head on the same split, before any stage-2 step
+        metrics["init_scores"] = trainer.start_scores
     metrics["timing"] = {"setup_s": t_loaded - t_start, "train_s": t_trained - t_loaded, "device": str(device),
                          "threads": torch.get_num_threads(),
                          "epoch_s": [round(r["seconds"], 3) for r in history]}

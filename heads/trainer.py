@@ -51,7 +51,11 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: TrainerConfig, n_train: int, loss_fn, evaluate,
-                 metric: str, on_epoch=None, lr_groups=None):
+                 metric: str, on_epoch=None, lr_groups=None, eval_at_start: bool = False):
+        # eval_at_start: score the model before any step and keep it (best_epoch 0) unless an epoch beats it.
+        # Stage 2 starts from a head that was already chosen as best on this validation split; without this,
+        # a fine-tune that only overfits would still replace it with its least bad epoch.
+        self.eval_at_start, self.start_scores = eval_at_start, None
         # lr_groups: [(params, lr), ...] for separate learning rates (stage 2: head vs text layers);
         # None = every trainable parameter at cfg.lr.
         self.lr_groups = lr_groups
@@ -75,6 +79,11 @@ class Trainer:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, warmup))
         gen = torch.Generator().manual_seed(cfg.seed)
         best_state, bad_epochs = None, 0
+        if self.eval_at_start:
+            model.eval()
+            self.start_scores = self.evaluate(model)
+            self.best_score, self.best_epoch = self.start_scores[self.metric], 0
+            best_state = copy.deepcopy(model.state_dict())
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from featcache.dataset import LABELS
@@ -170,3 +171,28 @@ def test_cli_train_then_predict(cache, tmp_path):
     assert r.exit_code == 2 and "valid: concat" in r.output and "Traceback" not in r.output
     r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path), "--cache", cache, "--out", preds])
     assert r.exit_code == 2 and "not a heads run directory" in r.output
+
+
+def test_trainer_eval_at_start_keeps_a_better_start():
+    # Stage 2 starts from an already-selected head: epochs that only make it worse must not replace it.
+    from heads.trainer import Trainer, TrainerConfig
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
+    model = torch.nn.Linear(4, 2)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def loss_fn(m, idx):  # rewards the wrong answer: every step makes validation worse
+        return -torch.nn.functional.cross_entropy(m(x[idx]), y[idx])
+
+    def evaluate(m):
+        with torch.no_grad():
+            return {"score": float(-torch.nn.functional.cross_entropy(m(x), y))}
+
+    cfg = TrainerConfig(epochs=3, batch_size=16, lr=0.5, patience=0)
+    t = Trainer(model, cfg, 64, loss_fn, evaluate, "score", eval_at_start=True)
+    t.run()
+    assert t.best_epoch == 0 and t.start_scores["score"] == t.best_score
+    assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
+    t = Trainer(torch.nn.Linear(4, 2), cfg, 64, loss_fn, evaluate, "score")  # without it: an epoch is kept
+    t.run()
+    assert t.best_epoch >= 1
