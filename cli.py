@@ -62,7 +62,8 @@ def extract_cmd(
     batch_size: int = typer.Option(32, help="Samples per batch (text backbone call, cache write)."),
     image_micro_batch: int = typer.Option(0, help="Images per image-backbone call (0 = auto: 1 on CPU, where "
                                           "small batches are faster, the whole batch on CUDA)."),
-    workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs (-1: auto, the cores beyond two, at most 4)."),
+    workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs "
+                                "(-1: auto, the cores beyond two, at most 4)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),
@@ -131,7 +132,8 @@ def heads_train_cmd(
     metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
     tune_bias: bool = typer.Option(False, help="Fit per-class logit offsets on the validation split for "
                                    "macro-F1 (both tuned and untuned metrics are reported)."),
-    precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; auto = bf16 where the CPU/GPU supports it natively."),
+    precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; "
+                                  "auto = bf16 where the CPU/GPU computes it natively."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<fusion>-<modality>-s<seed>-"
@@ -195,7 +197,8 @@ def heads_fusions_cmd():
 def heads_ablate_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (one)."),
     out: Path = typer.Option(..., "--out", help="Ablation directory: runs/<grid values>/ and the summaries."),
-    grid: Optional[Path] = typer.Option(None, "--grid", help="TOML grid file: one line per axis, a TrainConfig field = a list of values."),
+    grid: Optional[Path] = typer.Option(None, "--grid", help="TOML grid file: one line per axis, a TrainConfig "
+                                        "field = a list of values."),
     fusion: Optional[str] = typer.Option(None, help="Comma list of fusions (grid axis)."),
     modality: Optional[str] = typer.Option(None, help="Comma list of both,text,image (grid axis)."),
     loss: Optional[str] = typer.Option(None, help="Comma list of losses (grid axis)."),
