@@ -8,7 +8,8 @@ text starts from the cache's text_hidden/states, the states entering block L-N (
 them the whole text tower runs every step and a message says so (`text_forward="full"` asks for that).
 
 `--init RUN` starts from a stage-1 run: its head weights, its head/loss config and its train/val split
-(split.json), so stage 1 vs stage 2 compare on the same validation rows. Without it a fresh head is built
+(split.json), so stage 1 vs stage 2 compare on the same validation rows; the init head is scored before the
+first step and kept unless an epoch beats it (metrics.json: init_scores). Without it a fresh head is built
 and the split is stage 1's for the same seed and val_ratio. N = 0 trains only the head on the cached
 features through the stage-1 code path, so it reproduces `heads train` exactly (tested).
 
