@@ -12,8 +12,6 @@ summary table as bench/out/ablate-summary.md).
 from __future__ import annotations
 
 import argparse
-import glob
-import json
 import os
 import shutil
 import sys
@@ -22,19 +20,12 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from heads.ablate import AblateConfig, ablate  # noqa: E402
 from heads.rundir import load_json  # noqa: E402
 
 BUDGET_S = 120
-
-
-def default_cache() -> str | None:
-    # The largest default-backbone cache is the full one (smaller ones come from --limit trials).
-    caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
-                    glob.glob(os.path.join(ROOT, "cache", "mvsa-minilm-l6_efficientnet-lite0-*.h5")),
-                    key=os.path.getsize)
-    return caches[-1] if caches else None
 
 
 def main():
@@ -76,10 +67,7 @@ def main():
                 f"from one cache load: {grid_s:.0f} s wall incl. cache load and reports; per fusion, summed run "
                 f"seconds: {', '.join(f'{k} {v:.0f} s' for k, v in per_fusion.items())}",
     }
-    with open(a.out, "w") as f:
-        json.dump(result, f, indent=2)
-        f.write("\n")
-    print(json.dumps(result, indent=2))
+    write_result(a.out, result)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ import tempfile
 import time
 
 import h5py
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate, parse_backbone  # noqa: E402
 from featcache.dataset import read_mvsa  # noqa: E402
 from featcache.extract import ExtractConfig, extract  # noqa: E402
@@ -99,9 +99,7 @@ def main():
            "pipeline_timings_last_round": timings,
            "note": f"samples/s, best of {a.rounds} interleaved rounds per method; pipeline = loop time of "
                    "`featcache extract` (read wait + model + write, model loading excluded)"}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    json.dump(res, open(a.out, "w"), indent=2)
-    print(json.dumps(res, indent=2))
+    write_result(a.out, res)
 
 
 if __name__ == "__main__":

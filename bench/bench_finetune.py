@@ -11,15 +11,14 @@ Target (issue 4): cached >= 4x faster than full_text. Writes bench/out/finetune.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.addon import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
 from featcache.images import load_rgb  # noqa: E402
@@ -129,11 +128,7 @@ def main():
                     f" with N=1 of {text.num_layers} layers unfrozen + {DEFAULT_FUSION} head; training steps "
                     f"only. e2e also runs {data.meta['backbone']['image']} (frozen, no_grad) every step on images "
                     f"decoded once beforehand ({decode_s:.1f}s, not timed).")}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=2)
-        f.write("\n")
-    print(json.dumps(res, indent=2))
+    write_result(args.out, res)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ Target (issue 3): e2e_epoch_s / head_train_s >= 100. Writes bench/out/heads.json
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import subprocess
@@ -21,6 +20,7 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
 from featcache.extract import _ImageRows, _collate  # noqa: E402
 from heads.data import load_cache  # noqa: E402
@@ -75,10 +75,7 @@ def _strings(cache):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
-    caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
-                    glob.glob(os.path.join(ROOT, "cache", "mvsa-minilm-l6_efficientnet-lite0-*.h5")),
-                    key=os.path.getsize)
-    ap.add_argument("--cache", default=caches[-1] if caches else None, help="the full default cache")
+    ap.add_argument("--cache", default=default_cache(), help="the full default cache")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "heads.json"))
     a = ap.parse_args()
     if not a.cache:
@@ -95,9 +92,7 @@ def main():
            "note": "head_train_s is the whole `heads train --fusion film` command (process start, imports, cache "
                    "load, all epochs with early stopping, run dir and plots); e2e_epoch_s is one epoch over the "
                    "same training pairs with both backbones recomputed on this CPU"}
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    json.dump(res, open(a.out, "w"), indent=2)
-    print(json.dumps(res, indent=2))
+    write_result(a.out, res)
 
 
 if __name__ == "__main__":

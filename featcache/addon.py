@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .store import CacheError, CacheReader, _row_chunk
+from .text import append_captions
 
 TOKEN_ATOL = TOKEN_RTOL = 2e-2  # fp16 storage (~1e-3 relative) plus batch-composition noise, with margin
 
@@ -39,7 +40,7 @@ def text_source(meta: dict):
     w = (meta.get("weights") or {}).get("text")
     if not w:
         raise CacheError("the cache records no text weights (meta weights.text); re-extract it")
-    return w["name"], WeightsSource(w["source"], w["location"])
+    return w["name"], WeightsSource.from_record(w)
 
 
 def load_text_backbone(meta: dict, check_sha: bool = True):
@@ -64,9 +65,7 @@ def cache_texts(reader: CacheReader, text_model) -> list[str]:
     texts = reader.strings("samples/text")
     prep = reader.meta.get("preprocessing") or {}
     if prep.get("captions") and prep.get("caption_mode") == "append":
-        sep = getattr(getattr(text_model, "tokenizer", None), "sep_token", None) or "."
-        captions = reader.strings("samples/caption")
-        texts = [f"{t} {sep} {c}" if c else t for t, c in zip(texts, captions)]
+        texts = append_captions(texts, reader.strings("samples/caption"), getattr(text_model, "tokenizer", None))
     return texts
 
 

@@ -24,7 +24,8 @@ from .backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create
 from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summarize
 from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
 from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path
-from .weights import file_sha256
+from .text import append_captions
+from .weights import WeightsSource, file_sha256
 
 
 class StrictError(Exception):
@@ -199,9 +200,9 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     say = console.print
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    text_model = create_text(weights["text"]["name"], _src(weights["text"]), max_len=cfg.max_text_len)
-    image_model = create_image(weights["image"]["name"], _src(weights["image"]))
-    captioner = create_captioner(cfg.captions, _src(weights["caption"])) if cfg.captions else None
+    text_model = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len)
+    image_model = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]))
+    captioner = create_captioner(cfg.captions, WeightsSource.from_record(weights["caption"])) if cfg.captions else None
     for m in (text_model, image_model, captioner):
         if m is not None:
             m.to(device).eval()
@@ -222,8 +223,10 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     writer = CacheWriter(out, meta, ds.samples, shapes, resume=resume)
     start = writer.first_undone() if resume else 0
     start -= start % cfg.batch_size  # keep batch boundaries of an uninterrupted run
+    # Image problems found so far, kept in the partial file so a resumed run still reports all of them.
+    problems_log = json.loads(writer.f.attrs.get("image_problems", "[]")) if resume else []
     if resume:
-        for p in json.loads(writer.f.attrs.get("image_problems", "[]")):
+        for p in problems_log:
             note_image_problems(ds, p[0], [ImageNote(*p[1:])])
         say(f"resuming {escape(partial_path(out))} at row {start} of {n}")
 
@@ -238,7 +241,6 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                         collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
     tm = Timings()
     autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else _nullcontext()
-    problems_log = json.loads(writer.f.attrs.get("image_problems", "[]")) if resume else []
     columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()]
     try:
@@ -252,7 +254,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                 if batch is None:
                     break
                 idx = [i for i, _, _ in batch]
-                invalid = []
+                invalid, logged = [], len(problems_log)
                 for i, tensors, notes in batch:
                     if notes:
                         note_image_problems(ds, i, notes)
@@ -265,7 +267,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                                             keep_from, autocast)
                 tm.model += time.perf_counter() - t
                 t = time.perf_counter()
-                if problems_log:
+                if len(problems_log) > logged:
                     writer.f.attrs["image_problems"] = json.dumps(problems_log)
                 writer.write(idx[0], arrays, captions=captions, invalid=invalid)
                 tm.write += time.perf_counter() - t
@@ -291,11 +293,6 @@ class _nullcontext:
         return False
 
 
-def _src(w: dict):
-    from .weights import WeightsSource
-    return WeightsSource(w["source"], w["location"])
-
-
 @torch.inference_mode()
 def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep_from, autocast):
     """One batch through the models. Failed images get zero features (their rows are marked invalid)."""
@@ -316,8 +313,7 @@ def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep
                 captions[k] = made[j]
         texts = [ds.samples[i].text for i in idx]
         if captions is not None and cfg.caption_mode == "append":
-            sep = getattr(getattr(text_model, "tokenizer", None), "sep_token", None) or "."
-            texts = [f"{t} {sep} {c}" if c else t for t, c in zip(texts, captions)]
+            texts = append_captions(texts, captions, getattr(text_model, "tokenizer", None))
         tx = _encode_text(text_model, texts, device, keep_from)
         micro = cfg.image_micro_batch or (len(idx) if device.type == "cuda" else 1)
         parts = [image_model.forward_features(chunk.to(device)) for chunk in img_in.split(micro)]

@@ -26,7 +26,7 @@ def print_info(path: str, console: Console | None = None) -> dict:
     d = meta["dataset"]
     console.print(f"[bold]{path}[/]  ({_size(os.path.getsize(path))}, schema {meta['schema_version']}, "
                   f"key {meta['key']}, tool {meta['tool_version']}, created {meta['created']})")
-    b, w = meta["backbone"], meta["weights"]
+    w = meta["weights"]
     for role in ("text", "image", "caption"):
         if role in w:
             console.print(f"  {role:7s} {w[role]['name']:20s} from {w[role]['source']}: {w[role]['location']}  "

@@ -46,6 +46,14 @@ def clean_text(text: str) -> str:
     return _SPACE.sub(" ", text).strip(" :")
 
 
+def append_captions(texts: list[str], captions: list[str], tokenizer=None) -> list[str]:
+    """`text [SEP] caption` (--caption-mode append), with the tokenizer's own separator when it has one.
+
+    Extraction and stage 2 (which rebuilds the texts from the cache) both call this: the strings must match."""
+    sep = getattr(tokenizer, "sep_token", None) or "."
+    return [f"{t} {sep} {c}" if c else t for t, c in zip(texts, captions)]
+
+
 def prepare_text(raw_text: str, clean: bool) -> tuple[str, bool]:
     """The text a backbone sees, and whether it was empty (and so replaced by the placeholder)."""
     text = clean_text(raw_text) if clean else _SPACE.sub(" ", raw_text).strip()

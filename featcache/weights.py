@@ -29,6 +29,11 @@ class WeightsSource:
     kind: str  # path | wheel | hub
     location: str  # a local path, or the hub id / tag / URL
 
+    @classmethod
+    def from_record(cls, record: dict) -> "WeightsSource":
+        """From a cache's meta["weights"][role] entry (what extraction loaded)."""
+        return cls(record["source"], record["location"])
+
     def describe(self) -> str:
         return f"{self.kind}:{self.location}"
 

@@ -167,13 +167,8 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
 
 
 def is_done(run_dir: str, train_cfg: TrainConfig) -> bool:
-    """A finished run of exactly this config (metrics.json is written last, so it means complete)."""
-    from .rundir import load_json
-    try:
-        return (os.path.exists(os.path.join(run_dir, "metrics.json"))
-                and load_json(os.path.join(run_dir, "config.json"))["train"] == asdict(train_cfg))
-    except (OSError, ValueError, KeyError):
-        return False
+    from .rundir import is_finished
+    return is_finished(run_dir, "train", asdict(train_cfg))
 
 
 # ------------------------------------------------------------------------------------------ running

@@ -52,12 +52,8 @@ def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
 
 
 def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
-    from .rundir import load_json
-    try:
-        return (os.path.exists(os.path.join(run_dir, "metrics.json"))
-                and load_json(os.path.join(run_dir, "config.json"))["probe"] == asdict(cfg))
-    except (OSError, ValueError, KeyError):
-        return False
+    from .rundir import is_finished
+    return is_finished(run_dir, "probe", asdict(cfg))
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:

@@ -39,6 +39,16 @@ def load_json(path: str):
         return json.load(f)
 
 
+def is_finished(run_dir: str, section: str, config: dict) -> bool:
+    """A finished run of exactly this config: metrics.json is written last, so its presence means complete,
+    and config.json[section] must equal `config` (a changed config is a different run)."""
+    try:
+        return (os.path.exists(os.path.join(run_dir, "metrics.json"))
+                and load_json(os.path.join(run_dir, "config.json"))[section] == config)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def cache_info(meta: dict, path: str) -> dict:
     return {"path": os.path.abspath(path), **{k: meta.get(k) for k in CACHE_FIELDS},
             "signature": feature_signature(meta), "dataset": meta.get("dataset")}

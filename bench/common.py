@@ -1,0 +1,25 @@
+"""What every benchmark script shares: where the full default cache is, and how a result is written."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def default_cache() -> str | None:
+    """The full default-backbone cache (`make run`): the largest one, smaller ones come from --limit trials."""
+    caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
+                    glob.glob(os.path.join(ROOT, "cache", "mvsa-minilm-l6_efficientnet-lite0-*.h5")),
+                    key=os.path.getsize)
+    return caches[-1] if caches else None
+
+
+def write_result(path: str, result: dict) -> None:
+    """bench/out/<name>.json, read back by bench/report.py into BENCHMARKS.md; also printed."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+        f.write("\n")
+    print(json.dumps(result, indent=2))
