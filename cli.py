@@ -59,6 +59,11 @@ def extract_cmd(
     max_text_len: int = typer.Option(64, help="Text tokens kept per sample (HF backbones; CLIP uses 77)."),
     text_layers: int = typer.Option(0, help="Also store the hidden states entering the top N text layers "
                                     "(for `heads finetune --unfreeze-text N`)."),
+    image_views: int = typer.Option(0, help="Also store K augmented views of every image (heads draw one per "
+                                    "sample per epoch); costs K extra image-backbone passes."),
+    image_aug: str = typer.Option("weak", help="Policy of those views: weak (crop 0.7-1, flip, light jitter/"
+                                  "blur) | strong (weak + RandAugment(2, 9))."),
+    aug_seed: int = typer.Option(0, help="Seed of the views (each view is seeded by seed, guid and view)."),
     batch_size: int = typer.Option(32, help="Samples per batch (text backbone call, cache write)."),
     image_micro_batch: int = typer.Option(0, help="Images per image-backbone call (0 = auto: 1 on CPU, where "
                                           "small batches are faster, the whole batch on CUDA)."),
@@ -79,7 +84,8 @@ def extract_cmd(
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
-                        text_layers=text_layers, batch_size=batch_size, image_micro_batch=image_micro_batch,
+                        text_layers=text_layers, image_views=image_views, image_aug=image_aug,
+                        aug_seed=aug_seed, batch_size=batch_size, image_micro_batch=image_micro_batch,
                         workers=workers, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
@@ -129,6 +135,11 @@ def heads_train_cmd(
     patience: int = typer.Option(3, help="Stop after this many epochs without improvement (0 = never)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation, dropout and batch order."),
     val_ratio: float = typer.Option(0.2, help="Stratified validation fraction of the labelled samples."),
+    test_ratio: float = typer.Option(0.0, help="Also hold out this stratified fraction as an internal test "
+                                     "split: scored once at the end, never used for early stopping or bias."),
+    image_aug_views: bool = typer.Option(True, "--image-aug-views/--no-image-aug-views", help="On a cache "
+                                         "with --image-views: train on one stored view per sample per epoch "
+                                         "(evaluation uses the clean view)."),
     metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
     tune_bias: bool = typer.Option(False, help="Fit per-class logit offsets on the validation split for "
                                    "macro-F1 (both tuned and untuned metrics are reported)."),
@@ -148,7 +159,8 @@ def heads_train_cmd(
     fusion = fusion or DEFAULT_FUSION
     cfg = TrainConfig(fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
                       modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr,
-                      hidden=hidden, patience=patience, seed=seed, val_ratio=val_ratio, metric=metric,
+                      hidden=hidden, patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
+                      image_aug_views=image_aug_views, metric=metric,
                       tune_bias=tune_bias, precision=precision, device=device, plots=plots)
     out = out or Path("runs") / f"{fusion}-{modality}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:

@@ -22,6 +22,7 @@ from . import __version__
 from .backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create_text, get_backbone_spec,
                         locate, parse_backbone)
 from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summarize
+from .augment import ViewMaker, get_aug_spec
 from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
 from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path
 from .text import append_captions
@@ -42,6 +43,9 @@ class ExtractConfig:
     clean_text: bool = False
     max_text_len: int = 64
     text_layers: int = 0  # also keep the hidden states entering the top N text layers
+    image_views: int = 0  # K augmented views per image stored next to the clean features (featcache.augment)
+    image_aug: str = "weak"  # weak | strong: the policy of those views
+    aug_seed: int = 0  # views are seeded by (aug_seed, guid, view)
     batch_size: int = 32
     # Image backbone calls per batch, in chunks of this many images (0 = auto: 1 on CPU, the whole batch on
     # CUDA). Measured here: EfficientNet-Lite0 runs 101 images/s one at a time and 36 images/s in batches
@@ -59,7 +63,10 @@ class ExtractConfig:
         """What changes the features (and so the cache key); batch size, workers and device do not."""
         return {"clean_text": self.clean_text, "max_text_len": self.max_text_len, "captions": self.captions,
                 "caption_mode": self.caption_mode if self.captions else None, "text_layers": self.text_layers,
-                "max_image_pixels": self.max_image_pixels, "limit": self.limit}
+                "max_image_pixels": self.max_image_pixels, "limit": self.limit,
+                # only with views, so that caches without them keep the keys they always had
+                **({"image_views": self.image_views, "image_aug": self.image_aug, "aug_seed": self.aug_seed}
+                   if self.image_views else {})}
 
 
 @dataclass
@@ -72,10 +79,12 @@ class Timings:
 
 
 class _ImageRows(TorchDataset):
-    """Runs in the workers: decode one image and apply the backbone's (and captioner's) transform."""
+    """Runs in the workers: decode one image and apply the backbone's (and captioner's) transform; with
+    views, also the backbone's transform of each augmented view (appended after the transforms' outputs)."""
 
-    def __init__(self, paths, transforms, max_pixels, draft):
-        self.paths, self.transforms, self.max_pixels, self.draft = paths, transforms, max_pixels, draft
+    def __init__(self, paths, guids, transforms, max_pixels, draft, views=None):
+        self.paths, self.guids, self.transforms = paths, guids, transforms
+        self.max_pixels, self.draft, self.views = max_pixels, draft, views
 
     def __len__(self):
         return len(self.paths)
@@ -84,7 +93,10 @@ class _ImageRows(TorchDataset):
         img, notes = load_rgb(self.paths[i], self.max_pixels, draft_size=self.draft)
         if img is None:
             return i, None, notes
-        return i, [t(img) for t in self.transforms], notes
+        out = [t(img) for t in self.transforms]
+        if self.views is not None:
+            out += [self.transforms[0](v) for v in self.views(img, self.guids[i])]
+        return i, out, notes
 
 
 def _collate(rows):
@@ -141,6 +153,9 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
     t_start = time.perf_counter()
     if cfg.caption_mode not in ("store", "append"):
         raise ValueError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
+    if cfg.image_views < 0:
+        raise ValueError(f"--image-views must be >= 0, got {cfg.image_views}")
+    get_aug_spec(cfg.image_aug)
     ds = read_mvsa(cfg.data, clean_text=cfg.clean_text, limit=cfg.limit)
     text_name, image_name = parse_backbone(cfg.backbone)
     weights = _weights(cfg, text_name, image_name)
@@ -219,6 +234,9 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
               "image/pooled": (n, image_model.pooled_dim)}
     if n_layers:
         shapes["text_hidden/states"] = (n, L, text_model.token_dim)
+    if cfg.image_views:
+        shapes["image_views/tokens"] = (n, cfg.image_views, image_model.num_patches, image_model.token_dim)
+        shapes["image_views/pooled"] = (n, cfg.image_views, image_model.pooled_dim)
     meta = _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from)
     writer = CacheWriter(out, meta, ds.samples, shapes, resume=resume)
     start = writer.first_undone() if resume else 0
@@ -234,8 +252,9 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     # Auto: the backbone keeps two cores (its two threads), workers decode on the rest. On a 2-core machine
     # that is no worker: a worker stealing a core slowed the model more than serial decoding costs (~5%).
     workers = min(4, max(0, (os.cpu_count() or 2) - 2)) if cfg.workers < 0 else cfg.workers
-    rows = _ImageRows([s.image_path for s in ds.samples], transforms, cfg.max_image_pixels,
-                      draft=max(256, getattr(image_model, "image_size", 224)))
+    views = ViewMaker(cfg.image_views, cfg.image_aug, cfg.aug_seed) if cfg.image_views else None
+    rows = _ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
+                      cfg.max_image_pixels, draft=max(256, getattr(image_model, "image_size", 224)), views=views)
     order = list(range(start, n))
     loader = DataLoader(torch.utils.data.Subset(rows, order), batch_size=cfg.batch_size, num_workers=workers,
                         collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
@@ -264,7 +283,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                 pix = [tensors if tensors is not None else None for _, tensors, _ in batch]
                 t = time.perf_counter()
                 arrays, captions = _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device,
-                                            keep_from, autocast)
+                                            keep_from, autocast, tm)
                 tm.model += time.perf_counter() - t
                 t = time.perf_counter()
                 if len(problems_log) > logged:
@@ -276,6 +295,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
         meta = _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from)
         meta["timings"] = {"load_models_s": round(load_s, 2), "read_wait_s": round(tm.read, 2),
                            "model_s": round(tm.model, 2), "write_s": round(tm.write, 2),
+                           **{k: round(v, 2) for k, v in tm.extra.items()},
                            "total_s": round(time.perf_counter() - t_start, 2), "samples": tm.samples}
         path = writer.finish(meta)
     except BaseException:
@@ -294,7 +314,7 @@ class _nullcontext:
 
 
 @torch.inference_mode()
-def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep_from, autocast):
+def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep_from, autocast, tm=None):
     """One batch through the models. Failed images get zero features (their rows are marked invalid)."""
     ok = [k for k, p in enumerate(pix) if p is not None]
     size = image_model.image_size
@@ -316,18 +336,41 @@ def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep
             texts = append_captions(texts, captions, getattr(text_model, "tokenizer", None))
         tx = _encode_text(text_model, texts, device, keep_from)
         micro = cfg.image_micro_batch or (len(idx) if device.type == "cuda" else 1)
-        parts = [image_model.forward_features(chunk.to(device)) for chunk in img_in.split(micro)]
-        im = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        im = _image_features(image_model, img_in, micro, device)
+        if cfg.image_views:
+            t = time.perf_counter()
+            views = _views(pix, ok, len(idx), 1 + (captioner is not None), cfg.image_views, size)
+            vim = _image_features(image_model, views.flatten(0, 1), micro, device)
+            if tm is not None:
+                tm.extra["views_s"] = tm.extra.get("views_s", 0.0) + time.perf_counter() - t
     arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float(),
               "image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
     if keep_from is not None:
         arrays["text_hidden/states"] = tx["hidden"].half()
+    if cfg.image_views:
+        K = cfg.image_views
+        arrays["image_views/tokens"] = vim["tokens"].half().unflatten(0, (len(idx), K))
+        arrays["image_views/pooled"] = vim["pooled"].float().unflatten(0, (len(idx), K))
     arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
     bad = [k for k in range(len(idx)) if pix[k] is None or not ds.samples[idx[k]].valid]
     for k in bad:  # exact zeros for invalid rows, whatever the model made of a black image
-        for name in ("image/tokens", "image/pooled"):
-            arrays[name][k] = 0
+        for name in arrays:
+            if name.startswith("image"):
+                arrays[name][k] = 0
     return arrays, captions
+
+
+def _image_features(image_model, images, micro: int, device) -> dict:
+    parts = [image_model.forward_features(chunk.to(device)) for chunk in images.split(micro)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _views(pix, ok, n, offset, K, size) -> torch.Tensor:
+    """(n, K, 3, size, size): the transformed augmented views, zeros for failed images."""
+    out = torch.zeros(n, K, 3, size, size)
+    for k in ok:
+        out[k] = torch.stack(pix[k][offset:offset + K])
+    return out
 
 
 def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from) -> dict:

@@ -19,6 +19,14 @@ def _size(nbytes: float) -> str:
     return f"{nbytes:.1f} TiB"
 
 
+def _nbytes(shape, dtype: str) -> int:
+    """Bytes of a numeric array (0 for strings, whose size is not fixed)."""
+    n = 1
+    for s in shape:
+        n *= s
+    return n * {"float16": 2, "float32": 4, "bool": 1, "int8": 1}.get(dtype, 0)
+
+
 def print_info(path: str, console: Console | None = None) -> dict:
     console = console or Console()
     with CacheReader(path) as r:
@@ -35,15 +43,20 @@ def print_info(path: str, console: Console | None = None) -> dict:
     console.print(f"  dataset {d['root']} (fingerprint {d['fingerprint'][:16]}): {d['samples']} samples, "
                   f"{d['train']} train / {d['test']} test, labels {d['labels']}, {d['invalid']} invalid")
     console.print(f"  texts decoded as {d['text_encodings']}, {d['empty_texts']} empty; problems {d['problems']}")
+    prep = meta["preprocessing"]
+    if prep.get("image_views"):
+        k = prep["image_views"]
+        size = sum(_nbytes(*arrays[n]) for n in arrays if n.startswith("image_views/"))
+        per_view = meta.get("timings", {}).get("views_s")
+        console.print(f"  image views: {k} x {prep['image_aug']} (seed {prep['aug_seed']}), {_size(size)} "
+                      f"({_size(size / k)} per view)" + (f", {per_view / k:.1f}s of backbone time per view"
+                                                          if per_view else ""))
     if meta.get("timings"):
         console.print(f"  extraction timings: {meta['timings']}")
     table = Table("array", "shape", "dtype", "size", title="arrays", title_justify="left")
     for name, (shape, dtype) in sorted(arrays.items()):
-        n = 1
-        for s in shape:
-            n *= s
-        itemsize = {"float16": 2, "float32": 4, "bool": 1, "int8": 1}.get(dtype, 0)
-        table.add_row(name, str(shape), dtype, _size(n * itemsize) if itemsize else "-")
+        nbytes = _nbytes(shape, dtype)
+        table.add_row(name, str(shape), dtype, _size(nbytes) if nbytes else "-")
     console.print(table)
     return meta
 

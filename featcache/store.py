@@ -12,6 +12,7 @@ Schema (version 1), N samples in dataset order:
     /image/tokens (N, P, Di) fp16   patch tokens (CLIP: pre-projection; CNNs: the final map as P = h*w)
     /image/pooled (N, Dip) fp32     the backbone's image embedding
     /text_hidden/states (N, L, Dt) fp16, attrs start_layer: optional, hidden states entering the top layers
+    /image_views/tokens (N, K, P, Di) fp16, /image_views/pooled (N, K, Dip) fp32: optional, K augmented views
 
 Feature arrays are chunked by rows (a few MiB per chunk) so whole-array reads are sequential, and stored
 uncompressed: fp16 activations barely compress and decompression would dominate load time.
@@ -47,14 +48,19 @@ def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 2
     return (rows,) + tuple(shape[1:])
 
 
+# Preprocessing keys that add rows or arrays but do not change what the clean features mean.
+EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed")
+
+
 def feature_signature(meta: dict) -> dict:
     """What the features of a cache *mean*: backbones, their weights, and preprocessing.
 
     Two caches with equal signatures hold interchangeable features even if their datasets differ, so a head
-    trained on one applies to the other. `limit` only selects rows and `text_layers` only adds stored hidden
-    states (text_hidden/states, also added later by `featcache add-text-layers`): both are left out.
+    trained on one applies to the other. `limit` only selects rows, `text_layers` only adds stored hidden
+    states (text_hidden/states, also added later by `featcache add-text-layers`) and the image_views keys only
+    add augmented views next to unchanged clean features: all are left out.
     """
-    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in ("limit", "text_layers")}
+    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in EXTRAS}
     backbone = meta.get("backbone") or {}
     weights = {role: w.get("sha256") for role, w in (meta.get("weights") or {}).items()}
     return {"backbone": backbone, "weights": weights, "preprocessing": prep}

@@ -13,6 +13,11 @@ Axes come from the command line (`--fusion a,b`, `--set key=v1,v2` for any field
 field's type) or a TOML file (keys = TrainConfig fields, values = lists; a scalar is a one-value axis).
 Without any axis the default grid is every fusion x {both, text, image}; `seeds` is the seed axis unless
 the grid has its own `seed` key.
+
+Several caches (`cache="a.h5,b.h5"`, e.g. with/without --clean-text, or other backbones) are one more axis,
+the first: run names start with `cache=<file stem>`. All caches are loaded once and must hold the same
+dataset (same guids, order and labels); a sample invalid in any of them is left out of all of them, so every
+cache is trained and validated on exactly the same split of guids.
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ def default_grid() -> dict[str, list]:
 
 @dataclass
 class AblateConfig:
-    cache: str
+    cache: str  # one cache, or several separated by commas (then the cache is a grid axis)
     out: str
     grid: dict = field(default_factory=dict)  # TrainConfig field -> list of values; {} = default_grid()
     seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
@@ -53,10 +58,17 @@ class AblateConfig:
     # sooner than the same runs one after another with 2 threads each. Runs on CUDA are never parallel.
     workers: int = 0
 
+    def caches(self) -> dict[str, str]:
+        """label (file stem) -> path, in the order given."""
+        paths = [p.strip() for p in self.cache.split(",") if p.strip()]
+        labels = [os.path.splitext(os.path.basename(p))[0] for p in paths]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"--cache: the caches' file names must differ (they name the runs): {paths}")
+        return dict(zip(labels, paths))
+
     def validate(self) -> "AblateConfig":
-        if "," in self.cache:
-            raise ValueError("several caches in one ablation are not supported yet (a later issue adds the cache "
-                             "as a grid axis); run one ablation per cache")
+        if not self.caches():
+            raise ValueError("--cache: no cache file given")
         self.grid = {k: check_axis(k, v) for k, v in self.grid.items()}
         for k, v in self.base.items():
             check_axis(k, [v])
@@ -73,6 +85,7 @@ class AblateConfig:
 class RunSpec:
     name: str  # directory name under <out>/runs
     train: TrainConfig
+    cache: str = ""  # the cache path this run trains on
 
 
 # ------------------------------------------------------------------------------------------ grid parsing
@@ -153,22 +166,51 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
     grid.setdefault("seed", list(cfg.seeds))
     base = replace(TrainConfig(), **cfg.base)
     folds = range(cfg.folds) if cfg.folds else [None]
+    caches = cfg.caches()
     runs = []
-    for values in itertools.product(*grid.values()):
-        point = dict(zip(grid, values))
-        for fold in folds:
-            extra = {"folds": cfg.folds, "fold": fold} if fold is not None else {}
-            train_cfg = replace(base, **point, **extra)
-            name = ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
-            runs.append(RunSpec(name + (f",fold={fold}" if fold is not None else ""), train_cfg))
+    for label, path in caches.items():
+        prefix = f"cache={_fmt(label)}," if len(caches) > 1 else ""
+        for values in itertools.product(*grid.values()):
+            point = dict(zip(grid, values))
+            for fold in folds:
+                extra = {"folds": cfg.folds, "fold": fold} if fold is not None else {}
+                train_cfg = replace(base, **point, **extra)
+                name = prefix + ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
+                runs.append(RunSpec(name + (f",fold={fold}" if fold is not None else ""), train_cfg, path))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), "run names must be unique"  # holds: grid values are unique
     return runs
 
 
-def is_done(run_dir: str, train_cfg: TrainConfig) -> bool:
-    from .rundir import is_finished
-    return is_finished(run_dir, "train", asdict(train_cfg))
+def is_done(run_dir: str, train_cfg: TrainConfig, cache: str | None = None) -> bool:
+    """Finished with this config and, when given, on this cache file (a replaced cache means new runs)."""
+    from .rundir import is_finished, load_json
+    if not is_finished(run_dir, "train", asdict(train_cfg)):
+        return False
+    if cache is None:
+        return True
+    try:
+        return load_json(os.path.join(run_dir, "cache.json"))["path"] == os.path.abspath(cache)
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def load_caches(paths: list[str]) -> dict:
+    """path -> CacheData, all of one dataset, with validity intersected so that splits agree across caches."""
+    import numpy as np
+
+    from .data import DataError, load_cache
+    datas = {p: load_cache(p) for p in paths}
+    first_path, first = next(iter(datas.items()))
+    valid = first.valid.copy()
+    for p, d in datas.items():
+        if d.guids != first.guids or not np.array_equal(d.labels, first.labels):
+            raise DataError(f"{p} and {first_path} do not hold the same dataset (guids, order or labels "
+                            "differ); caches compared in one ablation must come from the same data")
+        valid &= d.valid
+    for d in datas.values():
+        d.valid = valid.copy()
+    return datas
 
 
 # ------------------------------------------------------------------------------------------ running
@@ -187,7 +229,6 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     for user mistakes before any training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .data import load_cache
     from .probe import probe_done, probe_specs, run_probe
     from .rundir import save_json
     from .summary import write_reports
@@ -197,10 +238,13 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     runs = expand(cfg)
     for r in runs:
         r.train.validate()  # every unknown name is reported before the first run
-    data = load_cache(cfg.cache)
+    datas = load_caches(list(cfg.caches().values()))
+    several = len(datas) > 1
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     save_json(os.path.join(cfg.out, "ablate.json"), asdict(cfg))
-    probes = probe_specs(runs) if cfg.probe else []
+    specs = probe_specs(runs) if cfg.probe else []
+    probes = [(f"cache={_fmt(label)},{name}" if several else name, probe_cfg, path)
+              for label, path in cfg.caches().items() for name, probe_cfg in specs]
 
     run_dirs, trained, skipped = [], 0, 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
@@ -208,12 +252,12 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
         task = bar.add_task("ablation", total=len(runs) + len(probes))
         workers = _workers(cfg, runs)
         if workers > 1:  # decided before the resume check: threads is part of each run's recorded config
-            runs = [RunSpec(r.name, replace(r.train, threads=1)) for r in runs]
+            runs = [RunSpec(r.name, replace(r.train, threads=1), r.cache) for r in runs]
         todo = []
         for spec in runs:
             run_dir = os.path.join(cfg.out, "runs", spec.name)
             run_dirs.append(run_dir)
-            if is_done(run_dir, spec.train):
+            if is_done(run_dir, spec.train, spec.cache if several else None):
                 skipped += 1
                 bar.advance(task)
             else:
@@ -221,17 +265,17 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 if os.path.exists(os.path.join(run_dir, "metrics.json")):
                     os.remove(os.path.join(run_dir, "metrics.json"))
                 todo.append((spec, run_dir))
-        for name in _run_all(todo, data, workers, train):
+        for name in _run_all(todo, datas, workers, train):
             trained += 1
             bar.update(task, advance=1, description=name)
-        for name, probe_cfg in probes:
+        for name, probe_cfg, path in probes:
             run_dir = os.path.join(cfg.out, "runs", name)
             run_dirs.append(run_dir)
             bar.update(task, description=name)
             if probe_done(run_dir, probe_cfg):
                 skipped += 1
             else:
-                run_probe(probe_cfg, data, run_dir)
+                run_probe(probe_cfg, datas[path], run_dir)
                 trained += 1
             bar.advance(task)
     report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot)
@@ -251,19 +295,19 @@ _SHARED: dict = {}  # what forked workers inherit: the loaded cache (copy-on-wri
 
 def _train_in_worker(job) -> str:
     spec, run_dir = job
-    _SHARED["train"](spec.train, _SHARED["data"], run_dir)
+    _SHARED["train"](spec.train, _SHARED["datas"][spec.cache], run_dir)
     return spec.name
 
 
-def _run_all(todo: list, data, workers: int, train):
+def _run_all(todo: list, datas: dict, workers: int, train):
     """Yield run names as they finish (in parallel: in any order; each run then has threads=1)."""
     if workers <= 1:
         for spec, run_dir in todo:
-            train(spec.train, data, run_dir)
+            train(spec.train, datas[spec.cache], run_dir)
             yield spec.name
         return
     import multiprocessing
-    _SHARED.update(data=data, train=train)
+    _SHARED.update(datas=datas, train=train)
     jobs = todo
     try:
         # fork: workers share the parent's in-memory cache instead of loading or unpickling it again.

@@ -25,6 +25,10 @@ FEATURES = {  # batch key -> cache dataset
     "image_tokens": "image/tokens",
     "image_pooled": "image/pooled",
 }
+VIEWS = {  # optional (featcache extract --image-views K): K augmented views of every image, (N, K, ...)
+    "image_tokens": "image_views/tokens",
+    "image_pooled": "image_views/pooled",
+}
 
 
 class DataError(ValueError):
@@ -40,6 +44,10 @@ class CacheData:
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
     valid: np.ndarray  # (N,) bool
     features: dict[str, torch.Tensor]  # FEATURES keys; tokens fp16, masks bool, pooled fp32
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # VIEWS keys -> (N, K, ...) or empty
+
+    def num_views(self) -> int:
+        return self.views["image_pooled"].shape[1] if self.views else 0
 
     def __len__(self) -> int:
         return len(self.guids)
@@ -49,8 +57,9 @@ class CacheData:
         return {"text_dim": f["text_tokens"].shape[-1], "text_pooled_dim": f["text_pooled"].shape[-1],
                 "image_dim": f["image_tokens"].shape[-1], "image_pooled_dim": f["image_pooled"].shape[-1]}
 
-    def batch(self, idx, device: str | torch.device = "cpu", keys=None) -> dict[str, torch.Tensor]:
+    def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None) -> dict[str, torch.Tensor]:
         """Rows `idx` as a batch dict (only `keys`, default all): floating features in fp32, masks bool.
+        `views` (one int per row, 0 = clean, k = augmented view k) picks the image features per row.
 
         Text positions that are padding in every row of the batch are cut off. That is exact (heads ignore
         padding) and it is the cheapest speed-up there is: tweets are much shorter than max_text_len."""
@@ -64,6 +73,10 @@ class CacheData:
         out = {}
         for k in keys:
             x = mask if k == "text_mask" else self.features[k].index_select(0, idx)
+            if views is not None and k in self.views:
+                aug = torch.as_tensor(views) > 0
+                if aug.any():
+                    x[aug] = self.views[k][idx[aug], torch.as_tensor(views)[aug] - 1]
             if k in ("text_tokens", "text_mask"):
                 x = x[:, :length]
             out[k] = (x if x.dtype == torch.bool else x.float()).to(device, non_blocking=True)
@@ -79,6 +92,7 @@ class Split:
     train: np.ndarray  # row indices into CacheData
     val: np.ndarray
     counts: dict = field(default_factory=dict)
+    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # internal test (test_ratio)
 
 
 def load_cache(path: str) -> CacheData:
@@ -89,53 +103,55 @@ def load_cache(path: str) -> CacheData:
             from featcache.store import CacheError
             raise CacheError(f"{path} lacks {', '.join(missing)}; re-extract it with `featcache extract`")
         feats = {k: torch.from_numpy(np.ascontiguousarray(r.array(name))) for k, name in FEATURES.items()}
+        views = {k: torch.from_numpy(np.ascontiguousarray(r.array(name))) for k, name in VIEWS.items()
+                 if r.has(name)}
         return CacheData(path=str(path), meta=r.meta, guids=r.strings("samples/guid"),
                          splits=np.asarray(r.strings("samples/split")),
                          labels=r.array("samples/label").astype(np.int64),
-                         valid=r.array("samples/valid").astype(bool), features=feats)
+                         valid=r.array("samples/valid").astype(bool), features=feats, views=views)
 
 
-def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0, fold: int = 0) -> Split:
+def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0, fold: int = 0,
+                   test_ratio: float = 0.0) -> Split:
     """Stratified train/val split of the labelled, valid rows; invalid labelled rows are counted, not used.
 
     folds=0: one split with a val_ratio share for validation. folds=K>=2: stratified K-fold (shuffled with
     `seed`) and fold `fold` validates, so K runs with folds=K, fold=0..K-1 cover every usable row exactly once
-    (the ablation's --folds). Both are functions of (data, arguments) only: a run's config fixes its split."""
-    from sklearn.model_selection import StratifiedKFold, train_test_split
+    (the ablation's --folds). test_ratio>0 first sets aside a stratified internal test share (seeded) that
+    neither training nor model selection ever sees; val/folds then split the rest. All of it is a function of
+    (data, arguments) only: a run's config fixes its split."""
 
     if not 0.0 < val_ratio < 1.0:
         raise DataError(f"val_ratio must be between 0 and 1 (exclusive), got {val_ratio}")
+    if not 0.0 <= test_ratio < 1.0:
+        raise DataError(f"test_ratio must be in [0, 1), got {test_ratio}")
     labelled = data.labels >= 0
     usable = np.flatnonzero(labelled & data.valid)
     if usable.size == 0:
         raise DataError(f"{data.path} has no labelled valid samples to train on ({int(labelled.sum())} "
                         f"labelled, {int((~data.valid).sum())} invalid of {len(data)}); was it extracted from "
                         "a dataset with train.txt?")
-    y = data.labels[usable]
-    per_class = np.bincount(y, minlength=len(LABELS))
-    small = [LABELS[c] for c in range(len(LABELS)) if 0 < per_class[c] < 2]
-    if small:
-        raise DataError(f"class(es) {', '.join(small)} have fewer than 2 valid labelled samples: a stratified "
-                        "train/validation split is impossible")
+    _check_classes(data.labels[usable], 2, "a stratified train/validation split is impossible")
+    test = np.zeros(0, dtype=np.int64)
+    if test_ratio:
+        usable, test = _holdout(usable, data.labels, test_ratio, seed, "--test-ratio")
     if folds:
         if folds < 2 or not 0 <= fold < folds:
             raise DataError(f"folds must be 0 (one split) or >= 2 with 0 <= fold < folds; got folds={folds}, "
                             f"fold={fold}")
-        few = [LABELS[c] for c in range(len(LABELS)) if 0 < per_class[c] < folds]
-        if few:
-            raise DataError(f"class(es) {', '.join(few)} have fewer than {folds} valid labelled samples: "
-                            f"stratified {folds}-fold cross-validation is impossible; use fewer folds")
+        from sklearn.model_selection import StratifiedKFold
+        y = data.labels[usable]
+        _check_classes(y, folds, f"stratified {folds}-fold cross-validation is impossible; use fewer folds")
         kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
         train, val = list(kfold.split(usable, y))[fold]
         train, val = usable[train], usable[val]
     else:
-        n_val = int(round(val_ratio * usable.size))
-        n_classes = int((per_class > 0).sum())
-        if n_val < n_classes or usable.size - n_val < n_classes:
-            raise DataError(f"{usable.size} labelled samples with val_ratio {val_ratio} leave a split smaller "
-                            f"than the {n_classes} classes; use more data or another --val-ratio")
-        train, val = train_test_split(usable, test_size=n_val, random_state=seed, stratify=y)
-    train, val = np.sort(train), np.sort(val)  # dataset order: reproducible and readable split.json
+        train, val = _holdout(usable, data.labels, val_ratio, seed, "--val-ratio")
+    train, val, test = np.sort(train), np.sort(val), np.sort(test)  # dataset order: readable split.json
+
+    def per_class(rows):
+        return {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[rows], minlength=len(LABELS)))}
+
     counts = {
         "samples": len(data),
         "labelled": int(labelled.sum()),
@@ -144,9 +160,29 @@ def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0,
         "invalid_excluded": int((labelled & ~data.valid).sum()),
         "train": int(train.size),
         "val": int(val.size),
-        "train_per_class": {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[train],
-                                                                                 minlength=len(LABELS)))},
-        "val_per_class": {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[val],
-                                                                               minlength=len(LABELS)))},
+        "train_per_class": per_class(train),
+        "val_per_class": per_class(val),
     }
-    return Split(train=train, val=val, counts=counts)
+    if test_ratio:
+        counts.update(test=int(test.size), test_per_class=per_class(test))
+    return Split(train=train, val=val, counts=counts, test=test)
+
+
+def _check_classes(y: np.ndarray, need: int, what: str) -> None:
+    per_class = np.bincount(y, minlength=len(LABELS))
+    few = [LABELS[c] for c in range(len(LABELS)) if 0 < per_class[c] < need]
+    if few:
+        raise DataError(f"class(es) {', '.join(few)} have fewer than {need} valid labelled samples: {what}")
+
+
+def _holdout(rows: np.ndarray, labels: np.ndarray, ratio: float, seed: int, option: str):
+    """(rest, held) with a stratified `ratio` share of `rows` held out."""
+    from sklearn.model_selection import train_test_split
+    y = labels[rows]
+    n_held, n_classes = int(round(ratio * rows.size)), int((np.bincount(y) > 0).sum())
+    if n_held < n_classes or rows.size - n_held < n_classes:
+        raise DataError(f"{rows.size} labelled samples with {option} {ratio} leave a split smaller than the "
+                        f"{n_classes} classes; use more data or another {option}")
+    _check_classes(y, 2, f"{option} cannot stratify")
+    rest, held = train_test_split(rows, test_size=n_held, random_state=seed, stratify=y)
+    return rest, held

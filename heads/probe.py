@@ -28,6 +28,7 @@ PROBE_NAME = "logreg-probe"
 class ProbeConfig:
     seed: int = 0
     val_ratio: float = 0.2
+    test_ratio: float = 0.0
     folds: int = 0
     fold: int = 0
     Cs: list = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])
@@ -36,18 +37,21 @@ class ProbeConfig:
 
 
 def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
-    """One probe per distinct split among the ablation's runs (seed, val_ratio, folds, fold)."""
+    """One probe per distinct split among the ablation's runs (seed, val_ratio, test_ratio, folds, fold)."""
     seen, out = set(), []
     for r in runs:
         t = r.train
-        key = (t.seed, t.val_ratio, t.folds, t.fold)
+        key = (t.seed, t.val_ratio, t.test_ratio, t.folds, t.fold)
         if key in seen:
             continue
         seen.add(key)
         name = f"probe=logreg,seed={t.seed}" + (f",fold={t.fold}" if t.folds else "")
         if t.val_ratio != 0.2:
             name += f",val_ratio={t.val_ratio}"
-        out.append((name, ProbeConfig(seed=t.seed, val_ratio=t.val_ratio, folds=t.folds, fold=t.fold)))
+        if t.test_ratio:
+            name += f",test_ratio={t.test_ratio}"
+        out.append((name, ProbeConfig(seed=t.seed, val_ratio=t.val_ratio, test_ratio=t.test_ratio, folds=t.folds,
+                                      fold=t.fold)))
     return out
 
 
@@ -69,7 +73,7 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold)
+    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold, cfg.test_ratio)
     y_train, y_val = data.labels[split.train], data.labels[split.val]
     t0 = time.perf_counter()
     inner = StratifiedKFold(n_splits=cfg.cv, shuffle=True, random_state=cfg.seed)
@@ -80,15 +84,21 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
         Cs=list(cfg.Cs), cv=inner, scoring="f1_macro", max_iter=cfg.max_iter, class_weight=None, **extra))
     model.fit(pooled_features(data, split.train), y_train)
     train_s = time.perf_counter() - t0
-    probs = model.predict_proba(pooled_features(data, split.val))
-    # predict_proba's columns follow the classes seen in training; map them onto all LABELS.
-    full = np.zeros((len(split.val), len(LABELS)))
-    full[:, model.classes_] = probs
+
+    def predict(rows):  # predict_proba's columns follow the classes seen in training; map them onto LABELS
+        full = np.zeros((len(rows), len(LABELS)))
+        full[:, model.classes_] = model.predict_proba(pooled_features(data, rows))
+        return full
+
+    full = predict(split.val)
     pred = full.argmax(1)
     metrics = compute_metrics(y_val, pred)
+    if cfg.test_ratio:
+        metrics["test"] = compute_metrics(data.labels[split.test], predict(split.test).argmax(1))
     metrics["counts"] = split.counts
     metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
     metrics["C"] = float(np.ravel(model[-1].C_)[0])
+    metrics["image_views_used"] = 0  # the probe always fits the clean pooled features
     metrics["timing"] = {"train_s": train_s}
     if out_dir is not None:
         _write_run(out_dir, cfg, data, split, full, pred, metrics)
@@ -104,8 +114,9 @@ def _write_run(out_dir, cfg, data, split, probs, pred, metrics) -> None:
     save_json(os.path.join(out_dir, "config.json"), {"probe": asdict(cfg)})
     save_json(os.path.join(out_dir, "cache.json"), cache_info(data.meta, data.path))
     save_json(os.path.join(out_dir, "split.json"), {
-        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "folds": cfg.folds, "fold": cfg.fold,
-        "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val]})
+        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "test_ratio": cfg.test_ratio, "folds": cfg.folds,
+        "fold": cfg.fold, "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val],
+        "test": [data.guids[i] for i in split.test]})
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
                       data.labels[split.val], probs, pred)
     save_json(os.path.join(out_dir, "metrics.json"), metrics)  # last: its presence means the run is complete

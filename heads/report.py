@@ -11,6 +11,8 @@ def summary_table(metrics: dict) -> Table:
     t.add_column("")
     cols = [("untuned", metrics["untuned"]), ("tuned bias", metrics)] if "untuned" in metrics \
         else [("val", metrics)]
+    if "test" in metrics:  # --test-ratio: the held-out split, never used for selection
+        cols.append(("internal test", metrics["test"]))
     for name, _ in cols:
         t.add_column(name, justify="right")
     for key in ("accuracy", "macro_f1", "weighted_f1"):
@@ -23,11 +25,14 @@ def summary_table(metrics: dict) -> Table:
 def print_summary(metrics: dict, run_dir: str | None, console) -> None:
     # The title goes on its own line: a table title wraps to the (narrow) table width.
     console.print(f"[bold]{metrics.get('fusion', '?')} · {metrics.get('modality', '?')}[/] · best epoch "
-                  f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} · validation metrics")
+                  f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} · validation metrics"
+                  + (f" · trained on {metrics['image_views_used']} augmented image views"
+                     if metrics.get("image_views_used") else ""))
     console.print(summary_table(metrics))
     n = metrics.get("counts", {})
     timing = metrics.get("timing", {})
-    console.print(f"train {n.get('train')} · val {n.get('val')} · invalid excluded {n.get('invalid_excluded')}"
+    test = f" · internal test {n['test']}" if "test" in n else ""
+    console.print(f"train {n.get('train')} · val {n.get('val')}{test} · invalid excluded {n.get('invalid_excluded')}"
                   f" · unlabelled {n.get('unlabelled')} · trained in {timing.get('train_s', 0):.1f}s on "
                   f"{timing.get('device')} ({timing.get('threads')} threads)", highlight=False)
     if run_dir:

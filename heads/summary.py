@@ -33,6 +33,8 @@ STATS = {  # summary column -> how to read it from metrics.json
     "neutral_f1": lambda m: m["per_class"]["neutral"]["f1"],
     "train_s": lambda m: m["timing"]["train_s"],
 }
+# With --test-ratio: the internal test split, reported next to validation (it never chose anything).
+TEST_STATS = {"test_accuracy": lambda m: m["test"]["accuracy"], "test_macro_f1": lambda m: m["test"]["macro_f1"]}
 
 
 @dataclass
@@ -48,7 +50,8 @@ class Run:
     @property
     def pair_key(self) -> tuple:
         """Runs with the same pair_key validated on the same samples (same split arguments)."""
-        return (self.seed, self.fold, self.params.get("val_ratio", 0.2), self.params.get("folds", 0))
+        return (self.seed, self.fold, self.params.get("val_ratio", 0.2), self.params.get("test_ratio", 0.0),
+                self.params.get("folds", 0))
 
 
 @dataclass
@@ -78,11 +81,24 @@ def load_run(run_dir: str) -> Run:
     metrics = load_json(os.path.join(run_dir, "metrics.json"))
     if "probe" in cfg:
         p = cfg["probe"]
-        return Run(run_dir, {"probe": "logreg", "val_ratio": p["val_ratio"], "folds": p["folds"]}, p["seed"],
-                   p["fold"] if p["folds"] else None, metrics)
+        params = {"probe": "logreg", "val_ratio": p["val_ratio"], "test_ratio": p.get("test_ratio", 0.0),
+                  "folds": p["folds"], **_cache_param(run_dir)}
+        return Run(run_dir, params, p["seed"], p["fold"] if p["folds"] else None, metrics)
     t = cfg["train"]
     params = {k: v for k, v in t.items() if k not in IGNORED}
+    params.setdefault("test_ratio", 0.0)  # runs from before --test-ratio existed
+    params.update(_cache_param(run_dir))
     return Run(run_dir, params, t["seed"], t["fold"] if t.get("folds") else None, metrics, train=t)
+
+
+def _cache_param(run_dir: str) -> dict:
+    """{"cache": file stem} of the cache a run trained on: runs of different caches are different
+    configurations (the label shows it only when it varies, as for any parameter)."""
+    try:
+        path = load_json(os.path.join(run_dir, "cache.json"))["path"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    return {"cache": os.path.splitext(os.path.basename(path))[0]}
 
 
 def label_runs(runs: list[Run]) -> None:
@@ -93,7 +109,10 @@ def label_runs(runs: list[Run]) -> None:
     first = ("fusion", "modality")  # the default grid's axes lead, the rest follow alphabetically
     varying.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
     for r in runs:
-        r.config = PROBE_NAME if "probe" in r.params else ",".join(f"{k}={r.params.get(k)}" for k in varying)
+        if "probe" in r.params:  # one probe per cache when caches are compared
+            r.config = PROBE_NAME + (f",cache={r.params.get('cache')}" if "cache" in varying else "")
+        else:
+            r.config = ",".join(f"{k}={r.params.get(k)}" for k in varying)
 
 
 def summarize(runs: list[Run]) -> list[dict]:
@@ -104,7 +123,8 @@ def summarize(runs: list[Run]) -> list[dict]:
     rows = []
     for config, members in groups.items():
         row = {"config": config, "n": len(members)}
-        for name, get in STATS.items():
+        tested = all("test" in r.metrics for r in members)
+        for name, get in {**STATS, **(TEST_STATS if tested else {})}.items():
             values = np.array([get(r.metrics) for r in members], dtype=np.float64)
             row[f"{name}_mean"] = float(np.mean(values))
             row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
@@ -115,7 +135,8 @@ def summarize(runs: list[Run]) -> list[dict]:
 
 
 def write_summary_csv(rows: list[dict], path: str) -> None:
-    cols = ["config", "n"] + [f"{s}_{k}" for s in STATS for k in ("mean", "std")]
+    cols = ["config", "n"] + [f"{s}_{k}" for s in (*STATS, *TEST_STATS) for k in ("mean", "std")
+                              if any(f"{s}_mean" in row for row in rows)]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
@@ -124,11 +145,17 @@ def write_summary_csv(rows: list[dict], path: str) -> None:
 
 
 def write_summary_md(rows: list[dict], path: str, title: str = "Ablation summary") -> None:
-    lines = [f"# {title}", "", f"{len(rows)} configurations, sorted by mean macro-F1 (mean ± std over runs).", "",
-             "| configuration | accuracy | macro-F1 | weighted-F1 | neutral F1 | train s | n |",
-             "|---|---|---|---|---|---|---|"]
+    test = [s for s in TEST_STATS if any(f"{s}_mean" in row for row in rows)]
+    lines = [f"# {title}", "", f"{len(rows)} configurations, sorted by mean validation macro-F1 (mean ± std over "
+             "runs)" + ("; test = the internal --test-ratio split, never used for selection." if test else "."), "",
+             "| configuration | accuracy | macro-F1 | weighted-F1 | neutral F1 | "
+             + "".join(f"{s.replace('_', ' ')} | " for s in test) + "train s | n |",
+             "|---|---|---|---|---|" + "---|" * len(test) + "---|---|"]
+
+    def cell(row, s):
+        return f"{row[f'{s}_mean']:.4f} ± {row[f'{s}_std']:.4f}" if f"{s}_mean" in row else "-"
     for row in rows:
-        cells = [f"{row[f'{s}_mean']:.4f} ± {row[f'{s}_std']:.4f}" for s in STATS if s != "train_s"]
+        cells = [cell(row, s) for s in STATS if s != "train_s"] + [cell(row, s) for s in test]
         lines.append(f"| {row['config']} | {' | '.join(cells)} | {row['train_s_mean']:.1f} ± "
                      f"{row['train_s_std']:.1f} | {row['n']} |")
     with open(path, "w") as f:

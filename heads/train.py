@@ -51,10 +51,15 @@ class TrainConfig:
     grad_clip: float = 1.0
     metric: str = "macro_f1"  # macro_f1 | accuracy | weighted_f1 (early stopping and best-state choice)
     val_ratio: float = 0.2
+    test_ratio: float = 0.0  # > 0: a stratified internal test split, scored once at the end, never for selection
     seed: int = 0
     folds: int = 0  # 0: one val_ratio split; K >= 2: stratified K-fold CV and this run validates on `fold`
     fold: int = 0
     tune_bias: bool = False
+    # Caches extracted with --image-views K: each epoch every training sample gets one of its K+1 stored image
+    # views (clean or augmented), drawn with the run's seed; evaluation always uses the clean view. No effect
+    # on a cache without views (metrics.json records the views actually used).
+    image_aug_views: bool = True
     device: str = "auto"  # auto | cpu | cuda
     precision: str = "auto"  # fp32 | bf16 | auto: bf16 autocast for the training steps (evaluation stays fp32);
     # auto = bf16 where the hardware computes it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32
@@ -74,6 +79,8 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be at least 1")
         if self.precision not in ("fp32", "bf16", "auto"):
             raise ValueError(f"unknown precision {self.precision!r}; valid: fp32, bf16, auto")
+        if not 0.0 <= self.test_ratio < 1.0:
+            raise ValueError(f"test_ratio must be in [0, 1), got {self.test_ratio}")
         if self.rdrop < 0:
             raise ValueError(f"rdrop must be >= 0, got {self.rdrop}")
         if self.folds and (self.folds < 2 or not 0 <= self.fold < self.folds):
@@ -136,7 +143,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     if not isinstance(data, CacheData):
         data = load_cache(str(data))
     t_loaded = time.perf_counter()
-    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold)
+    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold, cfg.test_ratio)
     device = resolve_device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
@@ -149,10 +156,13 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
                       cfg.focal_gamma)
     train_rows = torch.from_numpy(split.train)
     y_val = data.labels[split.val]
+    n_views = data.num_views() if cfg.image_aug_views else 0
+    view_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: views do not shift the batch order
 
     def loss_fn(model, idx):
         rows = train_rows[idx]
-        batch, y = data.batch(rows, device, model.inputs), labels[rows].to(device)
+        views = torch.randint(0, n_views + 1, (len(rows),), generator=view_gen) if n_views else None
+        batch, y = data.batch(rows, device, model.inputs, views=views), labels[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch)["logits"]
             logits2 = model(batch)["logits"] if cfg.rdrop > 0 else None  # second pass, other dropout masks
@@ -180,7 +190,14 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
         bias = tune_bias(logits, y_val)
         metrics = {**compute_metrics(y_val, apply_bias(logits, bias).argmax(1)), "untuned": metrics,
                    "bias": {c: float(b) for c, b in zip(LABELS, bias)}}
+    if cfg.test_ratio:  # scored once, with the head and bias that validation chose
+        y_test = data.labels[split.test]
+        test_logits = infer(model, data, split.test, device, cfg.eval_batch_size)["logits"]
+        metrics["test"] = compute_metrics(y_test, apply_bias(test_logits, bias).argmax(1))
+        if cfg.tune_bias:
+            metrics["test"]["untuned"] = compute_metrics(y_test, test_logits.argmax(1))
     metrics["counts"] = split.counts
+    metrics["image_views_used"] = n_views
     metrics["fusion"], metrics["modality"], metrics["metric"] = cfg.fusion, cfg.modality, cfg.metric
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
     # train_s is the optimisation loop only; in a fresh process it includes torch.optim's one-off lazy import
@@ -208,9 +225,10 @@ def _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, log
     save_head(out_dir, model, cfg, head_cfg)
     save_json(os.path.join(out_dir, "cache.json"), cache_info(data.meta, data.path))
     save_json(os.path.join(out_dir, "split.json"), {
-        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "folds": cfg.folds, "fold": cfg.fold,
-        "train_per_class": split.counts["train_per_class"],
-        "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val]})
+        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "test_ratio": cfg.test_ratio, "folds": cfg.folds,
+        "fold": cfg.fold, "train_per_class": split.counts["train_per_class"],
+        "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val],
+        "test": [data.guids[i] for i in split.test]})
     if bias is not None:
         save_json(os.path.join(out_dir, "bias.json"), {"labels": list(LABELS), "offsets": bias.tolist()})
     save_json(os.path.join(out_dir, "history.json"), history)

@@ -205,8 +205,8 @@ def test_grid_parsing(tmp_path):
 
     default = expand(AblateConfig(cache="c.h5", out="o"))
     assert len(default) == 45 and default[0].name == "fusion=concat,modality=both,seed=0"
-    with pytest.raises(ValueError, match="several caches"):
-        AblateConfig(cache="a.h5,b.h5", out="o").validate()
+    two = expand(AblateConfig(cache="x/a.h5,y/b.h5", out="o", grid=grid).validate())
+    assert len(two) == 24 and two[12].name == "cache=b,fusion=concat,label_smoothing=0.0,epochs=3,seed=0"
 
 
 def test_cli_grid_errors(cache, tmp_path):
