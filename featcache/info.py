@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
-from .store import CacheReader
+from .manifest import open_cache
 from .weights import WeightsError
 
 
@@ -21,10 +21,11 @@ def _size(nbytes: float) -> str:
 
 def print_info(path: str, console: Console | None = None) -> dict:
     console = console or Console()
-    with CacheReader(path) as r:
+    with open_cache(path) as r:  # a cache file or a shard manifest (checked, shards summed)
         meta, arrays = r.meta, r.datasets()
+        nbytes = r.nbytes() if hasattr(r, "nbytes") else os.path.getsize(path)
     d = meta["dataset"]
-    console.print(f"[bold]{path}[/]  ({_size(os.path.getsize(path))}, schema {meta['schema_version']}, "
+    console.print(f"[bold]{path}[/]  ({_size(nbytes)}, schema {meta['schema_version']}, "
                   f"key {meta['key']}, tool {meta['tool_version']}, created {meta['created']})")
     w = meta["weights"]
     for role in ("text", "image", "caption"):
@@ -35,6 +36,9 @@ def print_info(path: str, console: Console | None = None) -> dict:
     console.print(f"  dataset {d['root']} (fingerprint {d['fingerprint'][:16]}): {d['samples']} samples, "
                   f"{d['train']} train / {d['test']} test, labels {d['labels']}, {d['invalid']} invalid")
     console.print(f"  texts decoded as {d['text_encodings']}, {d['empty_texts']} empty; problems {d['problems']}")
+    if meta.get("sharded"):
+        console.print(f"  {meta['sharded']['shards']} shards (checked against the manifest), rows "
+                      f"{', '.join(f'{a}..{b}' for a, b in meta['sharded']['rows'])}")
     if meta.get("timings"):
         console.print(f"  extraction timings: {meta['timings']}")
     table = Table("array", "shape", "dtype", "size", title="arrays", title_justify="left")
