@@ -36,7 +36,8 @@ _SHARD_FILE = re.compile(r"\.shard-\d+-of-\d+\.h5$")
 def parse_shard(text: str) -> tuple[int, int]:
     m = _SHARD.match(text or "")
     if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"--shard takes I/N with 0 <= I < N (I zero-based, like $SLURM_ARRAY_TASK_ID), got {text!r}")
+        raise ValueError(f"--shard {text!r}: give I/N with 0 <= I < N (I is zero-based: sbatch --array=0-<N-1> "
+                         "with --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     return int(m[1]), int(m[2])
 
 
@@ -75,7 +76,7 @@ def select_shard(ds, cfg, key: str, out: str):
 def torchrun_env() -> tuple[int, int, int] | None:
     """(RANK, WORLD_SIZE, LOCAL_RANK) when started by torchrun with more than one process, else None."""
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
-    if world <= 1:
+    if world <= 1 or "RANK" not in os.environ:
         return None
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 

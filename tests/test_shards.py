@@ -246,3 +246,32 @@ def test_rank_failures_reach_rank_0(monkeypatch, tmp_path):
     with pytest.raises(CacheError, match=r"1 of 2 ranks failed \(rank 1: out of memory\)"):
         sh.run_extract(cfg, console=Console(file=io.StringIO()))
     assert seen["cfg"].shard == "0/2" and not (tmp_path / "m.manifest.json").exists()
+
+
+def test_interrupted_shard_resumes_to_the_same_file(mvsa, slurm_shards, tmp_path, monkeypatch):
+    import featcache.store as fs
+    src, _ = slurm_shards
+    cfg = ExtractConfig(data=str(mvsa), limit=8, batch_size=3, workers=0, out=str(tmp_path / "m.h5"), shard="1/2")
+    real_write, calls, stop_at = fs.CacheWriter.write, [], [3]
+
+    def write(self, start, *a, **k):
+        calls.append(start)
+        if start in stop_at:
+            stop_at.clear()
+            raise KeyboardInterrupt
+        return real_write(self, start, *a, **k)
+    monkeypatch.setattr(fs.CacheWriter, "write", write)
+    quiet = Console(file=io.StringIO())
+    with _one_thread():
+        with pytest.raises(KeyboardInterrupt):
+            extract(cfg, progress=False, console=quiet)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.shard-1-of-2.h5.partial"]
+        with pytest.raises(CacheError, match="--resume"):
+            extract(cfg, progress=False, console=quiet)
+        calls.clear()
+        path = sh.run_extract(cfg, resume=True, progress=False, console=quiet)
+    assert calls == [3, 6]  # shard-local starts of global rows 12..14 and 15: only the missing batches ran
+    assert path == str(tmp_path / "m.shard-1-of-2.h5")  # shard 0 is not here: no manifest
+    got, want = _arrays(path), _arrays(src / "m.shard-1-of-2.h5")
+    assert sorted(got) == sorted(want) and all(np.array_equal(got[k], want[k]) for k in want)
+    assert _meta(path)["key"] == _meta(src / "m.shard-1-of-2.h5")["key"]
