@@ -78,9 +78,13 @@ def extract_cmd(
     caption_weights: Optional[Path] = typer.Option(None, help="Local weights folder for the captioner."),
     progress: bool = typer.Option(True, help="Show progress bars."),
     force: bool = typer.Option(False, help="Recompute even if a complete cache with the same key exists."),
+    shard: Optional[str] = typer.Option(None, help="I/N: extract only shard I (zero-based) of N into "
+                                        "OUT.shard-I-of-N.h5 (SLURM arrays); the last shard done writes "
+                                        "OUT.manifest.json. Under torchrun each rank takes its shard itself."),
 ):
-    """Run the backbones once over DATA and write the feature cache."""
-    from featcache.extract import ExtractConfig, StrictError, extract
+    """Run the backbones once over DATA and write the feature cache (sharded: --shard or torchrun)."""
+    from featcache.extract import ExtractConfig, StrictError
+    from featcache.shards import run_extract
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
@@ -89,17 +93,33 @@ def extract_cmd(
                         workers=workers, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
-                        caption_weights=_opt(caption_weights))
+                        caption_weights=_opt(caption_weights), shard=shard)
     try:
-        extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)
+        run_extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)
     except StrictError as exc:
         fail(str(exc), code=1)
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
 
 
+@featcache_app.command("merge")
+def merge_cmd(
+    manifest: Path = typer.Argument(..., help="OUT.manifest.json of a sharded extraction."),
+    out: Path = typer.Option(..., "--out", help="The single cache file to write."),
+    force: bool = typer.Option(False, help="Overwrite --out if it exists."),
+):
+    """Check every shard of MANIFEST and write them as one ordinary cache file."""
+    from featcache.manifest import merge
+    try:
+        path = merge(str(manifest), str(out), force=force)
+    except user_errors() as exc:
+        fail(str(exc).strip("'\""))
+    console.print(f"wrote {path}", highlight=False)
+
+
 @featcache_app.command("info")
-def info_cmd(file: Path = typer.Argument(..., help="A cache written by `featcache extract`.")):
+def info_cmd(file: Path = typer.Argument(..., help="A cache written by `featcache extract`, or the "
+                                         "OUT.manifest.json of a sharded one.")):
     """Print what a cache holds: backbones, weights, preprocessing, counts, arrays and sizes."""
     from featcache.info import print_info
     try:
@@ -119,7 +139,8 @@ def backbones_cmd():
 # (heads commands below)
 @heads_app.command("train")
 def heads_train_cmd(
-    cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract`."),
+    cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (or the "
+                               "manifest of a sharded one)."),
     fusion: Optional[str] = typer.Option(None, help="Fusion head (see `heads fusions`); default: the "
                                          "registry's DEFAULT_FUSION."),
     modality: str = typer.Option("both", help="both | text | image (single-modality ablation)."),

@@ -45,6 +45,8 @@ class Sample:
     text: str  # what the text backbone sees (cleaned when asked, placeholder when empty)
     image_path: str
     valid: bool = True
+    encoding: str | None = None  # how the text file was decoded (None: no text file)
+    empty_text: bool = False  # the text was empty and the placeholder is encoded instead
 
 
 @dataclass
@@ -55,6 +57,17 @@ class Dataset:
     encodings: Counter = field(default_factory=Counter)  # how each text file was decoded
     empty_texts: int = 0
     clean_text: bool = False
+    shard: dict | None = None  # set by subset(): where these rows sit in the whole dataset
+
+    def subset(self, start: int, stop: int, shard: dict) -> "Dataset":
+        """Rows [start, stop) as a dataset of their own, with their problems and counts, so the summaries of
+        consecutive subsets add up to the whole one (label-file problems, guid '-', go with row 0)."""
+        samples = self.samples[start:stop]
+        guids = {s.guid for s in samples}
+        problems = [p for p in self.problems if p.guid in guids or (p.guid == "-" and start == 0)]
+        encodings = Counter(s.encoding for s in samples if s.encoding)
+        return Dataset(self.root, samples, problems, encodings, sum(s.empty_text for s in samples),
+                       self.clean_text, shard)
 
     def fingerprint(self) -> str:
         """Content hash of labels, texts and images (size + first 64 KiB), stable across copies and clones."""
@@ -141,8 +154,10 @@ def read_mvsa(root: str, clean_text: bool = False, limit: int | None = None) -> 
             else:
                 raw, enc = decode_bytes(open(text_path, "rb").read())
                 ds.encodings[enc] += 1
+                sample.encoding = enc
             sample.raw_text = raw
             sample.text, empty = prepare_text(raw, clean_text)
+            sample.empty_text = empty
             ds.empty_texts += empty
             if not os.path.exists(sample.image_path):
                 ds.add_problem(sample, f"{guid}.jpg", "missing", "image file not found", True)

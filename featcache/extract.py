@@ -58,6 +58,7 @@ class ExtractConfig:
     text_weights: str | None = None
     image_weights: str | None = None
     caption_weights: str | None = None
+    shard: str | None = None  # "I/N": only rows of shard I (zero-based) of N, into their own file (shards.py)
 
     def preprocessing(self) -> dict:
         """What changes the features (and so the cache key); batch size, workers and device do not."""
@@ -162,6 +163,9 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
     fingerprint = ds.fingerprint()
     key = cache_key(fingerprint, (text_name, image_name), weights, cfg)
     out = cfg.out or default_out(cfg, key)
+    if cfg.shard:  # from here on: the shard's rows, its own key (over the row range) and file
+        from .shards import select_shard
+        ds, key, out = select_shard(ds, cfg, key, out)
 
     if os.path.exists(out) and not force:
         try:
@@ -389,6 +393,7 @@ def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from
         "dataset": {"root": ds.root, "fingerprint": fingerprint, **summarize(ds)},
         "problems": [str(p) for p in ds.problems],
         "extract_config": asdict(cfg),
+        **({"shard": ds.shard} if ds.shard else {}),
     }
 
 

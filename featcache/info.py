@@ -7,7 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
-from .store import CacheReader
+from .manifest import open_cache
 from .weights import WeightsError
 
 
@@ -29,10 +29,11 @@ def _nbytes(shape, dtype: str) -> int:
 
 def print_info(path: str, console: Console | None = None) -> dict:
     console = console or Console()
-    with CacheReader(path) as r:
+    with open_cache(path) as r:  # a cache file or a shard manifest (checked, shards summed)
         meta, arrays = r.meta, r.datasets()
+        nbytes = r.nbytes() if hasattr(r, "nbytes") else os.path.getsize(path)
     d = meta["dataset"]
-    console.print(f"[bold]{path}[/]  ({_size(os.path.getsize(path))}, schema {meta['schema_version']}, "
+    console.print(f"[bold]{path}[/]  ({_size(nbytes)}, schema {meta['schema_version']}, "
                   f"key {meta['key']}, tool {meta['tool_version']}, created {meta['created']})")
     w = meta["weights"]
     for role in ("text", "image", "caption"):
@@ -51,6 +52,9 @@ def print_info(path: str, console: Console | None = None) -> dict:
         console.print(f"  image views: {k} x {prep['image_aug']} (seed {prep['aug_seed']}), {_size(size)} "
                       f"({_size(size / k)} per view)" + (f", {per_view / k:.1f}s of backbone time per view"
                                                           if per_view else ""))
+    if meta.get("sharded"):
+        console.print(f"  {meta['sharded']['shards']} shards (checked against the manifest), rows "
+                      f"{', '.join(f'{a}..{b}' for a, b in meta['sharded']['rows'])}")
     if meta.get("timings"):
         console.print(f"  extraction timings: {meta['timings']}")
     table = Table("array", "shape", "dtype", "size", title="arrays", title_justify="left")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from featcache.dataset import LABELS
-from featcache.store import CacheReader
+from featcache.manifest import open_cache
 
 FEATURES = {  # batch key -> cache dataset
     "text_tokens": "text/tokens",
@@ -97,7 +97,7 @@ class Split:
 
 def load_cache(path: str) -> CacheData:
     """Read a complete cache into memory. Raises CacheError (from the reader) when it is unusable."""
-    with CacheReader(path) as r:
+    with open_cache(path) as r:  # a cache file or a shard manifest
         missing = [name for name in FEATURES.values() if not r.has(name)]
         if missing:
             from featcache.store import CacheError

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 
 from featcache.addon import _check_tokens, tokenize_cache, trim
-from featcache.store import CacheError, CacheReader
+from featcache.manifest import open_cache
+from featcache.store import CacheError
 
 from .data import CacheData
 
@@ -46,7 +47,7 @@ def prepare_text_inputs(data: CacheData, text_model, unfreeze: int, mode: str = 
     """Tokens for every row and, in 'cached' mode, the states entering block L-N (see module docstring)."""
     L = text_model.num_layers
     target = L - unfreeze
-    with CacheReader(data.path) as r:
+    with open_cache(data.path) as r:
         tokens = tokenize_cache(r, text_model)
         start = (r.meta.get("text") or {}).get("hidden_start_layer")
         has = r.has("text_hidden/states") and start is not None
