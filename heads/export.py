@@ -7,7 +7,7 @@ md,latex`), and the small table helpers the other report files share.
 One row per configuration (the summary's rows: mean ± std over its seeds/folds), ranked by the report metric;
 the configuration is split into one column per config key that varies across the reported runs, so a table
 of a fusion x loss grid reads as a fusion column and a loss column. Parameters are the head's parameter count
-(rundir.head_params); the probe has no head and shows "–".
+(rundir.head_params; the probe: its logistic-regression coefficients; "–" where no run recorded it).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def _stat_columns(metric: str) -> list[str]:
 
 def top_table(rows: list[dict], runs, k: int, metric: str) -> tuple[list[str], list[list], list[list]]:
     """(header, cells, numbers) of the k best configurations. cells: key values as strings; numbers: for
-    each stat column (mean, std), then the parameter count (None for the probe) and n."""
+    each stat column (mean, std), then the parameter count (None if not recorded) and n."""
     keys = varying_keys(runs)
     by_config = {r.config: r for r in runs}
     params = config_params(runs)

@@ -173,8 +173,8 @@ def write_page(rows, runs, out: str, metric: str = "macro_f1", correlation: list
     key = metric if metric in ("accuracy", "macro_f1", "weighted_f1") else "macro_f1"  # what history.json has
     figures = [("comparison", fig_comparison(rows, metric),
                 f"Mean {TITLES[metric]} per configuration, error bars: std over its runs; probe in grey."),
-               ("cost", fig_cost(rows, params), "Head parameter count (none for the probe) and "
-                "training seconds per configuration."),
+               ("cost", fig_cost(rows, params), "Head parameter count (the probe: its logistic-regression "
+                "coefficients) and training seconds per configuration."),
                ("radar", fig_radar(rows, f1), "Validation F1 per class of the top configurations (mean over runs)."),
                ("curves", fig_curves(rows, mean_curves(runs, key), key),
                 f"Validation {TITLES[key]} per epoch from history.json; top configurations in colour.")]

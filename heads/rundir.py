@@ -77,7 +77,7 @@ def load_head(run_dir: str, device="cpu") -> tuple[torch.nn.Module, dict]:
 def head_params(run_dir: str, metrics: dict) -> int | None:
     """Parameter count of a run's head: metrics.json["head_params"] (recorded since the report page), else
     counted from the shapes in head.safetensors' header (the heads have no buffers, so the state dict is
-    exactly the parameters). None for runs without a head (probes)."""
+    exactly the parameters). Probes record their coefficient count. None when neither is there."""
     if "head_params" in metrics:
         return int(metrics["head_params"])
     path = os.path.join(run_dir, "head.safetensors")
