@@ -136,6 +136,10 @@ def test_correlation_sign_and_curves_on_a_constructed_case(tmp_path):
     assert rows[0].startswith(r"rank & label\_smoothing & lr & macro-F1")
     assert rows[1].startswith("1 & 0.0 & 0.01 & $0.575 \\pm 0.035$")  # mean, std (ddof=1) of 0.55 and 0.60
     assert not os.path.exists(tmp_path / "top10.md")  # only the formats asked for
+    assert report(tmp_path, "--top", "2").exit_code == 0  # --top alone: Markdown
+    assert os.path.exists(tmp_path / "top2.md") and not os.path.exists(tmp_path / "top2.tex")
+    r = report(tmp_path, "--top", "-1")
+    assert r.exit_code == 2 and "--top must be a positive number" in r.output
 
 
 def test_top_k_markdown_and_latex(ablation, tmp_path):
