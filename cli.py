@@ -274,8 +274,15 @@ def heads_report_cmd(
     dirs: list[Path] = typer.Argument(..., help="Ablation or run directories (searched recursively)."),
     out: Optional[Path] = typer.Option(None, help="Where to write the summaries (default: the first DIR)."),
     baseline: Optional[str] = typer.Option(None, help="Baseline fusion (default: the ablation's, else concat)."),
+    metric: str = typer.Option("macro_f1", help="Metric of the group-by, correlation, top-k and page: accuracy "
+                               "| macro_f1 | weighted_f1 | neutral_f1 | train_s"),
+    group_by: Optional[str] = typer.Option(None, "--group-by", help="Config key(s), e.g. fusion or loss,lr: "
+                                           "mean / std / best of the metric per value (groupby_<keys>.md)."),
+    top: Optional[int] = typer.Option(None, help="Write the top-K configurations table (default 10 with --export)."),
+    export: Optional[str] = typer.Option(None, help="Formats of the top-K table: md,latex (top<K>.md / .tex)."),
 ):
-    """Rebuild summary.csv/md, best.json, comparison.png, paired.* and modality.md from finished runs."""
+    """Rebuild summary.csv/md, best.json, comparison.png, paired.*, modality.md, correlation.* and the one-page
+    summary.html/png from finished runs; optionally a group-by table and the top-K table for papers."""
     import os
 
     from heads.summary import write_reports
@@ -285,12 +292,13 @@ def heads_report_cmd(
         if baseline is None:
             from heads.rundir import load_json
             baseline = load_json(meta).get("baseline", "concat") if os.path.exists(meta) else "concat"
-        report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline)
+        report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
+                               group_by=group_by or "", top=top or 0, export=export or "")
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
                   f"{', '.join(os.path.basename(f) for f in report.files)} to {out or dirs[0]}", highlight=False)
-    typer.echo(open(report.files[1]).read(), nl=False)
+    typer.echo("\n".join(open(f).read() for f in report.printed), nl=False)
 
 # ------------------------------------------------------------------------------------ stage 2 (finetune)
 @featcache_app.command("add-text-layers")

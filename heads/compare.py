@@ -13,13 +13,13 @@ models agree, and of the samples where exactly one of them is right, how often t
 """
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
 
 from featcache.dataset import LABELS
 
+from .export import write_csv
 from .rundir import read_predictions
 
 NUM_CLASSES = len(LABELS)
@@ -113,11 +113,7 @@ def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) ->
 
 def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -> None:
     cols = ["config", "baseline", "pairs", "samples", "diff", "ci_lo", "ci_hi", "p_le_0", "n_boot", "significant"]
-    with open(csv_path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(cols)
-        for row in rows:
-            w.writerow([repr(row[c]) if isinstance(row[c], float) else row[c] for c in cols])
+    write_csv(csv_path, cols, rows)
     lines = [f"# Paired comparison against fusion={baseline}", "",
              "Δ macro-F1 = mean over splits (seed/fold) of F1(config) − F1(baseline) on the same validation "
              "samples; 95% CI from a paired bootstrap over samples (resampled within each split).", "",

@@ -99,6 +99,7 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
     metrics["C"] = float(np.ravel(model[-1].C_)[0])
     metrics["image_views_used"] = 0  # the probe always fits the clean pooled features
+    metrics["head_params"] = int(model[-1].coef_.size + model[-1].intercept_.size)  # the probe's linear "head"
     metrics["timing"] = {"train_s": train_s}
     if out_dir is not None:
         _write_run(out_dir, cfg, data, split, full, pred, metrics)

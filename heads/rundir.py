@@ -74,6 +74,20 @@ def load_head(run_dir: str, device="cpu") -> tuple[torch.nn.Module, dict]:
     return model.to(device).eval(), cfg
 
 
+def head_params(run_dir: str, metrics: dict) -> int | None:
+    """Parameter count of a run's head: metrics.json["head_params"] (recorded since the report page), else
+    counted from the shapes in head.safetensors' header (the heads have no buffers, so the state dict is
+    exactly the parameters). Probes record their coefficient count. None when neither is there."""
+    if "head_params" in metrics:
+        return int(metrics["head_params"])
+    path = os.path.join(run_dir, "head.safetensors")
+    if not os.path.exists(path):
+        return None
+    with open(path, "rb") as f:  # safetensors: u64 little-endian header size, then a JSON header
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    return int(sum(np.prod(t["shape"], dtype=np.int64) for k, t in header.items() if k != "__metadata__"))
+
+
 def write_predictions(path: str, guids, labels, probs: np.ndarray, pred, pred_untuned=None) -> None:
     """Validation predictions; label and pred are class names, p_<class> the softmax of the raw logits."""
     with open(path, "w", newline="") as f:

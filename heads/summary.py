@@ -13,6 +13,10 @@ the summary agrees with the runs exactly.
     comparison.png             mean macro-F1 per configuration with std error bars
     paired.csv / paired.md     each configuration vs its baseline (heads.compare)
     modality.md                text-only vs image-only vs fused (heads.compare)
+    correlation.csv / .md      numeric hyperparameters vs the metric (heads.groupby)
+    groupby_<keys>.csv / .md   with group_by: mean / std / best per value of the keys (heads.groupby)
+    top<K>.md / top<K>.tex     with export: the top-k configurations for papers (heads.export)
+    summary.html / .png        one-page summary with embedded figures (heads.page)
 """
 from __future__ import annotations
 
@@ -35,6 +39,8 @@ STATS = {  # summary column -> how to read it from metrics.json
 }
 # With --test-ratio: the internal test split, reported next to validation (it never chose anything).
 TEST_STATS = {"test_accuracy": lambda m: m["test"]["accuracy"], "test_macro_f1": lambda m: m["test"]["macro_f1"]}
+TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "neutral_f1": "neutral F1",
+          "train_s": "train s"}  # column headings of the tables and plots
 
 
 @dataclass
@@ -62,6 +68,16 @@ class Report:
     paired: list[dict] = field(default_factory=list)
     modality: list[dict] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    metric: str = "macro_f1"  # what the group-by, correlation, top-k and page outputs rank by
+    correlation: list[dict] = field(default_factory=list)  # heads.groupby.correlations
+    groups: list[dict] = field(default_factory=list)  # heads.groupby.group_by (with --group-by)
+
+    @property
+    def printed(self) -> list[str]:
+        """The Markdown files `heads report` prints: the summary, the group-by table, the correlations."""
+        names = [os.path.basename(f) for f in self.files]
+        return [f for prefix in ("summary.md", "groupby_", "correlation.md") for f, n in zip(self.files, names)
+                if n.startswith(prefix) and n.endswith(".md")]
 
 
 def find_run_dirs(paths) -> list[str]:
@@ -101,13 +117,19 @@ def _cache_param(run_dir: str) -> dict:
     return {"cache": os.path.splitext(os.path.basename(path))[0]}
 
 
-def label_runs(runs: list[Run]) -> None:
-    """Label each run's configuration by the head-config fields that vary across these runs."""
+def varying_keys(runs: list[Run]) -> list[str]:
+    """The head-config fields that vary across these runs (fusion if none does), in label order."""
     heads = [r for r in runs if "probe" not in r.params]
     keys = sorted({k for r in heads for k in r.params})
     varying = [k for k in keys if len({repr(r.params.get(k)) for r in heads}) > 1] or ["fusion"]
     first = ("fusion", "modality")  # the default grid's axes lead, the rest follow alphabetically
     varying.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
+    return varying
+
+
+def label_runs(runs: list[Run]) -> None:
+    """Label each run's configuration by the head-config fields that vary across these runs."""
+    varying = varying_keys(runs)
     for r in runs:
         if "probe" in r.params:  # one probe per cache when caches are compared
             r.config = PROBE_NAME + (f",cache={r.params.get('cache')}" if "cache" in varying else "")
@@ -162,18 +184,25 @@ def write_summary_md(rows: list[dict], path: str, title: str = "Ablation summary
         f.write("\n".join(lines) + "\n")
 
 
+def comparison_bars(ax, rows: list[dict], metric: str = "macro_f1") -> None:
+    """Mean of `metric` per configuration (rows in the given order) with std error bars; the probe in grey."""
+    x = np.arange(len(rows))
+    mean, std = [r[f"{metric}_mean"] for r in rows], [r[f"{metric}_std"] for r in rows]
+    ax.bar(x, mean, yerr=std, capsize=3,
+           color=["tab:grey" if r["config"] == PROBE_NAME else "tab:blue" for r in rows])
+    ax.set_xticks(x, [r["config"] for r in rows], rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel(f"{TITLES[metric]} (mean ± std over runs)")
+    if metric != "train_s":  # scores live in [0, 1]: zoom on the range the bars use
+        lo = min(m - s for m, s in zip(mean, std))
+        ax.set_ylim(max(0.0, lo - 0.05), 1.0 if lo > 0.9 else min(1.0, max(mean) + 0.1))
+
+
 def plot_comparison(rows: list[dict], path: str) -> None:
     from . import plots  # noqa: F401  (selects the Agg backend)
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(rows) + 2), 4.5))
-    x = np.arange(len(rows))
-    ax.bar(x, [r["macro_f1_mean"] for r in rows], yerr=[r["macro_f1_std"] for r in rows], capsize=3,
-           color=["tab:grey" if r["config"] == PROBE_NAME else "tab:blue" for r in rows])
-    ax.set_xticks(x, [r["config"] for r in rows], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel("macro-F1 (mean ± std over runs)")
-    lo = min(r["macro_f1_mean"] - r["macro_f1_std"] for r in rows)
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0 if lo > 0.9 else min(1.0, max(r["macro_f1_mean"] for r in rows) + 0.1))
+    comparison_bars(ax, rows)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -189,14 +218,25 @@ def best_config(rows: list[dict], runs: list[Run]) -> dict | None:
     return {**stats, "runs": best["runs"], "train_config": first.train}
 
 
-def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000, seed: int = 0) -> Report:
-    """Find the runs under `paths`, write every summary file into `out`; returns the Report."""
+def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000, seed: int = 0,
+                  metric: str = "macro_f1", group_by: str = "", top: int = 0, export: str = "") -> Report:
+    """Find the runs under `paths`, write every summary file into `out`; returns the Report. `metric` ranks
+    the group-by, correlation, top-k and page outputs (summary.csv/md and best.json stay by macro-F1);
+    group_by ("fusion,loss") and top + export ("md,latex") add those files."""
     from .compare import modality_analysis, paired_comparison, write_modality_md, write_paired
+    from .export import check_metric, parse_formats, write_top
+    from .groupby import correlations, group_by as groups_of, parse_keys, write_correlation, write_groupby
+    from .page import write_page
 
     runs = [load_run(d) for d in find_run_dirs(paths)]
     if not runs:
         raise FileNotFoundError(f"no finished run directories (metrics.json + config.json) under "
                                 f"{', '.join(map(str, paths))}")
+    check_metric(metric)  # every option is checked before anything is written
+    keys = parse_keys(group_by, runs) if group_by else []
+    formats = parse_formats(export or ("md" if top else ""))  # --top alone: Markdown
+    if top < 0:
+        raise ValueError(f"--top must be a positive number of configurations, got {top}")
     label_runs(runs)
     rows = summarize(runs)
     os.makedirs(out, exist_ok=True)
@@ -211,4 +251,13 @@ def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000,
     write_paired(paired, files[4], files[5], baseline)
     modality = modality_analysis(runs)
     write_modality_md(modality, files[6])
-    return Report(rows, runs, best, paired, modality, files)
+    report = Report(rows, runs, best, paired, modality, files, metric=metric,
+                    correlation=correlations(runs, metric))
+    files += write_correlation(report.correlation, metric, out)
+    if keys:
+        report.groups = groups_of(runs, keys, metric)
+        files += write_groupby(report.groups, keys, metric, out)
+    if formats:
+        files += write_top(rows, runs, top or 10, metric, formats, out)
+    files += write_page(rows, runs, out, metric, report.correlation, sources=paths)
+    return report
