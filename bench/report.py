@@ -25,6 +25,10 @@ ROWS = [
      "e2e_epoch_s", "speedup_vs_e2e", "-", None),
     ("ablate.json", "default ablation grid (45 runs) wall time vs 120 s budget", "grid_s", "budget_s",
      "budget_ratio", "<= 1.0x", lambda r: r <= 1.0),
+    ("views.json", "extraction time of one augmented view vs the clean extraction", "extract_s_per_view",
+     "clean_extract_s", "per_view_vs_clean", "-", None),
+    ("views.json", "load time of one stored view vs the clean image arrays", "load_s_per_view",
+     "clean_image_load_s", "load_per_view_vs_clean_image", "~1x", None),
 ]
 
 
