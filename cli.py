@@ -69,6 +69,9 @@ def extract_cmd(
                                           "small batches are faster, the whole batch on CUDA)."),
     workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs "
                                 "(-1: auto, the cores beyond two, at most 4)."),
+    overlap: str = typer.Option("auto", help="auto | on | off: decode + image backbone in a second thread "
+                                "beside the text backbone, each with half the CPU threads (auto: on for CPU "
+                                "runs without --workers)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),
@@ -90,7 +93,7 @@ def extract_cmd(
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
                         text_layers=text_layers, image_views=image_views, image_aug=image_aug,
                         aug_seed=aug_seed, batch_size=batch_size, image_micro_batch=image_micro_batch,
-                        workers=workers, limit=limit,
+                        workers=workers, overlap=overlap, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
                         caption_weights=_opt(caption_weights), shard=shard)

@@ -23,9 +23,9 @@ from .backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create
                         locate, parse_backbone)
 from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summarize
 from .augment import ViewMaker, get_aug_spec
+from .forward import ImageLane, Models, forward_batch, use_lane
 from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
 from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path
-from .text import append_captions
 from .weights import WeightsSource, file_sha256
 
 
@@ -52,6 +52,9 @@ class ExtractConfig:
     # of 32 on 2 CPU cores (large batches of depthwise-conv activations spill the caches); text prefers batches.
     image_micro_batch: int = 0
     workers: int = -1  # -1: auto (cores beyond the two the backbone uses, at most 4)
+    # auto: on CPU without workers, decode + image tower run in a second thread beside the text tower, each
+    # with half the threads (featcache.forward.ImageLane); on | off force it (a captioner always runs serially).
+    overlap: str = "auto"
     limit: int | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     device: str = "auto"
@@ -136,12 +139,6 @@ def _weights(cfg: ExtractConfig, text_name: str, image_name: str) -> dict:
         loc = str(src.location)
         out[role] = {"name": name, "source": src.kind, "location": loc,
                      "sha256": file_sha256(loc) if os.path.exists(loc) else f"hub:{loc}"}
-    return out
-
-
-def _encode_text(text_model, texts, device, keep_from):
-    batch = {k: v.to(device) for k, v in text_model.tokenize(texts).items()}
-    out = text_model.forward_features(batch, keep_hidden_from=keep_from)
     return out
 
 
@@ -260,19 +257,26 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     rows = _ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
                       cfg.max_image_pixels, draft=max(256, getattr(image_model, "image_size", 224)), views=views)
     order = list(range(start, n))
-    loader = DataLoader(torch.utils.data.Subset(rows, order), batch_size=cfg.batch_size, num_workers=workers,
-                        collate_fn=_collate, persistent_workers=False, prefetch_factor=4 if workers else None)
     tm = Timings()
-    autocast = torch.autocast("cuda", dtype=torch.float16) if device.type == "cuda" else _nullcontext()
+    models = Models(text_model, image_model, captioner, cfg, device, keep_from)
+    lane = ImageLane(models, rows, tm.extra) if use_lane(cfg.overlap, device, captioner, workers) else None
+    threads = torch.get_num_threads()
+    if lane:  # half the threads each (set before the lane's thread first runs an op: it takes the value then)
+        torch.set_num_threads(max(1, threads // 2))
+        batches = _lane_batches(lane, order, cfg.batch_size)
+    else:
+        batches = iter(DataLoader(torch.utils.data.Subset(rows, order), batch_size=cfg.batch_size,
+                                  num_workers=workers, collate_fn=_collate, persistent_workers=False,
+                                  prefetch_factor=4 if workers else None))
     columns = [TextColumn("[bold]extract"), BarColumn(), MofNCompleteColumn(),
                TextColumn("{task.fields[rate]} samples/s"), TimeRemainingColumn()]
     try:
         with Progress(*columns, console=console, disable=not progress) as bar:
             task = bar.add_task("extract", total=n, completed=start, rate="-")
-            t_loop, it = time.perf_counter(), iter(loader)
+            t_loop = time.perf_counter()
             while True:
                 t = time.perf_counter()
-                batch = next(it, None)
+                batch, image = next(batches, (None, None)) if lane else (next(batches, None), None)
                 tm.read += time.perf_counter() - t
                 if batch is None:
                     break
@@ -286,8 +290,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                         invalid.append(i)
                 pix = [tensors if tensors is not None else None for _, tensors, _ in batch]
                 t = time.perf_counter()
-                arrays, captions = _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device,
-                                            keep_from, autocast, tm)
+                arrays, captions = forward_batch(models, pix, idx, ds, image=image, timings=tm.extra)
                 tm.model += time.perf_counter() - t
                 t = time.perf_counter()
                 if len(problems_log) > logged:
@@ -305,76 +308,24 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     except BaseException:
         writer.close()  # the partial file stays, flushed up to the last batch: --resume continues it
         raise
+    finally:
+        if lane:
+            lane.close()
+            torch.set_num_threads(threads)
     _summary(console, ds, meta, path)
     return path
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
-
-
-@torch.inference_mode()
-def _forward(pix, idx, ds, text_model, image_model, captioner, cfg, device, keep_from, autocast, tm=None):
-    """One batch through the models. Failed images get zero features (their rows are marked invalid)."""
-    ok = [k for k, p in enumerate(pix) if p is not None]
-    size = image_model.image_size
-    img_in = torch.zeros(len(idx), 3, size, size)
-    for k in ok:
-        img_in[k] = pix[k][0]
-    captions = None
-    with autocast:
-        if captioner is not None:
-            cap_in = torch.zeros(len(ok), 3, captioner.image_size, captioner.image_size)
-            for j, k in enumerate(ok):
-                cap_in[j] = pix[k][1]
-            made = captioner.caption(cap_in.to(device)) if ok else []
-            captions = [""] * len(idx)
-            for j, k in enumerate(ok):
-                captions[k] = made[j]
-        texts = [ds.samples[i].text for i in idx]
-        if captions is not None and cfg.caption_mode == "append":
-            texts = append_captions(texts, captions, getattr(text_model, "tokenizer", None))
-        tx = _encode_text(text_model, texts, device, keep_from)
-        micro = cfg.image_micro_batch or (len(idx) if device.type == "cuda" else 1)
-        im = _image_features(image_model, img_in, micro, device)
-        if cfg.image_views:
-            t = time.perf_counter()
-            views = _views(pix, ok, len(idx), 1 + (captioner is not None), cfg.image_views, size)
-            vim = _image_features(image_model, views.flatten(0, 1), micro, device)
-            if tm is not None:
-                tm.extra["views_s"] = tm.extra.get("views_s", 0.0) + time.perf_counter() - t
-    arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float(),
-              "image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
-    if keep_from is not None:
-        arrays["text_hidden/states"] = tx["hidden"].half()
-    if cfg.image_views:
-        K = cfg.image_views
-        arrays["image_views/tokens"] = vim["tokens"].half().unflatten(0, (len(idx), K))
-        arrays["image_views/pooled"] = vim["pooled"].float().unflatten(0, (len(idx), K))
-    arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
-    bad = [k for k in range(len(idx)) if pix[k] is None or not ds.samples[idx[k]].valid]
-    for k in bad:  # exact zeros for invalid rows, whatever the model made of a black image
-        for name in arrays:
-            if name.startswith("image"):
-                arrays[name][k] = 0
-    return arrays, captions
-
-
-def _image_features(image_model, images, micro: int, device) -> dict:
-    parts = [image_model.forward_features(chunk.to(device)) for chunk in images.split(micro)]
-    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-
-
-def _views(pix, ok, n, offset, K, size) -> torch.Tensor:
-    """(n, K, 3, size, size): the transformed augmented views, zeros for failed images."""
-    out = torch.zeros(n, K, 3, size, size)
-    for k in ok:
-        out[k] = torch.stack(pix[k][offset:offset + K])
-    return out
+def _lane_batches(lane: ImageLane, order: list[int], bs: int):
+    """Yield (batch, image arrays) in order while the lane works one batch ahead: its image tower runs on
+    batch b+1 while the caller runs the text tower on batch b and writes it."""
+    chunks = [order[k:k + bs] for k in range(0, len(order), bs)]
+    pending = [lane.submit(c) for c in chunks[:2]]
+    for k in range(len(chunks)):
+        batch, image = pending.pop(0).result()
+        if k + 2 < len(chunks):
+            pending.append(lane.submit(chunks[k + 2]))
+        yield batch, image
 
 
 def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from) -> dict:

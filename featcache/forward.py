@@ -1,0 +1,149 @@
+"""One batch through the backbones -> numpy arrays for the cache; and the image lane that overlaps them.
+
+    models = Models(text_model, image_model, captioner, cfg, device, keep_from)
+    arrays, captions = forward_batch(models, pix, idx, ds)           # everything in this thread
+    lane = ImageLane(models, rows); fut = lane.submit(idx)           # decode + image tower in a second thread
+    arrays, captions = forward_batch(models, pix, idx, ds, image=fut.result()[1])
+
+Why a lane: on a small CPU the two towers scale badly with threads. EfficientNet-Lite0 at batch 1 is a chain
+of small depthwise convolutions that a second thread barely speeds up, and image decoding is single-threaded
+anyway. Giving the image tower (with decoding) one half of the cores in its own thread and the text tower the
+other half keeps both halves busy instead of running decode -> text -> image one after the other on all cores.
+torch releases the GIL inside every op, so two Python threads do run in parallel here.
+
+Rows whose image failed get exact zeros for every image array; the caller marks them invalid.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .text import append_captions
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+@dataclass
+class Models:
+    text: object
+    image: object
+    captioner: object | None
+    cfg: object  # ExtractConfig
+    device: torch.device
+    keep_from: int | None  # also return the hidden states entering this text layer
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else _nullcontext()
+
+    def micro(self, n: int) -> int:
+        # Image calls in chunks (0 = auto: one image per call on CPU, where it is fastest; the batch on CUDA).
+        return self.cfg.image_micro_batch or (n if self.device.type == "cuda" else 1)
+
+
+def _image_features(image_model, images, micro: int, device) -> dict:
+    parts = [image_model.forward_features(chunk.to(device)) for chunk in images.split(micro)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+@torch.inference_mode()
+def image_arrays(m: Models, pix, timings: dict | None = None) -> dict[str, np.ndarray]:
+    """image/* (and image_views/*) arrays for one batch; `pix[k]` is the list of transformed tensors of row k
+    (backbone view, captioner view if any, then the augmented views) or None when the image failed."""
+    n, size, ok = len(pix), m.image.image_size, [k for k, p in enumerate(pix) if p is not None]
+    img_in = torch.zeros(n, 3, size, size)
+    for k in ok:
+        img_in[k] = pix[k][0]
+    with m.autocast():
+        im = _image_features(m.image, img_in, m.micro(n), m.device)
+        out = {"image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
+        K = m.cfg.image_views
+        if K:
+            t = time.perf_counter()
+            offset = 1 + (m.captioner is not None)
+            views = torch.zeros(n, K, 3, size, size)
+            for k in ok:
+                views[k] = torch.stack(pix[k][offset:offset + K])
+            vim = _image_features(m.image, views.flatten(0, 1), m.micro(n), m.device)
+            out["image_views/tokens"] = vim["tokens"].half().unflatten(0, (n, K))
+            out["image_views/pooled"] = vim["pooled"].float().unflatten(0, (n, K))
+            if timings is not None:
+                timings["views_s"] = timings.get("views_s", 0.0) + time.perf_counter() - t
+    out = {k: v.cpu().numpy() for k, v in out.items()}
+    for k in range(n):
+        if pix[k] is None:  # exact zeros, whatever the model made of a black image
+            for a in out.values():
+                a[k] = 0
+    return out
+
+
+@torch.inference_mode()
+def forward_batch(m: Models, pix, idx, ds, image: dict | None = None, timings: dict | None = None):
+    """(arrays, captions) for rows `idx`; `image` = image_arrays(...) already computed (by the lane)."""
+    ok = [k for k, p in enumerate(pix) if p is not None]
+    captions = None
+    with m.autocast():
+        if m.captioner is not None:
+            size = m.captioner.image_size
+            cap_in = torch.zeros(len(ok), 3, size, size)
+            for j, k in enumerate(ok):
+                cap_in[j] = pix[k][1]
+            made = m.captioner.caption(cap_in.to(m.device)) if ok else []
+            captions = [""] * len(idx)
+            for j, k in enumerate(ok):
+                captions[k] = made[j]
+        texts = [ds.samples[i].text for i in idx]
+        if captions is not None and m.cfg.caption_mode == "append":
+            texts = append_captions(texts, captions, getattr(m.text, "tokenizer", None))
+        batch = {k: v.to(m.device) for k, v in m.text.tokenize(texts).items()}
+        tx = m.text.forward_features(batch, keep_hidden_from=m.keep_from)
+    arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float()}
+    if m.keep_from is not None:
+        arrays["text_hidden/states"] = tx["hidden"].half()
+    arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
+    arrays.update(image if image is not None else image_arrays(m, pix, timings))
+    for k in range(len(idx)):
+        if not ds.samples[idx[k]].valid:  # invalid for a reason found before decoding (e.g. missing text)
+            for name, a in arrays.items():
+                if name.startswith("image"):
+                    a[k] = 0
+    return arrays, captions
+
+
+class ImageLane:
+    """A second thread that decodes a batch's images and runs the image tower on them while the caller runs
+    the text tower. Batches are processed in submission order; submit the next one before waiting on the
+    current one and the lane never idles."""
+
+    def __init__(self, m: Models, rows, timings: dict):
+        self.m, self.rows, self.timings = m, rows, timings  # the caller's timings dict (views_s)
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="image-lane")
+
+    def _job(self, idx):
+        batch = [self.rows[i] for i in idx]  # (i, tensors or None, notes): what the DataLoader yields
+        return batch, image_arrays(self.m, [tensors for _, tensors, _ in batch], self.timings)
+
+    def submit(self, idx):
+        return self.pool.submit(self._job, list(idx))
+
+    def close(self):
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def use_lane(setting: str, device: torch.device, captioner, workers: int) -> bool:
+    """auto: on for CPU extraction without DataLoader workers and at least 2 threads to split; a captioner
+    (which needs the decoded images first) keeps the serial path."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"--overlap must be auto, on or off, got {setting!r}")
+    if setting != "auto":
+        return setting == "on" and captioner is None
+    return device.type == "cpu" and captioner is None and workers == 0 and torch.get_num_threads() >= 2
