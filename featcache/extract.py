@@ -25,7 +25,7 @@ from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summa
 from .augment import ViewMaker, get_aug_spec
 from .forward import ImageLane, Models, forward_batch, use_lane
 from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
-from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path
+from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path, problems_path
 from .weights import WeightsSource, file_sha256
 
 
@@ -171,6 +171,8 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         except CacheError:
             same = False
         if same:
+            if os.path.exists(problems_path(out)) and not os.path.exists(partial_path(out)):
+                os.remove(problems_path(out))  # left by a run killed right after its final rename
             say(f"[green]cache {escape(out)} already holds these features (key {key}); reusing it "
                 "(--force recomputes)[/]")
             return out
@@ -243,7 +245,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     start = writer.first_undone() if resume else 0
     start -= start % cfg.batch_size  # keep batch boundaries of an uninterrupted run
     # Image problems found so far, kept in the partial file so a resumed run still reports all of them.
-    problems_log = json.loads(writer.f.attrs.get("image_problems", "[]")) if resume else []
+    problems_log = writer.problems() if resume else []
     if resume:
         for p in problems_log:
             note_image_problems(ds, p[0], [ImageNote(*p[1:])])
@@ -293,9 +295,8 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
                 arrays, captions = forward_batch(models, pix, idx, ds, image=image, timings=tm.extra)
                 tm.model += time.perf_counter() - t
                 t = time.perf_counter()
-                if len(problems_log) > logged:
-                    writer.f.attrs["image_problems"] = json.dumps(problems_log)
-                writer.write(idx[0], arrays, captions=captions, invalid=invalid)
+                writer.write(idx[0], arrays, captions=captions, invalid=invalid,
+                             problems=problems_log if len(problems_log) > logged else None)
                 tm.write += time.perf_counter() - t
                 tm.samples += len(idx)
                 bar.update(task, advance=len(idx), rate=f"{tm.samples / (time.perf_counter() - t_loop):.1f}")

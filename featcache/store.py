@@ -18,8 +18,16 @@ Feature arrays are chunked by rows (a few MiB per chunk) so whole-array reads ar
 uncompressed: fp16 activations barely compress and decompression would dominate load time.
 
 The writer works on `FILE.partial` and renames it into place only when every row is done, so a file at the
-final path is always complete. Strings are written when the file is created; afterwards the loop only
-writes numeric rows and flushes after each batch, which is what lets `--resume` continue from `done`.
+final path is always complete. Kill safety (SIGKILL, OOM killer) rests on three rules:
+  * the whole HDF5 structure is laid down when the file is created: strings, attributes, and every feature
+    array allocated at full size (ALLOC_TIME_EARLY). Afterwards the loop only overwrites bytes inside
+    allocated chunks, never HDF5 metadata, so a kill at any point leaves a structurally sound file;
+  * a batch's rows are flushed before its `done` flags are set and flushed, so `done` never claims a row
+    whose bytes might not have reached the file;
+  * superblock v2 (libver v108), not the newest: v3 sets a "file is open for writing" flag that a killed
+    writer never clears, and h5py could not reopen the file to resume it.
+Image problems found while writing go to a side file (`FILE.partial.problems.json`, replaced atomically)
+rather than into an HDF5 attribute, for the same reason. Only `finish` changes metadata, then renames.
 """
 from __future__ import annotations
 
@@ -40,6 +48,20 @@ class CacheError(Exception):
 
 def partial_path(path: str) -> str:
     return path + ".partial"
+
+
+def problems_path(path: str) -> str:
+    """Image problems found so far by an unfinished extraction of `path` (see the module docstring)."""
+    return partial_path(path) + ".problems.json"
+
+
+LIBVER = ("v108", "v108")  # superblock v2: no consistency flag left set by a killed writer
+
+
+def _early_alloc():
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    return dcpl
 
 
 def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20) -> tuple[int, ...]:
@@ -73,17 +95,22 @@ class CacheWriter:
         self.path, self.tmp, self.meta = path, partial_path(path), meta
         n = len(samples)
         if resume and os.path.exists(self.tmp):
-            self.f = h5py.File(self.tmp, "r+")
-            old = json.loads(self.f.attrs["meta"])
-            if old.get("key") != meta.get("key"):
+            try:
+                self.f = h5py.File(self.tmp, "r+")
+                old = json.loads(self.f.attrs["meta"])
+                done = self.f["samples/done"].shape[0]
+            except (OSError, KeyError, ValueError) as exc:
+                raise CacheError(f"{self.tmp} cannot be resumed: it is damaged ({exc}). Delete it and run "
+                                 "the extraction again without --resume") from None
+            if old.get("key") != meta.get("key") or done != n:
                 self.f.close()
                 raise CacheError(f"{self.tmp} was started with different settings (key {old.get('key')} vs "
                                  f"{meta.get('key')}); delete it or run without --resume")
-            self.f.attrs["meta"] = json.dumps(meta)  # counts may have grown (e.g. problems found so far)
-            return
-        if os.path.exists(self.tmp):
-            os.remove(self.tmp)
-        self.f = f = h5py.File(self.tmp, "w", libver="latest")
+            return  # no metadata write here: `finish` records the final meta
+        for stale in (self.tmp, problems_path(path)):
+            if os.path.exists(stale):
+                os.remove(stale)
+        self.f = f = h5py.File(self.tmp, "w", libver=LIBVER)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["complete"] = False
         f.attrs["meta"] = json.dumps(meta)
@@ -94,28 +121,41 @@ class CacheWriter:
         g.create_dataset("text", data=[s.text for s in samples], dtype=_STR)
         g.create_dataset("label", data=np.array([s.label for s in samples], dtype=np.int8))
         g.create_dataset("valid", data=np.array([s.valid for s in samples], dtype=bool))
-        g.create_dataset("caption", shape=(n,), dtype=f"S{CAPTION_BYTES}")
-        g.create_dataset("done", shape=(n,), dtype=bool)
+        g.create_dataset("caption", shape=(n,), dtype=f"S{CAPTION_BYTES}", dcpl=_early_alloc())
+        g.create_dataset("done", shape=(n,), dtype=bool, dcpl=_early_alloc())
         for name, shape in shapes.items():  # e.g. "text/tokens": (N, L, D)
             dtype = np.float32 if name.endswith("pooled") else (bool if name.endswith("mask") else np.float16)
-            f.create_dataset(name, shape=shape, dtype=dtype, chunks=_row_chunk(shape, np.dtype(dtype).itemsize))
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=_row_chunk(shape, np.dtype(dtype).itemsize),
+                             dcpl=_early_alloc())
         f.flush()
 
     def first_undone(self) -> int:
         done = self.f["samples/done"][:]
         return int(np.argmin(done)) if not done.all() else len(done)
 
-    def write(self, start: int, arrays: dict[str, np.ndarray], captions=None, invalid=()) -> None:
-        """Write rows [start, start+B). `invalid` are absolute row indices found bad while decoding."""
+    def write(self, start: int, arrays: dict[str, np.ndarray], captions=None, invalid=(), problems=None) -> None:
+        """Write rows [start, start+B). `invalid` are absolute row indices found bad while decoding;
+        `problems`, when given, is the whole image-problem log so far (saved beside the file first)."""
         stop = start + next(iter(arrays.values())).shape[0]
+        if problems is not None:
+            save_json_atomic(problems_path(self.path), problems)
         for name, value in arrays.items():
             self.f[name][start:stop] = value
         if captions is not None:
             self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
         for i in invalid:
             self.f["samples/valid"][i] = False
+        self.f.flush()  # the rows reach the file before the flags that claim them
         self.f["samples/done"][start:stop] = True
         self.f.flush()
+
+    def problems(self) -> list:
+        """The image-problem log saved by earlier `write` calls (for a resumed run)."""
+        p = problems_path(self.path)
+        if not os.path.exists(p):
+            return []
+        with open(p) as fh:
+            return json.load(fh)
 
     def finish(self, meta: dict) -> str:
         """Record final metadata, close, and atomically move the finished file into place."""
@@ -124,7 +164,10 @@ class CacheWriter:
         self.f.attrs["meta"] = json.dumps(meta)
         self.f.attrs["complete"] = True
         self.f.close()
+        self.f = None
         os.replace(self.tmp, self.path)
+        if os.path.exists(problems_path(self.path)):  # now recorded in meta; a kill before this is harmless
+            os.remove(problems_path(self.path))
         return self.path
 
     def close(self) -> None:
@@ -132,14 +175,44 @@ class CacheWriter:
             self.f.close()
 
 
+def writer_running(path: str) -> bool:
+    """Whether a live `featcache extract` holds the lock of output `path` (a killed one holds nothing)."""
+    if not os.path.exists(path + ".lock"):
+        return False
+    from filelock import FileLock, Timeout
+    lock = FileLock(path + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def save_json_atomic(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh)
+    os.replace(tmp, path)
+
+
 class CacheReader:
     """Read-only view of a complete cache. Raises CacheError (a message, not a traceback) otherwise."""
 
     def __init__(self, path: str):
         self.path = path
+        if path.endswith(".partial"):
+            final = path[:-len(".partial")]
+            state = "is still being written" if writer_running(final) else "was interrupted"
+            raise CacheError(f"{path} is the unfinished file of an extraction that {state}; read {final} "
+                             "once it is complete (an interrupted one: run the extract again with --resume)")
         if not os.path.exists(path):
-            hint = " (an extraction is still writing it, or was interrupted: finish it with --resume)" \
-                if os.path.exists(partial_path(path)) else ""
+            hint = ""
+            if os.path.exists(partial_path(path)):
+                hint = (" yet: it is still being written by a running `featcache extract` (wait for it)"
+                        if writer_running(path) else
+                        f" (its extraction was interrupted and left {partial_path(path)}: finish it with "
+                        "--resume)")
             raise CacheError(f"cache file {path} does not exist{hint}")
         try:
             self.f = h5py.File(path, "r")
