@@ -289,3 +289,48 @@ def test_random_bytes_never_raise(text, image):
             assert img.mode == "RGB" and not any(n.fatal for n in notes)
         scan_images(ds, 1_000_000)  # the --strict pass agrees with it
         assert s.valid is (img is not None)
+
+
+_GOOD = [good_row(str(k), seed=k, tag=("positive", "negative", "neutral")[k % 3]) for k in range(1, 5)]
+
+
+@pytest.fixture(scope="module")
+def clean_good(tmp_path_factory):
+    """The four good samples alone, extracted: what they must get whatever junk shares their batches."""
+    tmp = tmp_path_factory.mktemp("good-only")
+    path, _ = _run(make_dataset(tmp / "m", _GOOD), tmp / "good.h5", batch_size=4, workers=0)
+    with CacheReader(path) as r:
+        return {name: r.array(name) for name in ("text/pooled", "text/mask", "image/pooled", "image/tokens")}
+
+
+@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                HealthCheck.function_scoped_fixture])
+@given(junk=st.lists(st.tuples(st.binary(max_size=300), image_bytes), min_size=3, max_size=9))
+def test_random_bytes_corpus_extracts_names_every_bad_sample(junk, clean_good):
+    """A real extraction over good samples mixed with random text and image bytes: it finishes, every sample
+    whose image cannot be used is invalid and named (guid and file) in the report, and the good samples'
+    features equal those of a run without the junk (issue 6)."""
+    junk_rows = [Row(str(100 + k), "negative", "train", text, image) for k, (text, image) in enumerate(junk)]
+    with tempfile.TemporaryDirectory() as d:
+        rows = _GOOD[:2] + junk_rows + _GOOD[2:]  # good rows share batches with junk
+        root = make_dataset(os.path.join(d, "m"), rows)
+        path, log = _run(root, os.path.join(d, "c.h5"), batch_size=4, workers=0)
+        with CacheReader(path) as r:
+            guids, valid, problems = r.strings("samples/guid"), r.array("samples/valid"), r.meta["problems"]
+            arrays = {name: r.array(name) for name in clean_good}
+        for row in junk_rows:
+            usable, notes = load_rgb(os.path.join(root, "data", f"{row.guid}.jpg"), HUGE_LIMIT, draft_size=256)
+            i = guids.index(row.guid)
+            assert bool(valid[i]) is (usable is not None), (row.guid, notes)
+            named = [p for p in problems if f"guid {row.guid} (" in p and f"{row.guid}.jpg" in p]
+            assert len(named) == len(notes), (row.guid, notes, problems)
+            if usable is None:
+                assert not arrays["image/pooled"][i].any() and f"guid {row.guid}" in log
+        for j, row in enumerate(_GOOD):
+            i = guids.index(row.guid)
+            assert valid[i]
+            assert np.array_equal(arrays["text/mask"][i], clean_good["text/mask"][j])
+            for name in ("text/pooled", "image/pooled", "image/tokens"):
+                np.testing.assert_allclose(arrays[name][i].astype(np.float32),
+                                           clean_good[name][j].astype(np.float32),
+                                           atol=1e-3 if "pooled" in name else 1e-2, err_msg=f"{row.guid} {name}")

@@ -196,3 +196,33 @@ def test_trainer_eval_at_start_keeps_a_better_start():
     t = Trainer(torch.nn.Linear(4, 2), cfg, 64, loss_fn, evaluate, "score")  # without it: an epoch is kept
     t.run()
     assert t.best_epoch >= 1
+
+
+def test_heads_commands_refuse_unusable_caches_by_name(cache, tmp_path):
+    """A truncated, foreign, non-HDF5 or unfinished .h5 given to any heads command: one message naming the
+    file, exit code 2, no traceback (issue 6)."""
+    import h5py
+    from cli import heads_app
+    from featcache.store import partial_path
+    data = open(cache, "rb").read()
+    bad = {"truncated.h5": "may be truncated", "foreign.h5": "not a feature cache",
+           "text.h5": "not a readable HDF5 file", "unfinished.h5": "interrupted"}
+    (tmp_path / "truncated.h5").write_bytes(data[: len(data) // 2])
+    with h5py.File(tmp_path / "foreign.h5", "w") as f:
+        f.create_dataset("x", data=np.arange(3))
+    (tmp_path / "text.h5").write_text("not hdf5\n")
+    open(partial_path(str(tmp_path / "unfinished.h5")), "wb").write(data)
+    runner = CliRunner()
+    run = str(tmp_path / "ok-run")
+    assert runner.invoke(heads_app, ["train", "--cache", cache, "--out", run, "--epochs", "1",
+                                     "--no-plots"]).exit_code == 0
+    for name, words in bad.items():
+        path = str(tmp_path / name)
+        for args in (["train", "--cache", path, "--out", str(tmp_path / "r")],
+                     ["predict", "--run", run, "--cache", path, "--out", str(tmp_path / "p.txt")],
+                     ["ablate", "--cache", path, "--fusion", "concat", "--seeds", "0", "--out", str(tmp_path / "a")],
+                     ["finetune", "--cache", path, "--unfreeze-text", "1", "--out", str(tmp_path / "f")]):
+            r = runner.invoke(heads_app, args)
+            flat = " ".join(r.output.split())
+            assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
+            assert words in flat and name in flat, (args, r.output)
