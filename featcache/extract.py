@@ -47,9 +47,8 @@ class ExtractConfig:
     image_aug: str = "weak"  # weak | strong: the policy of those views
     aug_seed: int = 0  # views are seeded by (aug_seed, guid, view)
     batch_size: int = 32
-    # Image backbone calls per batch, in chunks of this many images (0 = auto: 1 on CPU, the whole batch on
-    # CUDA). Measured here: EfficientNet-Lite0 runs 101 images/s one at a time and 36 images/s in batches
-    # of 32 on 2 CPU cores (large batches of depthwise-conv activations spill the caches); text prefers batches.
+    # Image backbone calls per batch, in chunks of this many images (0 = auto: 2-4 on CPU, see
+    # featcache.forward.cpu_image_micro; the whole batch on CUDA). Text prefers whole batches.
     image_micro_batch: int = 0
     workers: int = -1  # -1: auto (cores beyond the two the backbone uses, at most 4)
     # auto: on CPU without workers, decode + image tower run in a second thread beside the text tower, each
@@ -261,11 +260,11 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     order = list(range(start, n))
     tm = Timings()
     models = Models(text_model, image_model, captioner, cfg, device, keep_from)
-    lane = ImageLane(models, rows, tm.extra) if use_lane(cfg.overlap, device, captioner, workers) else None
+    lane = ImageLane(models, tm.extra) if use_lane(cfg.overlap, device, captioner, workers) else None
     threads = torch.get_num_threads()
     if lane:  # half the threads each (set before the lane's thread first runs an op: it takes the value then)
         torch.set_num_threads(max(1, threads // 2))
-        batches = _lane_batches(lane, order, cfg.batch_size)
+        batches = _lane_batches(lane, rows, order, cfg.batch_size)
     else:
         batches = iter(DataLoader(torch.utils.data.Subset(rows, order), batch_size=cfg.batch_size,
                                   num_workers=workers, collate_fn=_collate, persistent_workers=False,
@@ -317,16 +316,19 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     return path
 
 
-def _lane_batches(lane: ImageLane, order: list[int], bs: int):
-    """Yield (batch, image arrays) in order while the lane works one batch ahead: its image tower runs on
-    batch b+1 while the caller runs the text tower on batch b and writes it."""
+def _lane_batches(lane: ImageLane, rows: _ImageRows, order: list[int], bs: int):
+    """Yield (batch, image arrays) in order. This thread decodes batch b+1 (and the caller then runs the text
+    tower on batch b and writes it) while the lane runs the image tower on batch b."""
     chunks = [order[k:k + bs] for k in range(0, len(order), bs)]
-    pending = [lane.submit(c) for c in chunks[:2]]
-    for k in range(len(chunks)):
-        batch, image = pending.pop(0).result()
-        if k + 2 < len(chunks):
-            pending.append(lane.submit(chunks[k + 2]))
-        yield batch, image
+    pending = []
+    for k, chunk in enumerate(chunks):
+        batch = [rows[i] for i in chunk]  # (i, tensors or None, notes): what the DataLoader yields
+        pending.append((batch, lane.submit(batch)))
+        if k:
+            done, image = pending.pop(0)
+            yield done, image.result()
+    for done, image in pending:
+        yield done, image.result()
 
 
 def _meta(cfg, ds, weights, key, fingerprint, text_model, image_model, keep_from) -> dict:

