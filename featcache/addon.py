@@ -93,17 +93,17 @@ def trim(batch: dict[str, torch.Tensor], mask_key: str = "attention_mask") -> tu
 
 @torch.inference_mode()
 def compute_states(text_model, tokens: dict, start: int, batch_size: int = 64, device="cpu", progress=None):
-    """(hidden entering block `start`, final tokens) for every row, fp16, full max_len (zeros past a batch's
-    longest text: padding, never read unmasked)."""
+    """(hidden entering block `start`, final tokens) for every row, fp16, full max_len (zeros past a chunk's
+    longest text: padding, never read unmasked). Runs the tower as extraction does (text_features)."""
+    from .forward import text_features
     n, L = tokens["input_ids"].shape
     hidden = torch.zeros(n, L, text_model.token_dim, dtype=torch.float16)
     final = torch.zeros_like(hidden)
     for i in range(0, n, batch_size):
-        b, length = trim({k: v[i:i + batch_size] for k, v in tokens.items()})
-        b = {k: v.to(device) for k, v in b.items()}
-        out = text_model.forward_features(b, keep_hidden_from=start)
-        hidden[i:i + batch_size, :length] = out["hidden"].half().cpu()
-        final[i:i + batch_size, :length] = out["tokens"].half().cpu()
+        b = {k: v[i:i + batch_size].to(device) for k, v in tokens.items()}
+        out = text_features(text_model, b, keep_from=start)
+        hidden[i:i + batch_size] = out["hidden"].half().cpu()
+        final[i:i + batch_size] = out["tokens"].half().cpu()
         if progress:
             progress(min(n, i + batch_size))
     return hidden, final

@@ -201,8 +201,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     metrics["fusion"], metrics["modality"], metrics["metric"] = cfg.fusion, cfg.modality, cfg.metric
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
     metrics["head_params"] = sum(p.numel() for p in model.parameters())  # size axis of the report page
-    # train_s is the optimisation loop only; in a fresh process it includes torch.optim's one-off lazy import
-    # of torch._dynamo (~1 s here), setup_s the split (first sklearn import) and model construction.
+    # train_s is the optimisation loop only; setup_s the split (first sklearn import) and model construction.
     metrics["timing"] = {"load_s": t_loaded - t_start, "setup_s": t_fit - t_loaded, "train_s": t_trained - t_fit,
                          "device": str(device), "threads": torch.get_num_threads(),
                          "precision": "bf16" if bf16 else "fp32"}

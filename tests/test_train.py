@@ -226,3 +226,51 @@ def test_heads_commands_refuse_unusable_caches_by_name(cache, tmp_path):
             flat = " ".join(r.output.split())
             assert r.exit_code == 2 and "Traceback" not in r.output, (args, r.output)
             assert words in flat and name in flat, (args, r.output)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_equals_torch_optim(fused, monkeypatch):
+    """heads.optim.AdamW (the fused kernel called directly, or torch.optim's class where that kernel is
+    missing) makes exactly torch.optim.AdamW's updates, per param group lr / weight decay and schedule."""
+    import sys
+    from heads.optim import AdamW
+    if not fused:
+        monkeypatch.delattr(torch, "_fused_adamw_")
+    torch.manual_seed(0)
+    a = [torch.nn.Parameter(torch.randn(5, 4)), torch.nn.Parameter(torch.randn(4))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    ours = AdamW([{"params": a[:1], "lr": 1e-2, "weight_decay": 0.1}, {"params": a[1:], "weight_decay": 0.0}],
+                 lr=3e-3)
+    assert ours.fused is fused
+    ref = torch.optim.AdamW([{"params": b[:1], "lr": 1e-2, "weight_decay": 0.1},
+                             {"params": b[1:], "weight_decay": 0.0}], lr=3e-3, fused=True if fused else None)
+    for step, mult in enumerate([0.1, 0.5, 1.0, 0.7, 0.2]):
+        ours.set_lr(mult)
+        for g, base in zip(ref.param_groups, (1e-2, 3e-3)):
+            g["lr"] = base * mult
+        grads = [torch.randn_like(p) for p in a]
+        for p, q, g in zip(a, b, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        if step == 3:  # a parameter without a gradient this step is left alone, as torch.optim does
+            a[1].grad = b[1].grad = None
+        ours.step()
+        ref.step()
+        ours.zero_grad()
+        ref.zero_grad()
+        for p, q in zip(a, b):
+            assert torch.equal(p, q), step
+
+
+def test_heads_train_process_never_imports_dynamo(make_synthetic_cache, tmp_path):
+    """The reason heads.optim exists: a `heads train` process does not pay torch._dynamo's import."""
+    import subprocess
+    import sys
+    cache = make_synthetic_cache()
+    code = ("import sys; from cli import heads_app\n"
+            "try:\n    heads_app(['train', '--cache', sys.argv[1], '--out', sys.argv[2], '--epochs', '2', "
+            "'--no-plots'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print('DYNAMO' if 'torch._dynamo' in sys.modules else 'NO-DYNAMO')")
+    out = subprocess.run([sys.executable, "-c", code, cache, str(tmp_path / "run")], capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "NO-DYNAMO", out.stdout
