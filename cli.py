@@ -243,7 +243,8 @@ def heads_ablate_cmd(
                                              "grid axis (repeatable), e.g. --set label_smoothing=0,0.1"),
     folds: int = typer.Option(0, help="Stratified K-fold cross-validation (K runs per config and seed) "
                               "instead of one validation split (0)."),
-    baseline: str = typer.Option("concat", help="Fusion every configuration is compared against (paired)."),
+    baseline: str = typer.Option("concat", help="What every configuration is compared against (paired): a "
+                                 "fusion, or KEY=VALUE of any axis, e.g. cache=raw-none or rdrop=0."),
     probe: bool = typer.Option(False, help="Add a logistic-regression probe per seed/fold (logreg-probe)."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ):
@@ -276,7 +277,8 @@ def heads_ablate_cmd(
 def heads_report_cmd(
     dirs: list[Path] = typer.Argument(..., help="Ablation or run directories (searched recursively)."),
     out: Optional[Path] = typer.Option(None, help="Where to write the summaries (default: the first DIR)."),
-    baseline: Optional[str] = typer.Option(None, help="Baseline fusion (default: the ablation's, else concat)."),
+    baseline: Optional[str] = typer.Option(None, help="Paired baseline: a fusion or KEY=VALUE (default: the "
+                                           "ablation's, else concat)."),
     metric: str = typer.Option("macro_f1", help="Metric of the group-by, correlation, top-k and page: accuracy "
                                "| macro_f1 | weighted_f1 | neutral_f1 | train_s"),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Config key(s), e.g. fusion or loss,lr: "

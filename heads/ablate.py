@@ -49,7 +49,7 @@ class AblateConfig:
     seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
     base: dict = field(default_factory=lambda: dict(ABLATION_BASE))  # overrides applied to every run
     folds: int = 0  # 0: one val_ratio split per seed; K >= 2: stratified K-fold, K runs per config and seed
-    baseline: str = "concat"  # fusion the paired comparison is made against
+    baseline: str = "concat"  # paired comparison against: a fusion, or KEY=VALUE of any axis (cache=raw-none)
     probe: bool = False  # add a logistic-regression probe per seed/fold (configuration "logreg-probe")
     progress: bool = True
     n_boot: int = 2000  # bootstrap resamples of the paired comparison
@@ -76,8 +76,14 @@ class AblateConfig:
             raise ValueError(f"--folds must be 0 (one split) or at least 2, got {self.folds}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
+        from .compare import parse_baseline
         from .fusions import get_fusion
-        get_fusion(self.baseline)  # raises with the valid names
+        key, value = parse_baseline(self.baseline)
+        if key == "fusion":
+            get_fusion(value)  # raises with the valid names
+        elif key != "cache" and key not in self.grid:
+            raise ValueError(f"--baseline {self.baseline}: {key!r} is not an axis of this ablation; axes: "
+                             f"{', '.join(['fusion', 'cache', *self.grid])}")
         return self
 
 

@@ -1,7 +1,9 @@
 """Comparisons between configurations on the SAME validation samples, from the runs' val_predictions.csv.
 
-Paired comparison (`--baseline concat`): each configuration against the configuration with the same values
-except fusion=<baseline>. Runs are paired by split (seed, fold): both validated on identical samples. The
+Paired comparison (`--baseline concat`, or any axis: `--baseline cache=raw-none`, `--baseline rdrop=0`): each
+configuration against the configuration with the same values except KEY=VALUE (a bare name is a fusion).
+Runs are paired by split (seed, fold): both validated on identical samples (caches of one ablation share
+their split, by guid). The
 observed difference is the mean over pairs of macro-F1(config) - macro-F1(baseline), i.e. exactly the
 difference of the two summary means when every run has a partner. Its 95% CI is a paired bootstrap over
 samples: each resample draws validation samples with replacement *within* each pair (the same draw for both
@@ -79,14 +81,40 @@ def _by_params(runs) -> dict[str, list]:
     return out
 
 
+def parse_baseline(baseline: str) -> tuple[str, str]:
+    """"concat" -> ("fusion", "concat"); "cache=raw-none" -> ("cache", "raw-none")."""
+    key, _, value = baseline.partition("=") if "=" in baseline else ("fusion", "=", baseline)
+    if not key.strip() or not value.strip():
+        raise ValueError(f"--baseline {baseline!r}: give a fusion name or KEY=VALUE (e.g. cache=raw-none)")
+    return key.strip(), value.strip()
+
+
+def _same(a, text: str) -> bool:
+    """Whether config value `a` is what `text` names: "0" names 0.0, "off" names False."""
+    if isinstance(a, bool):
+        return text.lower() in (("true", "on", "1", "yes") if a else ("false", "off", "0", "no"))
+    if isinstance(a, (int, float)):
+        try:
+            return float(text) == float(a)
+        except ValueError:
+            return False
+    return str(a) == text
+
+
 def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     preds, groups = _Preds(), _by_params(runs)
+    key_name, text = parse_baseline(baseline)
+    values = {json.dumps(json.loads(k).get(key_name)) for k in groups}
+    matches = [json.loads(v) for v in values if _same(json.loads(v), text)]
+    if not matches:
+        return []  # no run has KEY=VALUE: write_paired says so
+    base_value = matches[0]
     rows = []
     for key, members in groups.items():
         params = json.loads(key)
-        if params.get("fusion") == baseline:
+        if key_name not in params or params[key_name] == base_value:
             continue
-        base_key = json.dumps({**params, "fusion": baseline}, sort_keys=True)
+        base_key = json.dumps({**params, key_name: base_value}, sort_keys=True)
         if base_key not in groups:
             continue
         base_runs = {r.pair_key: r for r in groups[base_key]}
@@ -114,7 +142,8 @@ def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) ->
 def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -> None:
     cols = ["config", "baseline", "pairs", "samples", "diff", "ci_lo", "ci_hi", "p_le_0", "n_boot", "significant"]
     write_csv(csv_path, cols, rows)
-    lines = [f"# Paired comparison against fusion={baseline}", "",
+    key_name, value = parse_baseline(baseline)
+    lines = [f"# Paired comparison against {key_name}={value}", "",
              "Δ macro-F1 = mean over splits (seed/fold) of F1(config) − F1(baseline) on the same validation "
              "samples; 95% CI from a paired bootstrap over samples (resampled within each split).", "",
              "| configuration | baseline | Δ macro-F1 | 95% CI | P(Δ≤0) | splits | samples |",
@@ -124,7 +153,7 @@ def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -
         lines.append(f"| {r['config']} | {r['baseline']} | {r['diff']:+.4f}{mark} | [{r['ci_lo']:+.4f}, "
                      f"{r['ci_hi']:+.4f}] | {r['p_le_0']:.3f} | {r['pairs']} | {r['samples']} |")
     if not rows:
-        lines.append(f"| (no configuration has a fusion={baseline} counterpart on the same splits) | | | | | | |")
+        lines.append(f"| (no configuration has a {key_name}={value} counterpart on the same splits) | | | | | | |")
     lines += ["", "\\* the CI excludes 0."]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")

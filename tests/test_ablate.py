@@ -219,6 +219,10 @@ def test_cli_grid_errors(cache, tmp_path):
     assert r.exit_code == 2 and "valid: concat" in r.output
     r = runner.invoke(heads_app, base + ["--baseline", "nope"])
     assert r.exit_code == 2 and "valid: concat" in r.output
+    r = runner.invoke(heads_app, base + ["--fusion", "concat", "--baseline", "loss=ce"])
+    assert r.exit_code == 2 and "'loss' is not an axis" in " ".join(r.output.split())
+    r = runner.invoke(heads_app, base + ["--baseline", "fusion="])
+    assert r.exit_code == 2 and "KEY=VALUE" in r.output
     assert not os.path.exists(tmp_path / "x" / "runs")  # refused before anything ran
 
 

@@ -218,3 +218,15 @@ def test_cli_ablation_over_two_real_caches(views_cache, clean_cache, tmp_path):
     assert used["cache=views,fusion=concat,image_aug_views=False,seed=0"] == 0
     assert used["cache=clean,fusion=concat,image_aug_views=True,seed=0"] == 0  # no views in that cache
     assert "cache=views" in res.output and "cache=clean" in res.output
+    # Paired against another axis value: each cache=views run vs the cache=clean run of the same other values
+    # (the caches share one split by guid, so the pairs are on identical validation samples).
+    res = CliRunner().invoke(heads_app, ["report", str(out), "--baseline", "cache=clean"])
+    assert res.exit_code == 0, res.output
+    paired = (out / "paired.md").read_text()
+    assert "# Paired comparison against cache=clean" in paired
+    rows = [ln for ln in paired.splitlines() if ln.startswith("| cache=views")]
+    assert len(rows) == 2 and all("| cache=clean," in ln for ln in rows)
+    res = CliRunner().invoke(heads_app, ["report", str(out), "--baseline", "image_aug_views=off"])
+    assert res.exit_code == 0, res.output
+    rows = [ln for ln in (out / "paired.md").read_text().splitlines() if ln.startswith("| cache=")]
+    assert len(rows) == 2 and all("image_aug_views=True" in ln.split("|")[1] for ln in rows)
