@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.addon import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
+from featcache.forward import cpu_image_micro  # noqa: E402
 from featcache.images import load_rgb  # noqa: E402
 from heads.data import load_cache, split_labelled  # noqa: E402
 from heads.fusions import DEFAULT_FUSION, HeadConfig, create_fusion  # noqa: E402
@@ -37,7 +38,7 @@ class E2EModel(torch.nn.Module):
 
     def forward(self, batch):
         with torch.no_grad():
-            parts = [self.image.forward_features(p) for p in batch.pop("pixels").split(1)]  # fastest on CPU
+            parts = [self.image.forward_features(p) for p in batch.pop("pixels").split(cpu_image_micro())]
         batch.update(image_tokens=torch.cat([p["tokens"] for p in parts]),
                      image_pooled=torch.cat([p["pooled"] for p in parts]))
         return self.inner(batch)

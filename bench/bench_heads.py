@@ -23,7 +23,7 @@ sys.path.insert(0, ROOT)
 from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
 from featcache.extract import _ImageRows, _collate  # noqa: E402
-from featcache.forward import cpu_image_micro  # noqa: E402
+from featcache.forward import cpu_image_micro, text_features  # noqa: E402
 from heads.data import load_cache  # noqa: E402
 from heads.fusions import HeadConfig, create_fusion  # noqa: E402
 
@@ -56,7 +56,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
         idx = [rows[i] for i, _, _ in batch]
         pix = torch.stack([p[0] for _, p, _ in batch])
         with torch.no_grad():
-            tx = text.forward_features(text.tokenize([texts[data.guids[i]] for i in idx]))
+            tx = text_features(text, text.tokenize([texts[data.guids[i]] for i in idx]))  # as extract does
             parts = [image.forward_features(p) for p in pix.split(cpu_image_micro())]  # as extract does
             im = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         out = head({"text_tokens": tx["tokens"], "text_mask": tx["mask"], "text_pooled": tx["pooled"],
