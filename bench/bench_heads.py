@@ -48,7 +48,8 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
     texts = dict(zip(data.guids, _strings(cache)))
     head = create_fusion("film", HeadConfig(**data.dims()))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    ds = _ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [image.transform], 40_000_000, 256)
+    ds = _ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [data.guids[i] for i in rows],
+                    [image.transform], 40_000_000, 256)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=_collate)
     labels = torch.from_numpy(data.labels)
     t = time.perf_counter()

@@ -98,7 +98,7 @@ def image_arrays(m: Models, pix, timings: dict | None = None) -> dict[str, np.nd
 TEXT_CHUNK = 8  # rows per text-tower call, sorted by length (see text_features)
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: the benches' end-to-end epochs train a head on its output
 def text_features(model, batch: dict[str, torch.Tensor], keep_from: int | None = None,
                   chunk: int = TEXT_CHUNK) -> dict[str, torch.Tensor]:
     """The text tower on a tokenized batch, in chunks of rows of similar length, each cut to its longest row.
