@@ -69,9 +69,9 @@ def extract_cmd(
                                           "small batches are faster, the whole batch on CUDA)."),
     workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs "
                                 "(-1: auto, the cores beyond two, at most 4)."),
-    overlap: str = typer.Option("auto", help="auto | on | off: decode + image backbone in a second thread "
-                                "beside the text backbone, each with half the CPU threads (auto: on for CPU "
-                                "runs without --workers)."),
+    overlap: str = typer.Option("auto", help="auto | on | off: the image backbone in a second thread while "
+                                "the main one decodes and runs the text backbone, each with half the CPU "
+                                "threads (auto: on for CPU runs without --workers)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),

@@ -51,8 +51,9 @@ class ExtractConfig:
     # featcache.forward.cpu_image_micro; the whole batch on CUDA). Text prefers whole batches.
     image_micro_batch: int = 0
     workers: int = -1  # -1: auto (cores beyond the two the backbone uses, at most 4)
-    # auto: on CPU without workers, decode + image tower run in a second thread beside the text tower, each
-    # with half the threads (featcache.forward.ImageLane); on | off force it (a captioner always runs serially).
+    # auto: on CPU without workers, the image tower runs in a second thread while this one decodes and runs the
+    # text tower, each with half the threads (featcache.forward.ImageLane); on | off force it (a captioner
+    # always runs serially).
     overlap: str = "auto"
     limit: int | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
@@ -243,7 +244,7 @@ def _run(cfg, ds, weights, key, fingerprint, out, resume, console, progress, t_s
     writer = CacheWriter(out, meta, ds.samples, shapes, resume=resume)
     start = writer.first_undone() if resume else 0
     start -= start % cfg.batch_size  # keep batch boundaries of an uninterrupted run
-    # Image problems found so far, kept in the partial file so a resumed run still reports all of them.
+    # Image problems found so far, kept beside the partial file so a resumed run still reports all of them.
     problems_log = writer.problems() if resume else []
     if resume:
         for p in problems_log:

@@ -18,6 +18,7 @@ import torch
 
 from .optim import AdamW
 
+
 @dataclass
 class TrainerConfig:
     epochs: int = 30
