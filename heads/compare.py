@@ -89,6 +89,9 @@ def parse_baseline(baseline: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
+_MISSING = object()
+
+
 def _same(a, text: str) -> bool:
     """Whether config value `a` is what `text` names: "0" names 0.0, "off" names False."""
     if isinstance(a, bool):
@@ -104,14 +107,14 @@ def _same(a, text: str) -> bool:
 def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
     preds, groups = _Preds(), _by_params(runs)
     key_name, text = parse_baseline(baseline)
-    values = {json.dumps(json.loads(k).get(key_name)) for k in groups}
-    matches = [json.loads(v) for v in values if _same(json.loads(v), text)]
-    if not matches:
+    params_of = {k: json.loads(k) for k in groups}
+    base_value = next((p[key_name] for p in params_of.values() if key_name in p and _same(p[key_name], text)),
+                      _MISSING)
+    if base_value is _MISSING:
         return []  # no run has KEY=VALUE: write_paired says so
-    base_value = matches[0]
     rows = []
     for key, members in groups.items():
-        params = json.loads(key)
+        params = params_of[key]
         if key_name not in params or params[key_name] == base_value:
             continue
         base_key = json.dumps({**params, key_name: base_value}, sort_keys=True)
