@@ -18,6 +18,8 @@ import torch
 from featcache.dataset import LABELS
 from featcache.manifest import open_cache
 
+from .stratify import stratified_holdout
+
 FEATURES = {  # batch key -> cache dataset
     "text_tokens": "text/tokens",
     "text_mask": "text/mask",
@@ -43,19 +45,20 @@ class CacheData:
     splits: np.ndarray  # (N,) str: train | test
     labels: np.ndarray  # (N,) int64, -1 = unlabelled
     valid: np.ndarray  # (N,) bool
-    features: dict[str, torch.Tensor]  # FEATURES keys; tokens fp16, masks bool, pooled fp32
+    features: dict[str, torch.Tensor]  # FEATURES keys (or the subset asked for); tokens fp16, masks bool
     views: dict[str, torch.Tensor] = field(default_factory=dict)  # VIEWS keys -> (N, K, ...) or empty
+    shapes: dict[str, tuple] = field(default_factory=dict)  # every FEATURES key's shape, loaded or not
 
     def num_views(self) -> int:
-        return self.views["image_pooled"].shape[1] if self.views else 0
+        return next(iter(self.views.values())).shape[1] if self.views else 0
 
     def __len__(self) -> int:
         return len(self.guids)
 
     def dims(self) -> dict[str, int]:
-        f = self.features
-        return {"text_dim": f["text_tokens"].shape[-1], "text_pooled_dim": f["text_pooled"].shape[-1],
-                "image_dim": f["image_tokens"].shape[-1], "image_pooled_dim": f["image_pooled"].shape[-1]}
+        f = self.shapes or {k: tuple(v.shape) for k, v in self.features.items()}
+        return {"text_dim": f["text_tokens"][-1], "text_pooled_dim": f["text_pooled"][-1],
+                "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
 
     def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None) -> dict[str, torch.Tensor]:
         """Rows `idx` as a batch dict (only `keys`, default all): floating features in fp32, masks bool.
@@ -95,20 +98,24 @@ class Split:
     test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # internal test (test_ratio)
 
 
-def load_cache(path: str) -> CacheData:
-    """Read a complete cache into memory. Raises CacheError (from the reader) when it is unusable."""
+def load_cache(path: str, keys=None) -> CacheData:
+    """Read a complete cache into memory: every feature, or only `keys` (a head's `inputs`: `heads train` of
+    one film head then reads 120 of the default cache's 320 MB). Raises CacheError when it is unusable."""
+    keys = FEATURES if keys is None else [k for k in FEATURES if k in keys]
     with open_cache(path) as r:  # a cache file or a shard manifest
         missing = [name for name in FEATURES.values() if not r.has(name)]
         if missing:
             from featcache.store import CacheError
             raise CacheError(f"{path} lacks {', '.join(missing)}; re-extract it with `featcache extract`")
-        feats = {k: torch.from_numpy(np.ascontiguousarray(r.array(name))) for k, name in FEATURES.items()}
+        stored = r.datasets()
+        feats = {k: torch.from_numpy(np.ascontiguousarray(r.array(FEATURES[k]))) for k in keys}
         views = {k: torch.from_numpy(np.ascontiguousarray(r.array(name))) for k, name in VIEWS.items()
-                 if r.has(name)}
+                 if k in keys and r.has(name)}
         return CacheData(path=str(path), meta=r.meta, guids=r.strings("samples/guid"),
                          splits=np.asarray(r.strings("samples/split")),
                          labels=r.array("samples/label").astype(np.int64),
-                         valid=r.array("samples/valid").astype(bool), features=feats, views=views)
+                         valid=r.array("samples/valid").astype(bool), features=feats, views=views,
+                         shapes={k: tuple(stored[name][0]) for k, name in FEATURES.items()})
 
 
 def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0, fold: int = 0,
@@ -176,13 +183,11 @@ def _check_classes(y: np.ndarray, need: int, what: str) -> None:
 
 
 def _holdout(rows: np.ndarray, labels: np.ndarray, ratio: float, seed: int, option: str):
-    """(rest, held) with a stratified `ratio` share of `rows` held out."""
-    from sklearn.model_selection import train_test_split
+    """(rest, held) with a stratified `ratio` share of `rows` held out (sklearn's split; heads.stratify)."""
     y = labels[rows]
     n_held, n_classes = int(round(ratio * rows.size)), int((np.bincount(y) > 0).sum())
     if n_held < n_classes or rows.size - n_held < n_classes:
         raise DataError(f"{rows.size} labelled samples with {option} {ratio} leave a split smaller than the "
                         f"{n_classes} classes; use more data or another {option}")
     _check_classes(y, 2, f"{option} cannot stratify")
-    rest, held = train_test_split(rows, test_size=n_held, random_state=seed, stratify=y)
-    return rest, held
+    return stratified_holdout(rows, y, n_held, seed)

@@ -1,4 +1,5 @@
-"""Classification metrics (sklearn), as a JSON-ready dict, and the early-stopping score they provide.
+"""Classification metrics (sklearn's definitions, numpy only) as a JSON-ready dict, and the early-stopping
+scores they provide.
 
 Always computed over the full label set (LABELS) so that a class absent from a small validation split still
 gets a row (support 0) and the confusion matrix keeps its 3x3 shape.
@@ -13,19 +14,22 @@ METRICS = ("macro_f1", "accuracy", "weighted_f1")
 
 
 def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
-    """accuracy, macro_f1, weighted_f1, per_class {label: precision/recall/f1/support}, confusion_matrix."""
-    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+    """accuracy, macro_f1, weighted_f1, per_class {label: precision/recall/f1/support}, confusion_matrix.
 
-    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
-    ids = list(range(len(labels)))
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
+    sklearn's definitions (zero_division=0, every label in the averages), computed from the confusion matrix in
+    numpy: importing sklearn.metrics alone took ~1.4 s of a `heads train` command. tests/test_sklearn_parity.py checks
+    equality with sklearn."""
+    k = len(labels)
+    cm = _confusion(y_true, y_pred, k)
+    tp, predicted, support = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
+    p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f = _f1_per_class(cm)
     return {
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=ids, average="macro", zero_division=0)),
-        "weighted_f1": float(f1_score(y_true, y_pred, labels=ids, average="weighted", zero_division=0)),
+        **quick_scores(y_true, y_pred, k),
         "per_class": {name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]),
-                             "support": int(s[c])} for c, name in enumerate(labels)},
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=ids).tolist(),
+                             "support": int(support[c])} for c, name in enumerate(labels)},
+        "confusion_matrix": cm.tolist(),
     }
 
 
@@ -46,8 +50,8 @@ def macro_f1(y_true, y_pred, num_classes: int) -> float:
 
 
 def quick_scores(y_true, y_pred, num_classes: int) -> dict:
-    """The three headline numbers without sklearn's overhead, for per-epoch validation. Same definitions
-    as compute_metrics (zero_division=0, all classes in the macro average)."""
+    """The three headline numbers (zero_division=0, all classes in the macro average), for per-epoch
+    validation without the per-class detail."""
     cm = _confusion(y_true, y_pred, num_classes)
     f1, support = _f1_per_class(cm), cm.sum(1)
     return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "macro_f1": float(f1.mean()),

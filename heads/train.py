@@ -140,8 +140,8 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     mistakes (unknown names, unusable cache) before any training."""
     cfg.validate()
     t_start = time.perf_counter()
-    if not isinstance(data, CacheData):
-        data = load_cache(str(data))
+    if not isinstance(data, CacheData):  # read only what this head consumes
+        data = load_cache(str(data), keys=get_fusion(cfg.fusion).cls.inputs)
     t_loaded = time.perf_counter()
     split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold, cfg.test_ratio)
     device = resolve_device(cfg.device)
@@ -201,7 +201,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     metrics["fusion"], metrics["modality"], metrics["metric"] = cfg.fusion, cfg.modality, cfg.metric
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
     metrics["head_params"] = sum(p.numel() for p in model.parameters())  # size axis of the report page
-    # train_s is the optimisation loop only; setup_s the split (first sklearn import) and model construction.
+    # train_s is the optimisation loop only; setup_s the split and model construction.
     metrics["timing"] = {"load_s": t_loaded - t_start, "setup_s": t_fit - t_loaded, "train_s": t_trained - t_fit,
                          "device": str(device), "threads": torch.get_num_threads(),
                          "precision": "bf16" if bf16 else "fp32"}

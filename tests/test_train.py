@@ -261,16 +261,29 @@ def test_adamw_equals_torch_optim(fused, monkeypatch):
             assert torch.equal(p, q), step
 
 
-def test_heads_train_process_never_imports_dynamo(make_synthetic_cache, tmp_path):
-    """The reason heads.optim exists: a `heads train` process does not pay torch._dynamo's import."""
+def test_heads_train_process_never_imports_dynamo_or_sklearn(make_synthetic_cache, tmp_path):
+    """Why heads.optim, heads.stratify and numpy metrics exist: a `heads train` process pays neither
+    torch._dynamo's import nor sklearn's (with scipy, about 1.4 s)."""
     import subprocess
     import sys
     cache = make_synthetic_cache()
     code = ("import sys; from cli import heads_app\n"
             "try:\n    heads_app(['train', '--cache', sys.argv[1], '--out', sys.argv[2], '--epochs', '2', "
-            "'--no-plots'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
-            "print('DYNAMO' if 'torch._dynamo' in sys.modules else 'NO-DYNAMO')")
+            "'--tune-bias', '--test-ratio', '0.2'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "print(sorted(m for m in ('torch._dynamo', 'sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, cache, str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().splitlines()[-1] == "NO-DYNAMO", out.stdout
+    assert (tmp_path / "run" / "confusion.png").exists()  # plots on: matplotlib must not bring scipy either
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_load_cache_of_a_heads_inputs_only(make_synthetic_cache):
+    """`heads train` reads only its head's inputs; dims and batches are those of the full load."""
+    from heads.data import load_cache
+    path = make_synthetic_cache()
+    full, sub = load_cache(path), load_cache(path, keys=("image_tokens", "text_pooled"))
+    assert set(sub.features) == {"image_tokens", "text_pooled"} and sub.dims() == full.dims()
+    keys = ("text_pooled", "image_tokens")
+    a, b = full.batch([3, 1, 4], keys=keys), sub.batch([3, 1, 4], keys=keys)
+    assert all(torch.equal(a[k], b[k]) for k in a)
