@@ -34,6 +34,8 @@ def main():
                     "cache/mvsa-minilm-l6_efficientnet-lite0-*.h5)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "ablate.json"))
     ap.add_argument("--keep", default=None, help="keep the ablation directory here (default: a temp dir, removed)")
+    ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the grid's three (the CI "
+                    "smoke test runs one; the target is for the default grid only)")
     a = ap.parse_args()
     if not a.cache:
         sys.exit("no cache: run `make run` (or `featcache extract --data ../shared/mvsa`) first")
@@ -43,6 +45,8 @@ def main():
         sys.exit(f"{a.keep} already holds runs; the benchmark needs a fresh directory (nothing to resume)")
     try:
         cfg = AblateConfig(cache=a.cache, out=work, progress=sys.stderr.isatty())
+        if a.seeds:
+            cfg.seeds = [int(s) for s in a.seeds.split(",")]
         t0 = time.perf_counter()
         res = ablate(cfg)
         grid_s = time.perf_counter() - t0
