@@ -9,7 +9,9 @@ them the whole text tower runs every step and a message says so (`text_forward="
 
 `--init RUN` starts from a stage-1 run: its head weights, its head/loss config and its train/val split
 (split.json), so stage 1 vs stage 2 compare on the same validation rows; the init head is scored before the
-first step and kept unless an epoch beats it (metrics.json: init_scores). Without it a fresh head is built
+first step and kept unless an epoch beats it (metrics.json: init_scores); when the init run set aside an
+internal test split (--test-ratio), both are also scored once on it (metrics.json: init_test, test). Without
+it a fresh head is built
 and the split is stage 1's for the same seed and val_ratio. N = 0 trains only the head on the cached
 features through the stage-1 code path, so it reproduces `heads train` exactly (tested).
 
@@ -108,12 +110,15 @@ def _init_split(run: str, data: CacheData) -> Split:
                         "init run was trained on another dataset")
     train = np.array([row[g] for g in saved["train"]], dtype=np.int64)
     val = np.array([row[g] for g in saved["val"]], dtype=np.int64)
+    test = np.array([row[g] for g in saved.get("test", []) if g in row], dtype=np.int64)
     per = lambda idx: {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[idx], minlength=len(LABELS)))}
     counts = {"samples": len(data), "labelled": int((data.labels >= 0).sum()),
               "unlabelled": int((data.labels < 0).sum()), "invalid": int((~data.valid).sum()),
               "invalid_excluded": int(((data.labels >= 0) & ~data.valid).sum()), "train": int(train.size),
               "val": int(val.size), "train_per_class": per(train), "val_per_class": per(val)}
-    return Split(train=train, val=val, counts=counts)
+    if test.size:
+        counts.update(test=int(test.size), test_per_class=per(test))
+    return Split(train=train, val=val, counts=counts, test=test)
 
 
 def _load_init(cfg: FinetuneConfig, data: CacheData, device):
@@ -181,6 +186,11 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
                       on_epoch=lambda r: say(f"epoch {r['epoch']}: {cfg.metric} {r[cfg.metric]:.4f} "
                                              f"val_loss {r['val_loss']:.4f} ({r['seconds']:.1f}s)"),
                       lr_groups=groups, eval_at_start=bool(cfg.init))
+    # An init run with an internal test split (heads train --test-ratio): both the init head and the final
+    # model are scored once on those rows, which neither stage ever selected on. Validation gains of stage 2
+    # are a best-of-epochs pick against a head that was itself picked on validation; this is the check.
+    init_test = ft_logits(model, data, inputs, split.test, device, cfg.eval_batch_size) if split.test.size \
+        else None
     history = trainer.run()
     if trainer.best_epoch == 0:
         say(f"no epoch beat the --init head ({cfg.metric} {trainer.best_score:.4f}); kept its weights")
@@ -196,6 +206,11 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
     if trainer.start_scores is not None:  # the --init head on the same split, before any stage-2 step
         metrics["init_scores"] = trainer.start_scores
+    if init_test is not None:
+        y_test = data.labels[split.test]
+        metrics["test"] = compute_metrics(y_test, ft_logits(model, data, inputs, split.test, device,
+                                                            cfg.eval_batch_size).argmax(1))
+        metrics["init_test"] = compute_metrics(y_test, init_test.argmax(1))
     metrics["timing"] = {"setup_s": t_loaded - t_start, "train_s": t_trained - t_loaded, "device": str(device),
                          "threads": torch.get_num_threads(),
                          "epoch_s": [round(r["seconds"], 3) for r in history]}
@@ -218,7 +233,8 @@ def _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, lo
     save_json(os.path.join(out_dir, "split.json"), {
         "seed": cfg.seed, "val_ratio": cfg.val_ratio, "init": cfg.init,
         "train_per_class": split.counts["train_per_class"],
-        "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val]})
+        "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val],
+        "test": [data.guids[i] for i in split.test]})
     save_json(os.path.join(out_dir, "history.json"), history)
     y_val = data.labels[split.val]
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],

@@ -13,6 +13,8 @@ def summary_table(metrics: dict) -> Table:
         else [("val", metrics)]
     if "test" in metrics:  # --test-ratio: the held-out split, never used for selection
         cols.append(("internal test", metrics["test"]))
+    if "init_test" in metrics:  # stage 2 from an init run with a test split: that head on the same rows
+        cols.append(("init head, test", metrics["init_test"]))
     for name, _ in cols:
         t.add_column(name, justify="right")
     for key in ("accuracy", "macro_f1", "weighted_f1"):

@@ -135,6 +135,28 @@ def test_n0_reproduces_stage1_exactly(make_synthetic_cache, tmp_path):
     assert np.array_equal(same.val_logits, ref.val_logits) and np.array_equal(same.split.val, ref.split.val)
 
 
+def test_init_run_test_split_scores_both_stages_on_it(make_synthetic_cache, tmp_path):
+    """An init run with --test-ratio: stage 2 keeps its test rows out of training and selection and scores the
+    init head and the final model on them; with zero learning rates both equal stage 1's own test score."""
+    cache = make_synthetic_cache(noise=3.0)
+    ref = train(TrainConfig(**FAST, test_ratio=0.2, precision="fp32"), cache, str(tmp_path / "s1"))
+    zero = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=0.0, epochs=1,
+                                   plots=False), str(tmp_path / "ft0"))
+    assert zero.metrics["init_test"] == ref.metrics["test"] == zero.metrics["test"]
+    assert zero.metrics["counts"]["test"] == ref.metrics["counts"]["test"] > 0
+    held = set(zero.split.test)
+    assert held == set(ref.split.test) and not held & (set(zero.split.train) | set(zero.split.val))
+    saved = json.load(open(tmp_path / "ft0" / "split.json"))["test"]
+    assert saved == json.load(open(tmp_path / "s1" / "split.json"))["test"]
+    moved = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=1e-2, epochs=2,
+                                    patience=0, plots=False))
+    assert moved.metrics["init_test"] == ref.metrics["test"] and "test" in moved.metrics
+    # without a test split in the init run, nothing is invented
+    plain = train(TrainConfig(**FAST, precision="fp32"), cache, str(tmp_path / "s1b"))
+    none = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=plain.run_dir, epochs=1, plots=False))
+    assert "test" not in none.metrics and "init_test" not in none.metrics
+
+
 def test_only_top_blocks_change(caches):
     path = caches["minilm-l6"]["added"]
     res = finetune(FinetuneConfig(cache=path, unfreeze_text=1, lr_text=1e-3, lr_head=1e-3, batch_size=8, **FAST))
