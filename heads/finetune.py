@@ -10,10 +10,10 @@ them the whole text tower runs every step and a message says so (`text_forward="
 `--init RUN` starts from a stage-1 run: its head weights, its head/loss config and its train/val split
 (split.json), so stage 1 vs stage 2 compare on the same validation rows; the init head is scored before the
 first step and kept unless an epoch beats it (metrics.json: init_scores); when the init run set aside an
-internal test split (--test-ratio), both are also scored once on it (metrics.json: init_test, test). Without
-it a fresh head is built
-and the split is stage 1's for the same seed and val_ratio. N = 0 trains only the head on the cached
-features through the stage-1 code path, so it reproduces `heads train` exactly (tested).
+internal test split (--test-ratio), both are also scored once on it (metrics.json: init_test, test).
+Without --init a fresh head is built and the split is stage 1's for the same seed and val_ratio. N = 0
+trains only the head on the cached features through the stage-1 code path, so it reproduces `heads train`
+exactly (tested).
 
 The run directory has stage 1's files (config.json holds "finetune" next to "train"/"head": that key is
 how `heads predict` recognises a stage-2 run) plus text_layers.safetensors with ONLY the unfrozen
@@ -104,13 +104,13 @@ def _init_split(run: str, data: CacheData) -> Split:
     from .rundir import load_json
     saved = load_json(os.path.join(run, "split.json"))
     row = {g: i for i, g in enumerate(data.guids)}
-    lost = [g for g in saved["train"] + saved["val"] if g not in row]
+    lost = [g for g in saved["train"] + saved["val"] + saved.get("test", []) if g not in row]
     if lost:
         raise DataError(f"{len(lost)} guids of {run}/split.json are not in {data.path} (e.g. {lost[0]}): the "
                         "init run was trained on another dataset")
     train = np.array([row[g] for g in saved["train"]], dtype=np.int64)
     val = np.array([row[g] for g in saved["val"]], dtype=np.int64)
-    test = np.array([row[g] for g in saved.get("test", []) if g in row], dtype=np.int64)
+    test = np.array([row[g] for g in saved.get("test", [])], dtype=np.int64)
     per = lambda idx: {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[idx], minlength=len(LABELS)))}
     counts = {"samples": len(data), "labelled": int((data.labels >= 0).sum()),
               "unlabelled": int((data.labels < 0).sum()), "invalid": int((~data.valid).sum()),

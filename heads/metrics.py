@@ -16,9 +16,9 @@ METRICS = ("macro_f1", "accuracy", "weighted_f1")
 def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
     """accuracy, macro_f1, weighted_f1, per_class {label: precision/recall/f1/support}, confusion_matrix.
 
-    sklearn's definitions (zero_division=0, every label in the averages), computed from the confusion matrix in
-    numpy: importing sklearn.metrics alone took ~1.4 s of a `heads train` command. tests/test_sklearn_parity.py checks
-    equality with sklearn."""
+    sklearn's definitions (zero_division=0, every label in the averages), computed from the confusion matrix
+    in numpy: importing sklearn.metrics alone took ~1.4 s of a `heads train` command.
+    tests/test_sklearn_parity.py checks equality with sklearn."""
     k = len(labels)
     cm = _confusion(y_true, y_pred, k)
     tp, predicted, support = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
