@@ -49,8 +49,8 @@ def test_every_bench_writes_the_figures_the_report_reads(figures):
     for fname, title, measured, reference, ratio, _, _ in ROWS:
         r = json.load(open(figures / fname))
         for key in (measured, reference, ratio):
-            # >= 0, not > 0: at this size a figure can round to 0.0
-            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]) and r[key] >= 0, (fname, key, r[key])
+            # finite, not positive: at this size a difference of two timings can round to 0 or come out negative
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (fname, key, r[key])
 
 
 def test_report_renders_every_row(figures, tmp_path):
