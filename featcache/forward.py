@@ -11,7 +11,8 @@ single-threaded anyway. The image tower gets one half of the cores in its own th
 with the other half, decodes the next batch and runs the text tower (without augmented views, about as much
 work: the text tower runs in length-sorted chunks, `text_features`). Both halves stay busy instead of running
 decode -> text -> image one after the other; measured, the lane stays ahead of the serial path with views too,
-whose augmentation costs more than the extra image passes. torch and PIL release the GIL inside their work, so the threads do run in parallel.
+whose augmentation costs more than the extra image passes. torch and PIL release the GIL inside their work,
+so the threads do run in parallel.
 
 Rows whose image failed get exact zeros for every image array; the caller marks them invalid.
 """

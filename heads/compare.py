@@ -3,11 +3,11 @@
 Paired comparison (`--baseline concat`, or any axis: `--baseline cache=raw-none`, `--baseline rdrop=0`): each
 configuration against the configuration with the same values except KEY=VALUE (a bare name is a fusion).
 Runs are paired by split (seed, fold): both validated on identical samples (caches of one ablation share
-their split, by guid). The
-observed difference is the mean over pairs of macro-F1(config) - macro-F1(baseline), i.e. exactly the
-difference of the two summary means when every run has a partner. Its 95% CI is a paired bootstrap over
-samples: each resample draws validation samples with replacement *within* each pair (the same draw for both
-models, which is what makes it paired) and recomputes the mean per-pair difference.
+their split, by guid). The observed difference is the mean over pairs of macro-F1(config) -
+macro-F1(baseline), i.e. exactly the difference of the two summary means when every run has a partner. Its
+95% CI is a paired bootstrap over samples: each resample draws validation samples with replacement *within*
+each pair (the same draw for both models, which is what makes it paired) and recomputes the mean per-pair
+difference.
 
 Modality analysis (as in the seed reports): for configurations that have text-only, image-only and fused
 (`both`) runs with the same other values and split, pooled over splits: how often the two single-modality

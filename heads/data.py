@@ -48,6 +48,7 @@ class CacheData:
     features: dict[str, torch.Tensor]  # FEATURES keys (or the subset asked for); tokens fp16, masks bool
     views: dict[str, torch.Tensor] = field(default_factory=dict)  # VIEWS keys -> (N, K, ...) or empty
     shapes: dict[str, tuple] = field(default_factory=dict)  # every FEATURES key's shape, loaded or not
+    # (load_cache fills it: dims() must not depend on which features were loaded)
 
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
@@ -56,7 +57,7 @@ class CacheData:
         return len(self.guids)
 
     def dims(self) -> dict[str, int]:
-        f = self.shapes or {k: tuple(v.shape) for k, v in self.features.items()}
+        f = self.shapes
         return {"text_dim": f["text_tokens"][-1], "text_pooled_dim": f["text_pooled"][-1],
                 "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
 

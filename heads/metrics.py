@@ -26,7 +26,7 @@ def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
     r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
     f = _f1_per_class(cm)
     return {
-        **quick_scores(y_true, y_pred, k),
+        **_headline(cm, f),
         "per_class": {name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]),
                              "support": int(support[c])} for c, name in enumerate(labels)},
         "confusion_matrix": cm.tolist(),
@@ -49,13 +49,17 @@ def macro_f1(y_true, y_pred, num_classes: int) -> float:
     return float(_f1_per_class(_confusion(y_true, y_pred, num_classes)).mean())
 
 
+def _headline(cm: np.ndarray, f1: np.ndarray) -> dict:
+    support = cm.sum(1)
+    return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "macro_f1": float(f1.mean()),
+            "weighted_f1": float((f1 * support).sum() / max(1, support.sum()))}
+
+
 def quick_scores(y_true, y_pred, num_classes: int) -> dict:
     """The three headline numbers (zero_division=0, all classes in the macro average), for per-epoch
     validation without the per-class detail."""
     cm = _confusion(y_true, y_pred, num_classes)
-    f1, support = _f1_per_class(cm), cm.sum(1)
-    return {"accuracy": float(np.trace(cm) / max(1, cm.sum())), "macro_f1": float(f1.mean()),
-            "weighted_f1": float((f1 * support).sum() / max(1, support.sum()))}
+    return _headline(cm, _f1_per_class(cm))
 
 
 def check_metric(name: str) -> str:
