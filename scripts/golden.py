@@ -1,0 +1,188 @@
+"""Behaviour check across a change: run the same seeded commands on two revisions, compare what they wrote.
+
+    python scripts/golden.py                       # HEAD (a temporary git worktree) vs the working tree
+    python scripts/golden.py --base 3fba582        # any older revision vs the working tree
+    python scripts/golden.py --quick               # skip the full-data `make run` part (a slice only)
+
+Each side runs in its own folder with the same relative paths, so run directories and caches are byte-for-byte
+comparable. What is compared: every array of every cache (exactly), cache metadata without timings, versions
+and paths; each run's metrics.json (timings aside), history.json (timings aside), split.json,
+val/test predictions and head weights. Reports (.md/.html/.png) and timings are not compared.
+
+A refactor that claims "behaviour unchanged" runs this before it lands. Exit 0: identical; 1: differences,
+listed. Threads are pinned (OMP_NUM_THREADS) so both sides compute the same floating-point sums.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = (REPO.parent / "shared" / "mvsa").resolve()
+
+# Values that legitimately differ between two runs of the same code: wall times, versions, where files are.
+VOLATILE = {"timing", "timings", "train_s", "seconds", "elapsed", "epoch_s", "env", "version", "git",
+            "created", "written_at", "extract_s", "load_s", "samples_per_s", "path", "cache_path", "root",
+            "out", "host", "time_s", "duration_s", "started", "finished"}
+
+
+def commands(quick: bool) -> list[list[str]]:
+    d = str(DATA)
+    steps = []
+    if not quick:  # `make run`, verbatim apart from paths
+        steps += [["featcache", "extract", "--data", d, "--out", "full.h5", "--no-progress"],
+                  ["heads", "train", "--cache", "full.h5", "--out", "main", "--no-plots"],
+                  ["heads", "predict", "--run", "main", "--cache", "full.h5", "--split", "test",
+                   "--out", "main/test_predictions.txt"]]
+    steps += [
+        ["featcache", "extract", "--data", d, "--limit", "300", "--text-layers", "1", "--out", "slice.h5",
+         "--no-progress"],
+        ["heads", "train", "--cache", "slice.h5", "--fusion", "cross-attn", "--tune-bias", "--test-ratio", "0.2",
+         "--out", "s-train", "--no-plots"],
+        ["heads", "predict", "--run", "s-train", "--cache", "slice.h5", "--split", "test",
+         "--out", "s-train/test_predictions.txt"],
+        ["heads", "finetune", "--cache", "slice.h5", "--unfreeze-text", "1", "--init", "s-train", "--epochs", "2",
+         "--out", "s-ft", "--no-plots"],
+        ["heads", "predict", "--run", "s-ft", "--cache", "slice.h5", "--split", "test",
+         "--out", "s-ft/test_predictions.txt"],
+        ["heads", "ablate", "--cache", "slice.h5", "--fusion", "concat,gmu,film", "--modality", "both,text",
+         "--seeds", "0,1", "--probe", "--out", "s-ablate"],
+    ]
+    return steps
+
+
+def record(src: Path, out: Path, quick: bool) -> None:
+    """Run every command with the code at `src` (a checkout), writing into `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(src), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="2", MPLBACKEND="Agg")
+    for cmd in commands(quick):
+        app, args = cmd[0], cmd[1:]
+        code = f"import sys; sys.argv[0] = {app!r}; import cli; cli.{app}_app()"
+        print(f"[{src.name}] {app} {' '.join(args)}", flush=True)
+        r = subprocess.run([sys.executable, "-c", code, *args], cwd=out, env=env, capture_output=True, text=True)
+        (out / "log.txt").open("a").write(f"$ {app} {' '.join(args)}\n{r.stdout}{r.stderr}\n")
+        if r.returncode != 0:
+            sys.exit(f"{app} {' '.join(args)} failed in {out} (exit {r.returncode}):\n{r.stdout}{r.stderr}")
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE and not k.endswith("_s")}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _json_diff(a, b, where: str) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            if k not in a or k not in b:
+                out.append(f"{where}.{k}: only in {'base' if k in a else 'new'}")
+            else:
+                out += _json_diff(a[k], b[k], f"{where}.{k}")
+        return out
+    return [] if a == b else [f"{where}: {str(a)[:120]} != {str(b)[:120]}"]
+
+
+def _h5_diff(a: Path, b: Path) -> list[str]:
+    import h5py
+    import numpy as np
+
+    diffs = []
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        names_a, names_b = [], []
+        fa.visit(lambda n: names_a.append(n) if isinstance(fa[n], h5py.Dataset) else None)
+        fb.visit(lambda n: names_b.append(n) if isinstance(fb[n], h5py.Dataset) else None)
+        for n in sorted(set(names_a) ^ set(names_b)):
+            diffs.append(f"{a.name}:/{n}: only in {'base' if n in names_a else 'new'}")
+        for n in sorted(set(names_a) & set(names_b)):
+            x, y = fa[n][()], fb[n][()]
+            if x.shape != y.shape or not np.array_equal(x, y):
+                diffs.append(f"{a.name}:/{n}: arrays differ")
+        ma = _strip(json.loads(fa.attrs.get("meta", "{}")))
+        mb = _strip(json.loads(fb.attrs.get("meta", "{}")))
+        # New metadata fields are allowed (documented defaults); a field that changed value is not.
+        for k in sorted(set(ma) & set(mb)):
+            diffs += _json_diff(ma[k], mb[k], f"{a.name}:meta.{k}")
+        diffs += [f"{a.name}:meta.{k}: dropped" for k in sorted(set(ma) - set(mb))]
+    return diffs
+
+
+def _safetensors_diff(a: Path, b: Path) -> list[str]:
+    import torch
+    from safetensors.torch import load_file
+
+    ta, tb = load_file(str(a)), load_file(str(b))
+    if set(ta) != set(tb):
+        return [f"{a}: tensor names differ ({sorted(set(ta) ^ set(tb))[:4]})"]
+    return [f"{a}:{k}: differs" for k in ta if not torch.equal(ta[k], tb[k])]
+
+
+def compare(base: Path, new: Path) -> list[str]:
+    diffs = []
+    for fa in sorted(base.rglob("*")):
+        rel = fa.relative_to(base)
+        fb = new / rel
+        if fa.is_dir() or rel.name == "log.txt" or fa.suffix in (".png", ".html", ".md", ".tex", ".lock"):
+            continue
+        if not fb.exists():
+            diffs.append(f"{rel}: missing in new")
+        elif fa.suffix == ".h5":
+            diffs += [f"{rel.parent}/{d}" for d in _h5_diff(fa, fb)]
+        elif fa.suffix == ".safetensors":
+            diffs += _safetensors_diff(fa, fb)
+        elif fa.suffix == ".json":
+            ja, jb = _strip(json.loads(fa.read_text())), _strip(json.loads(fb.read_text()))
+            if isinstance(ja, dict) and isinstance(jb, dict):  # new keys are allowed, changed ones are not
+                ja = {k: v for k, v in ja.items() if k in jb} | {k: None for k in ja if k not in jb}
+                jb = {k: v for k, v in jb.items() if k in ja}
+            diffs += _json_diff(ja, jb, str(rel))
+        elif fa.suffix in (".csv", ".txt"):
+            if rel.name.startswith("summary") or rel.name.startswith("groupby"):
+                continue  # holds train seconds
+            if fa.read_bytes() != fb.read_bytes():
+                diffs.append(f"{rel}: contents differ")
+    return diffs
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--base", default="HEAD", help="git revision to compare against (default HEAD)")
+    ap.add_argument("--quick", action="store_true", help="the slice only, without the full-data make run")
+    ap.add_argument("--keep", type=Path, help="keep both output folders here (default: a temporary folder)")
+    ap.add_argument("--base-out", type=Path, help="reuse outputs recorded earlier for the base side")
+    a = ap.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"the dataset is not at {DATA}")
+    work = a.keep or Path(tempfile.mkdtemp(prefix="golden-"))
+    base_out = a.base_out
+    if base_out is None:
+        tree = work / "base-src"
+        if tree.exists():
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
+        subprocess.run(["git", "worktree", "add", "--detach", str(tree), a.base], cwd=REPO, check=True,
+                       capture_output=True)
+        try:
+            base_out = work / "base"
+            record(tree, base_out, a.quick)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
+    record(REPO, work / "new", a.quick)
+    diffs = compare(base_out, work / "new")
+    for d in diffs:
+        print(d)
+    print(f"{len(diffs)} difference(s) between {base_out} and {work / 'new'}")
+    if not a.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 1 if diffs else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
