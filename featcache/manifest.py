@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from .store import CacheError, CacheReader, CacheWriter
+from .store import LEGACY_CLASSES, CacheError, CacheReader, CacheWriter
 from .weights import file_sha256
 
 FORMAT, VERSION = "featcache-shards", 1
@@ -137,6 +137,10 @@ class ShardedReader:
                              f"of key {info.get('key')}, the manifest says rows {s['start']}..{s['stop']} of key "
                              f"{self.key}; {rerun}")
         return r
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.get("classes", LEGACY_CLASSES))
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.readers)

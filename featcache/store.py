@@ -38,6 +38,8 @@ import h5py
 import numpy as np
 
 SCHEMA_VERSION = 1
+# Caches written before class names were recorded (meta["classes"]) hold MVSA's three tags in this order.
+LEGACY_CLASSES = ("negative", "neutral", "positive")
 CAPTION_BYTES = 512
 _STR = h5py.string_dtype("utf-8")
 
@@ -234,6 +236,11 @@ class CacheReader:
 
     def __len__(self) -> int:
         return self.f["samples/guid"].shape[0]
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (label k is classes[k]); older caches: LEGACY_CLASSES."""
+        return list(self.meta.get("classes", LEGACY_CLASSES))
 
     def __enter__(self):
         return self
