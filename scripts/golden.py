@@ -73,7 +73,8 @@ def record(src: Path, out: Path, quick: bool) -> None:
 
 def _strip(obj):
     if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE and not k.endswith("_s")}
+        return {k: _strip(v) for k, v in obj.items()
+                if k not in VOLATILE and not k.endswith("_s") and "_s_" not in k}
     if isinstance(obj, list):
         return [_strip(v) for v in obj]
     return obj
@@ -158,6 +159,7 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="the slice only, without the full-data make run")
     ap.add_argument("--keep", type=Path, help="keep both output folders here (default: a temporary folder)")
     ap.add_argument("--base-out", type=Path, help="reuse outputs recorded earlier for the base side")
+    ap.add_argument("--new-out", type=Path, help="reuse outputs recorded earlier for the new side")
     a = ap.parse_args()
     if not DATA.is_dir():
         sys.exit(f"the dataset is not at {DATA}")
@@ -174,11 +176,14 @@ def main() -> int:
             record(tree, base_out, a.quick)
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=REPO)
-    record(REPO, work / "new", a.quick)
-    diffs = compare(base_out, work / "new")
+    new_out = a.new_out
+    if new_out is None:
+        new_out = work / "new"
+        record(REPO, new_out, a.quick)
+    diffs = compare(base_out, new_out)
     for d in diffs:
         print(d)
-    print(f"{len(diffs)} difference(s) between {base_out} and {work / 'new'}")
+    print(f"{len(diffs)} difference(s) between {base_out} and {new_out}")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 1 if diffs else 0
