@@ -290,7 +290,7 @@ def heads_report_cmd(
     summary.html/png from finished runs; optionally a group-by table and the top-K table for papers."""
     import os
 
-    from heads.summary import write_reports
+    from heads.report.build import write_reports
 
     meta = os.path.join(str(dirs[0]), "ablate.json")
     try:
@@ -364,7 +364,7 @@ def heads_finetune_cmd(
 @heads_app.command("show")
 def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune).")):
     """Print a run's validation metrics table."""
-    from heads.report import print_summary
+    from heads.report.console import print_summary
     from heads.rundir import load_json
 
     path = run / "metrics.json"

@@ -1,6 +1,7 @@
 """`heads report` extras: group-by and correlation agree with hand computations from the run files, the top-k
 LaTeX table is escaped and well-formed, summary.html is self-contained with one embedded PNG per figure,
-option mistakes are clear errors, and the head parameter count is recorded and recoverable."""
+option mistakes are clear errors, the head parameter count is recorded and recoverable, and heads.report
+stays in layers."""
 from __future__ import annotations
 
 import base64
@@ -13,7 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from heads.export import latex_escape
+from heads.metrics import compute_metrics
+from heads.report.compare import paired_bootstrap
+from heads.report.tables import latex_escape
 from heads.train import TrainConfig
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
 
@@ -120,8 +123,8 @@ def test_correlation_sign_and_curves_on_a_constructed_case(tmp_path):
     assert rows["lr"]["n"] == "4" and rows["lr"]["values"] == "3"
     assert "| lr | 4 | 3 | +" in r.output  # printed too
 
-    from heads.page import mean_curves
-    from heads.summary import find_run_dirs, label_runs, load_run
+    from heads.report.page import mean_curves
+    from heads.report.runs import find_run_dirs, label_runs, load_run
     runs = [load_run(d) for d in find_run_dirs([str(tmp_path)])]
     label_runs(runs)
     curves = mean_curves(runs, "macro_f1")
@@ -219,3 +222,49 @@ def test_head_params_recorded_and_recovered(ablation):
     probe = os.path.join(ablation, "runs", "probe=logreg,seed=0")
     assert load(os.path.join(probe, "metrics.json"))["head_params"] == 3 * (16 + 20 + 1)  # 3 x (pooled dims + 1)
     assert head_params(probe, {}) is None  # no record, no weights file: unknown, not a guess
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    groups = []
+    for n in (300, 200):
+        y = rng.integers(0, 3, n)
+        good = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
+        bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
+        groups.append((y, good, bad))
+    res = paired_bootstrap(groups, 3, n_boot=500, seed=3)
+    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
+    assert res["diff"] == pytest.approx(expected, abs=1e-12)
+    assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
+    assert paired_bootstrap(groups, 3, n_boot=500, seed=3) == res
+    assert paired_bootstrap(groups, 3, n_boot=500, seed=4) != res
+    same = paired_bootstrap([(y, a, a) for y, a, _ in groups], 3, n_boot=200)
+    assert same["diff"] == same["ci_lo"] == same["ci_hi"] == 0.0
+    flipped = paired_bootstrap([(y, b, a) for y, a, b in groups], 3, n_boot=500, seed=3)
+    assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["ci_hi"] < 0
+
+
+
+# ------------------------------------------------------------------------------------------ layers
+def test_report_modules_stay_in_layers():
+    """heads.report reads run directories only (never training, data or fusion code), its modules import each
+    other downwards only (runs <- tables, figures <- compare, groupby, page <- build), imports inside
+    functions included."""
+    import ast
+
+    import heads.report
+    root = os.path.dirname(heads.report.__file__)
+    layer = {"runs": 0, "console": 1, "tables": 1, "figures": 1, "compare": 2, "groupby": 2, "page": 2,
+             "build": 3}
+    assert {f[:-3] for f in os.listdir(root) if f.endswith(".py")} == {*layer, "__init__"}
+    for name, level in layer.items():
+        tree = ast.parse(open(os.path.join(root, f"{name}.py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module in layer and layer[node.module] < level, (name, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module in ("rundir", "probe"), (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m == "heads" or m.startswith("heads.") for m in modules), (name, modules)
+    assert ast.parse(open(os.path.join(root, "__init__.py")).read()).body[1:] == []  # a docstring only

@@ -1,4 +1,9 @@
-"""The short rich table printed at the end of `heads train` (and reused by the ablation)."""
+"""The short rich table of one run's metrics.json, printed at the end of `heads train` and `heads finetune` and
+by `heads show`.
+
+It lives with the reports because it only reads what a run directory holds (metrics.json), like the rest of
+heads.report, so `heads show` needs nothing of the training code; training calls it, never the other way.
+"""
 from __future__ import annotations
 
 from rich.table import Table
