@@ -25,7 +25,8 @@ from .compare import modality_analysis, paired_comparison, parse_baseline, write
 from .figures import plot_comparison
 from .groupby import correlations, group_by as groups_of, parse_keys, write_correlation, write_groupby
 from .page import write_page
-from .runs import Run, best_config, check_report_metric, find_run_dirs, label_runs, load_run, summary_rows
+from .runs import (Run, best_config, check_report_metric, find_run_dirs, label_runs, load_run, report_classes,
+                   summary_rows)
 from .tables import parse_formats, write_summary_csv, write_summary_md, write_top
 
 
@@ -59,6 +60,7 @@ def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000,
         raise FileNotFoundError(f"no finished run directories (metrics.json + config.json) under "
                                 f"{', '.join(map(str, paths))}")
     # Every option is checked before anything is written.
+    report_classes(runs)
     check_report_metric(metric)
     parse_baseline(baseline)
     keys = parse_keys(group_by, runs) if group_by else []

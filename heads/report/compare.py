@@ -20,8 +20,6 @@ import os
 
 import numpy as np
 
-from featcache.dataset import LABELS
-
 from ..rundir import read_predictions
 from .tables import write_csv
 
@@ -58,14 +56,15 @@ def paired_bootstrap(groups, num_classes: int, n_boot: int = 2000, seed: int = 0
 
 
 class _Preds:
-    """val_predictions.csv per run, read once: (guids, labels, predictions)."""
+    """val_predictions.csv per run, read once: (guids, labels, predictions), class names turned into label
+    indices by the run's own class list."""
 
     def __init__(self):
         self.cache: dict[str, tuple] = {}
 
     def __call__(self, run) -> tuple[list, np.ndarray, np.ndarray]:
         if run.dir not in self.cache:
-            rows, index = read_predictions(os.path.join(run.dir, "val_predictions.csv")), LABELS.index
+            rows, index = read_predictions(os.path.join(run.dir, "val_predictions.csv")), run.classes.index
             self.cache[run.dir] = ([r["guid"] for r in rows], np.array([index(r["label"]) for r in rows]),
                                    np.array([index(r["pred"]) for r in rows]))
         return self.cache[run.dir]
@@ -122,7 +121,7 @@ def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) ->
         pairs = _pairs(members, groups[base_key], preds)
         if not pairs:
             continue
-        stats = paired_bootstrap(pairs, len(LABELS), n_boot=n_boot, seed=seed)
+        stats = paired_bootstrap(pairs, len(members[0].classes), n_boot=n_boot, seed=seed)
         rows.append({"config": members[0].config, "baseline": groups[base_key][0].config, "pairs": len(pairs),
                      "samples": int(sum(len(p[0]) for p in pairs)), **stats,
                      "significant": bool(stats["ci_lo"] > 0 or stats["ci_hi"] < 0)})

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from featcache.dataset import LABELS
+from .runs import run_classes
 
 
 def summary_table(metrics: dict) -> Table:
@@ -24,7 +24,7 @@ def summary_table(metrics: dict) -> Table:
         t.add_column(name, justify="right")
     for key in ("accuracy", "macro_f1", "weighted_f1"):
         t.add_row(key, *[f"{m[key]:.4f}" for _, m in cols])
-    for c in LABELS:
+    for c in run_classes(metrics):
         t.add_row(f"F1 {c}", *[f"{m['per_class'][c]['f1']:.4f}" for _, m in cols])
     return t
 

@@ -4,7 +4,7 @@ tiled into one image).
 
     figures   comparison   mean ± std of the report metric per configuration (figures.comparison_bars)
               cost         head parameters (log scale) and train seconds per configuration, same order
-              radar        per-class F1 (negative / neutral / positive) of the top configurations
+              radar        per-class F1 (the runs' classes) of the top configurations
               curves       validation macro-F1 per epoch from history.json, mean over each configuration's
                            runs still training at that epoch (early stopping ends seeds at different epochs)
     tables    every configuration (metric, per-class F1, params, train s, n); correlation of numeric
@@ -21,11 +21,9 @@ import os
 
 import numpy as np
 
-from featcache.dataset import LABELS
-
 from ..rundir import load_json
 from .figures import fig_comparison, fig_cost, fig_curves, fig_radar, tile
-from .runs import TITLES, params_by_config, ranked
+from .runs import TITLES, params_by_config, ranked, report_classes
 from .tables import fmt
 
 
@@ -77,7 +75,7 @@ CSS = ("body{font-family:system-ui,sans-serif;max-width:1280px;margin:1.5em auto
 def write_page(rows, runs, out: str, metric: str = "macro_f1", correlation: list | None = None,
                sources=()) -> list[str]:
     """summary.html and summary.png in `out` from the summary rows and their runs; returns the two paths."""
-    rows, classes = ranked(rows, metric), list(LABELS)
+    rows, classes = ranked(rows, metric), report_classes(runs)
     params, f1 = params_by_config(runs), per_class_f1(runs, classes)
     key = metric if metric in ("accuracy", "macro_f1", "weighted_f1") else "macro_f1"  # what history.json has
     figures = [("comparison", fig_comparison(rows, metric),

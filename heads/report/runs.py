@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from featcache.store import LEGACY_CLASSES
+
 from ..probe import PROBE_NAME  # the probe runs' label (the other report modules take it from here)
 from ..rundir import head_params, load_json
 
@@ -34,6 +36,8 @@ TEST_STATS = {"test_accuracy": lambda m: m["test"]["accuracy"], "test_macro_f1":
 TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "neutral_f1": "neutral F1",
           "train_s": "train s"}  # column headings of the tables and plots
 LOWER_IS_BETTER = ("train_s",)
+# config.json parts that describe the machine or the data, not a setting one could vary.
+NOT_PARAMETERS = ("env", "classes")
 
 
 def check_report_metric(name: str) -> str:
@@ -50,7 +54,8 @@ class Run:
     seed: int
     fold: int | None  # None: a single val_ratio split
     metrics: dict
-    train: dict | None = None  # the full TrainConfig dict (head runs)
+    train: dict | None = None  # head runs: every config parameter, flat (config_params)
+    config_json: dict | None = None  # head runs: the config section as written (best.json retrains from it)
     config: str = ""  # label, set by label_runs()
 
     @property
@@ -58,6 +63,40 @@ class Run:
         """Runs with the same pair_key validated on the same samples (same split arguments)."""
         return (self.seed, self.fold, self.params.get("val_ratio", 0.2), self.params.get("test_ratio", 0.0),
                 self.params.get("folds", 0))
+
+    @property
+    def classes(self) -> list[str]:
+        return run_classes(self.metrics)
+
+
+def run_classes(metrics: dict) -> list[str]:
+    """Class names in label order, as a run's metrics.json records them (runs from before they were recorded:
+    LEGACY_CLASSES, the three MVSA tags they were all trained on)."""
+    return list(metrics.get("classes", LEGACY_CLASSES))
+
+
+def config_params(config: dict) -> dict:
+    """A run's parameters as one flat dict name -> value, from its config.json (as loaded), whatever its shape:
+    today's flat sections ({"train": {...}, "head": {...}} / {"probe": {...}}) or nested ones
+    ({"train": {"head": {...}, "optim": {...}}} or the same without "train"). The run section is "probe" or
+    "train" when present, else the whole file; nested dicts are flattened to their leaf names (the flat names
+    that ablation axes and --group-by use); env and classes are not parameters."""
+    section = config["probe"] if "probe" in config else config.get("train", config)
+    flat: dict = {}
+    _flatten(section, flat)
+    return flat
+
+
+def _flatten(tree: dict, out: dict) -> None:
+    for k, v in tree.items():
+        if k in NOT_PARAMETERS:
+            continue
+        if isinstance(v, dict):
+            _flatten(v, out)
+        elif k in out and out[k] != v:  # one flat name, two values: the report could not tell them apart
+            raise ValueError(f"config.json has two different values for {k!r} ({out[k]!r}, {v!r})")
+        else:
+            out[k] = v
 
 
 def find_run_dirs(paths) -> list[str]:
@@ -75,16 +114,16 @@ def find_run_dirs(paths) -> list[str]:
 def load_run(run_dir: str) -> Run:
     cfg = load_json(os.path.join(run_dir, "config.json"))
     metrics = load_json(os.path.join(run_dir, "metrics.json"))
+    flat = config_params(cfg)
     if "probe" in cfg:
-        p = cfg["probe"]
-        params = {"probe": "logreg", "val_ratio": p["val_ratio"], "test_ratio": p.get("test_ratio", 0.0),
-                  "folds": p["folds"], **_cache_param(run_dir)}
-        return Run(run_dir, params, p["seed"], p["fold"] if p["folds"] else None, metrics)
-    t = cfg["train"]
-    params = {k: v for k, v in t.items() if k not in IGNORED}
+        params = {"probe": "logreg", "val_ratio": flat["val_ratio"], "test_ratio": flat.get("test_ratio", 0.0),
+                  "folds": flat["folds"], **_cache_param(run_dir)}
+        return Run(run_dir, params, flat["seed"], flat["fold"] if flat["folds"] else None, metrics)
+    params = {k: v for k, v in flat.items() if k not in IGNORED}
     params.setdefault("test_ratio", 0.0)  # runs from before --test-ratio existed
     params.update(_cache_param(run_dir))
-    return Run(run_dir, params, t["seed"], t["fold"] if t.get("folds") else None, metrics, train=t)
+    return Run(run_dir, params, flat["seed"], flat["fold"] if flat.get("folds") else None, metrics, train=flat,
+               config_json=cfg.get("train", cfg))
 
 
 def _cache_param(run_dir: str) -> dict:
@@ -95,6 +134,16 @@ def _cache_param(run_dir: str) -> dict:
     except (OSError, ValueError, KeyError):
         return {}
     return {"cache": os.path.splitext(os.path.basename(path))[0]}
+
+
+def report_classes(runs: list[Run]) -> list[str]:
+    """The class names shared by all the runs (per-class columns and figures need one list)."""
+    classes = runs[0].classes
+    for r in runs:
+        if r.classes != classes:
+            raise ValueError(f"{r.dir} has classes {r.classes}, {runs[0].dir} has {classes}: report runs of one "
+                             "dataset together")
+    return classes
 
 
 def varying_keys(runs: list[Run]) -> list[str]:
@@ -150,7 +199,7 @@ def best_config(rows: list[dict], runs: list[Run]) -> dict | None:
     best = heads[0]
     first = next(r for r in runs if r.config == best["config"])
     stats = {k: v for k, v in best.items() if k != "runs"}
-    return {**stats, "runs": best["runs"], "train_config": first.train}
+    return {**stats, "runs": best["runs"], "train_config": first.config_json}
 
 
 def params_by_config(runs: list[Run]) -> dict[str, int | None]:
