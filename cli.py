@@ -292,11 +292,7 @@ def heads_report_cmd(
 
     from heads.report.build import write_reports
 
-    meta = os.path.join(str(dirs[0]), "ablate.json")
     try:
-        if baseline is None:
-            from heads.rundir import load_json
-            baseline = load_json(meta).get("baseline", "concat") if os.path.exists(meta) else "concat"
         report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
                                group_by=group_by or "", top=top or 0, export=export or "")
     except user_errors() as exc:

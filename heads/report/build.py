@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from ..rundir import save_json
+from ..rundir import load_json, save_json
 from .compare import modality_analysis, paired_comparison, parse_baseline, write_modality_md, write_paired
 from .figures import plot_comparison
 from .groupby import correlations, group_by as groups_of, parse_keys, write_correlation, write_groupby
@@ -50,15 +50,17 @@ class Report:
                 if n.startswith(prefix) and n.endswith(".md")]
 
 
-def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000, seed: int = 0,
+def write_reports(paths, out: str, baseline: str | None = None, n_boot: int = 2000, seed: int = 0,
                   metric: str = "macro_f1", group_by: str = "", top: int = 0, export: str = "") -> Report:
-    """Find the runs under `paths`, write every summary file into `out`; returns the Report. `metric` ranks
-    the group-by, correlation, top-k and page outputs (summary.csv/md and best.json stay by macro-F1);
-    group_by ("fusion,loss") and top + export ("md,latex") add those files."""
+    """Find the runs under `paths`, write every summary file into `out`; returns the Report. baseline: of the
+    paired comparison (None: the one recorded in paths[0]/ablate.json, else concat). `metric` ranks the
+    group-by, correlation, top-k and page outputs (summary.csv/md and best.json stay by macro-F1); group_by
+    ("fusion,loss") and top + export ("md,latex") add those files."""
     runs = [load_run(d) for d in find_run_dirs(paths)]
     if not runs:
         raise FileNotFoundError(f"no finished run directories (metrics.json + config.json) under "
                                 f"{', '.join(map(str, paths))}")
+    baseline = ablation_baseline(paths[0]) if baseline is None else baseline
     # Every option is checked before anything is written.
     report_classes(runs)
     check_report_metric(metric)
@@ -77,6 +79,12 @@ def write_reports(paths, out: str, baseline: str = "concat", n_boot: int = 2000,
         report.files += write_top(report.rows, runs, top or 10, metric, formats, out)
     report.files += write_page(report.rows, runs, out, metric, report.correlation, sources=paths)
     return report
+
+
+def ablation_baseline(path: str) -> str:
+    """The --baseline `heads ablate` recorded in path/ablate.json; concat for any other folder."""
+    meta = os.path.join(str(path), "ablate.json")
+    return load_json(meta).get("baseline", "concat") if os.path.exists(meta) else "concat"
 
 
 def _write_summaries(runs: list[Run], out: str, baseline: str, n_boot: int, seed: int, metric: str) -> Report:
