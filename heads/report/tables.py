@@ -62,9 +62,9 @@ def write_summary_csv(rows: list[dict], path: str) -> None:
             w.writerow([row[c] if c in ("config", "n") else repr(row[c]) for c in cols])  # repr: exact floats
 
 
-def write_summary_md(rows: list[dict], path: str, title: str = "Ablation summary") -> None:
+def write_summary_md(rows: list[dict], path: str) -> None:
     test = [s for s in TEST_STATS if any(f"{s}_mean" in row for row in rows)]
-    lines = [f"# {title}", "", f"{len(rows)} configurations, sorted by mean validation macro-F1 (mean ± std over "
+    lines = ["# Ablation summary", "", f"{len(rows)} configurations, sorted by mean validation macro-F1 (mean ± std over "
              "runs)" + ("; test = the internal --test-ratio split, never used for selection." if test else "."), "",
              "| configuration | accuracy | macro-F1 | weighted-F1 | neutral F1 | "
              + "".join(f"{s.replace('_', ' ')} | " for s in test) + "train s | n |",
