@@ -290,13 +290,9 @@ def heads_report_cmd(
     summary.html/png from finished runs; optionally a group-by table and the top-K table for papers."""
     import os
 
-    from heads.summary import write_reports
+    from heads.report.build import write_reports
 
-    meta = os.path.join(str(dirs[0]), "ablate.json")
     try:
-        if baseline is None:
-            from heads.rundir import load_json
-            baseline = load_json(meta).get("baseline", "concat") if os.path.exists(meta) else "concat"
         report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
                                group_by=group_by or "", top=top or 0, export=export or "")
     except user_errors() as exc:
@@ -364,7 +360,7 @@ def heads_finetune_cmd(
 @heads_app.command("show")
 def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune).")):
     """Print a run's validation metrics table."""
-    from heads.report import print_summary
+    from heads.report.console import print_summary
     from heads.rundir import load_json
 
     path = run / "metrics.json"

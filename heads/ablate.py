@@ -76,7 +76,7 @@ class AblateConfig:
             raise ValueError(f"--folds must be 0 (one split) or at least 2, got {self.folds}")
         if not self.seeds:
             raise ValueError("at least one seed is needed")
-        from .compare import parse_baseline
+        from .report.compare import parse_baseline
         from .fusions import get_fusion
         key, value = parse_baseline(self.baseline)
         if key == "fusion":
@@ -237,7 +237,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
 
     from .probe import probe_done, probe_specs, run_probe
     from .rundir import save_json
-    from .summary import write_reports
+    from .report.build import write_reports
     from .train import train
 
     cfg.validate()

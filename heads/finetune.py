@@ -217,7 +217,7 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
     run_dir = _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, logits, pred) \
         if out_dir is not None else None
     if console is not None:
-        from .report import print_summary
+        from .report.console import print_summary
         print_summary(metrics, run_dir, console)
     return TrainResult(run_dir, metrics, history, model, split, logits)
 
@@ -240,7 +240,7 @@ def _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, lo
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
                       y_val, softmax(logits), pred)
     if cfg.plots:
-        from . import plots
+        from .report import figures as plots
         plots.plot_history(history, os.path.join(out_dir, "curves.png"), cfg.metric)
         plots.plot_confusion(np.array(metrics["confusion_matrix"]), LABELS, os.path.join(out_dir, "confusion.png"))
     save_json(os.path.join(out_dir, "metrics.json"), metrics)  # last: its presence means the run is complete

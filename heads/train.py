@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
         run_dir = _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, logits, pred,
                              pred_untuned if cfg.tune_bias else None, bias, gate)
     if console is not None:
-        from .report import print_summary
+        from .report.console import print_summary
         print_summary(metrics, run_dir, console)
     return TrainResult(run_dir, metrics, history, model, split, logits, gate)
 
@@ -236,7 +236,7 @@ def _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, log
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
                       y_val, softmax(logits), pred, pred_untuned)
     if cfg.plots:
-        from . import plots
+        from .report import figures as plots
         plots.plot_history(history, os.path.join(out_dir, "curves.png"), cfg.metric)
         plots.plot_confusion(np.array(metrics["confusion_matrix"]), LABELS, os.path.join(out_dir, "confusion.png"))
         if gate is not None:

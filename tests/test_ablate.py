@@ -1,5 +1,5 @@
 """`heads ablate` / `heads report` on small synthetic caches: the summary agrees with the runs, an interrupted
-ablation resumes, grids parse strictly, K-fold splits partition the data, the paired bootstrap behaves."""
+ablation resumes, grids parse strictly, K-fold splits partition the data (the paired bootstrap: test_report.py)."""
 from __future__ import annotations
 
 import csv
@@ -13,8 +13,6 @@ from typer.testing import CliRunner
 
 from conftest import build_synthetic_cache
 from heads.ablate import AblateConfig, ablate, expand, load_grid_toml, parse_axis
-from heads.compare import paired_bootstrap
-from heads.metrics import compute_metrics
 
 FAST = ["--set", "epochs=2", "--set", "hidden=16", "--set", "patience=0"]
 FAST_BASE = {"plots": False, "epochs": 2, "hidden": 16, "patience": 0}
@@ -241,24 +239,3 @@ def test_folds_partition_the_labelled_samples(cache, tmp_path):
     for s, v in zip(splits, vals):
         assert set(s["train"]) == usable - v and s["folds"] == 3
     assert read_csv(os.path.join(cfg.out, "summary.csv"))[0]["n"] == "3"
-
-
-def test_paired_bootstrap():
-    rng = np.random.default_rng(1)
-    groups = []
-    for n in (300, 200):
-        y = rng.integers(0, 3, n)
-        good = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
-        bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
-        groups.append((y, good, bad))
-    res = paired_bootstrap(groups, n_boot=500, seed=3)
-    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
-    assert res["diff"] == pytest.approx(expected, abs=1e-12)
-    assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
-    assert paired_bootstrap(groups, n_boot=500, seed=3) == res
-    assert paired_bootstrap(groups, n_boot=500, seed=4) != res
-    same = paired_bootstrap([(y, a, a) for y, a, _ in groups], n_boot=200)
-    assert same["diff"] == same["ci_lo"] == same["ci_hi"] == 0.0
-    flipped = paired_bootstrap([(y, b, a) for y, a, b in groups], n_boot=500, seed=3)
-    assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["ci_hi"] < 0
-

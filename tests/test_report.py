@@ -1,19 +1,24 @@
 """`heads report` extras: group-by and correlation agree with hand computations from the run files, the top-k
 LaTeX table is escaped and well-formed, summary.html is self-contained with one embedded PNG per figure,
-option mistakes are clear errors, and the head parameter count is recorded and recoverable."""
+option mistakes are clear errors, and the head parameter count is recorded and recoverable. Reports read
+config.json flat (today) or nested, take class names from metrics.json, and heads.report stays in layers."""
 from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
+import shutil
 from dataclasses import asdict
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from heads.export import latex_escape
+from heads.metrics import compute_metrics
+from heads.report.compare import paired_bootstrap
+from heads.report.tables import latex_escape
 from heads.train import TrainConfig
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
 
@@ -120,8 +125,8 @@ def test_correlation_sign_and_curves_on_a_constructed_case(tmp_path):
     assert rows["lr"]["n"] == "4" and rows["lr"]["values"] == "3"
     assert "| lr | 4 | 3 | +" in r.output  # printed too
 
-    from heads.page import mean_curves
-    from heads.summary import find_run_dirs, label_runs, load_run
+    from heads.report.page import mean_curves
+    from heads.report.runs import find_run_dirs, label_runs, load_run
     runs = [load_run(d) for d in find_run_dirs([str(tmp_path)])]
     label_runs(runs)
     curves = mean_curves(runs, "macro_f1")
@@ -219,3 +224,141 @@ def test_head_params_recorded_and_recovered(ablation):
     probe = os.path.join(ablation, "runs", "probe=logreg,seed=0")
     assert load(os.path.join(probe, "metrics.json"))["head_params"] == 3 * (16 + 20 + 1)  # 3 x (pooled dims + 1)
     assert head_params(probe, {}) is None  # no record, no weights file: unknown, not a guess
+
+
+def test_paired_bootstrap():
+    rng = np.random.default_rng(1)
+    groups = []
+    for n in (300, 200):
+        y = rng.integers(0, 3, n)
+        good = np.where(rng.random(n) < 0.7, y, rng.integers(0, 3, n))
+        bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
+        groups.append((y, good, bad))
+    res = paired_bootstrap(groups, 3, n_boot=500, seed=3)
+    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
+    assert res["diff"] == pytest.approx(expected, abs=1e-12)
+    assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
+    assert paired_bootstrap(groups, 3, n_boot=500, seed=3) == res
+    assert paired_bootstrap(groups, 3, n_boot=500, seed=4) != res
+    same = paired_bootstrap([(y, a, a) for y, a, _ in groups], 3, n_boot=200)
+    assert same["diff"] == same["ci_lo"] == same["ci_hi"] == 0.0
+    flipped = paired_bootstrap([(y, b, a) for y, a, b in groups], 3, n_boot=500, seed=3)
+    assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["ci_hi"] < 0
+
+
+
+# ------------------------------------------------------------------------------------------ config shapes
+def nest(train: dict, top_level: bool) -> dict:
+    """A nested config.json of the same run: head / optim / split sections (+ env and classes, which are not
+    parameters); top_level: without the "train" wrapper."""
+    head = {k: train[k] for k in ("fusion", "modality", "hidden", "dropout", "attn_heads", "modality_dropout")}
+    split = {k: train[k] for k in ("seed", "val_ratio", "test_ratio", "folds", "fold")}
+    optim = {k: v for k, v in train.items() if k not in head and k not in split}
+    run = {"head": head, "optim": optim, "split": split}
+    env = {"python": "3.x", "threads": 99, "git": "abc"}
+    return {**run, "env": env, "classes": ["a", "b"]} if top_level else {"train": run, "env": env}
+
+
+def test_flat_and_nested_config_json_give_the_same_report(tmp_path):
+    from heads.report.runs import config_params
+    lrs, f1s = [1e-4, 1e-3, 1e-2, 1e-2], [0.40, 0.50, 0.55, 0.60]
+    for k, (lr, f1) in enumerate(zip(lrs, f1s)):
+        fake_run(tmp_path / "flat", f"r{k}", f1, lr=lr, seed=k % 2)
+    flat_cfg = load(tmp_path / "flat" / "runs" / "r0" / "config.json")
+    assert config_params(flat_cfg) == flat_cfg["train"]  # today's shape: the train section as it is
+    for shape, top_level in (("nested", False), ("toplevel", True)):
+        for k in range(4):
+            shutil.copytree(tmp_path / "flat" / "runs" / f"r{k}", tmp_path / shape / "runs" / f"r{k}")
+            path = tmp_path / shape / "runs" / f"r{k}" / "config.json"
+            nested = nest(load(path)["train"], top_level)
+            assert config_params(nested) == load(path)["train"]  # leaf names = today's flat names
+            with open(path, "w") as f:
+                json.dump(nested, f)
+    outputs = ("summary.csv", "summary.md", "correlation.csv", "groupby_lr.csv", "groupby_lr.md", "top10.md")
+    for shape in ("flat", "nested", "toplevel"):
+        r = report(tmp_path / shape, "--group-by", "lr", "--top", "10")
+        assert r.exit_code == 0, r.output
+    for name in outputs:
+        text = open(tmp_path / "flat" / name).read()
+        assert open(tmp_path / "nested" / name).read() == open(tmp_path / "toplevel" / name).read() == text, name
+    assert "lr=0.01" in open(tmp_path / "nested" / "summary.md").read()
+    best = load(tmp_path / "nested" / "best.json")["train_config"]
+    assert best == load(tmp_path / "nested" / "runs" / "r2" / "config.json")["train"]  # as written, to retrain
+    with pytest.raises(ValueError, match="two different values for 'lr'"):
+        config_params({"train": {"optim": {"lr": 0.1}, "head": {"lr": 0.2}}})
+
+
+# ------------------------------------------------------------------------------------------ class names
+def f1_per_class(y, pred, k: int) -> np.ndarray:
+    from sklearn.metrics import f1_score
+    return f1_score(y, pred, labels=list(range(k)), average=None, zero_division=0)
+
+
+def class_run(root, name: str, classes: list[str], labels: list[int], preds: list[int], **train) -> None:
+    """A finished run with its own class names in metrics.json and val_predictions.csv."""
+    from heads.rundir import save_json
+    d = os.path.join(root, "runs", name)
+    os.makedirs(d)
+    f1 = f1_per_class(labels, preds, len(classes))
+    m = {"accuracy": float(np.mean(np.equal(labels, preds))), "macro_f1": float(f1.mean()),
+         "weighted_f1": float(np.average(f1, weights=np.bincount(labels, minlength=len(classes)))),
+         "per_class": {c: {"f1": float(f1[k])} for k, c in enumerate(classes)}, "classes": classes,
+         "timing": {"train_s": 1.0}}
+    save_json(os.path.join(d, "config.json"), {"train": asdict(TrainConfig(**train))})
+    save_json(os.path.join(d, "metrics.json"), m)
+    with open(os.path.join(d, "val_predictions.csv"), "w") as f:
+        f.write("guid,label,pred\n" + "".join(f"g{i},{classes[y]},{classes[p]}\n"
+                                              for i, (y, p) in enumerate(zip(labels, preds))))
+
+
+def test_class_names_come_from_the_runs(tmp_path):
+    classes = ["negative", "neutral", "positive", "mixed"]  # four classes, the legacy three first
+    y = [0, 1, 2, 3] * 10
+    for seed in (0, 1):
+        class_run(tmp_path, f"concat{seed}", classes, y, [3 - v for v in y], fusion="concat", seed=seed)
+        class_run(tmp_path, f"gmu{seed}", classes, y, [v if i % 3 else 0 for i, v in enumerate(y)], fusion="gmu",
+                  seed=seed)
+    r = report(tmp_path)
+    assert r.exit_code == 0, r.output
+    (paired,) = read_csv(tmp_path / "paired.csv")  # gmu vs concat: macro-F1 over four classes
+    f1 = lambda p: f1_per_class(y, p, len(classes)).mean()  # noqa: E731
+    assert float(paired["diff"]) == pytest.approx(f1([v if i % 3 else 0 for i, v in enumerate(y)])
+                                                  - f1([3 - v for v in y]), abs=1e-12)
+    html = open(tmp_path / "summary.html", encoding="utf-8").read()
+    assert all(f"<th>F1 {c}</th>" in html for c in classes)
+
+    from rich.console import Console
+
+    from heads.report.console import summary_table
+    console = Console(record=True, width=100)
+    console.print(summary_table(load(tmp_path / "runs" / "gmu0" / "metrics.json")))
+    assert "F1 mixed" in console.export_text()
+
+    class_run(tmp_path, "other", ["negative", "neutral", "positive"], [0, 1, 2], [0, 1, 2], fusion="film")
+    r = report(tmp_path, "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "report runs of one dataset together" in r.output
+
+
+# ------------------------------------------------------------------------------------------ layers
+def test_report_modules_stay_in_layers():
+    """heads.report reads run directories only (never training, data or fusion code), its modules import each
+    other downwards only (runs <- tables, figures <- compare, groupby, page <- build), imports inside
+    functions included."""
+    import ast
+
+    import heads.report
+    root = os.path.dirname(heads.report.__file__)
+    layer = {"runs": 0, "console": 1, "tables": 1, "figures": 1, "compare": 2, "groupby": 2, "page": 2,
+             "build": 3}
+    assert {f[:-3] for f in os.listdir(root) if f.endswith(".py")} == {*layer, "__init__"}
+    for name, level in layer.items():
+        tree = ast.parse(open(os.path.join(root, f"{name}.py")).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 1:
+                assert node.module in layer and layer[node.module] < level, (name, node.module)
+            elif isinstance(node, ast.ImportFrom) and node.level == 2:
+                assert node.module in ("rundir", "probe"), (name, node.module)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                modules = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module]
+                assert not any(m == "heads" or m.startswith("heads.") for m in modules), (name, modules)
+    assert ast.parse(open(os.path.join(root, "__init__.py")).read()).body[1:] == []  # a docstring only

@@ -1,9 +1,14 @@
-"""The short rich table printed at the end of `heads train` (and reused by the ablation)."""
+"""The short rich table of one run's metrics.json, printed at the end of `heads train` and `heads finetune` and
+by `heads show`.
+
+It lives with the reports because it only reads what a run directory holds (metrics.json), like the rest of
+heads.report, so `heads show` needs nothing of the training code; training calls it, never the other way.
+"""
 from __future__ import annotations
 
 from rich.table import Table
 
-from featcache.dataset import LABELS
+from .runs import run_classes
 
 
 def summary_table(metrics: dict) -> Table:
@@ -19,7 +24,7 @@ def summary_table(metrics: dict) -> Table:
         t.add_column(name, justify="right")
     for key in ("accuracy", "macro_f1", "weighted_f1"):
         t.add_row(key, *[f"{m[key]:.4f}" for _, m in cols])
-    for c in LABELS:
+    for c in run_classes(metrics):
         t.add_row(f"F1 {c}", *[f"{m['per_class'][c]['f1']:.4f}" for _, m in cols])
     return t
 

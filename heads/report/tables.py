@@ -1,32 +1,24 @@
-"""The top-k configurations as tables to paste into papers and course reports (`heads report --top K --export
-md,latex`), and the small table helpers the other report files share.
+"""Text tables of a report: CSV (exact floats), Markdown and LaTeX; the summary tables and the top-k table.
 
+    summary.csv / summary.md   one row per configuration: mean ± std over its runs, sorted by macro-F1
     top5.md    | fusion | modality | macro-F1 | accuracy | ... |   values "0.609 ± 0.038"
     top5.tex   booktabs tabular in a table float, "$0.609 \\pm 0.038$", LaTeX specials escaped
 
-One row per configuration (the summary's rows: mean ± std over its seeds/folds), ranked by the report metric;
-the configuration is split into one column per config key that varies across the reported runs, so a table
-of a fusion x loss grid reads as a fusion column and a loss column. Parameters are the head's parameter count
-(rundir.head_params; the probe: its logistic-regression coefficients; "–" where no run recorded it).
+The top-k table (`heads report --top K --export md,latex`) has one row per configuration (the summary's rows:
+mean ± std over its seeds/folds), ranked by the report metric; the configuration is split into one column per
+config key that varies across the reported runs, so a table of a fusion x loss grid reads as a fusion column
+and a loss column. Parameters are the head's parameter count (rundir.head_params; the probe: its
+logistic-regression coefficients; "–" where no run recorded it).
 """
 from __future__ import annotations
 
 import csv
 import os
 
-from .probe import PROBE_NAME
-from .rundir import head_params
-from .summary import STATS, TITLES, varying_keys
+from .runs import PROBE_NAME, STATS, TEST_STATS, TITLES, params_by_config, ranked, varying_keys
 
 FORMATS = {"md": ".md", "latex": ".tex"}  # --export name -> file suffix
-LOWER_IS_BETTER = ("train_s",)
 DASH = "–"
-
-
-def check_metric(name: str) -> str:
-    if name not in STATS:
-        raise ValueError(f"unknown report metric {name!r}; valid: {', '.join(STATS)}")
-    return name
 
 
 def parse_formats(text: str) -> list[str]:
@@ -35,21 +27,6 @@ def parse_formats(text: str) -> list[str]:
         if f not in FORMATS:
             raise ValueError(f"unknown export format {f!r}; valid: {', '.join(FORMATS)}")
     return formats
-
-
-def ranked(rows: list[dict], metric: str) -> list[dict]:
-    """Summary rows best first by `metric` (train_s: fastest first); ties in configuration-label order."""
-    sign = 1 if metric in LOWER_IS_BETTER else -1
-    return sorted(rows, key=lambda r: (sign * r[f"{metric}_mean"], r["config"]))
-
-
-def config_params(runs) -> dict[str, int | None]:
-    """Head parameter count per configuration (every run of a configuration builds the same head)."""
-    out: dict[str, int | None] = {}
-    for r in runs:
-        if out.get(r.config) is None:
-            out[r.config] = head_params(r.dir, r.metrics)
-    return out
 
 
 def fmt(metric: str, value: float) -> str:
@@ -74,6 +51,35 @@ def md_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
             + ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows])
 
 
+# ------------------------------------------------------------------------------------------ summary table
+def write_summary_csv(rows: list[dict], path: str) -> None:
+    cols = ["config", "n"] + [f"{s}_{k}" for s in (*STATS, *TEST_STATS) for k in ("mean", "std")
+                              if any(f"{s}_mean" in row for row in rows)]
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(cols)
+        for row in rows:
+            w.writerow([row[c] if c in ("config", "n") else repr(row[c]) for c in cols])  # repr: exact floats
+
+
+def write_summary_md(rows: list[dict], path: str) -> None:
+    test = [s for s in TEST_STATS if any(f"{s}_mean" in row for row in rows)]
+    lines = ["# Ablation summary", "", f"{len(rows)} configurations, sorted by mean validation macro-F1 (mean ± std over "
+             "runs)" + ("; test = the internal --test-ratio split, never used for selection." if test else "."), "",
+             "| configuration | accuracy | macro-F1 | weighted-F1 | neutral F1 | "
+             + "".join(f"{s.replace('_', ' ')} | " for s in test) + "train s | n |",
+             "|---|---|---|---|---|" + "---|" * len(test) + "---|---|"]
+
+    def cell(row, s):
+        return f"{row[f'{s}_mean']:.4f} ± {row[f'{s}_std']:.4f}" if f"{s}_mean" in row else "-"
+    for row in rows:
+        cells = [cell(row, s) for s in STATS if s != "train_s"] + [cell(row, s) for s in test]
+        lines.append(f"| {row['config']} | {' | '.join(cells)} | {row['train_s_mean']:.1f} ± "
+                     f"{row['train_s_std']:.1f} | {row['n']} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 # ------------------------------------------------------------------------------------------ top-k table
 def _stat_columns(metric: str) -> list[str]:
     # The ranking metric first, then the headline numbers; train s last (cost, not quality).
@@ -86,7 +92,7 @@ def top_table(rows: list[dict], runs, k: int, metric: str) -> tuple[list[str], l
     each stat column (mean, std), then the parameter count (None if not recorded) and n."""
     keys = varying_keys(runs)
     by_config = {r.config: r for r in runs}
-    params = config_params(runs)
+    params = params_by_config(runs)
     stats = _stat_columns(metric)
     header = ["rank", *keys, *[TITLES[s] for s in stats], "params", "n"]
     cells, numbers = [], []
@@ -162,6 +168,3 @@ def write_top(rows, runs, k: int, metric: str, formats: list[str], out: str) -> 
         files.append(path)
     return files
 
-
-__all__ = ["FORMATS", "check_metric", "config_params", "latex_escape", "md_table", "parse_formats", "ranked",
-           "top_table", "write_csv", "write_top"]

@@ -3,7 +3,7 @@
     rows = group_by(runs, ["fusion", "loss"], "macro_f1")   # `heads report DIR --group-by fusion,loss`
     corr = correlations(runs, "macro_f1")                   # correlation.md / .csv
 
-group_by: the runs grouped by the values of any TrainConfig keys (seed included): per group the number of
+group_by: the runs grouped by the values of any config keys (seed included): per group the number of
 runs and of configurations, mean and std (ddof=1, 0 for one run, as in summary.csv) over the runs, the best
 configuration of the group by its mean over its own runs (a single lucky seed is not a result) and the best
 single run. Probe runs are not a value of any key: they form one "logreg-probe" group, shown for reference.
@@ -18,15 +18,15 @@ import os
 
 import numpy as np
 
-from .export import LOWER_IS_BETTER, fmt, md_table, write_csv
-from .probe import PROBE_NAME
-from .summary import IGNORED, STATS, TITLES
+from .runs import IGNORED, LOWER_IS_BETTER, PROBE_NAME, STATS, TITLES
+from .tables import fmt, md_table, write_csv
 
 NOT_HYPERPARAMETERS = IGNORED + ("folds",)  # seed/fold/threads...: numeric, but not something one tunes
 
 
 def config_keys(runs) -> list[str]:
-    """TrainConfig fields, plus `cache` (the cache file's stem, see summary.load_run) when runs record it."""
+    """Config parameters of the head runs, plus `cache` (the cache file's stem, see runs.load_run) when runs
+    record it."""
     return sorted({k for r in runs if r.train is not None for k in (*r.train, *r.params)})
 
 
@@ -117,7 +117,7 @@ def _pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def correlations(runs, metric: str) -> list[dict]:
-    from scipy.stats import rankdata
+    from scipy.stats import rankdata  # heavy: scipy is only needed for the correlations
 
     heads = [r for r in runs if r.train is not None]
     y = np.array([STATS[metric](r.metrics) for r in heads], dtype=np.float64)

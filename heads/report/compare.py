@@ -16,15 +16,12 @@ models agree, and of the samples where exactly one of them is right, how often t
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 
-from featcache.dataset import LABELS
-
-from .export import write_csv
-from .rundir import read_predictions
-
-NUM_CLASSES = len(LABELS)
+from ..rundir import read_predictions
+from .tables import write_csv
 
 
 def _macro_f1_batched(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
@@ -39,10 +36,10 @@ def _macro_f1_batched(y: np.ndarray, pred: np.ndarray, num_classes: int) -> np.n
     return f1.mean(1)
 
 
-def paired_bootstrap(groups, n_boot: int = 2000, seed: int = 0, num_classes: int = NUM_CLASSES) -> dict:
-    """groups: [(y, pred_a, pred_b), ...], one per split. Returns the observed mean per-group macro-F1
-    difference a - b, the 95% percentile CI, and the bootstrap share of differences <= 0. Deterministic for
-    a given seed."""
+def paired_bootstrap(groups, num_classes: int, n_boot: int = 2000, seed: int = 0) -> dict:
+    """groups: [(y, pred_a, pred_b), ...], one per split, labels in range(num_classes). Returns the observed
+    mean per-group macro-F1 difference a - b, the 95% percentile CI, and the bootstrap share of differences
+    <= 0. Deterministic for a given seed."""
     rng = np.random.default_rng(seed)
     observed, boot = 0.0, np.zeros(n_boot)
     for y, a, b in groups:
@@ -59,18 +56,18 @@ def paired_bootstrap(groups, n_boot: int = 2000, seed: int = 0, num_classes: int
 
 
 class _Preds:
-    """val_predictions.csv per run directory, read once."""
+    """val_predictions.csv per run, read once: (guids, labels, predictions), class names turned into label
+    indices by the run's own class list."""
 
     def __init__(self):
         self.cache: dict[str, tuple] = {}
 
-    def __call__(self, run_dir: str) -> tuple[list, np.ndarray, np.ndarray]:
-        if run_dir not in self.cache:
-            import os
-            rows = read_predictions(os.path.join(run_dir, "val_predictions.csv"))
-            self.cache[run_dir] = ([r["guid"] for r in rows], np.array([LABELS.index(r["label"]) for r in rows]),
-                                   np.array([LABELS.index(r["pred"]) for r in rows]))
-        return self.cache[run_dir]
+    def __call__(self, run) -> tuple[list, np.ndarray, np.ndarray]:
+        if run.dir not in self.cache:
+            rows, index = read_predictions(os.path.join(run.dir, "val_predictions.csv")), run.classes.index
+            self.cache[run.dir] = ([r["guid"] for r in rows], np.array([index(r["label"]) for r in rows]),
+                                   np.array([index(r["pred"]) for r in rows]))
+        return self.cache[run.dir]
 
 
 def _by_params(runs) -> dict[str, list]:
@@ -105,6 +102,7 @@ def _same(a, text: str) -> bool:
 
 
 def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) -> list[dict]:
+    """Each configuration against its KEY=VALUE counterpart on the same splits, best difference first."""
     preds, groups = _Preds(), _by_params(runs)
     key_name, text = parse_baseline(baseline)
     params_of = {k: json.loads(k) for k in groups}
@@ -120,26 +118,32 @@ def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) ->
         base_key = json.dumps({**params, key_name: base_value}, sort_keys=True)
         if base_key not in groups:
             continue
-        base_runs = {r.pair_key: r for r in groups[base_key]}
-        pairs = []
-        for r in sorted(members, key=lambda r: r.pair_key):
-            partner = base_runs.get(r.pair_key)
-            if partner is None:
-                continue
-            g_a, y_a, p_a = preds(r.dir)
-            g_b, y_b, p_b = preds(partner.dir)
-            if g_a != g_b:  # same split arguments but another cache: not the same samples
-                raise ValueError(f"{r.dir} and {partner.dir} have the same seed/fold but different validation "
-                                 "samples; report runs of one cache together")
-            pairs.append((y_a, p_a, p_b))
+        pairs = _pairs(members, groups[base_key], preds)
         if not pairs:
             continue
-        stats = paired_bootstrap(pairs, n_boot=n_boot, seed=seed)
+        stats = paired_bootstrap(pairs, len(members[0].classes), n_boot=n_boot, seed=seed)
         rows.append({"config": members[0].config, "baseline": groups[base_key][0].config, "pairs": len(pairs),
                      "samples": int(sum(len(p[0]) for p in pairs)), **stats,
                      "significant": bool(stats["ci_lo"] > 0 or stats["ci_hi"] < 0)})
     rows.sort(key=lambda row: -row["diff"])
     return rows
+
+
+def _pairs(members, base_members, preds) -> list[tuple]:
+    """(labels, predictions, baseline predictions) for each run that has a baseline run on the same split."""
+    base_runs = {r.pair_key: r for r in base_members}
+    pairs = []
+    for r in sorted(members, key=lambda r: r.pair_key):
+        partner = base_runs.get(r.pair_key)
+        if partner is None:
+            continue
+        g_a, y_a, p_a = preds(r)
+        g_b, y_b, p_b = preds(partner)
+        if g_a != g_b:  # same split arguments but another cache: not the same samples
+            raise ValueError(f"{r.dir} and {partner.dir} have the same seed/fold but different validation "
+                             "samples; report runs of one cache together")
+        pairs.append((y_a, p_a, p_b))
+    return pairs
 
 
 def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -> None:
@@ -163,6 +167,7 @@ def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -
 
 
 def modality_analysis(runs) -> list[dict]:
+    """Per configuration with text-only, image-only and fused runs on the same splits: see the docstring."""
     preds, out = _Preds(), {}
     for r in runs:
         if "probe" in r.params or r.params.get("modality") not in ("both", "text", "image"):
@@ -172,28 +177,29 @@ def modality_analysis(runs) -> list[dict]:
     rows = []
     for rest, splits in out.items():
         trios = [s for _, s in sorted(splits.items()) if len(s) == 3]
-        if not trios:
-            continue
-        y, t, i, b = [], [], [], []
-        for s in trios:
-            g, yy, pt = preds(s["text"].dir)
-            if not (preds(s["image"].dir)[0] == g == preds(s["both"].dir)[0]):
-                raise ValueError(f"{s['text'].dir}: text/image/both runs of one split saw different samples")
-            y.append(yy), t.append(pt), i.append(preds(s["image"].dir)[2]), b.append(preds(s["both"].dir)[2])
-        y, t, i, b = (np.concatenate(a) for a in (y, t, i, b))
-        ok_t, ok_i, ok_b = t == y, i == y, b == y
-        one = ok_t ^ ok_i
-        label = trios[0]["both"].config
-        rows.append({
-            "config": label, "splits": len(trios), "samples": int(len(y)),
+        if trios:
+            rows.append(_modality_row(trios, preds))
+    return rows
+
+
+def _modality_row(trios: list[dict], preds) -> dict:
+    y, t, i, b = [], [], [], []
+    for s in trios:
+        g, yy, pt = preds(s["text"])
+        if not (preds(s["image"])[0] == g == preds(s["both"])[0]):
+            raise ValueError(f"{s['text'].dir}: text/image/both runs of one split saw different samples")
+        y.append(yy), t.append(pt), i.append(preds(s["image"])[2]), b.append(preds(s["both"])[2])
+    y, t, i, b = (np.concatenate(a) for a in (y, t, i, b))
+    ok_t, ok_i, ok_b = t == y, i == y, b == y
+    one = ok_t ^ ok_i
+
+    def share(mask):  # how often the fused model is right among `mask` (nan: no such sample)
+        return float(ok_b[mask].mean()) if mask.any() else float("nan")
+    return {"config": trios[0]["both"].config, "splits": len(trios), "samples": int(len(y)),
             "acc_text": float(ok_t.mean()), "acc_image": float(ok_i.mean()), "acc_both": float(ok_b.mean()),
             "agreement": float((t == i).mean()), "exactly_one": int(one.sum()),
-            "fused_right_when_one": float(ok_b[one].mean()) if one.any() else float("nan"),
-            "fused_right_text_only_right": float(ok_b[ok_t & ~ok_i].mean()) if (ok_t & ~ok_i).any() else float("nan"),
-            "fused_right_image_only_right": float(ok_b[ok_i & ~ok_t].mean()) if (ok_i & ~ok_t).any() else float("nan"),
-            "both_wrong_fused_right": float(ok_b[~ok_t & ~ok_i].mean()) if (~ok_t & ~ok_i).any() else float("nan"),
-        })
-    return rows
+            "fused_right_when_one": share(one), "fused_right_text_only_right": share(ok_t & ~ok_i),
+            "fused_right_image_only_right": share(ok_i & ~ok_t), "both_wrong_fused_right": share(~ok_t & ~ok_i)}
 
 
 def write_modality_md(rows: list[dict], path: str) -> None:
