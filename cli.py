@@ -178,7 +178,7 @@ def heads_train_cmd(
     import time
 
     from heads.fusions import DEFAULT_FUSION
-    from heads.train import TrainConfig, train
+    from heads.train.stage1 import TrainConfig, train
 
     fusion = fusion or DEFAULT_FUSION
     cfg = TrainConfig(fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
@@ -347,7 +347,7 @@ def heads_finetune_cmd(
     plus text_layers.safetensors, usable by `heads predict`."""
     import time
 
-    from heads.finetune import FinetuneConfig, finetune
+    from heads.train.stage2 import FinetuneConfig, finetune
     from heads.fusions import DEFAULT_FUSION
 
     cfg = FinetuneConfig(cache=str(cache), unfreeze_text=unfreeze_text, init=_opt(init),

@@ -23,10 +23,10 @@ from featcache.addon import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
 from featcache.forward import cpu_image_micro  # noqa: E402
 from featcache.images import load_rgb  # noqa: E402
-from heads.data import load_cache, split_labelled  # noqa: E402
+from heads.data.cache import load_cache, split_labelled  # noqa: E402
 from heads.fusions import DEFAULT_FUSION, HeadConfig, create_fusion  # noqa: E402
-from heads.ft_data import TextInputs, model_batch, prepare_text_inputs  # noqa: E402
-from heads.ft_model import FinetuneModel  # noqa: E402
+from heads.data.text_layers import TextInputs, model_batch, prepare_text_inputs  # noqa: E402
+from heads.train.text_model import FinetuneModel  # noqa: E402
 
 
 class E2EModel(torch.nn.Module):

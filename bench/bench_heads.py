@@ -27,7 +27,7 @@ from common import default_cache, write_result  # noqa: E402  (bench/ is sys.pat
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
 from featcache.extract import _ImageRows, _collate  # noqa: E402
 from featcache.forward import cpu_image_micro, text_features  # noqa: E402
-from heads.data import load_cache  # noqa: E402
+from heads.data.cache import load_cache  # noqa: E402
 from heads.fusions import HeadConfig, create_fusion  # noqa: E402
 
 

@@ -27,7 +27,7 @@ import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from .fusions import list_fusions
-from .train import TrainConfig
+from .train.stage1 import TrainConfig
 
 DEFAULT_SEEDS = [0, 1, 2]
 # Managed by the ablation itself (--folds), so they cannot be grid axes.
@@ -205,7 +205,7 @@ def load_caches(paths: list[str]) -> dict:
     """path -> CacheData, all of one dataset, with validity intersected so that splits agree across caches."""
     import numpy as np
 
-    from .data import DataError, load_cache
+    from .data.cache import DataError, load_cache
     datas = {p: load_cache(p) for p in paths}
     first_path, first = next(iter(datas.items()))
     valid = first.valid.copy()
@@ -235,10 +235,10 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     for user mistakes before any training."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .probe import probe_done, probe_specs, run_probe
+    from .train.probe import probe_done, probe_specs, run_probe
     from .rundir import save_json
     from .summary import write_reports
-    from .train import train
+    from .train.stage1 import train
 
     cfg.validate()
     runs = expand(cfg)

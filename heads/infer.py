@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .data import CacheData
+from .data.cache import CacheData
 
 
 @torch.inference_mode()

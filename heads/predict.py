@@ -22,11 +22,11 @@ import numpy as np
 from featcache.dataset import LABELS
 from featcache.store import CacheError, feature_signature
 
-from .bias import apply_bias
-from .data import CacheData, load_cache
+from .train.bias import apply_bias
+from .data.cache import CacheData, load_cache
 from .infer import infer
 from .rundir import load_head, load_json
-from .train import resolve_device
+from .train.stage1 import resolve_device
 
 
 @dataclass
@@ -83,7 +83,7 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     tags = np.full(rows.size, fallback, dtype=object)
     if ok.any():
         if "finetune" in cfg:  # stage-2 run: the cache's text backbone with the run's layers (ft_model.py)
-            from .ft_model import finetune_logits
+            from .train.text_model import finetune_logits
             logits = finetune_logits(run_dir, cfg, model, data, rows[ok], next(model.parameters()).device)
         else:
             logits = infer(model, data, rows[ok], next(model.parameters()).device, batch_size)["logits"]

@@ -22,10 +22,10 @@ from featcache.addon import add_text_layers, load_text_backbone, tokenize_cache
 from featcache.extract import ExtractConfig, extract
 from featcache.store import CacheError, CacheReader
 from featcache.weights import ENV_DIR, file_sha256
-from heads.data import load_cache
-from heads.finetune import FinetuneConfig, finetune
-from heads.ft_data import prepare_text_inputs
-from heads.train import TrainConfig, train
+from heads.data.cache import load_cache
+from heads.train.stage2 import FinetuneConfig, finetune
+from heads.data.text_layers import prepare_text_inputs
+from heads.train.stage1 import TrainConfig, train
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BACKBONES = {"minilm-l6": "minilm-l6+clip-vit-b32", "roberta-base": "roberta-base+clip-vit-b32",  # tiny image tower

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.bias import apply_bias, tune_bias
-from heads.losses import build_loss, class_weights, rdrop_kl
-from heads.metrics import compute_metrics, macro_f1, quick_scores
+from heads.train.bias import apply_bias, tune_bias
+from heads.train.losses import build_loss, class_weights, rdrop_kl
+from heads.train.metrics import compute_metrics, macro_f1, quick_scores
 
 
 def test_class_weights_inverse_sqrt_and_normalised():

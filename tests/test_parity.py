@@ -12,7 +12,7 @@ import torch
 from featcache.backbones import create_image, create_text, locate
 from featcache.extract import ExtractConfig, extract
 from featcache.images import load_rgb
-from heads.data import load_cache
+from heads.data.cache import load_cache
 from heads.fusions import HeadConfig, create_fusion, list_fusions
 from heads.infer import infer
 from mvsa_fixtures import require_mvsa

@@ -14,7 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from heads.export import latex_escape
-from heads.train import TrainConfig
+from heads.train.stage1 import TrainConfig
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
 
 

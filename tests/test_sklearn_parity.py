@@ -5,8 +5,8 @@ import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 
-from heads.metrics import compute_metrics
-from heads.stratify import stratified_holdout
+from heads.train.metrics import compute_metrics
+from heads.data.splits import stratified_holdout
 
 
 @pytest.mark.parametrize("counts", [(1910, 954, 335), (7, 5, 2), (40, 40, 40), (3, 2), (11, 13, 2, 9)])
@@ -23,7 +23,7 @@ def test_stratified_holdout_equals_train_test_split(counts, ratio):
 
 
 def test_split_labelled_matches_two_sklearn_splits(make_synthetic_cache):
-    from heads.data import load_cache, split_labelled
+    from heads.data.cache import load_cache, split_labelled
     data = load_cache(make_synthetic_cache())
     split = split_labelled(data, 0.25, seed=3, test_ratio=0.2)
     usable = np.flatnonzero((data.labels >= 0) & data.valid)

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from featcache.dataset import LABELS
 from featcache.store import CacheError
 from heads.fusions import HeadConfig
-from heads.data import DataError, load_cache, split_labelled
-from heads.metrics import compute_metrics
+from heads.data.cache import DataError, load_cache, split_labelled
+from heads.train.metrics import compute_metrics
 from heads.predict import predict
-from heads.train import TrainConfig, train
+from heads.train.stage1 import TrainConfig, train
 
 FAST = dict(epochs=4, patience=0, hidden=32, plots=False)
 RUN_FILES = ("config.json", "metrics.json", "history.json", "head.safetensors", "val_predictions.csv",
@@ -175,7 +175,7 @@ def test_cli_train_then_predict(cache, tmp_path):
 
 def test_trainer_eval_at_start_keeps_a_better_start():
     # Stage 2 starts from an already-selected head: epochs that only make it worse must not replace it.
-    from heads.trainer import Trainer, TrainerConfig
+    from heads.train.loop import Trainer, TrainerConfig
     torch.manual_seed(0)
     x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
     model = torch.nn.Linear(4, 2)
@@ -233,7 +233,7 @@ def test_adamw_equals_torch_optim(fused, monkeypatch):
     """heads.optim.AdamW (the fused kernel called directly, or torch.optim's class where that kernel is
     missing) makes exactly torch.optim.AdamW's updates, per param group lr / weight decay and schedule."""
     import sys
-    from heads.optim import AdamW
+    from heads.train.optim import AdamW
     if not fused:
         monkeypatch.delattr(torch, "_fused_adamw_")
     torch.manual_seed(0)
@@ -280,7 +280,7 @@ def test_heads_train_process_never_imports_dynamo_or_sklearn(make_synthetic_cach
 
 def test_load_cache_of_a_heads_inputs_only(make_synthetic_cache):
     """`heads train` reads only its head's inputs; dims and batches are those of the full load."""
-    from heads.data import load_cache
+    from heads.data.cache import load_cache
     path = make_synthetic_cache()
     full, sub = load_cache(path), load_cache(path, keys=("image_tokens", "text_pooled"))
     assert set(sub.features) == {"image_tokens", "text_pooled"} and sub.dims() == full.dims()

@@ -19,8 +19,8 @@ from featcache.augment import ViewMaker, get_aug_spec
 from featcache.extract import ExtractConfig, extract
 from featcache.store import CacheReader, feature_signature
 from heads.ablate import AblateConfig, ablate, expand
-from heads.data import DataError, load_cache, split_labelled
-from heads.train import TrainConfig, train
+from heads.data.cache import DataError, load_cache, split_labelled
+from heads.train.stage1 import TrainConfig, train
 from mvsa_fixtures import pattern, require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -19,12 +19,12 @@ import torch
 from featcache.dataset import LABELS
 
 from .bias import apply_bias, tune_bias
-from .data import CacheData, Split, load_cache, split_labelled
-from .fusions import DEFAULT_FUSION, MODALITIES, HeadConfig, create_fusion, get_fusion
-from .infer import infer, softmax
+from ..data.cache import CacheData, Split, load_cache, split_labelled
+from ..fusions import DEFAULT_FUSION, MODALITIES, HeadConfig, create_fusion, get_fusion
+from ..infer import infer, softmax
 from .losses import build_loss, rdrop_kl
 from .metrics import check_metric, compute_metrics, quick_scores
-from .trainer import Trainer, TrainerConfig
+from .loop import Trainer, TrainerConfig
 
 
 @dataclass
@@ -212,14 +212,14 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
         run_dir = _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, logits, pred,
                              pred_untuned if cfg.tune_bias else None, bias, gate)
     if console is not None:
-        from .report import print_summary
+        from ..report import print_summary
         print_summary(metrics, run_dir, console)
     return TrainResult(run_dir, metrics, history, model, split, logits, gate)
 
 
 def _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, logits, pred, pred_untuned,
                bias, gate) -> str:
-    from .rundir import cache_info, save_head, save_json, write_predictions
+    from ..rundir import cache_info, save_head, save_json, write_predictions
 
     os.makedirs(out_dir, exist_ok=True)
     save_head(out_dir, model, cfg, head_cfg)
@@ -236,7 +236,7 @@ def _write_run(out_dir, cfg, head_cfg, model, data, split, metrics, history, log
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
                       y_val, softmax(logits), pred, pred_untuned)
     if cfg.plots:
-        from . import plots
+        from .. import plots
         plots.plot_history(history, os.path.join(out_dir, "curves.png"), cfg.metric)
         plots.plot_confusion(np.array(metrics["confusion_matrix"]), LABELS, os.path.join(out_dir, "confusion.png"))
         if gate is not None:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .ft_data import IMAGE_KEYS, TextInputs, model_batch
+from ..data.text_layers import IMAGE_KEYS, TextInputs, model_batch
 
 LAYERS_FILE = "text_layers.safetensors"
 
@@ -82,7 +82,7 @@ def load_text_layers(run_dir: str, text: nn.Module) -> None:
 def ft_logits(model: FinetuneModel, data, text: TextInputs | None, rows, device, batch_size: int = 512,
               autocast=None) -> np.ndarray:
     """Logits for `rows` in eval mode (the stage-1 `infer` path when no text layer trains)."""
-    from .infer import infer
+    from ..infer import infer
     if text is None:
         return infer(model.head, data, rows, device, batch_size)["logits"]
     model.eval()
@@ -98,7 +98,7 @@ def finetune_logits(run_dir: str, cfg: dict, head: nn.Module, data, rows, device
     """What `heads predict` runs for a finetune run: the cache's text backbone + the run's saved layers."""
     from featcache.addon import load_text_backbone
 
-    from .ft_data import prepare_text_inputs
+    from ..data.text_layers import prepare_text_inputs
     fcfg = cfg["finetune"]
     n = int(fcfg["unfreeze_text"])
     if n == 0:

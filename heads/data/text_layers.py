@@ -18,7 +18,7 @@ from featcache.addon import _check_tokens, tokenize_cache, trim
 from featcache.manifest import open_cache
 from featcache.store import CacheError
 
-from .data import CacheData
+from .cache import CacheData
 
 IMAGE_KEYS = ("image_tokens", "image_pooled")
 FALLBACK = ("{path} has no text_hidden/states covering the top {n} text layers ({why}); falling back to the "

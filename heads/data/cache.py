@@ -18,7 +18,7 @@ import torch
 from featcache.dataset import LABELS
 from featcache.manifest import open_cache
 
-from .stratify import stratified_holdout
+from .splits import stratified_holdout
 
 FEATURES = {  # batch key -> cache dataset
     "text_tokens": "text/tokens",

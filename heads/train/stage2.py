@@ -30,15 +30,15 @@ import torch
 
 from featcache.dataset import LABELS
 
-from .data import CacheData, DataError, Split, load_cache, split_labelled
-from .fusions import DEFAULT_FUSION, create_fusion
-from .ft_data import model_batch, prepare_text_inputs
-from .ft_model import FinetuneModel, ft_logits, save_text_layers
-from .infer import softmax
+from ..data.cache import CacheData, DataError, Split, load_cache, split_labelled
+from ..fusions import DEFAULT_FUSION, create_fusion
+from ..data.text_layers import model_batch, prepare_text_inputs
+from .text_model import FinetuneModel, ft_logits, save_text_layers
+from ..infer import softmax
 from .losses import build_loss
 from .metrics import compute_metrics, quick_scores
-from .train import TrainConfig, TrainResult, resolve_device, seed_everything
-from .trainer import Trainer, TrainerConfig
+from .stage1 import TrainConfig, TrainResult, resolve_device, seed_everything
+from .loop import Trainer, TrainerConfig
 
 TEXT_FORWARDS = ("cached", "full")
 
@@ -101,7 +101,7 @@ class FinetuneConfig:
 
 def _init_split(run: str, data: CacheData) -> Split:
     """The init run's train/val rows, by guid, with stage 1's counts."""
-    from .rundir import load_json
+    from ..rundir import load_json
     saved = load_json(os.path.join(run, "split.json"))
     row = {g: i for i, g in enumerate(data.guids)}
     lost = [g for g in saved["train"] + saved["val"] + saved.get("test", []) if g not in row]
@@ -122,8 +122,8 @@ def _init_split(run: str, data: CacheData) -> Split:
 
 
 def _load_init(cfg: FinetuneConfig, data: CacheData, device):
-    from .predict import check_compatible
-    from .rundir import load_head, load_json
+    from ..predict import check_compatible
+    from ..rundir import load_head, load_json
     head, saved = load_head(cfg.init, device)
     if "finetune" in saved:
         raise ValueError(f"--init {cfg.init} is a finetune run; give the stage-1 run it started from")
@@ -217,13 +217,13 @@ def finetune(cfg: FinetuneConfig, out_dir: str | None = None, console=None,
     run_dir = _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, logits, pred) \
         if out_dir is not None else None
     if console is not None:
-        from .report import print_summary
+        from ..report import print_summary
         print_summary(metrics, run_dir, console)
     return TrainResult(run_dir, metrics, history, model, split, logits)
 
 
 def _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, logits, pred) -> str:
-    from .rundir import cache_info, save_head, save_json, write_predictions
+    from ..rundir import cache_info, save_head, save_json, write_predictions
     os.makedirs(out_dir, exist_ok=True)
     save_head(out_dir, model.head, train_cfg, model.head.cfg)
     save_json(os.path.join(out_dir, "config.json"),  # + "finetune": the marker predict dispatches on
@@ -240,7 +240,7 @@ def _write_run(out_dir, cfg, train_cfg, model, data, split, metrics, history, lo
     write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
                       y_val, softmax(logits), pred)
     if cfg.plots:
-        from . import plots
+        from .. import plots
         plots.plot_history(history, os.path.join(out_dir, "curves.png"), cfg.metric)
         plots.plot_confusion(np.array(metrics["confusion_matrix"]), LABELS, os.path.join(out_dir, "confusion.png"))
     save_json(os.path.join(out_dir, "metrics.json"), metrics)  # last: its presence means the run is complete
