@@ -1,7 +1,9 @@
-"""Apply a head to rows of an in-memory cache in large batches, without autograd.
+"""Apply a model to rows of an in-memory cache in large batches, without autograd: THE inference loop.
 
-Shared by training (per-epoch validation) and `predict`, so validation numbers and predictions on new data
-come from exactly the same code path.
+Shared by training (per-epoch validation, both stages) and `predict`, for a fusion head on cached features
+and for a stage-2 model (top text layers + head) alike: a model names the batch keys it reads (`inputs`) and
+the cache's one batcher gathers them, so validation numbers and predictions on new data come from exactly
+the same code path.
 """
 from __future__ import annotations
 
@@ -18,11 +20,11 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     rows = np.asarray(rows, dtype=np.int64)
     outs: dict[str, list] = {}
     for start in range(0, len(rows), batch_size):
-        out = model(data.batch(rows[start:start + batch_size], device, getattr(model, "inputs", None)))
+        out = model(data.batch(rows[start:start + batch_size], device, model.inputs))
         for k, v in out.items():
             outs.setdefault(k, []).append(v.float().cpu())
     if not outs:  # no rows: keep the shapes downstream code expects
-        return {"logits": np.zeros((0, getattr(model, "cfg").num_classes), dtype=np.float32)}
+        return {"logits": np.zeros((0, model.num_classes), dtype=np.float32)}
     return {k: torch.cat(v).numpy() for k, v in outs.items()}
 
 

@@ -18,6 +18,7 @@ from heads.train.metrics import compute_metrics
 
 FAST = ["--set", "epochs=2", "--set", "hidden=16", "--set", "patience=0"]
 FAST_BASE = {"plots": False, "epochs": 2, "hidden": 16, "patience": 0}
+C = ["negative", "neutral", "positive"]
 
 
 def read_csv(path: str) -> list[dict]:
@@ -152,7 +153,7 @@ def test_parallel_ablation_resumes_and_matches_itself(cache, tmp_path, monkeypat
     real_train = heads.train.stage1.train
 
     def dies_on_gmu_text(cfg, data, out_dir=None, console=None):  # runs in a forked worker
-        if cfg.fusion == "gmu" and cfg.modality == "text":
+        if cfg.head.fusion == "gmu" and cfg.head.modality == "text":
             raise RuntimeError("worker died")
         return real_train(cfg, data, out_dir, console)
 
@@ -186,7 +187,7 @@ def test_grid_parsing(tmp_path):
     assert parse_axis("tune-bias=true,no") == ("tune_bias", [True, False])
     with pytest.raises(ValueError, match="not a valid int"):
         parse_axis("epochs=3.5")
-    with pytest.raises(ValueError, match="unknown grid axis 'nope'.*valid: fusion, modality, loss"):
+    with pytest.raises(ValueError, match="unknown grid axis 'nope'.*valid: fusion, modality, "):
         parse_axis("nope=1")
     with pytest.raises(ValueError, match="unknown grid axis 'folds'"):
         parse_axis("folds=2")
@@ -198,7 +199,7 @@ def test_grid_parsing(tmp_path):
     runs = expand(AblateConfig(cache="c.h5", out="o", grid=grid).validate())
     assert len(runs) == 2 * 2 * 3 and len({r.name for r in runs}) == 12
     assert runs[1].name == "fusion=concat,label_smoothing=0.0,epochs=3,seed=1"
-    assert runs[1].train.label_smoothing == 0.0 and runs[1].train.epochs == 3 and runs[1].train.seed == 1
+    assert runs[1].train.loss.label_smoothing == 0.0 and runs[1].train.optim.epochs == 3 and runs[1].train.seed == 1
     toml.write_text('epochs = ["3"]\n')
     with pytest.raises(ValueError, match="expected int"):
         load_grid_toml(str(toml))
@@ -252,7 +253,7 @@ def test_paired_bootstrap():
         bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
         groups.append((y, good, bad))
     res = paired_bootstrap(groups, n_boot=500, seed=3)
-    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
+    expected = np.mean([compute_metrics(y, a, C)["macro_f1"] - compute_metrics(y, b, C)["macro_f1"] for y, a, b in groups])
     assert res["diff"] == pytest.approx(expected, abs=1e-12)
     assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
     assert paired_bootstrap(groups, n_boot=500, seed=3) == res

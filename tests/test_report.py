@@ -7,14 +7,13 @@ import base64
 import io
 import os
 import re
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from heads.export import latex_escape
-from heads.train.stage1 import TrainConfig
+from heads.config import TrainConfig
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
 
 
@@ -95,7 +94,7 @@ def fake_run(root, name: str, f1: float, history: list[float] | None = None, **t
     os.makedirs(d)
     per_class = {c: {"precision": f1, "recall": f1, "f1": f1, "support": 10} for c in ("negative", "neutral",
                                                                                         "positive")}
-    save_json(os.path.join(d, "config.json"), {"train": asdict(TrainConfig(fusion="film", **train))})
+    save_json(os.path.join(d, "config.json"), {"train": TrainConfig.from_flat(fusion="film", **train).flat()})
     if history is not None:
         save_json(os.path.join(d, "history.json"), [{"epoch": e + 1, "macro_f1": v} for e, v in enumerate(history)])
     save_json(os.path.join(d, "metrics.json"), {"accuracy": f1, "macro_f1": f1, "weighted_f1": f1,

@@ -1,9 +1,15 @@
-"""A feature cache in memory: read once, sliced into fp32 batches by index, split stratified.
+"""A feature cache in memory: read once, sliced into fp32 batches by index.
 
-Everything the heads need is read from the HDF5 file in one pass (a few hundred MB for MVSA-Single) and kept
+Everything a run needs is read from the HDF5 file in one pass (a few hundred MB for MVSA-Single) and kept
 as torch tensors; token arrays stay fp16 (half the memory) and are converted to fp32 per batch, which costs
 far less than any disk read per epoch. Rows are never copied into train/val subsets: a split is two index
-arrays, so many configs (the ablation) can share one load.
+arrays (heads.data.splits), so many configs (the ablation) can share one load.
+
+Stage 1 and stage 2 load through the same function: the states entering the top text layers
+(`text_hidden/states`, the `text_states` key) are one more optional feature array, and the cache texts come
+with them so stage 2 can re-tokenize them without opening the file again (heads.data.text_layers). One
+batcher serves both: it cuts every text array of a batch (tokens, mask, states, token ids) to the batch's
+longest text.
 
 Invalid rows (samples/valid False) are kept in memory so `predict` can still list them, but training and
 validation exclude them and count how many were excluded.
@@ -15,12 +21,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from featcache.dataset import LABELS
 from featcache.manifest import open_cache
+from featcache.store import CacheError
 
-from .splits import stratified_holdout
-
-FEATURES = {  # batch key -> cache dataset
+FEATURES = {  # batch key -> cache dataset; every cache has these
     "text_tokens": "text/tokens",
     "text_mask": "text/mask",
     "text_pooled": "text/pooled",
@@ -31,6 +35,10 @@ VIEWS = {  # optional (featcache extract --image-views K): K augmented views of 
     "image_tokens": "image_views/tokens",
     "image_pooled": "image_views/pooled",
 }
+TEXT_STATES = ("text_states", "text_hidden/states")  # optional (--text-layers / add-text-layers): stage 2's input
+# Per-position text arrays: a batch cuts them all to its longest text (text_mask decides; input_ids are added by
+# heads.data.text_layers and have the same mask).
+TEXT_SEQUENCES = ("text_tokens", "text_mask", "text_states", "input_ids")
 
 
 class DataError(ValueError):
@@ -43,12 +51,16 @@ class CacheData:
     meta: dict
     guids: list[str]
     splits: np.ndarray  # (N,) str: train | test
-    labels: np.ndarray  # (N,) int64, -1 = unlabelled
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled; label k is classes[k]
     valid: np.ndarray  # (N,) bool
-    features: dict[str, torch.Tensor]  # FEATURES keys (or the subset asked for); tokens fp16, masks bool
+    features: dict[str, torch.Tensor]  # batch key -> (N, ...) tensor; tokens fp16, masks bool
+    classes: list[str] = field(default_factory=list)  # the cache's class names (reader.classes)
     views: dict[str, torch.Tensor] = field(default_factory=dict)  # VIEWS keys -> (N, K, ...) or empty
     shapes: dict[str, tuple] = field(default_factory=dict)  # every FEATURES key's shape, loaded or not
     # (load_cache fills it: dims() must not depend on which features were loaded)
+    start_layer: int | None = None  # the text layer the loaded `text_states` enter
+    texts: list[str] | None = None  # samples/text and samples/caption (loaded with texts=True: stage 2)
+    captions: list[str] | None = None
 
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
@@ -62,15 +74,16 @@ class CacheData:
                 "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
 
     def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None) -> dict[str, torch.Tensor]:
-        """Rows `idx` as a batch dict (only `keys`, default all): floating features in fp32, masks bool.
-        `views` (one int per row, 0 = clean, k = augmented view k) picks the image features per row.
+        """Rows `idx` as a batch dict (only `keys`, default FEATURES): floating arrays in fp32, masks bool, token
+        ids as stored. `views` (one int per row, 0 = clean, k = augmented view k) picks the image features.
 
-        Text positions that are padding in every row of the batch are cut off. That is exact (heads ignore
-        padding) and it is the cheapest speed-up there is: tweets are much shorter than max_text_len."""
+        Text positions that are padding in every row of the batch are cut off. That is exact (heads and text
+        layers ignore padding) and it is the cheapest speed-up there is: tweets are much shorter than
+        max_text_len."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         keys = FEATURES if keys is None else keys
         mask, length = None, 1
-        if "text_tokens" in keys or "text_mask" in keys:  # pooled-only heads skip the mask work entirely
+        if any(k in TEXT_SEQUENCES for k in keys):  # pooled-only heads skip the mask work entirely
             mask = self.features["text_mask"].index_select(0, idx)
             used = mask.any(0).nonzero()
             length = int(used[-1]) + 1 if used.numel() else 1
@@ -81,9 +94,9 @@ class CacheData:
                 aug = torch.as_tensor(views) > 0
                 if aug.any():
                     x[aug] = self.views[k][idx[aug], torch.as_tensor(views)[aug] - 1]
-            if k in ("text_tokens", "text_mask"):
+            if k in TEXT_SEQUENCES:
                 x = x[:, :length]
-            out[k] = (x if x.dtype == torch.bool else x.float()).to(device, non_blocking=True)
+            out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
         return out
 
     def rows(self, split: str) -> np.ndarray:
@@ -91,104 +104,34 @@ class CacheData:
         return np.flatnonzero(self.splits == split)
 
 
-@dataclass
-class Split:
-    train: np.ndarray  # row indices into CacheData
-    val: np.ndarray
-    counts: dict = field(default_factory=dict)
-    test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # internal test (test_ratio)
-
-
-def load_cache(path: str, keys=None) -> CacheData:
-    """Read a complete cache into memory: every feature, or only `keys` (a head's `inputs`: `heads train` of
-    one film head then reads 120 of the default cache's 320 MB). Raises CacheError when it is unusable."""
-    keys = FEATURES if keys is None else [k for k in FEATURES if k in keys]
+def load_cache(path: str, keys=None, texts: bool = False) -> CacheData:
+    """Read a complete cache into memory: every FEATURES array, or only `keys` (a head's `inputs`: `heads
+    train` of one film head then reads 120 of the default cache's 320 MB), plus `text_states` when asked for
+    and stored, and the texts with texts=True. Raises CacheError when the cache is unusable."""
+    keys = list(FEATURES) if keys is None else list(keys)
     with open_cache(path) as r:  # a cache file or a shard manifest
         missing = [name for name in FEATURES.values() if not r.has(name)]
         if missing:
-            from featcache.store import CacheError
             raise CacheError(f"{path} lacks {', '.join(missing)}; re-extract it with `featcache extract`")
         stored = r.datasets()
-        feats = {k: torch.from_numpy(np.ascontiguousarray(r.array(FEATURES[k]))) for k in keys}
-        views = {k: torch.from_numpy(np.ascontiguousarray(r.array(name))) for k, name in VIEWS.items()
-                 if k in keys and r.has(name)}
+        feats = {k: _tensor(r, FEATURES[k]) for k in FEATURES if k in keys}
+        start_layer = None
+        if TEXT_STATES[0] in keys and r.has(TEXT_STATES[1]):
+            start_layer = (r.meta.get("text") or {}).get("hidden_start_layer")
+            if start_layer is not None:
+                feats[TEXT_STATES[0]] = _tensor(r, TEXT_STATES[1])
+        views = {k: _tensor(r, name) for k, name in VIEWS.items() if k in keys and r.has(name)}
+        strings = {}
+        if texts:
+            strings["texts"] = r.strings("samples/text")
+            strings["captions"] = r.strings("samples/caption") if r.has("samples/caption") else None
         return CacheData(path=str(path), meta=r.meta, guids=r.strings("samples/guid"),
                          splits=np.asarray(r.strings("samples/split")),
                          labels=r.array("samples/label").astype(np.int64),
-                         valid=r.array("samples/valid").astype(bool), features=feats, views=views,
-                         shapes={k: tuple(stored[name][0]) for k, name in FEATURES.items()})
+                         valid=r.array("samples/valid").astype(bool), features=feats, classes=r.classes,
+                         views=views, shapes={k: tuple(stored[name][0]) for k, name in FEATURES.items()},
+                         start_layer=start_layer, **strings)
 
 
-def split_labelled(data: CacheData, val_ratio: float, seed: int, folds: int = 0, fold: int = 0,
-                   test_ratio: float = 0.0) -> Split:
-    """Stratified train/val split of the labelled, valid rows; invalid labelled rows are counted, not used.
-
-    folds=0: one split with a val_ratio share for validation. folds=K>=2: stratified K-fold (shuffled with
-    `seed`) and fold `fold` validates, so K runs with folds=K, fold=0..K-1 cover every usable row exactly once
-    (the ablation's --folds). test_ratio>0 first sets aside a stratified internal test share (seeded) that
-    neither training nor model selection ever sees; val/folds then split the rest. All of it is a function of
-    (data, arguments) only: a run's config fixes its split."""
-
-    if not 0.0 < val_ratio < 1.0:
-        raise DataError(f"val_ratio must be between 0 and 1 (exclusive), got {val_ratio}")
-    if not 0.0 <= test_ratio < 1.0:
-        raise DataError(f"test_ratio must be in [0, 1), got {test_ratio}")
-    labelled = data.labels >= 0
-    usable = np.flatnonzero(labelled & data.valid)
-    if usable.size == 0:
-        raise DataError(f"{data.path} has no labelled valid samples to train on ({int(labelled.sum())} "
-                        f"labelled, {int((~data.valid).sum())} invalid of {len(data)}); was it extracted from "
-                        "a dataset with train.txt?")
-    _check_classes(data.labels[usable], 2, "a stratified train/validation split is impossible")
-    test = np.zeros(0, dtype=np.int64)
-    if test_ratio:
-        usable, test = _holdout(usable, data.labels, test_ratio, seed, "--test-ratio")
-    if folds:
-        if folds < 2 or not 0 <= fold < folds:
-            raise DataError(f"folds must be 0 (one split) or >= 2 with 0 <= fold < folds; got folds={folds}, "
-                            f"fold={fold}")
-        from sklearn.model_selection import StratifiedKFold
-        y = data.labels[usable]
-        _check_classes(y, folds, f"stratified {folds}-fold cross-validation is impossible; use fewer folds")
-        kfold = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-        train, val = list(kfold.split(usable, y))[fold]
-        train, val = usable[train], usable[val]
-    else:
-        train, val = _holdout(usable, data.labels, val_ratio, seed, "--val-ratio")
-    train, val, test = np.sort(train), np.sort(val), np.sort(test)  # dataset order: readable split.json
-
-    def per_class(rows):
-        return {LABELS[c]: int(n) for c, n in enumerate(np.bincount(data.labels[rows], minlength=len(LABELS)))}
-
-    counts = {
-        "samples": len(data),
-        "labelled": int(labelled.sum()),
-        "unlabelled": int((~labelled).sum()),
-        "invalid": int((~data.valid).sum()),
-        "invalid_excluded": int((labelled & ~data.valid).sum()),
-        "train": int(train.size),
-        "val": int(val.size),
-        "train_per_class": per_class(train),
-        "val_per_class": per_class(val),
-    }
-    if test_ratio:
-        counts.update(test=int(test.size), test_per_class=per_class(test))
-    return Split(train=train, val=val, counts=counts, test=test)
-
-
-def _check_classes(y: np.ndarray, need: int, what: str) -> None:
-    per_class = np.bincount(y, minlength=len(LABELS))
-    few = [LABELS[c] for c in range(len(LABELS)) if 0 < per_class[c] < need]
-    if few:
-        raise DataError(f"class(es) {', '.join(few)} have fewer than {need} valid labelled samples: {what}")
-
-
-def _holdout(rows: np.ndarray, labels: np.ndarray, ratio: float, seed: int, option: str):
-    """(rest, held) with a stratified `ratio` share of `rows` held out (sklearn's split; heads.stratify)."""
-    y = labels[rows]
-    n_held, n_classes = int(round(ratio * rows.size)), int((np.bincount(y) > 0).sum())
-    if n_held < n_classes or rows.size - n_held < n_classes:
-        raise DataError(f"{rows.size} labelled samples with {option} {ratio} leave a split smaller than the "
-                        f"{n_classes} classes; use more data or another {option}")
-    _check_classes(y, 2, f"{option} cannot stratify")
-    return stratified_holdout(rows, y, n_held, seed)
+def _tensor(reader, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(reader.array(name)))
