@@ -18,8 +18,8 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
                           classes: list[str] | None = None) -> str:
     """Rows: n_train labelled train samples (the last n_invalid of them marked invalid), then n_test unlabelled
     test samples (one of them invalid). `classes`: three class names recorded in the cache's meta (default: none
-    recorded, as in caches from before class names, which then read as MVSA's three). Class c shifts text features along u_c and image features along v_c;
-    text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
+    recorded, as in caches from before class names, which then read as MVSA's three). Class c shifts text
+    features along u_c and image features along v_c; text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
     labels = rng.integers(0, len(LABELS), n)

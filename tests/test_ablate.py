@@ -253,7 +253,8 @@ def test_paired_bootstrap():
         bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
         groups.append((y, good, bad))
     res = paired_bootstrap(groups, n_boot=500, seed=3)
-    expected = np.mean([compute_metrics(y, a, C)["macro_f1"] - compute_metrics(y, b, C)["macro_f1"] for y, a, b in groups])
+    expected = np.mean([compute_metrics(y, a, C)["macro_f1"] - compute_metrics(y, b, C)["macro_f1"]
+                        for y, a, b in groups])
     assert res["diff"] == pytest.approx(expected, abs=1e-12)
     assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
     assert paired_bootstrap(groups, n_boot=500, seed=3) == res

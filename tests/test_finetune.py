@@ -150,7 +150,8 @@ def test_init_run_test_split_scores_both_stages_on_it(make_synthetic_cache, tmp_
     init head and the final model on them; with zero learning rates both equal stage 1's own test score."""
     cache = make_synthetic_cache(noise=3.0)
     ref = train(TrainConfig.from_flat(**FAST, test_ratio=0.2, precision="fp32"), cache, str(tmp_path / "s1"))
-    zero = finetune(ft_cfg(text_layers=0, init=ref.run_dir, lr=0.0, epochs=1, plots=False), cache, str(tmp_path / "ft0"))
+    zero = finetune(ft_cfg(text_layers=0, init=ref.run_dir, lr=0.0, epochs=1, plots=False), cache,
+                    str(tmp_path / "ft0"))
     assert zero.metrics["init_test"] == ref.metrics["test"] == zero.metrics["test"]
     assert zero.metrics["counts"]["test"] == ref.metrics["counts"]["test"] > 0
     held = set(zero.split.test)

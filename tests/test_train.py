@@ -267,7 +267,8 @@ def test_adamw_equals_torch_optim(fused, monkeypatch):
 
 
 def test_heads_train_process_never_imports_dynamo_or_sklearn(make_synthetic_cache, tmp_path):
-    """Why heads.train.optim, heads.data.splits' stratified split and numpy metrics exist: a `heads train` process pays neither
+    """Why heads.train.optim, heads.data.splits' stratified split and numpy metrics exist: a `heads train`
+    process pays neither
     torch._dynamo's import nor sklearn's (with scipy, about 1.4 s)."""
     import subprocess
     import sys
