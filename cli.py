@@ -177,17 +177,19 @@ def heads_train_cmd(
     """Train one fusion head on the cache and write a run directory (config, weights, metrics, plots)."""
     import time
 
+    from heads.config import TrainConfig
     from heads.fusions import DEFAULT_FUSION
-    from heads.train import TrainConfig, train
+    from heads.train.stage1 import train
 
     fusion = fusion or DEFAULT_FUSION
-    cfg = TrainConfig(fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
-                      modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr,
-                      hidden=hidden, patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
-                      image_aug_views=image_aug_views, metric=metric,
-                      tune_bias=tune_bias, precision=precision, device=device, plots=plots)
     out = out or Path("runs") / f"{fusion}-{modality}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
+        cfg = TrainConfig.from_flat(
+            fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
+            modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
+            patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
+            image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias, precision=precision,
+            device=device, plots=plots)
         train(cfg.validate(), str(cache), str(out), console=Console())
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
@@ -223,9 +225,9 @@ def heads_fusions_cmd():
     from heads.fusions import DEFAULT_FUSION, FUSIONS
 
     table = Table("name", "inputs", "description")
-    for spec in FUSIONS.values():
-        name = f"{spec.name} (default)" if spec.name == DEFAULT_FUSION else spec.name
-        table.add_row(name, "tokens + masks" if spec.uses_tokens else "pooled", spec.description)
+    for name, head in FUSIONS.items():
+        label = f"{name} (default)" if name == DEFAULT_FUSION else name
+        table.add_row(label, "tokens + masks" if head.uses_tokens() else "pooled", head.description())
     Console().print(table)
 
 
@@ -322,7 +324,7 @@ def add_text_layers_cmd(
 def heads_finetune_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache (ideally with text_hidden/states: "
                                "`featcache extract --text-layers N` or `featcache add-text-layers`)."),
-    unfreeze_text: int = typer.Option(..., "--unfreeze-text", help="Train the top N text layers (0 = head only)."),
+    text_layers: int = typer.Option(..., "--unfreeze-text", help="Train the top N text layers (0 = head only)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Stage-1 run to start from (head, config, split)."),
     fusion: Optional[str] = typer.Option(None, help="Fusion of a fresh head (without --init)."),
     lr_head: float = typer.Option(2e-4, help="Peak learning rate of the head."),
@@ -343,16 +345,18 @@ def heads_finetune_cmd(
     plus text_layers.safetensors, usable by `heads predict`."""
     import time
 
-    from heads.finetune import FinetuneConfig, finetune
+    from heads.config import FinetuneConfig
     from heads.fusions import DEFAULT_FUSION
+    from heads.train.stage2 import finetune
 
-    cfg = FinetuneConfig(cache=str(cache), unfreeze_text=unfreeze_text, init=_opt(init),
-                         fusion=fusion or DEFAULT_FUSION, lr_head=lr_head, lr_text=lr_text, epochs=epochs,
-                         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
-                         text_forward=text_forward, device=device, plots=plots)
-    out = out or Path("runs") / f"ft{unfreeze_text}-{cfg.fusion}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    fusion = fusion or DEFAULT_FUSION
+    out = out or Path("runs") / f"ft{text_layers}-{fusion}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
     try:
-        finetune(cfg, str(out), console=console)
+        cfg = FinetuneConfig.from_flat(
+            text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
+            batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
+            text_forward=text_forward, device=device, plots=plots)
+        finetune(cfg, str(cache), str(out), console=console)
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
 

@@ -23,10 +23,11 @@ from featcache.addon import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
 from featcache.forward import cpu_image_micro  # noqa: E402
 from featcache.images import load_rgb  # noqa: E402
-from heads.data import load_cache, split_labelled  # noqa: E402
-from heads.fusions import DEFAULT_FUSION, HeadConfig, create_fusion  # noqa: E402
-from heads.ft_data import TextInputs, model_batch, prepare_text_inputs  # noqa: E402
-from heads.ft_model import FinetuneModel  # noqa: E402
+from heads.data.cache import load_cache  # noqa: E402
+from heads.data.splits import SplitConfig, split_labelled  # noqa: E402
+from heads.data.text_layers import with_text_inputs  # noqa: E402
+from heads.fusions import DEFAULT_FUSION, HeadConfig, HeadDims, create_fusion  # noqa: E402
+from heads.train.text_model import FinetuneModel  # noqa: E402
 
 
 class E2EModel(torch.nn.Module):
@@ -80,18 +81,19 @@ def main():
     if not has_states:  # the documented add-on step; the features themselves are not recomputed
         print(f"adding stage-2 states to {args.cache} (featcache add-text-layers --layers 1)", flush=True)
         add_text_layers(args.cache, 1)
-    data = load_cache(args.cache)
-    rows = torch.from_numpy(split_labelled(data, 0.2, 0).train[:args.samples])
+    data = load_cache(args.cache, keys=("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled",
+                                        "text_states"), texts=True)
+    rows = torch.from_numpy(split_labelled(data, SplitConfig(0.2), 0).train[:args.samples])
     labels = torch.from_numpy(data.labels)
     text = load_text_backbone(data.meta)
     text.lock(1)
-    cached = prepare_text_inputs(data, text, 1, "cached")
-    if cached.hidden is None:
+    data = with_text_inputs(data, text, 1, "cached")
+    if "text_states" not in data.features:
         sys.exit(f"{args.cache} has no text_hidden/states for N=1: run `featcache add-text-layers` first")
-    full = TextInputs(cached.input_ids, cached.attention_mask, start=0)
     torch.manual_seed(0)
-    head = create_fusion(DEFAULT_FUSION, HeadConfig(**data.dims()))
-    model = FinetuneModel(head, text, 1)
+    head = create_fusion(HeadConfig(fusion=DEFAULT_FUSION), HeadDims(**data.dims(), num_classes=len(data.classes)))
+    model = FinetuneModel(head, text, 1)  # reads the stored states
+    full_model = FinetuneModel(head, text, 1, cached=False)  # the same modules, the whole text tower each step
     text_params, head_params = list(model.text_params().values()), list(head.parameters())
     init = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("text.")}
     init.update({f"text.{k}": v.detach().clone() for k, v in model.text_params().items()})
@@ -104,14 +106,14 @@ def main():
     decode_s = time.perf_counter() - t0
 
     def e2e_batch(idx):
-        b = model_batch(data, full, idx, "cpu", [])
+        b = data.batch(idx, "cpu", ("input_ids", "text_mask"))
         b["pixels"] = torch.stack([pixels[int(r)] for r in idx])
         return b
 
     variants = {
-        "cached": (model, lambda idx: model_batch(data, cached, idx, "cpu", head.inputs)),
-        "full_text": (model, lambda idx: model_batch(data, full, idx, "cpu", head.inputs)),
-        "e2e": (E2EModel(model, image), e2e_batch),
+        "cached": (model, lambda idx: data.batch(idx, "cpu", model.inputs)),
+        "full_text": (full_model, lambda idx: data.batch(idx, "cpu", full_model.inputs)),
+        "e2e": (E2EModel(full_model, image), e2e_batch),
     }
     times = {}
     for name, (m, make) in variants.items():

@@ -27,8 +27,8 @@ from common import default_cache, write_result  # noqa: E402  (bench/ is sys.pat
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
 from featcache.extract import _ImageRows, _collate  # noqa: E402
 from featcache.forward import cpu_image_micro, text_features  # noqa: E402
-from heads.data import load_cache  # noqa: E402
-from heads.fusions import HeadConfig, create_fusion  # noqa: E402
+from heads.data.cache import load_cache  # noqa: E402
+from heads.fusions import HeadConfig, HeadDims, create_fusion  # noqa: E402
 
 
 def head_cli(cache: str, out: str) -> float:
@@ -55,7 +55,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
     image = create_image(meta["backbone"]["image"], locate(meta["backbone"]["image"])).eval()
     root = meta["dataset"]["root"]
     texts = dict(zip(data.guids, _strings(cache)))
-    head = create_fusion("film", HeadConfig(**data.dims()))
+    head = create_fusion(HeadConfig(fusion="film"), HeadDims(**data.dims(), num_classes=len(data.classes)))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     ds = _ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [data.guids[i] for i in rows],
                     [image.transform], 40_000_000, 256)

@@ -1,10 +1,15 @@
-"""Light fusion heads trained from a feature cache in seconds (stage 1 of the project).
+"""Light fusion heads trained from a feature cache in seconds (stage 1), the top text layers with them
+(stage 2), ablations and reports.
 
-    from heads.train import TrainConfig, train        # train(cfg, cache_path_or_CacheData, out_dir)
-    from heads.predict import predict                 # predict(run_dir, cache, out, split="test")
-    from heads.fusions import list_fusions, create_fusion, HeadConfig, DEFAULT_FUSION
+    from heads.config import TrainConfig, FinetuneConfig      # nested configs; TrainConfig.from_flat(lr=...)
+    from heads.train.stage1 import train                      # train(cfg, cache_path_or_CacheData, out_dir)
+    from heads.train.stage2 import finetune                   # finetune(cfg, cache_path_or_CacheData, out_dir)
+    from heads.predict import predict                         # predict(run_dir, cache, out, split="test")
+    from heads.fusions import list_fusions, create_fusion, HeadConfig, HeadDims, DEFAULT_FUSION
     from heads.data import load_cache, split_labelled
 
-Heads never import transformers or open_clip: everything they see comes from the HDF5 cache.
+Layout: fusions/ (the heads, a registry) and data/ (the cache in memory, splits, stage-2 inputs) never import
+train/ (the trainer, losses, metrics, both stages, the probe) or the reports; rundir.py is the run directory's
+one writer and reader; infer.py the one inference loop. Heads never import transformers or open_clip:
+everything they see comes from the HDF5 cache (stage 2 loads the cache's text backbone through featcache).
 """
-__version__ = "0.1.0"

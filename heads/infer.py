@@ -1,14 +1,23 @@
-"""Apply a head to rows of an in-memory cache in large batches, without autograd.
+"""Apply a model to rows of an in-memory cache in large batches, without autograd: THE inference loop.
 
-Shared by training (per-epoch validation) and `predict`, so validation numbers and predictions on new data
-come from exactly the same code path.
+Shared by training (per-epoch validation, both stages) and `predict`, for a fusion head on cached features
+and for a stage-2 model (top text layers + head) alike: a model names the batch keys it reads (`inputs`) and
+the cache's one batcher gathers them, so validation numbers and predictions on new data come from exactly
+the same code path.
 """
 from __future__ import annotations
+
+import os
+from dataclasses import fields
 
 import numpy as np
 import torch
 
-from .data import CacheData
+from safetensors.torch import load_file
+
+from .data.cache import CacheData
+from .fusions import HeadConfig, HeadDims, create_fusion
+from .rundir import HEAD_FILE, read_config
 
 
 @torch.inference_mode()
@@ -18,11 +27,11 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     rows = np.asarray(rows, dtype=np.int64)
     outs: dict[str, list] = {}
     for start in range(0, len(rows), batch_size):
-        out = model(data.batch(rows[start:start + batch_size], device, getattr(model, "inputs", None)))
+        out = model(data.batch(rows[start:start + batch_size], device, model.inputs))
         for k, v in out.items():
             outs.setdefault(k, []).append(v.float().cpu())
     if not outs:  # no rows: keep the shapes downstream code expects
-        return {"logits": np.zeros((0, getattr(model, "cfg").num_classes), dtype=np.float32)}
+        return {"logits": np.zeros((0, model.num_classes), dtype=np.float32)}
     return {k: torch.cat(v).numpy() for k, v in outs.items()}
 
 
@@ -30,3 +39,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     z = logits - logits.max(1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(1, keepdims=True)
+
+
+def load_head(run_dir: str, device="cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild the head from config.json + head.safetensors. Returns (model in eval mode, format-2 config)."""
+    cfg = read_config(run_dir)
+    flat = cfg["train"]
+    head = HeadConfig(**{f.name: flat[f.name] for f in fields(HeadConfig) if f.name in flat})
+    model = create_fusion(head, HeadDims(**cfg["dims"]))
+    model.load_state_dict(load_file(os.path.join(run_dir, HEAD_FILE)))
+    return model.to(device).eval(), cfg

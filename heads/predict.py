@@ -8,25 +8,32 @@ can list them. Nothing is silently dropped.
 
 A run only applies to a cache whose backbones, weights and preprocessing (featcache.store.feature_signature)
 equal those it was trained on (cache.json); otherwise the features mean something else and predict refuses,
-naming both. The dataset may differ: applying a head to new data is the point of predict.
+naming both; so does a cache with other class names. The dataset may differ: applying a head to new data is
+the point of predict. A stage-2 run (config.json stage "finetune") also rebuilds the cache's text backbone,
+loads the run's text layers onto it and feeds them the cache's stored states, through the same inference
+loop as a head (heads.infer).
 """
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from featcache.dataset import LABELS
-from featcache.store import CacheError, feature_signature
+from featcache.addon import load_text_backbone
 
-from .bias import apply_bias
-from .data import CacheData, load_cache
-from .infer import infer
-from .rundir import load_head, load_json
-from .train import resolve_device
+from .data.cache import CacheData, load_cache
+from .data.text_layers import stage2_keys, with_text_inputs
+from .infer import infer, load_head
+from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers
+from .train.bias import apply_bias
+from .train.runtime import resolve_device
+from .train.text_model import FinetuneModel
+
+# Rows per forward pass. Stage-2 runs have always predicted in chunks of 512 (text layers hold more per row);
+# a chunk's padding cut depends on its rows, so keeping the size keeps their predictions bit for bit.
+BATCH = {"train": 1024, "finetune": 512}
 
 
 @dataclass
@@ -39,37 +46,23 @@ class PredictResult:
     tags: dict = field(default_factory=dict)  # tag -> count
 
 
-def _show(value) -> str:
-    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
-
-
-def check_compatible(run_dir: str, trained_on: dict, cache_path: str, meta: dict) -> None:
-    """Raise CacheError naming both sides of every field of the feature signature that differs.
-
-    The dataset may differ (that is what predicting on new data means); backbones, weights and
-    preprocessing may not, or the features the head sees would mean something else.
-    """
-    ran = trained_on.get("signature") or feature_signature(trained_on)
-    has = feature_signature(meta)
-    diffs = [f"{k}: run has {_show(ran.get(k))}, cache has {_show(has.get(k))}"
-             for k in has if ran.get(k) != has.get(k)]
-    if diffs:
-        raise CacheError(f"run {run_dir} was trained on cache {trained_on.get('path')}, which differs from "
-                         f"{cache_path}: " + "; ".join(diffs) + ". Train a head on this cache, or extract "
-                         "the cache with the run's backbone and preprocessing.")
-
-
-def fallback_tag(run_dir: str) -> str:
+def fallback_tag(run_dir: str, classes: list[str]) -> str:
     counts = load_json(os.path.join(run_dir, "split.json")).get("train_per_class") or {}
-    return max(LABELS, key=lambda c: (counts.get(c, 0), -LABELS.index(c)))  # ties: first label
+    return max(classes, key=lambda c: (counts.get(c, 0), -classes.index(c)))  # ties: first class
 
 
 def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test", device: str = "auto",
-            batch_size: int = 1024) -> PredictResult:
-    model, cfg = load_head(run_dir, resolve_device(device))
-    trained_on = load_json(os.path.join(run_dir, "cache.json"))
-    data = cache if isinstance(cache, CacheData) else load_cache(str(cache))
-    check_compatible(run_dir, trained_on, data.path, data.meta)
+            batch_size: int | None = None) -> PredictResult:
+    dev = resolve_device(device)
+    model, cfg = load_head(run_dir, dev)
+    flat, classes = cfg["train"], cfg["classes"]
+    n = flat.get("text_layers", 0) if cfg["stage"] == "finetune" else 0
+    text_forward = flat.get("text_forward", "cached")
+    if not isinstance(cache, CacheData):
+        keys = model.inputs + (stage2_keys(text_forward) if n else ())
+        cache = load_cache(str(cache), keys=keys, texts=bool(n))
+    data = cache
+    check_cache(run_dir, cfg, data.path, data.meta, data.classes)
 
     rows = data.rows(split)
     if rows.size == 0:
@@ -79,15 +72,13 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     bias = load_json(bias_path)["offsets"] if os.path.exists(bias_path) else None
 
     ok = data.valid[rows]
-    fallback = fallback_tag(run_dir)
+    fallback = fallback_tag(run_dir, classes)
     tags = np.full(rows.size, fallback, dtype=object)
     if ok.any():
-        if "finetune" in cfg:  # stage-2 run: the cache's text backbone with the run's layers (ft_model.py)
-            from .ft_model import finetune_logits
-            logits = finetune_logits(run_dir, cfg, model, data, rows[ok], next(model.parameters()).device)
-        else:
-            logits = infer(model, data, rows[ok], next(model.parameters()).device, batch_size)["logits"]
-        tags[ok] = np.asarray(LABELS, dtype=object)[apply_bias(logits, bias).argmax(1)]
+        if n:
+            model, data = _with_text_layers(run_dir, model, data, n, text_forward, dev)
+        logits = infer(model, data, rows[ok], dev, batch_size or BATCH[cfg["stage"]])["logits"]
+        tags[ok] = np.asarray(classes, dtype=object)[apply_bias(logits, bias).argmax(1)]
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w", newline="\n") as f:
@@ -96,3 +87,15 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
             f.write(f"{data.guids[r]},{tag}\n")
     return PredictResult(out=out, split=split, written=int(rows.size), fallback_tag=fallback,
                          invalid=[data.guids[r] for r in rows[~ok]], tags=dict(Counter(tags.tolist())))
+
+
+def _with_text_layers(run_dir: str, head, data: CacheData, n: int, text_forward: str, device):
+    """(stage-2 model, data with its text inputs): the cache's text backbone with the run's top `n` layers."""
+    text = load_text_backbone(data.meta)
+    text.lock(n)
+    text.to(device)
+    # before loading the run's layers: the stored states are checked against the cache with the original weights
+    data = with_text_inputs(data, text, n, text_forward, device, say=lambda m: None)
+    model = FinetuneModel(head, text, n, cached="text_states" in data.features).to(device)
+    model.load_text_params(load_text_layers(run_dir), os.path.join(run_dir, TEXT_LAYERS_FILE))
+    return model, data

@@ -1,31 +1,47 @@
-"""The run directory: what `train` writes and what `predict` reads back.
+"""The run directory: its format, its one writer (`write_run`: stage 1, stage 2 and the probe) and its readers.
 
-    config.json          {"train": TrainConfig, "head": HeadConfig}; both rebuilt with Cls(**cfg)
-    head.safetensors     head weights (state_dict)
-    cache.json           cache key, backbone, preprocessing, dataset of the cache it was trained on
-    split.json           seed, val_ratio, train/val guids, training class counts
-    metrics.json         validation metrics (tuned and "untuned" with --tune-bias), counts, timing
-    bias.json            per-class logit offsets (only with --tune-bias; predict applies them)
-    history.json         one row per epoch
-    val_predictions.csv  guid,label,pred,p_<class>... (+ pred_untuned with --tune-bias)
-    *.png                plots
+    config.json              {"format": 2, "stage": "train" | "finetune" | "probe",
+                              "train" (head runs) | "probe": the run's config as its flat view (heads.config:
+                                  the names grids, `heads report --group-by` and the resume check address),
+                              "dims": the head's input sizes and class count, "classes": the cache's class
+                              names (label k is classes[k]), "env": what produced the run (featcache.env)}
+    head.safetensors         head weights (state_dict)
+    text_layers.safetensors  stage 2: the unfrozen text-layer parameters only
+    cache.json               cache key, backbone, preprocessing, dataset of the cache it was trained on
+    split.json               seed, split settings, training class counts, train/val/test guids (+ init)
+    metrics.json             validation metrics (tuned and "untuned" with --tune-bias), classes, counts,
+                             timing; written last, so its presence means the run is complete
+    bias.json                per-class logit offsets (only with --tune-bias; predict applies them)
+    history.json             one row per epoch
+    val_predictions.csv      guid,label,pred,p_<class>... (+ pred_untuned with --tune-bias)
+    *.png                    plots (drawn by the caller before metrics.json)
+
+Older run directories keep loading: `read_config` upgrades their config.json (format 1: {"train": TrainConfig,
+"head": HeadConfig}, stage 2 with a "finetune" section, probes {"probe": ...}; no class names, so MVSA's
+three, featcache.store.LEGACY_CLASSES).
 """
 from __future__ import annotations
 
 import csv
 import json
 import os
-from dataclasses import asdict
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from featcache.dataset import LABELS
-from featcache.store import feature_signature
+from featcache.store import LEGACY_CLASSES, CacheError, feature_signature
 
-from .fusions import HeadConfig, create_fusion
 
+FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
+HEAD_FILE, TEXT_LAYERS_FILE = "head.safetensors", "text_layers.safetensors"
+# Format 1 stage 2: the head and loss of a run came from its "train" section (the --init run's, or the fresh
+# head's), its optimisation and text layers from "finetune", under older names.
+_FT1_FROM_TRAIN = ("fusion", "modality", "hidden", "dropout", "attn_heads", "modality_dropout", "loss",
+                   "label_smoothing", "focal_gamma", "val_ratio", "test_ratio", "folds", "fold")
+_FT1_RENAMED = {"unfreeze_text": "text_layers", "lr_head": "lr"}
 
 
 def save_json(path: str, obj) -> None:
@@ -41,7 +57,7 @@ def load_json(path: str):
 
 def is_finished(run_dir: str, section: str, config: dict) -> bool:
     """A finished run of exactly this config: metrics.json is written last, so its presence means complete,
-    and config.json[section] must equal `config` (a changed config is a different run)."""
+    and config.json[section] (a flat view) must equal `config` (a changed config is a different run)."""
     try:
         return (os.path.exists(os.path.join(run_dir, "metrics.json"))
                 and load_json(os.path.join(run_dir, "config.json"))[section] == config)
@@ -54,24 +70,71 @@ def cache_info(meta: dict, path: str) -> dict:
             "signature": feature_signature(meta), "dataset": meta.get("dataset")}
 
 
-def save_head(run_dir: str, model: torch.nn.Module, train_cfg, head_cfg: HeadConfig) -> None:
-    from safetensors.torch import save_file
-    save_json(os.path.join(run_dir, "config.json"), {"train": asdict(train_cfg), "head": asdict(head_cfg)})
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, os.path.join(run_dir, "head.safetensors"))
+# ------------------------------------------------------------------------------------------ reading
+PROBE_NAME = "logreg-probe"  # how probe runs name their "fusion" in metrics.json and reports
+# heads.fusions.HeadDims' fields: what format 1 kept in its "head" section beside the hyperparameters.
+DIM_KEYS = ("text_dim", "text_pooled_dim", "image_dim", "image_pooled_dim", "num_classes")
 
 
-def load_head(run_dir: str, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the head from config.json + head.safetensors. Returns (model in eval mode, config dict)."""
-    from safetensors.torch import load_file
-    for name in ("config.json", "head.safetensors", "cache.json"):
+def upgrade_config(raw: dict) -> dict:
+    """Any config.json this project wrote, as format 2."""
+    if raw.get("format") == FORMAT:
+        return raw
+    if "format" in raw:
+        raise ValueError(f"config.json has format {raw['format']}, newer than this code reads ({FORMAT})")
+    out = {"format": FORMAT, "classes": list(LEGACY_CLASSES)}
+    if "probe" in raw:
+        return {**out, "stage": "probe", "probe": raw["probe"]}
+    dims = {k: raw["head"][k] for k in DIM_KEYS}
+    if "finetune" in raw:
+        ft, head_run = raw["finetune"], raw["train"]
+        train = {_FT1_RENAMED.get(k, k): v for k, v in ft.items() if k != "cache"}
+        train.update({k: head_run[k] for k in _FT1_FROM_TRAIN if k in head_run})
+        return {**out, "stage": "finetune", "train": train, "dims": dims}
+    return {**out, "stage": "train", "train": raw["train"], "dims": dims}
+
+
+def read_config(run_dir: str) -> dict:
+    """config.json of a head run, upgraded to format 2; FileNotFoundError when `run_dir` is not one."""
+    for name in ("config.json", HEAD_FILE, "cache.json"):
         if not os.path.exists(os.path.join(run_dir, name)):
             raise FileNotFoundError(f"{run_dir} is not a heads run directory (no {name}); "
                                     "point --run at a directory written by `heads train`")
-    cfg = load_json(os.path.join(run_dir, "config.json"))
-    model = create_fusion(cfg["train"]["fusion"], HeadConfig(**cfg["head"]))
-    model.load_state_dict(load_file(os.path.join(run_dir, "head.safetensors")))
-    return model.to(device).eval(), cfg
+    return upgrade_config(load_json(os.path.join(run_dir, "config.json")))
+
+
+def check_cache(run_dir: str, cfg: dict, cache_path: str, meta: dict, classes: list[str]) -> None:
+    """Raise CacheError unless a cache can be fed to a run: every field of the feature signature equal to
+    that of the cache it was trained on (cache.json), naming both sides of each that differs, and the same
+    class names (`cfg` is the run's format-2 config).
+
+    The dataset may differ (that is what predicting on new data means); backbones, weights and
+    preprocessing may not, or the features the head sees would mean something else.
+    """
+    trained_on = load_json(os.path.join(run_dir, "cache.json"))
+    ran = trained_on.get("signature") or feature_signature(trained_on)
+    has = feature_signature(meta)
+    diffs = [f"{k}: run has {_show(ran.get(k))}, cache has {_show(has.get(k))}"
+             for k in has if ran.get(k) != has.get(k)]
+    if diffs:
+        raise CacheError(f"run {run_dir} was trained on cache {trained_on.get('path')}, which differs from "
+                         f"{cache_path}: " + "; ".join(diffs) + ". Train a head on this cache, or extract "
+                         "the cache with the run's backbone and preprocessing.")
+    if list(cfg["classes"]) != list(classes):
+        raise CacheError(f"run {run_dir} predicts the classes {', '.join(cfg['classes'])}, but {cache_path} has "
+                         f"{', '.join(classes)}; train a head on this cache")
+
+
+def _show(value) -> str:
+    return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
+
+
+def load_text_layers(run_dir: str) -> dict[str, torch.Tensor]:
+    """The unfrozen text-layer parameters a stage-2 run saved."""
+    path = os.path.join(run_dir, TEXT_LAYERS_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{run_dir} is a finetune run without {TEXT_LAYERS_FILE}; it is incomplete")
+    return load_file(path)
 
 
 def head_params(run_dir: str, metrics: dict) -> int | None:
@@ -80,7 +143,7 @@ def head_params(run_dir: str, metrics: dict) -> int | None:
     exactly the parameters). Probes record their coefficient count. None when neither is there."""
     if "head_params" in metrics:
         return int(metrics["head_params"])
-    path = os.path.join(run_dir, "head.safetensors")
+    path = os.path.join(run_dir, HEAD_FILE)
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:  # safetensors: u64 little-endian header size, then a JSON header
@@ -88,17 +151,62 @@ def head_params(run_dir: str, metrics: dict) -> int | None:
     return int(sum(np.prod(t["shape"], dtype=np.int64) for k, t in header.items() if k != "__metadata__"))
 
 
-def write_predictions(path: str, guids, labels, probs: np.ndarray, pred, pred_untuned=None) -> None:
-    """Validation predictions; label and pred are class names, p_<class> the softmax of the raw logits."""
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["guid", "label", "pred", *[f"p_{c}" for c in LABELS]]
-                   + (["pred_untuned"] if pred_untuned is not None else []))
-        for k, guid in enumerate(guids):
-            row = [guid, LABELS[labels[k]], LABELS[pred[k]], *[f"{p:.6f}" for p in probs[k]]]
-            w.writerow(row + ([LABELS[pred_untuned[k]]] if pred_untuned is not None else []))
-
-
 def read_predictions(path: str) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ writing
+@dataclass
+class RunRecord:
+    """Everything a run directory holds except its plots."""
+    stage: str  # train | finetune | probe
+    config: dict  # the run's flat config view (FlatConfig.flat())
+    classes: list[str]
+    env: dict  # featcache.env.environment(device, threads)
+    cache: dict  # cache_info(meta, path)
+    split: dict  # split.json (Split.record)
+    metrics: dict
+    predictions: dict  # write_predictions' guids, labels, probs, pred (+ pred_untuned)
+    dims: dict | None = None  # head runs: asdict(HeadDims)
+    history: list | None = None
+    bias: list | None = None  # --tune-bias offsets, in class order
+    weights: dict = field(default_factory=dict)  # file name -> state dict (HEAD_FILE, TEXT_LAYERS_FILE)
+
+
+def write_run(out_dir: str, rec: RunRecord, draw=None) -> str:
+    """Write the run directory; `draw(out_dir)` (plots) runs before metrics.json, which comes last."""
+    os.makedirs(out_dir, exist_ok=True)
+    stale = os.path.join(out_dir, "metrics.json")  # with a new config.json it would look finished
+    if os.path.exists(stale):
+        os.remove(stale)
+    section = "probe" if rec.stage == "probe" else "train"
+    config = {"format": FORMAT, "stage": rec.stage, section: rec.config, "classes": list(rec.classes),
+              "env": rec.env}
+    if rec.dims is not None:
+        config["dims"] = rec.dims
+    save_json(os.path.join(out_dir, "config.json"), config)
+    for name, state in rec.weights.items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, name))
+    save_json(os.path.join(out_dir, "cache.json"), rec.cache)
+    save_json(os.path.join(out_dir, "split.json"), rec.split)
+    if rec.bias is not None:
+        save_json(os.path.join(out_dir, "bias.json"), {"labels": list(rec.classes), "offsets": list(rec.bias)})
+    if rec.history is not None:
+        save_json(os.path.join(out_dir, "history.json"), rec.history)
+    write_predictions(os.path.join(out_dir, "val_predictions.csv"), classes=rec.classes, **rec.predictions)
+    if draw is not None:
+        draw(out_dir)
+    save_json(os.path.join(out_dir, "metrics.json"), rec.metrics)
+    return out_dir
+
+
+def write_predictions(path: str, guids, labels, probs: np.ndarray, pred, classes, pred_untuned=None) -> None:
+    """Validation predictions; label and pred are class names, p_<class> the softmax of the raw logits."""
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["guid", "label", "pred", *[f"p_{c}" for c in classes]]
+                   + (["pred_untuned"] if pred_untuned is not None else []))
+        for k, guid in enumerate(guids):
+            row = [guid, classes[labels[k]], classes[pred[k]], *[f"{p:.6f}" for p in probs[k]]]
+            w.writerow(row + ([classes[pred_untuned[k]]] if pred_untuned is not None else []))

@@ -14,10 +14,12 @@ BACKBONE = {"name": "synthetic-text+synthetic-image", "text": "synthetic-text", 
 def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_invalid: int = 6, L: int = 12,
                           Dt: int = 16, Dtp: int = 16, P: int = 6, Di: int = 12, Dip: int = 20,
                           key: str = "synthetic-key-1", backbone: dict | None = None,
-                          preprocessing: dict | None = None, seed: int = 0, noise: float = 1.0) -> str:
+                          preprocessing: dict | None = None, seed: int = 0, noise: float = 1.0,
+                          classes: list[str] | None = None) -> str:
     """Rows: n_train labelled train samples (the last n_invalid of them marked invalid), then n_test unlabelled
-    test samples (one of them invalid). Class c shifts text features along u_c and image features along v_c;
-    text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
+    test samples (one of them invalid). `classes`: three class names recorded in the cache's meta (default: none
+    recorded, as in caches from before class names, which then read as MVSA's three). Class c shifts text
+    features along u_c and image features along v_c; text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
     labels = rng.integers(0, len(LABELS), n)
@@ -44,6 +46,9 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
     meta = {"key": key, "backbone": backbone or BACKBONE,
             "preprocessing": preprocessing or {"clean_text": False, "max_text_len": L},
             "dataset": {"root": "/synthetic", "fingerprint": "0" * 8}, "counts": {"samples": n}}
+    if classes is not None:
+        assert len(classes) == len(LABELS), "the synthetic layout has three classes"
+        meta["classes"] = list(classes)
     writer = CacheWriter(path, meta, samples, {name: a.shape for name, a in arrays.items()})
     writer.write(0, arrays, invalid=[k for k, s in enumerate(samples) if not s.valid])
     return writer.finish(meta)

@@ -16,6 +16,7 @@ from heads.ablate import AblateConfig, ablate, expand, load_grid_toml, parse_axi
 
 FAST = ["--set", "epochs=2", "--set", "hidden=16", "--set", "patience=0"]
 FAST_BASE = {"plots": False, "epochs": 2, "hidden": 16, "patience": 0}
+C = ["negative", "neutral", "positive"]
 
 
 def read_csv(path: str) -> list[dict]:
@@ -109,8 +110,8 @@ def test_report_rebuilds_identical_summaries(cli_ablation, tmp_path):
 
 
 def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
-    import heads.train
-    real_train = heads.train.train
+    import heads.train.stage1
+    real_train = heads.train.stage1.train
     calls = []
 
     def interrupted(cfg, data, out_dir=None, console=None):
@@ -124,14 +125,14 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
     grid = {"fusion": ["concat", "gmu"], "modality": ["both", "text"]}
     cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False,
                        workers=1)  # in order, in this process: the call list above sees every run
-    monkeypatch.setattr(heads.train, "train", interrupted)
+    monkeypatch.setattr(heads.train.stage1, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ablate(cfg)
     first = [os.path.join(d, "metrics.json") for d in calls[:2]]
     mtimes = [os.stat(p).st_mtime_ns for p in first]
 
     calls.clear()
-    monkeypatch.setattr(heads.train, "train", lambda *a, **k: (calls.append(a[2]), real_train(*a, **k))[1])
+    monkeypatch.setattr(heads.train.stage1, "train", lambda *a, **k: (calls.append(a[2]), real_train(*a, **k))[1])
     res = ablate(cfg)
     assert (res.trained, res.skipped) == (2, 2) and len(calls) == 2
     assert [os.stat(p).st_mtime_ns for p in first] == mtimes  # not retrained
@@ -146,25 +147,25 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
 
 
 def test_parallel_ablation_resumes_and_matches_itself(cache, tmp_path, monkeypatch):
-    import heads.train
-    real_train = heads.train.train
+    import heads.train.stage1
+    real_train = heads.train.stage1.train
 
     def dies_on_gmu_text(cfg, data, out_dir=None, console=None):  # runs in a forked worker
-        if cfg.fusion == "gmu" and cfg.modality == "text":
+        if cfg.head.fusion == "gmu" and cfg.head.modality == "text":
             raise RuntimeError("worker died")
         return real_train(cfg, data, out_dir, console)
 
     grid = {"fusion": ["concat", "gmu"], "modality": ["both", "text"]}
     cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid=grid, seeds=[0], base=FAST_BASE, progress=False,
                        workers=2)
-    monkeypatch.setattr(heads.train, "train", dies_on_gmu_text)
+    monkeypatch.setattr(heads.train.stage1, "train", dies_on_gmu_text)
     with pytest.raises(RuntimeError, match="worker died"):
         ablate(cfg)
     finished = sorted(glob.glob(str(tmp_path / "a" / "runs" / "*" / "metrics.json")))
     assert finished and not any("fusion=gmu,modality=text" in p for p in finished)
     mtimes = [os.stat(p).st_mtime_ns for p in finished]
 
-    monkeypatch.setattr(heads.train, "train", real_train)
+    monkeypatch.setattr(heads.train.stage1, "train", real_train)
     res = ablate(cfg)
     assert res.skipped == len(finished) and res.trained == 4 - len(finished)
     assert [os.stat(p).st_mtime_ns for p in finished] == mtimes  # finished runs were not retrained
@@ -184,7 +185,7 @@ def test_grid_parsing(tmp_path):
     assert parse_axis("tune-bias=true,no") == ("tune_bias", [True, False])
     with pytest.raises(ValueError, match="not a valid int"):
         parse_axis("epochs=3.5")
-    with pytest.raises(ValueError, match="unknown grid axis 'nope'.*valid: fusion, modality, loss"):
+    with pytest.raises(ValueError, match="unknown grid axis 'nope'.*valid: fusion, modality, "):
         parse_axis("nope=1")
     with pytest.raises(ValueError, match="unknown grid axis 'folds'"):
         parse_axis("folds=2")
@@ -196,7 +197,7 @@ def test_grid_parsing(tmp_path):
     runs = expand(AblateConfig(cache="c.h5", out="o", grid=grid).validate())
     assert len(runs) == 2 * 2 * 3 and len({r.name for r in runs}) == 12
     assert runs[1].name == "fusion=concat,label_smoothing=0.0,epochs=3,seed=1"
-    assert runs[1].train.label_smoothing == 0.0 and runs[1].train.epochs == 3 and runs[1].train.seed == 1
+    assert runs[1].train.loss.label_smoothing == 0.0 and runs[1].train.optim.epochs == 3 and runs[1].train.seed == 1
     toml.write_text('epochs = ["3"]\n')
     with pytest.raises(ValueError, match="expected int"):
         load_grid_toml(str(toml))
@@ -225,7 +226,7 @@ def test_cli_grid_errors(cache, tmp_path):
 
 
 def test_folds_partition_the_labelled_samples(cache, tmp_path):
-    from heads.data import load_cache
+    from heads.data.cache import load_cache
     cfg = AblateConfig(cache=cache, out=str(tmp_path / "f"), grid={"fusion": ["concat"]}, seeds=[0], folds=3,
                        base=FAST_BASE, progress=False)
     res = ablate(cfg)

@@ -22,15 +22,25 @@ from featcache.addon import add_text_layers, load_text_backbone, tokenize_cache
 from featcache.extract import ExtractConfig, extract
 from featcache.store import CacheError, CacheReader
 from featcache.weights import ENV_DIR, file_sha256
-from heads.data import load_cache
-from heads.finetune import FinetuneConfig, finetune
-from heads.ft_data import prepare_text_inputs
-from heads.train import TrainConfig, train
+from heads.config import FinetuneConfig, TrainConfig
+from heads.data.cache import load_cache
+from heads.data.text_layers import with_text_inputs
+from heads.train.stage1 import train
+from heads.train.stage2 import finetune
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BACKBONES = {"minilm-l6": "minilm-l6+clip-vit-b32", "roberta-base": "roberta-base+clip-vit-b32",  # tiny image tower
              "clip-vit-b32": "clip-vit-b32"}
 FAST = dict(epochs=3, patience=0, hidden=32, plots=False)
+STAGE2_KEYS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled", "text_states")
+
+
+def ft_cfg(**flat) -> FinetuneConfig:
+    return FinetuneConfig.from_flat(**flat)
+
+
+def stage2_data(path: str):
+    return load_cache(path, keys=STAGE2_KEYS, texts=True)
 
 
 @pytest.fixture(scope="module")
@@ -66,10 +76,10 @@ def caches(env):
 
 @pytest.mark.parametrize("name", list(BACKBONES))
 def test_top_layers_on_cached_states_equal_full_forward(caches, name):
-    data = load_cache(caches[name]["added"])
+    data = stage2_data(caches[name]["added"])
     text = load_text_backbone(data.meta)
-    inputs = prepare_text_inputs(data, text, 1)  # also verifies the states against the cached tokens
-    assert inputs.start == text.num_layers - 1 and inputs.hidden is not None
+    inputs = with_text_inputs(data, text, 1)  # also verifies the states against the cached tokens
+    assert inputs.start_layer == text.num_layers - 1 and "text_states" in inputs.features
     rows = torch.arange(len(data))
     with CacheReader(data.path) as r:
         full_batch = tokenize_cache(r, text)
@@ -77,8 +87,9 @@ def test_top_layers_on_cached_states_equal_full_forward(caches, name):
     assert (~mask).any() and mask.any(1).all()  # real padding, every row has tokens
     with torch.no_grad():
         full = text.forward_features(full_batch)
-        b = inputs.batch(rows, "cpu")  # the training path: trimmed to the longest text
-        top = text.forward_layers(b.pop("hidden"), b, inputs.start)
+        b = inputs.batch(rows, "cpu", ("text_states", "input_ids", "text_mask"))  # the training path: trimmed
+        top = text.forward_layers(b["text_states"], {"input_ids": b["input_ids"], "attention_mask": b["text_mask"]},
+                                  inputs.start_layer)
     n = top["tokens"].shape[1]
     assert n <= mask.shape[1] and torch.equal(top["mask"], mask[:, :n])
     m = mask[:, :n]
@@ -123,15 +134,14 @@ def test_add_text_layers_refuses_other_weights(caches, env, tmp_path):
 def test_n0_reproduces_stage1_exactly(make_synthetic_cache, tmp_path):
     cache = make_synthetic_cache(noise=3.0)  # no backbone at all: N=0 never loads one
     # Same settings on both sides: stage 2 trains in fp32 on CPU, so stage 1 is pinned to fp32 here.
-    ref = train(TrainConfig(**FAST, batch_size=64, lr=1e-3, precision="fp32"), cache, str(tmp_path / "s1"))
-    ft = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, lr_head=1e-3, batch_size=64, **FAST))
-    assert np.array_equal(ft.val_logits, ref.val_logits)
-    assert np.array_equal(ft.split.val, ref.split.val)
+    ref = train(TrainConfig.from_flat(**FAST, batch_size=64, lr=1e-3, precision="fp32"), cache, str(tmp_path / "s1"))
+    res = finetune(ft_cfg(text_layers=0, lr=1e-3, batch_size=64, **FAST), cache)
+    assert np.array_equal(res.val_logits, ref.val_logits)
+    assert np.array_equal(res.split.val, ref.split.val)
     drop = lambda h: [{k: v for k, v in row.items() if k != "seconds"} for row in h]
-    assert drop(ft.history) == drop(ref.history)
+    assert drop(res.history) == drop(ref.history)
     # --init with zero learning rates: the stage-1 head, unchanged, on the stage-1 split
-    same = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=0.0, epochs=1,
-                                   plots=False))
+    same = finetune(ft_cfg(text_layers=0, init=ref.run_dir, lr=0.0, epochs=1, plots=False), cache)
     assert np.array_equal(same.val_logits, ref.val_logits) and np.array_equal(same.split.val, ref.split.val)
 
 
@@ -139,27 +149,26 @@ def test_init_run_test_split_scores_both_stages_on_it(make_synthetic_cache, tmp_
     """An init run with --test-ratio: stage 2 keeps its test rows out of training and selection and scores the
     init head and the final model on them; with zero learning rates both equal stage 1's own test score."""
     cache = make_synthetic_cache(noise=3.0)
-    ref = train(TrainConfig(**FAST, test_ratio=0.2, precision="fp32"), cache, str(tmp_path / "s1"))
-    zero = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=0.0, epochs=1,
-                                   plots=False), str(tmp_path / "ft0"))
+    ref = train(TrainConfig.from_flat(**FAST, test_ratio=0.2, precision="fp32"), cache, str(tmp_path / "s1"))
+    zero = finetune(ft_cfg(text_layers=0, init=ref.run_dir, lr=0.0, epochs=1, plots=False), cache,
+                    str(tmp_path / "ft0"))
     assert zero.metrics["init_test"] == ref.metrics["test"] == zero.metrics["test"]
     assert zero.metrics["counts"]["test"] == ref.metrics["counts"]["test"] > 0
     held = set(zero.split.test)
     assert held == set(ref.split.test) and not held & (set(zero.split.train) | set(zero.split.val))
     saved = json.load(open(tmp_path / "ft0" / "split.json"))["test"]
     assert saved == json.load(open(tmp_path / "s1" / "split.json"))["test"]
-    moved = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=ref.run_dir, lr_head=1e-2, epochs=2,
-                                    patience=0, plots=False))
+    moved = finetune(ft_cfg(text_layers=0, init=ref.run_dir, lr=1e-2, epochs=2, patience=0, plots=False), cache)
     assert moved.metrics["init_test"] == ref.metrics["test"] and "test" in moved.metrics
     # without a test split in the init run, nothing is invented
-    plain = train(TrainConfig(**FAST, precision="fp32"), cache, str(tmp_path / "s1b"))
-    none = finetune(FinetuneConfig(cache=cache, unfreeze_text=0, init=plain.run_dir, epochs=1, plots=False))
+    plain = train(TrainConfig.from_flat(**FAST, precision="fp32"), cache, str(tmp_path / "s1b"))
+    none = finetune(ft_cfg(text_layers=0, init=plain.run_dir, epochs=1, plots=False), cache)
     assert "test" not in none.metrics and "init_test" not in none.metrics
 
 
 def test_only_top_blocks_change(caches):
     path = caches["minilm-l6"]["added"]
-    res = finetune(FinetuneConfig(cache=path, unfreeze_text=1, lr_text=1e-3, lr_head=1e-3, batch_size=8, **FAST))
+    res = finetune(ft_cfg(text_layers=1, lr_text=1e-3, lr=1e-3, batch_size=8, **FAST), path)
     trained = dict(res.model.text.named_parameters())
     fresh = dict(load_text_backbone(load_cache(path).meta).named_parameters())
     top = "model.encoder.layer.5."
@@ -186,7 +195,8 @@ def test_cli_finetune_predict_and_fallback(caches, tmp_path):
     split = lambda d: json.load(open(os.path.join(d, "split.json")))
     assert split(ft)["val"] == split(s1)["val"] and split(ft)["train"] == split(s1)["train"]
     cfg = json.load(open(os.path.join(ft, "config.json")))
-    assert cfg["finetune"]["unfreeze_text"] == 1 and cfg["train"]["fusion"] == "film"
+    assert cfg["stage"] == "finetune" and cfg["train"]["text_layers"] == 1 and cfg["train"]["fusion"] == "film"
+    assert cfg["train"]["hidden"] == 32 and cfg["train"]["epochs"] == 2  # the init's head, stage 2's loop
     r = runner.invoke(heads_app, ["predict", "--run", ft, "--cache", path, "--out", preds])
     assert r.exit_code == 0, r.output
     data = load_cache(path)
@@ -206,19 +216,19 @@ def test_cached_and_full_forward_agree_and_lower_start(caches):
     """Same logits (fp16 tolerance) from stored states and from the whole tower; states that start lower
     than L-N run the frozen blocks once up front (roberta has 2 layers: states entering 0, train the top 1)."""
     path = caches["roberta-base"]["extracted"]
-    zero = dict(lr_head=0.0, lr_text=0.0, epochs=1, patience=0, plots=False)
-    a = finetune(FinetuneConfig(cache=path, unfreeze_text=1, **zero))
-    b = finetune(FinetuneConfig(cache=path, unfreeze_text=1, text_forward="full", **zero))
+    zero = dict(lr=0.0, lr_text=0.0, epochs=1, patience=0, plots=False)
+    a = finetune(ft_cfg(text_layers=1, **zero), path)
+    b = finetune(ft_cfg(text_layers=1, text_forward="full", **zero), path)
     assert a.metrics["text_forward"] == "cached" and b.metrics["text_forward"] == "full"
     np.testing.assert_allclose(a.val_logits, b.val_logits, atol=1e-3, rtol=1e-3)
-    data = load_cache(path)
+    data = stage2_data(path)
     text = load_text_backbone(data.meta)
     text.lock(2)
-    inputs = prepare_text_inputs(data, text, 2)  # states entering layer 1 cover only 1: full fallback
-    assert inputs.hidden is None
+    inputs = with_text_inputs(data, text, 2)  # states entering layer 1 cover only 1: full fallback
+    assert "text_states" not in inputs.features and "input_ids" in inputs.features
     text.lock(1)
     lower = str(caches["roberta-base"]["added"]).replace("added", "all")
     shutil.copyfile(caches["roberta-base"]["plain"], lower)
     add_text_layers(lower, 2, progress=False)  # states entering block 0
-    c = finetune(FinetuneConfig(cache=lower, unfreeze_text=1, **zero))
+    c = finetune(ft_cfg(text_layers=1, **zero), lower)
     np.testing.assert_allclose(c.val_logits, a.val_logits, atol=1e-3, rtol=1e-3)

@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from heads.fusions import DEFAULT_FUSION, FUSIONS, MODALITIES, HeadConfig, create_fusion, list_fusions
+from heads.fusions import DEFAULT_FUSION, FUSIONS, MODALITIES, HeadConfig, HeadDims, create_fusion, list_fusions
 
 DIMS = dict(text_dim=16, text_pooled_dim=12, image_dim=10, image_pooled_dim=14)
 NAMES = list_fusions()
 
 
-def head(name: str, **kw) -> torch.nn.Module:
+def head(name: str, num_classes: int = 3, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
-    cfg = HeadConfig(**DIMS, **{"hidden": 32, "attn_heads": 4, **kw})
-    return create_fusion(name, cfg).eval()
+    cfg = HeadConfig(fusion=name, **{"hidden": 32, "attn_heads": 4, **kw})
+    return create_fusion(cfg, HeadDims(**DIMS, num_classes=num_classes)).eval()
 
 
 def make_batch(B: int = 8, L: int = 7, P: int = 5, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -34,9 +34,12 @@ def test_registry():
     assert {"concat", "gmu", "film", "cross-attn", "co-attn"} <= set(NAMES)
     assert DEFAULT_FUSION in FUSIONS
     with pytest.raises(ValueError, match="valid: concat, gmu"):
-        create_fusion("nope", HeadConfig(**DIMS))
+        create_fusion(HeadConfig(fusion="nope"), HeadDims(**DIMS, num_classes=3))
     with pytest.raises(ValueError, match="modality"):
-        HeadConfig(**DIMS, modality="audio")
+        HeadConfig(modality="audio")
+    # What `heads fusions` shows comes from the classes themselves
+    assert not FUSIONS.get("concat").uses_tokens() and FUSIONS.get("film").uses_tokens()
+    assert FUSIONS.get("gmu").description().startswith("gated multimodal unit")
 
 
 @pytest.mark.parametrize("modality", MODALITIES)

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from heads.bias import apply_bias, tune_bias
-from heads.losses import build_loss, class_weights, rdrop_kl
-from heads.metrics import compute_metrics, macro_f1, quick_scores
+from heads.train.bias import apply_bias, tune_bias
+from heads.train.losses import LossConfig, build_loss, class_weights, rdrop_kl
+from heads.train.metrics import compute_metrics, macro_f1, quick_scores
 
 
 def test_class_weights_inverse_sqrt_and_normalised():
@@ -21,17 +21,18 @@ def test_class_weights_inverse_sqrt_and_normalised():
 def test_ce_variants():
     g = torch.Generator().manual_seed(0)
     logits, y = torch.randn(32, 3, generator=g), torch.randint(0, 3, (32,), generator=g)
-    assert build_loss("ce")(logits, y) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
-    assert build_loss("ce", label_smoothing=0.1)(logits, y) == pytest.approx(
+    counts = [10, 5, 20]
+    loss = lambda name, **kw: build_loss(LossConfig(name, **kw), counts)  # noqa: E731
+    assert loss("ce")(logits, y) == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert loss("ce", label_smoothing=0.1)(logits, y) == pytest.approx(
         F.cross_entropy(logits, y, label_smoothing=0.1).item(), rel=1e-6)
-    w = class_weights([10, 5, 20])
-    assert build_loss("weighted_ce", [10, 5, 20])(logits, y) == pytest.approx(
-        F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
-    focal0 = build_loss("focal", focal_gamma=0.0)(logits, y)
+    w = class_weights(counts)
+    assert loss("weighted_ce")(logits, y) == pytest.approx(F.cross_entropy(logits, y, weight=w).item(), rel=1e-6)
+    focal0 = loss("focal", focal_gamma=0.0)(logits, y)
     assert focal0 == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
-    assert build_loss("focal")(logits, y) < focal0
+    assert loss("focal")(logits, y) < focal0
     with pytest.raises(ValueError, match="valid: ce, weighted_ce, focal"):
-        build_loss("mse")
+        loss("mse")
 
 
 def test_rdrop_kl():
@@ -44,7 +45,7 @@ def test_quick_scores_match_sklearn():
     rng = np.random.default_rng(0)
     y, p = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
     p[:5] = 0  # some imbalance
-    ref = compute_metrics(y, p)
+    ref = compute_metrics(y, p, ["a", "b", "c"])
     for k, v in quick_scores(y, p, 3).items():
         assert v == pytest.approx(ref[k])
     assert macro_f1(y, p, 3) == pytest.approx(ref["macro_f1"])

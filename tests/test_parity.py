@@ -12,8 +12,8 @@ import torch
 from featcache.backbones import create_image, create_text, locate
 from featcache.extract import ExtractConfig, extract
 from featcache.images import load_rgb
-from heads.data import load_cache
-from heads.fusions import HeadConfig, create_fusion, list_fusions
+from heads.data.cache import load_cache
+from heads.fusions import HeadConfig, HeadDims, create_fusion, list_fusions
 from heads.infer import infer
 from mvsa_fixtures import require_mvsa
 
@@ -65,7 +65,7 @@ def test_features_match_cache(real_cache, on_the_fly):
 @pytest.mark.parametrize("fusion", list_fusions())
 def test_head_predictions_cached_equal_uncached(real_cache, on_the_fly, fusion):
     torch.manual_seed(0)
-    head = create_fusion(fusion, HeadConfig(**real_cache.dims())).eval()
+    head = create_fusion(HeadConfig(fusion=fusion), HeadDims(**real_cache.dims(), num_classes=3)).eval()
     rows = np.arange(len(real_cache))
     cached = infer(head, real_cache, rows)["logits"]
     with torch.inference_mode():

@@ -10,16 +10,15 @@ import json
 import os
 import re
 import shutil
-from dataclasses import asdict
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from heads.metrics import compute_metrics
+from heads.config import TrainConfig
 from heads.report.compare import paired_bootstrap
 from heads.report.tables import latex_escape
-from heads.train import TrainConfig
+from heads.train.metrics import compute_metrics
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
 
 
@@ -100,7 +99,7 @@ def fake_run(root, name: str, f1: float, history: list[float] | None = None, **t
     os.makedirs(d)
     per_class = {c: {"precision": f1, "recall": f1, "f1": f1, "support": 10} for c in ("negative", "neutral",
                                                                                         "positive")}
-    save_json(os.path.join(d, "config.json"), {"train": asdict(TrainConfig(fusion="film", **train))})
+    save_json(os.path.join(d, "config.json"), {"train": TrainConfig.from_flat(fusion="film", **train).flat()})
     if history is not None:
         save_json(os.path.join(d, "history.json"), [{"epoch": e + 1, "macro_f1": v} for e, v in enumerate(history)])
     save_json(os.path.join(d, "metrics.json"), {"accuracy": f1, "macro_f1": f1, "weighted_f1": f1,
@@ -213,7 +212,8 @@ def test_summary_page_is_self_contained(ablation):
 
 
 def test_head_params_recorded_and_recovered(ablation):
-    from heads.rundir import head_params, load_head
+    from heads.infer import load_head
+    from heads.rundir import head_params
     d = os.path.join(ablation, "runs", next(n for n in sorted(os.listdir(os.path.join(ablation, "runs")))
                                           if n.startswith("fusion=gmu")))
     metrics = load(os.path.join(d, "metrics.json"))
@@ -235,7 +235,9 @@ def test_paired_bootstrap():
         bad = np.where(rng.random(n) < 0.5, y, rng.integers(0, 3, n))
         groups.append((y, good, bad))
     res = paired_bootstrap(groups, 3, n_boot=500, seed=3)
-    expected = np.mean([compute_metrics(y, a)["macro_f1"] - compute_metrics(y, b)["macro_f1"] for y, a, b in groups])
+    C = ["negative", "neutral", "positive"]
+    expected = np.mean([compute_metrics(y, a, C)["macro_f1"] - compute_metrics(y, b, C)["macro_f1"]
+                        for y, a, b in groups])
     assert res["diff"] == pytest.approx(expected, abs=1e-12)
     assert res["ci_lo"] < res["diff"] < res["ci_hi"] and res["ci_lo"] > 0  # a clearly better model
     assert paired_bootstrap(groups, 3, n_boot=500, seed=3) == res
@@ -304,7 +306,7 @@ def class_run(root, name: str, classes: list[str], labels: list[int], preds: lis
          "weighted_f1": float(np.average(f1, weights=np.bincount(labels, minlength=len(classes)))),
          "per_class": {c: {"f1": float(f1[k])} for k, c in enumerate(classes)}, "classes": classes,
          "timing": {"train_s": 1.0}}
-    save_json(os.path.join(d, "config.json"), {"train": asdict(TrainConfig(**train))})
+    save_json(os.path.join(d, "config.json"), {"train": TrainConfig.from_flat(train).flat()})
     save_json(os.path.join(d, "metrics.json"), m)
     with open(os.path.join(d, "val_predictions.csv"), "w") as f:
         f.write("guid,label,pred\n" + "".join(f"g{i},{classes[y]},{classes[p]}\n"

@@ -29,7 +29,7 @@ import featcache.shards as sh
 from featcache.extract import ExtractConfig, extract
 from featcache.manifest import ShardedReader, write_manifest
 from featcache.store import CacheError
-from heads.data import load_cache
+from heads.data.cache import load_cache
 from mvsa_fixtures import require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -1,12 +1,12 @@
-"""heads.stratify and heads.metrics re-implement sklearn (to keep sklearn's ~1.4 s import out of `heads train`);
+"""heads.data.splits and heads.train.metrics re-implement sklearn (to keep sklearn's ~1.4 s import out of `heads train`);
 these tests hold them to sklearn itself, so a seed keeps meaning the same split and a metric the same number."""
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 from sklearn.model_selection import train_test_split
 
-from heads.metrics import compute_metrics
-from heads.stratify import stratified_holdout
+from heads.train.metrics import compute_metrics
+from heads.data.splits import stratified_holdout
 
 
 @pytest.mark.parametrize("counts", [(1910, 954, 335), (7, 5, 2), (40, 40, 40), (3, 2), (11, 13, 2, 9)])
@@ -23,9 +23,10 @@ def test_stratified_holdout_equals_train_test_split(counts, ratio):
 
 
 def test_split_labelled_matches_two_sklearn_splits(make_synthetic_cache):
-    from heads.data import load_cache, split_labelled
+    from heads.data.cache import load_cache
+    from heads.data.splits import SplitConfig, split_labelled
     data = load_cache(make_synthetic_cache())
-    split = split_labelled(data, 0.25, seed=3, test_ratio=0.2)
+    split = split_labelled(data, SplitConfig(val_ratio=0.25, test_ratio=0.2), seed=3)
     usable = np.flatnonzero((data.labels >= 0) & data.valid)
     rest, test = train_test_split(usable, test_size=int(round(0.2 * usable.size)), random_state=3,
                                   stratify=data.labels[usable])
@@ -43,7 +44,7 @@ def test_compute_metrics_equals_sklearn(seed):
     k = 2 if seed % 3 == 0 else 3
     y_true, y_pred = rng.integers(0, k, n), rng.integers(0, 3, n)
     ids = [0, 1, 2]
-    m = compute_metrics(y_true, y_pred)
+    m = compute_metrics(y_true, y_pred, ["negative", "neutral", "positive"])
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=ids, zero_division=0)
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred), abs=1e-12)
     for avg in ("macro", "weighted"):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import dataclasses
 import inspect
 import json
 import os
@@ -12,15 +11,20 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from featcache.dataset import LABELS
-from featcache.store import CacheError
-from heads.fusions import HeadConfig
-from heads.data import DataError, load_cache, split_labelled
-from heads.metrics import compute_metrics
+from featcache.store import LEGACY_CLASSES, CacheError
+from heads.config import TrainConfig
+from heads.data.cache import DataError, load_cache
+from heads.data.splits import SplitConfig, split_labelled
 from heads.predict import predict
-from heads.train import TrainConfig, train
+from heads.train.metrics import compute_metrics
+from heads.train.stage1 import train
 
+LABELS = list(LEGACY_CLASSES)  # the synthetic caches record no class names: older caches' default
 FAST = dict(epochs=4, patience=0, hidden=32, plots=False)
+
+
+def cfg(**flat) -> TrainConfig:
+    return TrainConfig.from_flat(**{**FAST, **flat})
 RUN_FILES = ("config.json", "metrics.json", "history.json", "head.safetensors", "val_predictions.csv",
              "cache.json", "split.json")
 
@@ -41,7 +45,7 @@ def cache(make_synthetic_cache):
 
 def test_data_split_counts_and_invalid(cache):
     data = load_cache(cache)
-    split = split_labelled(data, 0.2, seed=0)
+    split = split_labelled(data, SplitConfig(val_ratio=0.2), seed=0)
     c = split.counts
     assert c["invalid_excluded"] == 6 and c["unlabelled"] == 40 and c["invalid"] == 7
     assert c["train"] + c["val"] == 240 - 6
@@ -57,32 +61,31 @@ def test_data_split_counts_and_invalid(cache):
 def test_refuses_cache_without_labels(make_synthetic_cache):
     path = make_synthetic_cache("unlabelled.h5", n_train=0, n_invalid=0)
     with pytest.raises(DataError, match="no labelled valid samples"):
-        train(TrainConfig(**FAST), path)
+        train(cfg(), path)
 
 
 def test_unknown_names_are_user_errors(cache):
     with pytest.raises(ValueError, match="valid: concat"):
-        train(TrainConfig(fusion="nope", **FAST), cache)
+        train(cfg(fusion="nope"), cache)
     with pytest.raises(ValueError, match="valid: macro_f1"):
-        train(TrainConfig(metric="auc", **FAST), cache)
+        train(cfg(metric="auc"), cache)
 
 
 def test_reproducible_with_same_seed(cache, tmp_path):
     data = load_cache(cache)  # loaded once, trained twice: the ablation's use
-    a = train(TrainConfig(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5, **FAST), data, str(tmp_path / "a"))
-    b = train(TrainConfig(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5, **FAST), data, str(tmp_path / "b"))
+    a = train(cfg(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5), data, str(tmp_path / "a"))
+    b = train(cfg(fusion="cross-attn", modality_dropout=0.2, rdrop=0.5), data, str(tmp_path / "b"))
     assert strip_timing(a.metrics) == strip_timing(b.metrics)
     assert [{**h, "seconds": 0} for h in a.history] == [{**h, "seconds": 0} for h in b.history]
     assert open(tmp_path / "a" / "head.safetensors", "rb").read() == open(tmp_path / "b" / "head.safetensors", "rb").read()
-    c = train(TrainConfig(fusion="cross-attn", seed=1, **FAST), data)
+    c = train(cfg(fusion="cross-attn", seed=1), data)
     assert not np.array_equal(c.split.val, a.split.val)
 
 
 @pytest.mark.parametrize("fusion", ["gmu", "film"])
 def test_run_dir_and_metrics_match_predictions(cache, tmp_path, fusion):
     out = str(tmp_path / "run")
-    res = train(TrainConfig(fusion=fusion, loss="weighted_ce", label_smoothing=0.1, tune_bias=True,
-                            **{**FAST, "plots": True}), cache, out)
+    res = train(cfg(fusion=fusion, loss="weighted_ce", label_smoothing=0.1, tune_bias=True, plots=True), cache, out)
     for name in RUN_FILES + ("bias.json", "curves.png", "confusion.png"):
         assert os.path.exists(os.path.join(out, name)), name
     assert os.path.exists(os.path.join(out, "gate.png")) == (fusion == "gmu")
@@ -92,7 +95,7 @@ def test_run_dir_and_metrics_match_predictions(cache, tmp_path, fusion):
     y = [LABELS.index(r["label"]) for r in rows]
     for key, column in (("tuned", "pred"), ("untuned", "pred_untuned")):
         ref = metrics if key == "tuned" else metrics["untuned"]
-        again = compute_metrics(y, [LABELS.index(r[column]) for r in rows])
+        again = compute_metrics(y, [LABELS.index(r[column]) for r in rows], LABELS)
         for k in ("accuracy", "macro_f1", "weighted_f1", "per_class", "confusion_matrix"):
             assert again[k] == ref[k], (key, k)
     probs = np.array([[float(r[f"p_{c}"]) for c in LABELS] for r in rows])
@@ -104,17 +107,19 @@ def test_run_dir_and_metrics_match_predictions(cache, tmp_path, fusion):
     split = json.load(open(os.path.join(out, "split.json")))
     assert [r["guid"] for r in rows] == split["val"]
     assert len(split["train"]) + len(split["val"]) == 234 and not set(split["train"]) & set(split["val"])
-    cfg = json.load(open(os.path.join(out, "config.json")))
-    rebuilt = TrainConfig(**cfg["train"])
-    assert rebuilt.fusion == fusion and rebuilt.tune_bias and rebuilt.loss == "weighted_ce"
-    assert HeadConfig(**cfg["head"]).text_dim == res.model.cfg.text_dim
+    saved = json.load(open(os.path.join(out, "config.json")))
+    rebuilt = TrainConfig.from_flat(saved["train"])
+    expected = cfg(fusion=fusion, loss="weighted_ce", label_smoothing=0.1, tune_bias=True, plots=True)
+    assert rebuilt == expected and rebuilt.head.fusion == fusion and rebuilt.loss.name == "weighted_ce"
+    assert saved["stage"] == "train" and saved["dims"]["text_dim"] == res.model.dims.text_dim
+    assert saved["classes"] == metrics["classes"] == LABELS and saved["env"]["threads"] >= 1
     assert json.load(open(os.path.join(out, "cache.json")))["key"] == "synthetic-key-1"
     assert len(json.load(open(os.path.join(out, "history.json")))) == 4
 
 
 def test_predict_every_test_guid_and_refuses_other_caches(cache, make_synthetic_cache, tmp_path):
     out = str(tmp_path / "run")
-    res = train(TrainConfig(fusion="concat", **FAST), cache, out)
+    res = train(cfg(fusion="concat"), cache, out)
     preds = str(tmp_path / "preds.txt")
     r = predict(out, cache, preds)
     lines = open(preds).read().splitlines()
@@ -147,7 +152,7 @@ def test_predict_every_test_guid_and_refuses_other_caches(cache, make_synthetic_
 
 def test_cli_defaults_follow_train_config():
     from cli import heads_train_cmd
-    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults = TrainConfig().flat()
     for name, param in inspect.signature(heads_train_cmd).parameters.items():
         if name in defaults and name != "fusion":
             assert param.default.default == defaults[name], name
@@ -175,7 +180,7 @@ def test_cli_train_then_predict(cache, tmp_path):
 
 def test_trainer_eval_at_start_keeps_a_better_start():
     # Stage 2 starts from an already-selected head: epochs that only make it worse must not replace it.
-    from heads.trainer import Trainer, TrainerConfig
+    from heads.train.loop import OptimConfig, Trainer
     torch.manual_seed(0)
     x, y = torch.randn(64, 4), torch.randint(0, 2, (64,))
     model = torch.nn.Linear(4, 2)
@@ -188,12 +193,12 @@ def test_trainer_eval_at_start_keeps_a_better_start():
         with torch.no_grad():
             return {"score": float(-torch.nn.functional.cross_entropy(m(x), y))}
 
-    cfg = TrainerConfig(epochs=3, batch_size=16, lr=0.5, patience=0)
-    t = Trainer(model, cfg, 64, loss_fn, evaluate, "score", eval_at_start=True)
+    opt = OptimConfig(epochs=3, batch_size=16, lr=0.5, patience=0, metric="score")
+    t = Trainer(model, opt, 0, 64, loss_fn, evaluate, eval_at_start=True)
     t.run()
     assert t.best_epoch == 0 and t.start_scores["score"] == t.best_score
     assert all(torch.equal(v, start[k]) for k, v in model.state_dict().items())
-    t = Trainer(torch.nn.Linear(4, 2), cfg, 64, loss_fn, evaluate, "score")  # without it: an epoch is kept
+    t = Trainer(torch.nn.Linear(4, 2), opt, 0, 64, loss_fn, evaluate)  # without it: an epoch is kept
     t.run()
     assert t.best_epoch >= 1
 
@@ -230,10 +235,10 @@ def test_heads_commands_refuse_unusable_caches_by_name(cache, tmp_path):
 
 @pytest.mark.parametrize("fused", [True, False])
 def test_adamw_equals_torch_optim(fused, monkeypatch):
-    """heads.optim.AdamW (the fused kernel called directly, or torch.optim's class where that kernel is
+    """heads.train.optim.AdamW (the fused kernel called directly, or torch.optim's class where that kernel is
     missing) makes exactly torch.optim.AdamW's updates, per param group lr / weight decay and schedule."""
     import sys
-    from heads.optim import AdamW
+    from heads.train.optim import AdamW
     if not fused:
         monkeypatch.delattr(torch, "_fused_adamw_")
     torch.manual_seed(0)
@@ -262,7 +267,8 @@ def test_adamw_equals_torch_optim(fused, monkeypatch):
 
 
 def test_heads_train_process_never_imports_dynamo_or_sklearn(make_synthetic_cache, tmp_path):
-    """Why heads.optim, heads.stratify and numpy metrics exist: a `heads train` process pays neither
+    """Why heads.train.optim, heads.data.splits' stratified split and numpy metrics exist: a `heads train`
+    process pays neither
     torch._dynamo's import nor sklearn's (with scipy, about 1.4 s)."""
     import subprocess
     import sys
@@ -280,10 +286,79 @@ def test_heads_train_process_never_imports_dynamo_or_sklearn(make_synthetic_cach
 
 def test_load_cache_of_a_heads_inputs_only(make_synthetic_cache):
     """`heads train` reads only its head's inputs; dims and batches are those of the full load."""
-    from heads.data import load_cache
     path = make_synthetic_cache()
     full, sub = load_cache(path), load_cache(path, keys=("image_tokens", "text_pooled"))
     assert set(sub.features) == {"image_tokens", "text_pooled"} and sub.dims() == full.dims()
     keys = ("text_pooled", "image_tokens")
     a, b = full.batch([3, 1, 4], keys=keys), sub.batch([3, 1, 4], keys=keys)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# A run directory as the code before the config tree wrote it (format 1): flat TrainConfig / FinetuneConfig
+# sections, the head's sizes with its hyperparameters, no class names. Literal keys, as that code wrote them.
+OLD_TRAIN = {"fusion": "gmu", "modality": "both", "loss": "ce", "label_smoothing": 0.0, "focal_gamma": 2.0,
+             "rdrop": 0.0, "modality_dropout": 0.0, "hidden": 32, "dropout": 0.1, "attn_heads": 4, "epochs": 4,
+             "batch_size": 128, "lr": 0.001, "weight_decay": 0.01, "warmup_frac": 0.1, "patience": 0,
+             "grad_clip": 1.0, "metric": "macro_f1", "val_ratio": 0.2, "test_ratio": 0.0, "seed": 0, "folds": 0,
+             "fold": 0, "tune_bias": False, "image_aug_views": True, "device": "auto", "precision": "auto",
+             "threads": 0, "eval_batch_size": 1024, "plots": False}
+OLD_HEAD = {"text_dim": 16, "text_pooled_dim": 16, "image_dim": 12, "image_pooled_dim": 20, "num_classes": 3,
+            "hidden": 32, "dropout": 0.1, "attn_heads": 4, "modality": "both", "modality_dropout": 0.0}
+OLD_FINETUNE = {"cache": "cache.h5", "unfreeze_text": 0, "init": None, "fusion": "gmu", "modality": "both",
+                "hidden": 32, "dropout": 0.1, "attn_heads": 4, "loss": "ce", "label_smoothing": 0.0,
+                "lr_head": 0.0002, "lr_text": 5e-05, "epochs": 5, "batch_size": 32, "grad_accum": 1,
+                "grad_clip": 1.0, "warmup_frac": 0.1, "weight_decay": 0.01, "patience": 3, "metric": "macro_f1",
+                "val_ratio": 0.2, "seed": 0, "device": "auto", "text_forward": "cached", "eval_batch_size": 1024,
+                "threads": 0, "plots": False}
+
+
+def test_old_run_directories_still_load(cache, tmp_path):
+    """predict, show and finetune --init read a format-1 config.json (upgrade_config) exactly as a new one."""
+    from cli import heads_app
+    from heads.config import FinetuneConfig
+    from heads.rundir import upgrade_config
+    from heads.train.stage2 import finetune
+    run = str(tmp_path / "run")
+    train(cfg(fusion="gmu"), cache, run)
+    new_preds, old_preds = str(tmp_path / "new.txt"), str(tmp_path / "old.txt")
+    predict(run, cache, new_preds)
+    assert TrainConfig.from_flat(OLD_TRAIN).flat() == OLD_TRAIN  # the literal is today's TrainConfig
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"train": OLD_TRAIN, "head": OLD_HEAD}, f)
+    predict(run, cache, old_preds)
+    assert open(old_preds).read() == open(new_preds).read()
+    r = CliRunner().invoke(heads_app, ["show", run])
+    assert r.exit_code == 0 and "macro_f1" in r.output
+    init = finetune(FinetuneConfig.from_flat(text_layers=0, init=run, lr=0.0, epochs=1, plots=False), cache,
+                    str(tmp_path / "ft"))
+    assert init.metrics["init_scores"]["macro_f1"] == json.load(open(os.path.join(run, "metrics.json")))["macro_f1"]
+
+    # A format-1 stage-2 run: the head and loss from its "train" section, optimisation from "finetune".
+    up = upgrade_config({"finetune": OLD_FINETUNE, "train": {**OLD_TRAIN, "lr": 0.0002, "epochs": 5},
+                         "head": OLD_HEAD})
+    assert up["stage"] == "finetune" and up["classes"] == LABELS and up["dims"]["num_classes"] == 3
+    ft = FinetuneConfig.from_flat(up["train"])
+    assert ft.text_layers == 0 and ft.optim.lr == 0.0002 and ft.optim.batch_size == 32 and ft.head.hidden == 32
+    with open(os.path.join(run, "config.json"), "w") as f:
+        json.dump({"finetune": OLD_FINETUNE, "train": OLD_TRAIN, "head": OLD_HEAD}, f)
+    predict(run, cache, old_preds)
+    assert open(old_preds).read() == open(new_preds).read()
+    # Probe runs: {"probe": ...} only
+    assert upgrade_config({"probe": {"seed": 1}})["probe"] == {"seed": 1}
+
+
+def test_class_names_come_from_the_cache(make_synthetic_cache, tmp_path):
+    """A cache that records its own class names: metrics, predictions and predict's tags use them, and a run
+    refuses a cache whose classes differ even when its features match."""
+    named = make_synthetic_cache("named.h5", noise=3.0, classes=["bad", "meh", "good"])
+    out = str(tmp_path / "run")
+    res = train(cfg(fusion="concat", tune_bias=True), named, out)
+    assert list(res.metrics["per_class"]) == ["bad", "meh", "good"] == res.metrics["classes"]
+    assert json.load(open(os.path.join(out, "config.json")))["classes"] == ["bad", "meh", "good"]
+    assert json.load(open(os.path.join(out, "bias.json")))["labels"] == ["bad", "meh", "good"]
+    assert {r["pred"] for r in read_csv(os.path.join(out, "val_predictions.csv"))} <= {"bad", "meh", "good"}
+    preds = str(tmp_path / "preds.txt")
+    r = predict(out, named, preds)
+    assert set(r.tags) <= {"bad", "meh", "good"} and r.fallback_tag in ("bad", "meh", "good")
+    with pytest.raises(CacheError, match="predicts the classes bad, meh, good"):
+        predict(out, make_synthetic_cache("legacy.h5", noise=3.0), preds)

@@ -19,8 +19,10 @@ from featcache.augment import ViewMaker, get_aug_spec
 from featcache.extract import ExtractConfig, extract
 from featcache.store import CacheReader, feature_signature
 from heads.ablate import AblateConfig, ablate, expand
-from heads.data import DataError, load_cache, split_labelled
-from heads.train import TrainConfig, train
+from heads.config import TrainConfig
+from heads.data.cache import DataError, load_cache
+from heads.data.splits import SplitConfig, split_labelled
+from heads.train.stage1 import train
 from mvsa_fixtures import pattern, require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -125,7 +127,7 @@ def test_training_draws_views_and_evaluation_uses_clean(tmp_path, monkeypatch):
         seen.append((views is not None, np.asarray(idx).copy(), out["image_pooled"].clone()))
         return out
     monkeypatch.setattr(type(data), "batch", spy)
-    res = train(TrainConfig(fusion="concat", seed=0, **FAST), data)
+    res = train(TrainConfig.from_flat(fusion="concat", seed=0, **FAST), data)
     assert res.metrics["image_views_used"] == 2
     clean = data.features["image_pooled"].float()
     candidates = torch.cat([clean[:, None], data.views["image_pooled"].float()], 1)  # (N, 3, D)
@@ -142,7 +144,7 @@ def test_training_draws_views_and_evaluation_uses_clean(tmp_path, monkeypatch):
     assert set().union(*drawn.values()) == {0, 1, 2}
     # Off: every training batch is clean, and the run says so.
     seen.clear()
-    res = train(TrainConfig(fusion="concat", seed=0, image_aug_views=False, **FAST), data)
+    res = train(TrainConfig.from_flat(fusion="concat", seed=0, image_aug_views=False, **FAST), data)
     assert res.metrics["image_views_used"] == 0
     assert all(torch.equal(feats, clean[rows]) for _, rows, feats in seen)
 
@@ -150,23 +152,23 @@ def test_training_draws_views_and_evaluation_uses_clean(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------- --test-ratio
 def test_test_ratio_holds_out_a_stratified_split(tmp_path):
     data = load_cache(build_synthetic_cache(str(tmp_path / "s.h5")))
-    plain = split_labelled(data, 0.2, seed=3)
-    split = split_labelled(data, 0.2, seed=3, test_ratio=0.25)
+    plain = split_labelled(data, SplitConfig(0.2), seed=3)
+    split = split_labelled(data, SplitConfig(0.2, test_ratio=0.25), seed=3)
     usable = np.flatnonzero((data.labels >= 0) & data.valid)
     parts = [set(split.train), set(split.val), set(split.test)]
     assert set().union(*parts) == set(usable) and sum(map(len, parts)) == len(usable)  # a partition
     assert len(split.test) == round(0.25 * len(usable)) and split.counts["test"] == len(split.test)
     share = np.bincount(data.labels[split.test], minlength=3) / len(split.test)
     assert np.allclose(share, np.bincount(data.labels[usable], minlength=3) / len(usable), atol=0.05)
-    assert np.array_equal(split_labelled(data, 0.2, 3, test_ratio=0.25).test, split.test)  # seeded
+    assert np.array_equal(split_labelled(data, SplitConfig(0.2, test_ratio=0.25), 3).test, split.test)  # seeded
     assert len(plain.test) == 0 and "test" not in plain.counts  # off by default
-    k = split_labelled(data, 0.2, seed=3, folds=3, fold=1, test_ratio=0.25)
+    k = split_labelled(data, SplitConfig(0.2, test_ratio=0.25, folds=3, fold=1), seed=3)
     assert np.array_equal(k.test, split.test)  # folds split the rest, the test rows stay put
     with pytest.raises(DataError, match="test_ratio"):
-        split_labelled(data, 0.2, 3, test_ratio=1.0)
+        split_labelled(data, SplitConfig(0.2, test_ratio=1.0), 3)
 
     run = tmp_path / "run"
-    res = train(TrainConfig(fusion="concat", test_ratio=0.25, **FAST), data, str(run))
+    res = train(TrainConfig.from_flat(fusion="concat", test_ratio=0.25, **FAST), data, str(run))
     assert {"accuracy", "macro_f1", "weighted_f1", "confusion_matrix"} <= set(res.metrics["test"])
     assert sum(map(sum, res.metrics["test"]["confusion_matrix"])) == len(res.split.test)
     assert all("test" not in k for row in res.history for k in row)  # selection never saw it

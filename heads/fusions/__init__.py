@@ -1,54 +1,27 @@
-"""The fusion-head registry: name -> FusionSpec. `create_fusion(name, cfg)` builds one; unknown names raise.
+"""The fusion-head registry: `@FUSIONS.register(name)` on each head's class, in its own file (base.py has the
+registry and the shared seam). `create_fusion(cfg, dims)` builds one; unknown names raise, listing the valid.
 
-Every head takes the same batch dict (see base.py) and a HeadConfig, and returns {"logits": ...} (+ extras
-such as the GMU "gate"). Adding a head = one file + one line in FUSIONS.
+Every head takes the same batch dict (see base.py), a HeadConfig (what the user chose) and HeadDims (what the
+cache dictates), and returns {"logits": ...} (+ extras such as the GMU "gate"). Adding a head = one file with
+a registered class, imported below (the import order is the order `heads fusions` and the default grid list).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from .base import MODALITIES, FusionHead, HeadConfig
-from .co_attn import CoAttnHead
-from .concat import ConcatHead
-from .cross_attn import CrossAttnHead
-from .film import FiLMHead
-from .gmu import GMUHead
-
-
-@dataclass(frozen=True)
-class FusionSpec:
-    name: str
-    cls: type
-    description: str
-    uses_tokens: bool  # True: reads token/patch features (and masks), not only the pooled vectors
-
-
-FUSIONS: dict[str, FusionSpec] = {s.name: s for s in [
-    FusionSpec("concat", ConcatHead, "pooled text ‖ pooled image -> LayerNorm -> MLP (baseline)", False),
-    FusionSpec("gmu", GMUHead, "gated multimodal unit on pooled vectors; exports the per-sample gate", False),
-    FusionSpec("film", FiLMHead, "pooled text -> FiLM scale/shift of the image patch tokens, then pool", True),
-    FusionSpec("cross-attn", CrossAttnHead, "text tokens attend over image patches; masked text pooling", True),
-    FusionSpec("co-attn", CoAttnHead, "text->image and image->text attention (masked), pooled and fused",
-               True),
-]}
-
-# Set from measurements on the shared data (README); until then the cheapest token-level head.
-DEFAULT_FUSION = "film"
+from . import concat, gmu, film, cross_attn, co_attn  # noqa: F401  (each registers its head, in this order)
+from .base import DEFAULT_FUSION, FUSIONS, MODALITIES, FusionHead, HeadConfig, HeadDims
 
 
 def list_fusions() -> list[str]:
-    return list(FUSIONS)
+    return FUSIONS.names()
 
 
-def get_fusion(name: str) -> FusionSpec:
-    if name not in FUSIONS:
-        raise ValueError(f"unknown fusion {name!r}; valid: {', '.join(FUSIONS)}")
-    return FUSIONS[name]
+def get_fusion(name: str) -> type[FusionHead]:
+    return FUSIONS.get(name)
 
 
-def create_fusion(name: str, cfg: HeadConfig) -> FusionHead:
-    return get_fusion(name).cls(cfg)
+def create_fusion(cfg: HeadConfig, dims: HeadDims) -> FusionHead:
+    return FUSIONS.get(cfg.fusion)(cfg, dims)
 
 
-__all__ = ["DEFAULT_FUSION", "FUSIONS", "MODALITIES", "FusionHead", "FusionSpec", "HeadConfig",
-           "create_fusion", "get_fusion", "list_fusions"]
+__all__ = ["DEFAULT_FUSION", "FUSIONS", "MODALITIES", "FusionHead", "HeadConfig", "HeadDims", "create_fusion",
+           "get_fusion", "list_fusions"]

@@ -1,9 +1,15 @@
-"""What every fusion head shares: its config, the modality switch, and a few small layers.
+"""What every fusion head shares: its config, the registry, the fuse/classify seam, the modality switch,
+and a few small layers.
 
 A head maps one batch of cached features to logits:
 
     batch = {"text_tokens": (B,L,Dt), "text_mask": (B,L) bool, "text_pooled": (B,Dtp),
              "image_tokens": (B,P,Di), "image_pooled": (B,Dip)}      ->      {"logits": (B,C), ...}
+
+in two steps (timm's forward_features / forward_head): each head's `fuse(batch)` makes one fused vector h
+per sample (plus extras such as the GMU gate), and the base class owns the one classifier, `mlp`, applied
+by `forward_head(h)`. The classifier is created after the head's own layers (`build`), as every head did
+before the seam existed, so the random initialisation and the state-dict keys are those of older runs.
 
 Modality handling is defined once here so that every head behaves the same way: a modality that is switched
 off (`modality="text"|"image"`) or dropped for a sample (modality dropout, training only) has its *projected*
@@ -16,22 +22,34 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from featcache.registry import Registry
+
 MODALITIES = ("both", "text", "image")
+FUSIONS: Registry[type["FusionHead"]] = Registry("fusion")  # filled by @FUSIONS.register in each head's file
+# Set from measurements on the shared data (README); until then the cheapest token-level head.
+DEFAULT_FUSION = "film"
 
 
-@dataclass
-class HeadConfig:
-    # Input sizes come from the cache (token and pooled sizes may differ, e.g. EfficientNet: 320 vs 1280).
+@dataclass(frozen=True)
+class HeadDims:
+    """What the cache dictates: input sizes (token and pooled sizes may differ, e.g. EfficientNet: 320 vs
+    1280) and the number of classes (len(cache classes))."""
     text_dim: int
     text_pooled_dim: int
     image_dim: int
     image_pooled_dim: int
-    num_classes: int = 3
+    num_classes: int
+
+
+@dataclass
+class HeadConfig:
+    """What a user chooses: which head, and its hyperparameters."""
+    fusion: str = DEFAULT_FUSION
+    modality: str = "both"  # both | text | image
+    modality_dropout: float = 0.0  # per-sample probability of dropping ONE modality while training
     hidden: int = 128
     dropout: float = 0.1
     attn_heads: int = 4
-    modality: str = "both"  # both | text | image
-    modality_dropout: float = 0.0  # per-sample probability of dropping ONE modality while training
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -42,9 +60,10 @@ class HeadConfig:
             raise ValueError(f"hidden ({self.hidden}) must be divisible by attn_heads ({self.attn_heads})")
 
 
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def mean_unpadded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over dim 1 of (B,L,H) using only mask==True positions. `where` (not multiply) so that even
-    inf/NaN in padding cannot leak into the result."""
+    inf/NaN in padding cannot leak into the result (featcache.backbones' masked_mean multiplies: a backbone's
+    padding is finite, a head's projected padding need not be)."""
     m = mask.unsqueeze(-1)
     total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
     return total / m.sum(1).clamp_min(1).to(x.dtype)
@@ -86,16 +105,51 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
 INPUTS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
 
 
+TOKEN_INPUTS = ("text_tokens", "text_mask", "image_tokens")
+
+
 class FusionHead(nn.Module):
-    """Base class: holds the config and decides, per sample, which modalities a forward pass may use."""
+    """Base class: holds the config, decides per sample which modalities a forward pass may use, and owns the
+    classifier. A subclass's docstring's first line is its description in `heads fusions`."""
 
     # Batch keys the head reads. The data loader gathers only these: a pooled-only head then never pays for
     # copying and converting (B, L, D) token arrays.
     inputs: tuple[str, ...] = INPUTS
 
-    def __init__(self, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig, dims: HeadDims):
         super().__init__()
-        self.cfg = cfg
+        self.cfg, self.dims = cfg, dims
+        width = self.build(cfg, dims)
+        self.mlp = classifier(width, cfg.hidden, dims.num_classes, cfg.dropout)
+
+    @property
+    def num_classes(self) -> int:
+        return self.dims.num_classes
+
+    @classmethod
+    def uses_tokens(cls) -> bool:
+        """True: reads token/patch features (and masks), not only the pooled vectors."""
+        return any(k in TOKEN_INPUTS for k in cls.inputs)
+
+    @classmethod
+    def description(cls) -> str:
+        return (cls.__doc__ or "").strip().splitlines()[0]
+
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:  # pragma: no cover
+        """Create the head's own layers (in a fixed order: it is the order of the random init); return the
+        width of the fused vector h."""
+        raise NotImplementedError
+
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(h (B, width), extras): the fused vector and any per-sample outputs besides the logits."""
+        raise NotImplementedError  # pragma: no cover
+
+    def forward_head(self, h: torch.Tensor) -> torch.Tensor:
+        return self.mlp(h)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        h, extras = self.fuse(batch)
+        return {"logits": self.forward_head(h), **extras}
 
     def active(self, modality: str) -> bool:
         """False when the config switches `modality` off: its features are then known to be zero, and heads
@@ -131,5 +185,3 @@ class FusionHead(nn.Module):
         keep_i = (~(drop & ~drop_text)).float()
         return keep_t, keep_i
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:  # pragma: no cover
-        raise NotImplementedError

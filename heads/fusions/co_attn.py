@@ -12,26 +12,28 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
+from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
 
 
+@FUSIONS.register("co-attn")
 class CoAttnHead(FusionHead):
+    """text->image and image->text attention (masked), pooled and fused"""
+
     inputs = ("text_tokens", "text_mask", "image_tokens")
 
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg)
-        self.proj_t = projector(cfg.text_dim, cfg.hidden)
-        self.proj_i = projector(cfg.image_dim, cfg.hidden)
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
+        self.proj_t = projector(dims.text_dim, cfg.hidden)
+        self.proj_i = projector(dims.image_dim, cfg.hidden)
         self.text_to_image = CrossAttention(cfg.hidden, cfg.attn_heads)
         self.image_to_text = CrossAttention(cfg.hidden, cfg.attn_heads)
         self.norm_t, self.norm_i = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
-        self.mlp = classifier(3 * cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+        return 3 * cfg.hidden
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         mask = safe_mask(batch["text_mask"])
         t, i = self.project_both(batch, mask)
         t2 = self.text_to_image(t, i)
         i2 = self.image_to_text(i, t, mask)
-        ht = masked_mean(self.norm_t(t2), mask)
+        ht = mean_unpadded(self.norm_t(t2), mask)
         hi = self.norm_i(i2).mean(1)
-        return {"logits": self.mlp(torch.cat([ht, hi, ht * hi], dim=-1))}
+        return torch.cat([ht, hi, ht * hi], dim=-1), {}

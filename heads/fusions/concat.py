@@ -9,21 +9,21 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import FusionHead, HeadConfig, classifier
+from .base import FUSIONS, FusionHead, HeadConfig, HeadDims
 
 
+@FUSIONS.register("concat")
 class ConcatHead(FusionHead):
+    """pooled text ‖ pooled image -> LayerNorm -> MLP (baseline)"""
+
     inputs = ("text_pooled", "image_pooled")
 
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg)
-        self.norm_t = nn.LayerNorm(cfg.text_pooled_dim)
-        self.norm_i = nn.LayerNorm(cfg.image_pooled_dim)
-        self.mlp = classifier(cfg.text_pooled_dim + cfg.image_pooled_dim, cfg.hidden, cfg.num_classes,
-                              cfg.dropout)
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
+        self.norm_t = nn.LayerNorm(dims.text_pooled_dim)
+        self.norm_i = nn.LayerNorm(dims.image_pooled_dim)
+        return dims.text_pooled_dim + dims.image_pooled_dim
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         t, i = batch["text_pooled"], batch["image_pooled"]
         keep_t, keep_i = self.modality_keep(t.shape[0], t.device)
-        x = torch.cat([self.norm_t(t) * keep_t[:, None], self.norm_i(i) * keep_i[:, None]], dim=-1)
-        return {"logits": self.mlp(x)}
+        return torch.cat([self.norm_t(t) * keep_t[:, None], self.norm_i(i) * keep_i[:, None]], dim=-1), {}

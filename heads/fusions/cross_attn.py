@@ -12,22 +12,24 @@ import torch
 import torch.nn as nn
 
 from .attention import CrossAttention
-from .base import FusionHead, HeadConfig, classifier, masked_mean, projector, safe_mask
+from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
 
 
+@FUSIONS.register("cross-attn")
 class CrossAttnHead(FusionHead):
+    """text tokens attend over image patches; masked text pooling"""
+
     inputs = ("text_tokens", "text_mask", "image_tokens")
 
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg)
-        self.proj_t = projector(cfg.text_dim, cfg.hidden)
-        self.proj_i = projector(cfg.image_dim, cfg.hidden)
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
+        self.proj_t = projector(dims.text_dim, cfg.hidden)
+        self.proj_i = projector(dims.image_dim, cfg.hidden)
         self.block = CrossAttention(cfg.hidden, cfg.attn_heads)
         self.norm = nn.LayerNorm(cfg.hidden)
-        self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+        return cfg.hidden
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         mask = safe_mask(batch["text_mask"])
         t, i = self.project_both(batch, mask)
         x = self.block(t, i)  # image patches are all valid: no key mask
-        return {"logits": self.mlp(masked_mean(self.norm(x), mask))}
+        return mean_unpadded(self.norm(x), mask), {}

@@ -16,23 +16,25 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FusionHead, HeadConfig, classifier, projector
+from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, projector
 
 
+@FUSIONS.register("film")
 class FiLMHead(FusionHead):
+    """pooled text -> FiLM scale/shift of the image patch tokens, then pool"""
+
     inputs = ("text_pooled", "image_tokens")
 
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg)
-        self.proj_t = projector(cfg.text_pooled_dim, cfg.hidden)
-        self.proj_i = projector(cfg.image_dim, cfg.hidden)
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
+        self.proj_t = projector(dims.text_pooled_dim, cfg.hidden)
+        self.proj_i = projector(dims.image_dim, cfg.hidden)
         self.norm_i = nn.LayerNorm(cfg.hidden)
         self.film = nn.Linear(cfg.hidden, 2 * cfg.hidden)
         nn.init.zeros_(self.film.weight)
         nn.init.zeros_(self.film.bias)
-        self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+        return cfg.hidden
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         tokens = batch["image_tokens"]
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
         t = F.gelu(self.proj_t(batch["text_pooled"])) * keep_t[:, None]
@@ -41,5 +43,4 @@ class FiLMHead(FusionHead):
             tokens.new_zeros(*tokens.shape[:2], self.cfg.hidden)
         # GELU, not ReLU: with the image off x = 0 and the zero-initialised FiLM gives beta = 0, where ReLU's
         # gradient is 0 and the text-only model would never learn; GELU'(0) = 0.5.
-        h = F.gelu(x * (1 + gamma) + beta).mean(1)  # image tokens have no padding: a plain mean
-        return {"logits": self.mlp(h)}
+        return F.gelu(x * (1 + gamma) + beta).mean(1), {}  # image tokens have no padding: a plain mean

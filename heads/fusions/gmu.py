@@ -12,24 +12,26 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .base import FusionHead, HeadConfig, classifier, projector
+from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, projector
 
 
+@FUSIONS.register("gmu")
 class GMUHead(FusionHead):
+    """gated multimodal unit on pooled vectors; exports the per-sample gate"""
+
     inputs = ("text_pooled", "image_pooled")
 
-    def __init__(self, cfg: HeadConfig):
-        super().__init__(cfg)
-        self.proj_t = projector(cfg.text_pooled_dim, cfg.hidden)
-        self.proj_i = projector(cfg.image_pooled_dim, cfg.hidden)
+    def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
+        self.proj_t = projector(dims.text_pooled_dim, cfg.hidden)
+        self.proj_i = projector(dims.image_pooled_dim, cfg.hidden)
         self.gate = nn.Linear(2 * cfg.hidden, cfg.hidden)
-        self.mlp = classifier(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.dropout)
+        return cfg.hidden
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         t, i = batch["text_pooled"], batch["image_pooled"]
         keep_t, keep_i = (k[:, None] for k in self.modality_keep(t.shape[0], t.device))
         xt, xi = self.proj_t(t) * keep_t, self.proj_i(i) * keep_i
         z = torch.sigmoid(self.gate(torch.cat([xt, xi], dim=-1)))
         z = z * keep_t * keep_i + keep_t * (1 - keep_i)  # both kept: learned; one kept: that one gets all
         h = z * torch.tanh(xt) + (1 - z) * torch.tanh(xi)
-        return {"logits": self.mlp(h), "gate": z.mean(-1)}
+        return h, {"gate": z.mean(-1)}

@@ -20,8 +20,7 @@ import numpy as np
 
 from featcache.store import LEGACY_CLASSES
 
-from ..probe import PROBE_NAME  # the probe runs' label (the other report modules take it from here)
-from ..rundir import head_params, load_json
+from ..rundir import PROBE_NAME, head_params, load_json  # the other report modules take PROBE_NAME from here
 
 IGNORED = ("seed", "fold", "device", "threads", "plots", "eval_batch_size")
 STATS = {  # summary column -> how to read it from metrics.json

@@ -1,25 +1,23 @@
-"""Classification metrics (sklearn's definitions, numpy only) as a JSON-ready dict, and the early-stopping
-scores they provide.
+"""Classification metrics (sklearn's definitions, numpy only) as a JSON-ready dict, and the scores that select
+a model (early stopping and the best state).
 
-Always computed over the full label set (LABELS) so that a class absent from a small validation split still
-gets a row (support 0) and the confusion matrix keeps its 3x3 shape.
+Always computed over the full class list of the cache so that a class absent from a small validation split
+still gets a row (support 0) and the confusion matrix keeps its C x C shape.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from featcache.dataset import LABELS
-
-METRICS = ("macro_f1", "accuracy", "weighted_f1")
+SELECTION_METRICS = ("macro_f1", "accuracy", "weighted_f1")  # what `--metric` may select on
 
 
-def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
+def compute_metrics(y_true, y_pred, classes: list[str]) -> dict:
     """accuracy, macro_f1, weighted_f1, per_class {label: precision/recall/f1/support}, confusion_matrix.
 
     sklearn's definitions (zero_division=0, every label in the averages), computed from the confusion matrix
     in numpy: importing sklearn.metrics alone took ~1.4 s of a `heads train` command.
     tests/test_sklearn_parity.py checks equality with sklearn."""
-    k = len(labels)
+    k = len(classes)
     cm = _confusion(y_true, y_pred, k)
     tp, predicted, support = np.diag(cm).astype(np.float64), cm.sum(0), cm.sum(1)
     p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
@@ -28,7 +26,7 @@ def compute_metrics(y_true, y_pred, labels=LABELS) -> dict:
     return {
         **_headline(cm, f),
         "per_class": {name: {"precision": float(p[c]), "recall": float(r[c]), "f1": float(f[c]),
-                             "support": int(support[c])} for c, name in enumerate(labels)},
+                             "support": int(support[c])} for c, name in enumerate(classes)},
         "confusion_matrix": cm.tolist(),
     }
 
@@ -62,7 +60,8 @@ def quick_scores(y_true, y_pred, num_classes: int) -> dict:
     return _headline(cm, _f1_per_class(cm))
 
 
-def check_metric(name: str) -> str:
-    if name not in METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(METRICS)}")
+def check_selection_metric(name: str) -> str:
+    """The early-stopping / best-state metric (heads.report has its own, wider list of report metrics)."""
+    if name not in SELECTION_METRICS:
+        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(SELECTION_METRICS)}")
     return name

@@ -4,60 +4,47 @@ head has to beat (`heads ablate --probe`, configuration "logreg-probe" in the su
 It uses exactly the train/validation split of the head runs it is compared with (same split_labelled
 arguments), standardizes with training statistics only, and picks C by stratified 5-fold CV on the training
 part only (macro-F1, the ablation's headline metric); no class weights. It writes a run directory with the
-same files and metric keys as a head run (config.json holds {"probe": ProbeConfig}), so `heads report`
-summarizes it like any other run.
+same files and metric keys as a head run (through heads.rundir.write_run; config.json: stage "probe", the
+flat ProbeConfig under "probe"), so `heads report` summarizes it like any other run.
 """
 from __future__ import annotations
 
 import inspect
-import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 
-from featcache.dataset import LABELS
+from featcache.env import environment
 
-from .data import CacheData, split_labelled
+from ..config import ProbeConfig
+from ..data.cache import CacheData
+from ..data.splits import SplitConfig, split_labelled
+from ..rundir import PROBE_NAME, RunRecord, cache_info, is_finished, write_run
 from .metrics import compute_metrics
 
-PROBE_NAME = "logreg-probe"
-
-
-@dataclass
-class ProbeConfig:
-    seed: int = 0
-    val_ratio: float = 0.2
-    test_ratio: float = 0.0
-    folds: int = 0
-    fold: int = 0
-    Cs: list = field(default_factory=lambda: [0.001, 0.01, 0.1, 1.0])
-    cv: int = 5
-    max_iter: int = 2000
 
 
 def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
     """One probe per distinct split among the ablation's runs (seed, val_ratio, test_ratio, folds, fold)."""
     seen, out = set(), []
     for r in runs:
-        t = r.train
-        key = (t.seed, t.val_ratio, t.test_ratio, t.folds, t.fold)
+        seed, s = r.train.seed, r.train.split
+        key = (seed, s.val_ratio, s.test_ratio, s.folds, s.fold)
         if key in seen:
             continue
         seen.add(key)
-        name = f"probe=logreg,seed={t.seed}" + (f",fold={t.fold}" if t.folds else "")
-        if t.val_ratio != 0.2:
-            name += f",val_ratio={t.val_ratio}"
-        if t.test_ratio:
-            name += f",test_ratio={t.test_ratio}"
-        out.append((name, ProbeConfig(seed=t.seed, val_ratio=t.val_ratio, test_ratio=t.test_ratio, folds=t.folds,
-                                      fold=t.fold)))
+        name = f"probe=logreg,seed={seed}" + (f",fold={s.fold}" if s.folds else "")
+        if s.val_ratio != 0.2:
+            name += f",val_ratio={s.val_ratio}"
+        if s.test_ratio:
+            name += f",test_ratio={s.test_ratio}"
+        out.append((name, ProbeConfig(seed=seed, split=SplitConfig(s.val_ratio, s.test_ratio, s.folds, s.fold))))
     return out
 
 
 def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
-    from .rundir import is_finished
-    return is_finished(run_dir, "probe", asdict(cfg))
+    return is_finished(run_dir, "probe", cfg.flat())
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:
@@ -68,12 +55,12 @@ def pooled_features(data: CacheData, rows) -> np.ndarray:
 def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> dict:
     """Fit the probe on the split's training rows, score its validation rows; returns metrics (and writes the
     run directory when out_dir is given)."""
-    from sklearn.linear_model import LogisticRegressionCV
+    from sklearn.linear_model import LogisticRegressionCV  # heavy (with scipy): only probe runs pay for it
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    split = split_labelled(data, cfg.val_ratio, cfg.seed, cfg.folds, cfg.fold, cfg.test_ratio)
+    split = split_labelled(data, cfg.split, cfg.seed)
     y_train, y_val = data.labels[split.train], data.labels[split.val]
     t0 = time.perf_counter()
     inner = StratifiedKFold(n_splits=cfg.cv, shuffle=True, random_state=cfg.seed)
@@ -85,16 +72,17 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     model.fit(pooled_features(data, split.train), y_train)
     train_s = time.perf_counter() - t0
 
-    def predict(rows):  # predict_proba's columns follow the classes seen in training; map them onto LABELS
-        full = np.zeros((len(rows), len(LABELS)))
+    def predict(rows):  # predict_proba's columns follow the classes seen in training; map them onto all classes
+        full = np.zeros((len(rows), len(data.classes)))
         full[:, model.classes_] = model.predict_proba(pooled_features(data, rows))
         return full
 
     full = predict(split.val)
     pred = full.argmax(1)
-    metrics = compute_metrics(y_val, pred)
-    if cfg.test_ratio:
-        metrics["test"] = compute_metrics(data.labels[split.test], predict(split.test).argmax(1))
+    metrics = compute_metrics(y_val, pred, data.classes)
+    if cfg.split.test_ratio:
+        metrics["test"] = compute_metrics(data.labels[split.test], predict(split.test).argmax(1), data.classes)
+    metrics["classes"] = list(data.classes)
     metrics["counts"] = split.counts
     metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
     metrics["C"] = float(np.ravel(model[-1].C_)[0])
@@ -106,18 +94,9 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     return metrics
 
 
-def _write_run(out_dir, cfg, data, split, probs, pred, metrics) -> None:
-    from .rundir import cache_info, save_json, write_predictions
-
-    os.makedirs(out_dir, exist_ok=True)
-    if os.path.exists(os.path.join(out_dir, "metrics.json")):
-        os.remove(os.path.join(out_dir, "metrics.json"))
-    save_json(os.path.join(out_dir, "config.json"), {"probe": asdict(cfg)})
-    save_json(os.path.join(out_dir, "cache.json"), cache_info(data.meta, data.path))
-    save_json(os.path.join(out_dir, "split.json"), {
-        "seed": cfg.seed, "val_ratio": cfg.val_ratio, "test_ratio": cfg.test_ratio, "folds": cfg.folds,
-        "fold": cfg.fold, "train": [data.guids[i] for i in split.train], "val": [data.guids[i] for i in split.val],
-        "test": [data.guids[i] for i in split.test]})
-    write_predictions(os.path.join(out_dir, "val_predictions.csv"), [data.guids[i] for i in split.val],
-                      data.labels[split.val], probs, pred)
-    save_json(os.path.join(out_dir, "metrics.json"), metrics)  # last: its presence means the run is complete
+def _write_run(out_dir, cfg: ProbeConfig, data: CacheData, split, probs, pred, metrics) -> None:
+    write_run(out_dir, RunRecord(
+        stage="probe", config=cfg.flat(), classes=data.classes, env=environment("cpu"),
+        cache=cache_info(data.meta, data.path), split=split.record(data, seed=cfg.seed, **asdict(cfg.split)),
+        metrics=metrics, predictions={"guids": [data.guids[i] for i in split.val], "labels": data.labels[split.val],
+                                      "probs": probs, "pred": pred}))

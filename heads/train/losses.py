@@ -1,4 +1,5 @@
-"""Training losses: cross-entropy, class-weighted cross-entropy, focal; label smoothing; the R-Drop term.
+"""Training losses: cross-entropy, class-weighted cross-entropy, focal (a registry: `@LOSSES.register(name)` on
+each builder); label smoothing; the R-Drop term.
 
 MVSA-Single is imbalanced (neutral is ~10% of the labelled data). `weighted_ce` uses w_c ∝ 1/sqrt(freq_c)
 rather than 1/freq_c: the inverse square root lifts the rare class without letting a handful of samples
@@ -7,11 +8,16 @@ normalised so that their frequency-weighted mean is 1 (the loss stays on the sca
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("ce", "weighted_ce", "focal")
+from featcache.registry import Registry
+
+# name -> builder(LossConfig, class_counts) -> Loss, declared with each builder below
+LOSSES: Registry = Registry("loss")
 
 
 def class_weights(counts, smoothing: str = "sqrt") -> torch.Tensor:
@@ -32,17 +38,31 @@ def _smoothed_nll(logp: torch.Tensor, y: torch.Tensor, smoothing: float) -> torc
     return nll
 
 
-class Loss:
-    """Callable (logits, targets) -> scalar. Built by `build_loss`; stateless apart from class weights."""
+@dataclass
+class LossConfig:
+    name: str = field(default="ce", metadata={"flat": "loss"})  # a LOSSES name; flat name (CLI, grids): loss
+    label_smoothing: float = 0.0
+    focal_gamma: float = 2.0  # focal only
 
-    def __init__(self, name: str, label_smoothing: float = 0.0, weights: torch.Tensor | None = None,
-                 focal_gamma: float = 2.0):
-        self.name, self.smoothing, self.weights, self.gamma = name, label_smoothing, weights, focal_gamma
+    def validate(self) -> "LossConfig":
+        LOSSES.get(self.name)  # raises with the valid names
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        return self
+
+
+class Loss:
+    """Callable (logits, targets) -> scalar: label-smoothed cross-entropy, optionally focal-weighted per
+    sample and class-weighted. Built by a LOSSES entry; stateless apart from the class weights."""
+
+    def __init__(self, label_smoothing: float = 0.0, weights: torch.Tensor | None = None,
+                 focal_gamma: float | None = None):
+        self.smoothing, self.weights, self.gamma = label_smoothing, weights, focal_gamma
 
     def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(logits.float(), dim=-1)
         loss = _smoothed_nll(logp, y, self.smoothing)
-        if self.name == "focal":
+        if self.gamma is not None:
             # Down-weight easy samples by (1 - p_true)^gamma; p_true from the unsmoothed target.
             p_true = logp.gather(1, y[:, None]).squeeze(1).exp()
             loss = (1 - p_true).pow(self.gamma) * loss
@@ -52,17 +72,24 @@ class Loss:
         return loss.mean()
 
 
-def build_loss(name: str, class_counts=None, label_smoothing: float = 0.0, focal_gamma: float = 2.0) -> Loss:
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; valid: {', '.join(LOSSES)}")
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
-    weights = None
-    if name == "weighted_ce":
-        if class_counts is None:
-            raise ValueError("weighted_ce needs the training class counts")
-        weights = class_weights(class_counts)
-    return Loss(name, label_smoothing, weights, focal_gamma)
+@LOSSES.register("ce")
+def cross_entropy(cfg: LossConfig, class_counts) -> Loss:
+    return Loss(cfg.label_smoothing)
+
+
+@LOSSES.register("weighted_ce")
+def weighted_cross_entropy(cfg: LossConfig, class_counts) -> Loss:
+    return Loss(cfg.label_smoothing, weights=class_weights(class_counts))
+
+
+@LOSSES.register("focal")
+def focal(cfg: LossConfig, class_counts) -> Loss:
+    return Loss(cfg.label_smoothing, focal_gamma=cfg.focal_gamma)
+
+
+def build_loss(cfg: LossConfig, class_counts) -> Loss:
+    """The loss `cfg` names; `class_counts` are the training split's per-class counts (weighted_ce)."""
+    return LOSSES.get(cfg.validate().name)(cfg, class_counts)
 
 
 def rdrop_kl(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:

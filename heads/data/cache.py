@@ -1,0 +1,137 @@
+"""A feature cache in memory: read once, sliced into fp32 batches by index.
+
+Everything a run needs is read from the HDF5 file in one pass (a few hundred MB for MVSA-Single) and kept
+as torch tensors; token arrays stay fp16 (half the memory) and are converted to fp32 per batch, which costs
+far less than any disk read per epoch. Rows are never copied into train/val subsets: a split is two index
+arrays (heads.data.splits), so many configs (the ablation) can share one load.
+
+Stage 1 and stage 2 load through the same function: the states entering the top text layers
+(`text_hidden/states`, the `text_states` key) are one more optional feature array, and the cache texts come
+with them so stage 2 can re-tokenize them without opening the file again (heads.data.text_layers). One
+batcher serves both: it cuts every text array of a batch (tokens, mask, states, token ids) to the batch's
+longest text.
+
+Invalid rows (samples/valid False) are kept in memory so `predict` can still list them, but training and
+validation exclude them and count how many were excluded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from featcache.manifest import open_cache
+from featcache.store import CacheError
+
+FEATURES = {  # batch key -> cache dataset; every cache has these
+    "text_tokens": "text/tokens",
+    "text_mask": "text/mask",
+    "text_pooled": "text/pooled",
+    "image_tokens": "image/tokens",
+    "image_pooled": "image/pooled",
+}
+VIEWS = {  # optional (featcache extract --image-views K): K augmented views of every image, (N, K, ...)
+    "image_tokens": "image_views/tokens",
+    "image_pooled": "image_views/pooled",
+}
+TEXT_STATES = ("text_states", "text_hidden/states")  # optional (--text-layers / add-text-layers): stage 2's input
+# Per-position text arrays: a batch cuts them all to its longest text (text_mask decides; input_ids are added by
+# heads.data.text_layers and have the same mask).
+TEXT_SEQUENCES = ("text_tokens", "text_mask", "text_states", "input_ids")
+
+
+class DataError(ValueError):
+    """A cache that cannot be trained on (no labelled samples, a class too small to split, ...)."""
+
+
+@dataclass
+class CacheData:
+    path: str
+    meta: dict
+    guids: list[str]
+    splits: np.ndarray  # (N,) str: train | test
+    labels: np.ndarray  # (N,) int64, -1 = unlabelled; label k is classes[k]
+    valid: np.ndarray  # (N,) bool
+    features: dict[str, torch.Tensor]  # batch key -> (N, ...) tensor; tokens fp16, masks bool
+    classes: list[str] = field(default_factory=list)  # the cache's class names (reader.classes)
+    views: dict[str, torch.Tensor] = field(default_factory=dict)  # VIEWS keys -> (N, K, ...) or empty
+    shapes: dict[str, tuple] = field(default_factory=dict)  # every FEATURES key's shape, loaded or not
+    # (load_cache fills it: dims() must not depend on which features were loaded)
+    start_layer: int | None = None  # the text layer the loaded `text_states` enter
+    texts: list[str] | None = None  # samples/text and samples/caption (loaded with texts=True: stage 2)
+    captions: list[str] | None = None
+
+    def num_views(self) -> int:
+        return next(iter(self.views.values())).shape[1] if self.views else 0
+
+    def __len__(self) -> int:
+        return len(self.guids)
+
+    def dims(self) -> dict[str, int]:
+        f = self.shapes
+        return {"text_dim": f["text_tokens"][-1], "text_pooled_dim": f["text_pooled"][-1],
+                "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
+
+    def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None) -> dict[str, torch.Tensor]:
+        """Rows `idx` as a batch dict (only `keys`, default FEATURES): floating arrays in fp32, masks bool, token
+        ids as stored. `views` (one int per row, 0 = clean, k = augmented view k) picks the image features.
+
+        Text positions that are padding in every row of the batch are cut off. That is exact (heads and text
+        layers ignore padding) and it is the cheapest speed-up there is: tweets are much shorter than
+        max_text_len."""
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        keys = FEATURES if keys is None else keys
+        mask, length = None, 1
+        if any(k in TEXT_SEQUENCES for k in keys):  # pooled-only heads skip the mask work entirely
+            mask = self.features["text_mask"].index_select(0, idx)
+            used = mask.any(0).nonzero()
+            length = int(used[-1]) + 1 if used.numel() else 1
+        out = {}
+        for k in keys:
+            x = mask if k == "text_mask" else self.features[k].index_select(0, idx)
+            if views is not None and k in self.views:
+                aug = torch.as_tensor(views) > 0
+                if aug.any():
+                    x[aug] = self.views[k][idx[aug], torch.as_tensor(views)[aug] - 1]
+            if k in TEXT_SEQUENCES:
+                x = x[:, :length]
+            out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
+        return out
+
+    def rows(self, split: str) -> np.ndarray:
+        """Indices of every row of a dataset split (valid or not)."""
+        return np.flatnonzero(self.splits == split)
+
+
+def load_cache(path: str, keys=None, texts: bool = False) -> CacheData:
+    """Read a complete cache into memory: every FEATURES array, or only `keys` (a head's `inputs`: `heads
+    train` of one film head then reads 120 of the default cache's 320 MB), plus `text_states` when asked for
+    and stored, and the texts with texts=True. Raises CacheError when the cache is unusable."""
+    keys = list(FEATURES) if keys is None else list(keys)
+    with open_cache(path) as r:  # a cache file or a shard manifest
+        missing = [name for name in FEATURES.values() if not r.has(name)]
+        if missing:
+            raise CacheError(f"{path} lacks {', '.join(missing)}; re-extract it with `featcache extract`")
+        stored = r.datasets()
+        feats = {k: _tensor(r, FEATURES[k]) for k in FEATURES if k in keys}
+        start_layer = None
+        if TEXT_STATES[0] in keys and r.has(TEXT_STATES[1]):
+            start_layer = (r.meta.get("text") or {}).get("hidden_start_layer")
+            if start_layer is not None:
+                feats[TEXT_STATES[0]] = _tensor(r, TEXT_STATES[1])
+        views = {k: _tensor(r, name) for k, name in VIEWS.items() if k in keys and r.has(name)}
+        strings = {}
+        if texts:
+            strings["texts"] = r.strings("samples/text")
+            strings["captions"] = r.strings("samples/caption") if r.has("samples/caption") else None
+        return CacheData(path=str(path), meta=r.meta, guids=r.strings("samples/guid"),
+                         splits=np.asarray(r.strings("samples/split")),
+                         labels=r.array("samples/label").astype(np.int64),
+                         valid=r.array("samples/valid").astype(bool), features=feats, classes=r.classes,
+                         views=views, shapes={k: tuple(stored[name][0]) for k, name in FEATURES.items()},
+                         start_layer=start_layer, **strings)
+
+
+def _tensor(reader, name: str) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(reader.array(name)))

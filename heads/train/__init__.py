@@ -1,0 +1,1 @@
+"""Training: the small trainer (loop.py), losses, optimiser, metrics, bias tuning, stage 1, stage 2, the probe."""
