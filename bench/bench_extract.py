@@ -22,10 +22,10 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate, parse_backbone  # noqa: E402
-from featcache.dataset import read_mvsa  # noqa: E402
-from featcache.extract import ExtractConfig, extract  # noqa: E402
-from featcache.forward import cpu_image_micro, text_features  # noqa: E402
-from featcache.images import load_rgb  # noqa: E402
+from featcache.sources.mvsa import read_mvsa  # noqa: E402
+from featcache.extract.engine import ExtractConfig, extract  # noqa: E402
+from featcache.extract.forward import cpu_image_micro, text_features  # noqa: E402
+from featcache.sources.images import load_rgb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 

@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
-from featcache.extract import _ImageRows, _collate  # noqa: E402
-from featcache.forward import cpu_image_micro, text_features  # noqa: E402
+from featcache.extract.engine import _ImageRows, _collate  # noqa: E402
+from featcache.extract.forward import cpu_image_micro, text_features  # noqa: E402
 from heads.data import load_cache  # noqa: E402
 from heads.fusions import HeadConfig, create_fusion  # noqa: E402
 
@@ -79,7 +79,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
 
 
 def _strings(cache):
-    from featcache.store import CacheReader
+    from featcache.cache.store import CacheReader
     with CacheReader(cache) as r:
         return r.strings("samples/text")
 

@@ -7,8 +7,8 @@ from rich.console import Console
 from rich.table import Table
 
 from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
-from .manifest import open_cache
-from .weights import WeightsError
+from .cache.manifest import open_cache
+from .backbones.weights import WeightsError
 
 
 def _size(nbytes: float) -> str:

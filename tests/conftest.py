@@ -1,12 +1,12 @@
 """Shared fixtures. `make_synthetic_cache(...)` writes a small, complete feature cache with the real schema
-(via featcache.store.CacheWriter) whose labels are learnable from both text and image features."""
+(via featcache.cache.store.CacheWriter) whose labels are learnable from both text and image features."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from featcache.dataset import LABELS, Sample
-from featcache.store import CacheWriter
+from featcache.sources.mvsa import LABELS, Sample
+from featcache.cache.store import CacheWriter
 
 BACKBONE = {"name": "synthetic-text+synthetic-image", "text": "synthetic-text", "image": "synthetic-image"}
 

@@ -21,7 +21,7 @@ from PIL import Image
 from featcache.backbones import (create_captioner, create_image, create_text, get_backbone_spec, list_backbones,
                                  locate, parse_backbone)
 from featcache.backbones.base import get_attr_path
-from featcache.weights import ENV_DIR, WeightsError
+from featcache.backbones.weights import ENV_DIR, WeightsError
 
 import tiny_models as tm
 
@@ -237,7 +237,7 @@ def test_length_sorted_chunks_equal_the_whole_batch(text_encoders, name):
     """Extraction runs the text tower in length-sorted chunks cut to their longest row (text_features): the
     same tokens, mask, pooled vector and stage-2 states as one forward of the padded batch, in batch order;
     zeros at padding."""
-    from featcache.forward import text_features
+    from featcache.extract.forward import text_features
     enc = text_encoders(name)
     batch = enc.tokenize(SENTENCES)
     mask = batch["attention_mask"]
@@ -474,7 +474,7 @@ def test_folded_batchnorm_equals_the_unfolded_model(lite0, resnet_files, monkeyp
 
 
 def test_efficientnet_checkpoint_that_does_not_fit(tmp_path):
-    from featcache.weights import load_state_dict
+    from featcache.backbones.weights import load_state_dict
     sd = load_state_dict(locate("efficientnet-lite0").location)
     keys = list(sd)
     wrong = dict(sd)
@@ -509,8 +509,8 @@ def test_blip_captioner(weights_dir):
 # --------------------------------------------------------------------------- end to end
 
 def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_path, monkeypatch):
-    from featcache.extract import ExtractConfig, extract
-    from featcache.store import CacheReader
+    from featcache.extract.engine import ExtractConfig, extract
+    from featcache.cache.store import CacheReader
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=10, n_test=3)
     out = str(tmp_path / "cache.h5")
@@ -560,8 +560,8 @@ def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_pa
 
 
 def test_extract_clip_tiny(weights_dir, clip_reference, tmp_path, monkeypatch):
-    from featcache.extract import ExtractConfig, extract
-    from featcache.store import CacheReader
+    from featcache.extract.engine import ExtractConfig, extract
+    from featcache.cache.store import CacheReader
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=6, n_test=2, seed=1)
     out = str(tmp_path / "clip.h5")

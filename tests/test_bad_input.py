@@ -15,11 +15,11 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.extract as fx
-from featcache.dataset import read_mvsa, scan_images, summarize
-from featcache.extract import ExtractConfig, StrictError, extract
-from featcache.images import load_rgb
-from featcache.store import CacheReader, partial_path
+import featcache.extract.engine as fx
+from featcache.sources.mvsa import read_mvsa, scan_images, summarize
+from featcache.extract.engine import ExtractConfig, StrictError, extract
+from featcache.sources.images import load_rgb
+from featcache.cache.store import CacheReader, partial_path
 from mvsa_fixtures import (BAD_BY_NAME, BAD_CASES, HUGE_LIMIT, LABEL_FILE, Row, bad_corpus, cmyk_jpeg_bytes,
                            expected_problems, good_row, gray16_png_bytes, jpeg_bytes, make_dataset,
                            palette_png_bytes, png_bytes, rgba_png_bytes)

@@ -15,12 +15,12 @@ from filelock import FileLock
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.extract as fx
-import featcache.store as fs
-from featcache.dataset import LABELS
-from featcache.extract import ExtractConfig, extract
-from featcache.store import CacheError, CacheReader, partial_path
-from featcache.text import decode_bytes
+import featcache.extract.engine as fx
+import featcache.cache.store as fs
+from featcache.sources.mvsa import LABELS
+from featcache.extract.engine import ExtractConfig, extract
+from featcache.cache.store import CacheError, CacheReader, partial_path
+from featcache.sources.text import decode_bytes
 from mvsa_fixtures import require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

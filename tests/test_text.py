@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from featcache.dataset import LABELS, read_mvsa, summarize
-from featcache.text import EMPTY_TEXT, clean_text, decode_bytes, prepare_text
+from featcache.sources.mvsa import LABELS, read_mvsa, summarize
+from featcache.sources.text import EMPTY_TEXT, clean_text, decode_bytes, prepare_text
 from mvsa_fixtures import Row, jpeg_bytes, make_dataset, require_mvsa
 
 

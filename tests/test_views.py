@@ -15,9 +15,9 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import build_synthetic_cache
-from featcache.augment import ViewMaker, get_aug_spec
-from featcache.extract import ExtractConfig, extract
-from featcache.store import CacheReader, feature_signature
+from featcache.sources.augment import ViewMaker, get_aug_spec
+from featcache.extract.engine import ExtractConfig, extract
+from featcache.cache.store import CacheReader, feature_signature
 from heads.ablate import AblateConfig, ablate, expand
 from heads.data import DataError, load_cache, split_labelled
 from heads.train import TrainConfig, train

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
-from ..weights import WeightsSource
+from .weights import WeightsSource
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import torch
 from torchvision import transforms as T
 
-from ..weights import WeightsSource, offline
+from .weights import WeightsSource, offline
 from .hf_text import locate_hf
 
 

@@ -15,7 +15,7 @@ import os
 
 import torch
 
-from ..weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
+from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 from .base import ImageEncoder, TextEncoder
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms as T
 
-from ..weights import (WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing,
+from .weights import (WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing,
                        offline)
 from .base import ImageEncoder, get_attr_path
 

@@ -10,7 +10,7 @@ import os
 
 import torch
 
-from ..weights import WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
+from .weights import WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 from .base import TextEncoder, masked_mean
 
 HF_URL = "https://huggingface.co"

@@ -23,8 +23,8 @@ import os
 import re
 from dataclasses import replace
 
-from .manifest import write_manifest
-from .store import CacheError
+from ..cache.manifest import write_manifest
+from ..cache.store import CacheError
 
 # Ranks of one run may finish hours apart on a shared cluster; a rank that dies is caught by torchrun (it
 # stops the others), not by this timeout.
@@ -107,7 +107,7 @@ def run_extract(cfg, resume: bool = False, strict: bool = False, force: bool = F
     manifest when this process completed the set)."""
     from rich.console import Console
 
-    from .extract import extract
+    from .engine import extract
     console = console or Console(stderr=True)
     env = torchrun_env()
     if env and cfg.shard:
@@ -123,7 +123,7 @@ def run_extract(cfg, resume: bool = False, strict: bool = False, force: bool = F
 def _extract_rank(cfg, env, resume, strict, force, console, progress) -> str:
     import torch
 
-    from .extract import extract
+    from .engine import extract
     rank, world, local = env
     device = cfg.device
     if device in ("auto", "cuda") and torch.cuda.is_available():

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .text import append_captions
+from ..sources.text import append_captions
 
 
 class _nullcontext:
@@ -109,7 +109,7 @@ def text_features(model, batch: dict[str, torch.Tensor], keep_from: int | None =
     float rounding: HF encoders mask padding and CLIP's text tower is causal (featcache.addon.trim).
     Positions past a chunk's longest row come back as zeros (padding: masked everywhere downstream).
     """
-    from .addon import trim
+    from .text_layers import trim
     mask = batch["attention_mask"]
     n, L = mask.shape
     order = torch.argsort(mask.sum(1), stable=True)

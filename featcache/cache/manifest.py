@@ -21,7 +21,7 @@ import os
 import numpy as np
 
 from .store import LEGACY_CLASSES, CacheError, CacheReader, CacheWriter
-from .weights import file_sha256
+from ..backbones.weights import file_sha256
 
 FORMAT, VERSION = "featcache-shards", 1
 
@@ -193,7 +193,7 @@ def merged_meta(metas: list[dict]) -> dict:
 
 def merge(manifest: str, out: str, force: bool = False) -> str:
     """Write the shards of `manifest` as one ordinary cache file (the arrays a single-process run writes)."""
-    from .dataset import Sample
+    from ..sources.mvsa import Sample
     if os.path.exists(out) and not force:
         raise CacheError(f"{out} exists; choose another --out or pass --force")
     with ShardedReader(manifest) as r:

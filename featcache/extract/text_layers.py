@@ -29,14 +29,14 @@ import h5py
 import numpy as np
 import torch
 
-from .store import CacheError, CacheReader, _row_chunk
-from .text import append_captions
+from ..cache.store import CacheError, CacheReader, _row_chunk
+from ..sources.text import append_captions
 
 TOKEN_ATOL = TOKEN_RTOL = 2e-2  # fp16 storage (~1e-3 relative) plus batch-composition noise, with margin
 
 
 def text_source(meta: dict):
-    from .weights import WeightsSource
+    from ..backbones.weights import WeightsSource
     w = (meta.get("weights") or {}).get("text")
     if not w:
         raise CacheError("the cache records no text weights (meta weights.text); re-extract it")
@@ -45,8 +45,8 @@ def text_source(meta: dict):
 
 def load_text_backbone(meta: dict, check_sha: bool = True):
     """The cache's text backbone, from the weights recorded at extraction; refuses changed weight files."""
-    from .backbones import create_text
-    from .weights import file_sha256
+    from ..backbones import create_text
+    from ..backbones.weights import file_sha256
     name, src = text_source(meta)
     w = meta["weights"]["text"]
     if check_sha and os.path.exists(src.location) and file_sha256(src.location) != w.get("sha256"):
@@ -114,7 +114,7 @@ def add_text_layers(path: str, layers: int, batch_size: int = 64, device: str = 
     from filelock import FileLock, Timeout
     from rich.console import Console
 
-    from .extract import resolve_device
+    from .engine import resolve_device
     say = (console or Console(stderr=True)).print
     with CacheReader(path) as r:
         meta = r.meta

@@ -18,15 +18,15 @@ import torch
 from rich.markup import escape
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
-from . import __version__
-from .backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create_text, get_backbone_spec,
+from .. import __version__
+from ..backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create_text, get_backbone_spec,
                         locate, parse_backbone)
-from .dataset import Dataset, note_image_problems, read_mvsa, scan_images, summarize
-from .augment import ViewMaker, get_aug_spec
+from ..sources.mvsa import Dataset, note_image_problems, read_mvsa, scan_images, summarize
+from ..sources.augment import ViewMaker, get_aug_spec
 from .forward import ImageLane, Models, forward_batch, use_lane
-from .images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
-from .store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path, problems_path
-from .weights import WeightsSource, file_sha256
+from ..sources.images import DEFAULT_MAX_PIXELS, ImageNote, load_rgb
+from ..cache.store import SCHEMA_VERSION, CacheError, CacheReader, CacheWriter, partial_path, problems_path
+from ..backbones.weights import WeightsSource, file_sha256
 
 
 class StrictError(Exception):

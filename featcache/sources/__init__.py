@@ -1,0 +1,1 @@
+"""Dataset readers and what they share: images, tweet text, augmented image views."""
