@@ -34,9 +34,6 @@ class WeightsSource:
         """From a cache's meta["weights"][role] entry (what extraction loaded)."""
         return cls(record["source"], record["location"])
 
-    def describe(self) -> str:
-        return f"{self.kind}:{self.location}"
-
 
 def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
