@@ -30,8 +30,8 @@ def fail(message: str, code: int = 2):
 
 def user_errors():
     """Exceptions that mean the user asked for something impossible (message shown, no traceback)."""
-    from featcache.cache.store import CacheError
     from featcache.backbones.weights import WeightsError
+    from featcache.cache.store import CacheError
     return (CacheError, WeightsError, FileNotFoundError, KeyError, ValueError)
 
 
@@ -86,8 +86,9 @@ def extract_cmd(
                                         "OUT.manifest.json. Under torchrun each rank takes its shard itself."),
 ):
     """Run the backbones once over DATA and write the feature cache (sharded: --shard or torchrun)."""
-    from featcache.extract.engine import ExtractConfig, StrictError
-    from featcache.extract.shards import run_extract
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import StrictError
+    from featcache.extract.launch import run_extract
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
@@ -317,7 +318,7 @@ def add_text_layers_cmd(
     text backbone (checked against the cached tokens); the features and the cache key do not change."""
     from featcache.extract.text_layers import add_text_layers
     try:
-        add_text_layers(str(file), layers, batch_size=batch_size, device=device, console=console)
+        add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
 

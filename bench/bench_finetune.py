@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
-from featcache.extract.text_layers import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
 from featcache.extract.forward import cpu_image_micro  # noqa: E402
 from featcache.sources.images import load_rgb  # noqa: E402
+from featcache.text_tower import load_text_backbone  # noqa: E402
 from heads.data import load_cache, split_labelled  # noqa: E402
 from heads.fusions import DEFAULT_FUSION, HeadConfig, create_fusion  # noqa: E402
 from heads.ft_data import TextInputs, model_batch, prepare_text_inputs  # noqa: E402
@@ -76,7 +76,7 @@ def main():
     from featcache.extract.text_layers import add_text_layers
     from featcache.cache.store import CacheReader
     with CacheReader(args.cache) as r:
-        has_states = r.has("text_hidden/states") and r.meta["text"].get("hidden_start_layer") is not None
+        has_states = r.has("text_hidden/states") and r.start_layer is not None
     if not has_states:  # the documented add-on step; the features themselves are not recomputed
         print(f"adding stage-2 states to {args.cache} (featcache add-text-layers --layers 1)", flush=True)
         add_text_layers(args.cache, 1)

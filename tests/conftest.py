@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from featcache.sources.mvsa import LABELS, Sample
-from featcache.cache.store import CacheWriter
+from featcache.cache.store import LEGACY_CLASSES, CacheWriter
+from featcache.sources.base import Sample
 
 BACKBONE = {"name": "synthetic-text+synthetic-image", "text": "synthetic-text", "image": "synthetic-image"}
 
@@ -20,7 +20,7 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
     text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
-    labels = rng.integers(0, len(LABELS), n)
+    labels = rng.integers(0, len(LEGACY_CLASSES), n)
     samples = []
     for k in range(n):
         is_train = k < n_train

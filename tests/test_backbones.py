@@ -245,9 +245,9 @@ def test_length_sorted_chunks_equal_the_whole_batch(text_encoders, name):
     assert (~mask).any() and lengths.min() < lengths.max()
     keep = enc.num_layers - 1
     with torch.inference_mode():
-        whole = enc.forward_features(batch, keep_hidden_from=keep)
+        whole = enc.forward_features(batch, start_layer=keep)
         for chunk in (1, 2, 3, len(SENTENCES)):
-            got = text_features(enc, batch, keep_from=keep, chunk=chunk)
+            got = text_features(enc, batch, start_layer=keep, chunk=chunk)
             assert torch.equal(got["mask"], mask)
             assert set(got) == set(whole)
             _close(got["pooled"], whole["pooled"], atol=1e-5, rtol=1e-4)
@@ -268,7 +268,7 @@ def test_stage2_forward_layers_parity(text_encoders, name):
     with torch.no_grad():
         full = enc.forward_features(batch)
         for start in range(enc.num_layers + 1):
-            out = enc.forward_features(batch, keep_hidden_from=start)
+            out = enc.forward_features(batch, start_layer=start)
             hidden = out["hidden"]
             assert hidden.shape == (len(SENTENCES), enc.max_len, enc.token_dim)
             _close(out["tokens"], full["tokens"], atol=0)  # keeping states does not change the result
@@ -283,7 +283,7 @@ def test_stage2_forward_layers_parity(text_encoders, name):
             _close(top16["pooled"], full["pooled"], atol=1e-2 * max(1.0, full["pooled"].abs().max().item()),
                    rtol=1e-2)
         if enc.num_layers >= 2:  # states entering a middle block really are intermediate states
-            mid = enc.forward_features(batch, keep_hidden_from=1)["hidden"]
+            mid = enc.forward_features(batch, start_layer=1)["hidden"]
             assert not torch.allclose(mid, full["tokens"])
 
 
@@ -509,8 +509,9 @@ def test_blip_captioner(weights_dir):
 # --------------------------------------------------------------------------- end to end
 
 def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_path, monkeypatch):
-    from featcache.extract.engine import ExtractConfig, extract
     from featcache.cache.store import CacheReader
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import extract
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=10, n_test=3)
     out = str(tmp_path / "cache.h5")
@@ -536,7 +537,7 @@ def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_pa
             w = meta["weights"][role]
             assert w["source"] == "path" and w["location"] == str(weights_dir / w["name"])
             assert len(w["sha256"]) == 64
-        assert meta["text"]["num_layers"] == 2 and meta["text"]["hidden_start_layer"] == 1
+        assert meta["text"]["num_layers"] == 2 and meta["text"]["start_layer"] == 1
         tokens, mask, pooled = r.array("text/tokens"), r.array("text/mask"), r.array("text/pooled")
         hidden = r.array("text_hidden/states")
 
@@ -560,8 +561,9 @@ def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_pa
 
 
 def test_extract_clip_tiny(weights_dir, clip_reference, tmp_path, monkeypatch):
-    from featcache.extract.engine import ExtractConfig, extract
     from featcache.cache.store import CacheReader
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import extract
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=6, n_test=2, seed=1)
     out = str(tmp_path / "clip.h5")

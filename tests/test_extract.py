@@ -17,8 +17,9 @@ from typer.testing import CliRunner
 
 import featcache.extract.engine as fx
 import featcache.cache.store as fs
-from featcache.sources.mvsa import LABELS
-from featcache.extract.engine import ExtractConfig, extract
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
+from featcache.sources.mvsa import MVSA
 from featcache.cache.store import CacheError, CacheReader, partial_path
 from featcache.sources.text import decode_bytes
 from mvsa_fixtures import require_mvsa
@@ -111,7 +112,7 @@ def test_extract_shapes_dtypes_rows(mvsa, cache24):
     train, test = _label_rows(mvsa, "train.txt", 24), _label_rows(mvsa, "test_without_label.txt", 24)
     assert guids == [g for g, _ in train] + [g for g, _ in test]
     assert splits == ["train"] * 24 + ["test"] * 24
-    assert labels.tolist() == [LABELS.index(t) for _, t in train] + [-1] * 24
+    assert labels.tolist() == [MVSA.classes.index(t) for _, t in train] + [-1] * 24
     assert valid.all() and done.all()
 
     # texts: decoded like the files say (GBK ones included), whitespace-collapsed copy for the backbone
@@ -134,16 +135,20 @@ def test_extract_shapes_dtypes_rows(mvsa, cache24):
 
     d = meta["dataset"]
     assert (d["samples"], d["train"], d["test"], d["invalid"]) == (48, 24, 24, 0)
-    assert d["labels"] == {n: sum(t == n for _, t in train) for n in LABELS}
+    assert d["labels"] == {n: sum(t == n for _, t in train) for n in MVSA.classes}
     assert d["text_encodings"] == encodings and d["empty_texts"] == 0 and meta["problems"] == []
     assert d["root"] == str(mvsa.resolve()) or os.path.samefile(d["root"], mvsa)
     assert meta["preprocessing"]["limit"] == 24 and meta["preprocessing"]["max_text_len"] == 64
     assert meta["backbone"]["text"] == "minilm-l6" and meta["backbone"]["image"] == "efficientnet-lite0"
     assert meta["text"] == {"max_len": 64, "token_dim": 384, "pooled_dim": 384, "num_layers": 6,
-                            "hidden_start_layer": None}
+                            "start_layer": None}
     assert meta["image"]["num_patches"] == 49 and meta["image"]["pooled_dim"] == 1280
     assert all(len(w["sha256"]) == 64 for w in meta["weights"].values())
     assert meta["timings"]["samples"] == 48
+    assert meta["classes"] == list(MVSA.classes)  # the reader's class names, label k = classes[k]
+    env = meta["env"]  # what produced the cache (featcache.env)
+    assert env["device"] == "cpu" and env["threads"] >= 1 and env["packages"]["torch"] and env["python"]
+    assert meta["tool_version"] == env["project"]
     assert "wrote" in log and "48 samples" in log
 
 

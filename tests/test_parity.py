@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from featcache.backbones import create_image, create_text, locate
-from featcache.extract.engine import ExtractConfig, extract
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
 from featcache.sources.images import load_rgb
 from heads.data import load_cache
 from heads.fusions import HeadConfig, create_fusion, list_fusions

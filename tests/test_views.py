@@ -16,7 +16,8 @@ from typer.testing import CliRunner
 
 from conftest import build_synthetic_cache
 from featcache.sources.augment import ViewMaker, get_aug_spec
-from featcache.extract.engine import ExtractConfig, extract
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
 from featcache.cache.store import CacheReader, feature_signature
 from heads.ablate import AblateConfig, ablate, expand
 from heads.data import DataError, load_cache, split_labelled
