@@ -5,6 +5,7 @@ unusable cache files, and the per-output lock."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 
@@ -15,12 +16,13 @@ from filelock import FileLock
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.extract.engine as fx
 import featcache.cache.store as fs
+import featcache.extract.engine as fx
+from featcache.cache.store import CacheError, CacheReader, partial_path
 from featcache.extract.config import ExtractConfig
 from featcache.extract.engine import extract
+from featcache.extract.plan import make_plan
 from featcache.sources.mvsa import MVSA
-from featcache.cache.store import CacheError, CacheReader, partial_path
 from featcache.sources.text import decode_bytes
 from mvsa_fixtures import require_mvsa
 
@@ -173,6 +175,23 @@ def test_cli_same_settings_reuse_the_cache(mvsa, cli8, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "reusing" in res.output and "already holds these features" in _flat(res.output)
     assert (os.stat(out).st_mtime_ns, out.read_bytes()) == before
+
+
+def test_cache_keyed_by_an_older_version_is_reused(mvsa, cli8, tmp_path, monkeypatch):
+    """Before the schema version left the cache key, the same features had another key: such a cache is still
+    these features, so extract reuses it (`make run` on an old cache must not fail or recompute)."""
+    old = tmp_path / "old.h5"
+    shutil.copyfile(cli8[0], old)
+    cfg = ExtractConfig(data=str(mvsa), limit=8, batch_size=4, workers=0, out=str(old))
+    earlier = make_plan(cfg).earlier_keys
+    with h5py.File(old, "r+") as f:  # what 0.1.0 wrote: the key with the schema version in it
+        meta = json.loads(f.attrs["meta"])
+        f.attrs["meta"] = json.dumps({**meta, "key": earlier[0]})
+    before = old.read_bytes()
+    _no_models(monkeypatch)
+    res = _cli("extract", "--data", mvsa, "--out", old, *SMALL)
+    assert res.exit_code == 0 and f"key {earlier[0]}); reusing it" in _flat(res.output), res.output
+    assert old.read_bytes() == before
 
 
 def test_cli_other_settings_same_out_refused(mvsa, cli8, monkeypatch):

@@ -46,10 +46,15 @@ def manifest_path(out: str) -> str:
 
 
 def select_shard(ds, shard: str, batch_size: int, key: str, out: str):
-    """(the shard's rows as their own Dataset, the shard file's key, the shard file) for `--shard I/N`."""
+    """(the shard's rows as their own Dataset, with ds.shard = where they sit; the shard file) for `--shard I/N`
+    of the run whose cache key is `key`."""
     index, count = parse_shard(shard)
     total = len(ds.samples)
     start, stop = shard_rows(total, batch_size, index, count)
     info = {"index": index, "count": count, "start": start, "stop": stop, "total": total, "key": key}
-    shard_key = hashlib.sha256(f"{key}:{start}:{stop}:{total}".encode()).hexdigest()[:16]
-    return ds.subset(start, stop, info), shard_key, shard_path(out, index, count)
+    return ds.subset(start, stop, info), shard_path(out, index, count)
+
+
+def shard_key(run_key: str, info: dict) -> str:
+    """The cache key of a shard file: the run's key and the shard's row range."""
+    return hashlib.sha256(f"{run_key}:{info['start']}:{info['stop']}:{info['total']}".encode()).hexdigest()[:16]
