@@ -4,7 +4,7 @@
                          "rows": N, "shards": [{"path": "OUT.shard-0-of-2.h5" (relative to the manifest),
                          "index": 0, "start": 0, "stop": 2048, "rows": 2048, "sha256": ..., "key": ...}, ...]}
 
-Each shard is an ordinary complete cache for rows [start, stop) of the dataset (featcache/shards.py writes
+Each shard is an ordinary complete cache for rows [start, stop) of the dataset (featcache/extract/launch.py writes
 them). `ShardedReader` serves the concatenated rows through CacheReader's interface (meta, len, has, strings,
 array, datasets), so `heads` and `featcache info` take a manifest wherever they take a cache (`open_cache`).
 It refuses, naming the file, a missing shard, a shard whose sha256 or row count differs from the manifest, and
