@@ -30,8 +30,8 @@ def fail(message: str, code: int = 2):
 
 def user_errors():
     """Exceptions that mean the user asked for something impossible (message shown, no traceback)."""
-    from featcache.store import CacheError
-    from featcache.weights import WeightsError
+    from featcache.backbones.weights import WeightsError
+    from featcache.cache.store import CacheError
     return (CacheError, WeightsError, FileNotFoundError, KeyError, ValueError)
 
 
@@ -86,8 +86,9 @@ def extract_cmd(
                                         "OUT.manifest.json. Under torchrun each rank takes its shard itself."),
 ):
     """Run the backbones once over DATA and write the feature cache (sharded: --shard or torchrun)."""
-    from featcache.extract import ExtractConfig, StrictError
-    from featcache.shards import run_extract
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import StrictError
+    from featcache.extract.launch import run_extract
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
@@ -112,7 +113,7 @@ def merge_cmd(
     force: bool = typer.Option(False, help="Overwrite --out if it exists."),
 ):
     """Check every shard of MANIFEST and write them as one ordinary cache file."""
-    from featcache.manifest import merge
+    from featcache.cache.manifest import merge
     try:
         path = merge(str(manifest), str(out), force=force)
     except user_errors() as exc:
@@ -313,9 +314,9 @@ def add_text_layers_cmd(
 ):
     """Add text_hidden/states for `heads finetune --unfreeze-text N` to an existing cache, running only the
     text backbone (checked against the cached tokens); the features and the cache key do not change."""
-    from featcache.addon import add_text_layers
+    from featcache.extract.text_layers import add_text_layers
     try:
-        add_text_layers(str(file), layers, batch_size=batch_size, device=device, console=console)
+        add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
     except user_errors() as exc:
         fail(str(exc).strip("'\""))
 

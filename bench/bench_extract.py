@@ -22,10 +22,11 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate, parse_backbone  # noqa: E402
-from featcache.dataset import read_mvsa  # noqa: E402
-from featcache.extract import ExtractConfig, extract  # noqa: E402
-from featcache.forward import cpu_image_micro, text_features  # noqa: E402
-from featcache.images import load_rgb  # noqa: E402
+from featcache.extract.config import ExtractConfig  # noqa: E402
+from featcache.extract.engine import extract  # noqa: E402
+from featcache.extract.forward import cpu_image_micro, text_features  # noqa: E402
+from featcache.sources.base import read_dataset  # noqa: E402
+from featcache.sources.images import load_rgb  # noqa: E402
 from PIL import Image  # noqa: E402
 
 
@@ -82,7 +83,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "out", "extract.json"))
     a = ap.parse_args()
-    ds = read_mvsa(a.data, limit=a.per_file)
+    ds = read_dataset("mvsa", a.data, limit=a.per_file)
     text, image = models(a.backbone)
     # The machine's speed drifts by up to 2x over minutes (shared cores), so the three methods are interleaved
     # over several rounds and each keeps its best round: the usual estimator of what the code itself costs.

@@ -19,10 +19,10 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
-from featcache.addon import load_text_backbone  # noqa: E402
 from featcache.backbones import create_image, locate  # noqa: E402
-from featcache.forward import cpu_image_micro  # noqa: E402
-from featcache.images import load_rgb  # noqa: E402
+from featcache.extract.forward import cpu_image_micro  # noqa: E402
+from featcache.sources.images import load_rgb  # noqa: E402
+from featcache.text_tower import load_text_backbone  # noqa: E402
 from heads.data.cache import load_cache  # noqa: E402
 from heads.data.splits import SplitConfig, split_labelled  # noqa: E402
 from heads.data.text_layers import with_text_inputs  # noqa: E402
@@ -74,10 +74,10 @@ def main():
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_num_threads(os.cpu_count() or 1)
 
-    from featcache.addon import add_text_layers
-    from featcache.store import CacheReader
+    from featcache.extract.text_layers import add_text_layers
+    from featcache.cache.store import CacheReader
     with CacheReader(args.cache) as r:
-        has_states = r.has("text_hidden/states") and r.meta["text"].get("hidden_start_layer") is not None
+        has_states = r.has("text_hidden/states") and r.start_layer is not None
     if not has_states:  # the documented add-on step; the features themselves are not recomputed
         print(f"adding stage-2 states to {args.cache} (featcache add-text-layers --layers 1)", flush=True)
         add_text_layers(args.cache, 1)

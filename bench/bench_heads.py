@@ -25,8 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, create_text, locate  # noqa: E402
-from featcache.extract import _ImageRows, _collate  # noqa: E402
-from featcache.forward import cpu_image_micro, text_features  # noqa: E402
+from featcache.extract.decode import ImageRows, collate_rows  # noqa: E402
+from featcache.extract.forward import cpu_image_micro, text_features  # noqa: E402
 from heads.data.cache import load_cache  # noqa: E402
 from heads.fusions import HeadConfig, HeadDims, create_fusion  # noqa: E402
 
@@ -57,9 +57,9 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
     texts = dict(zip(data.guids, _strings(cache)))
     head = create_fusion(HeadConfig(fusion="film"), HeadDims(**data.dims(), num_classes=len(data.classes)))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
-    ds = _ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [data.guids[i] for i in rows],
-                    [image.transform], 40_000_000, 256)
-    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=_collate)
+    ds = ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [data.guids[i] for i in rows],
+                   [image.transform], 40_000_000, 256)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_rows)
     labels = torch.from_numpy(data.labels)
     t = time.perf_counter()
     for batch in loader:
@@ -79,7 +79,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
 
 
 def _strings(cache):
-    from featcache.store import CacheReader
+    from featcache.cache.store import CacheReader
     with CacheReader(cache) as r:
         return r.strings("samples/text")
 

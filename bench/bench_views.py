@@ -20,7 +20,8 @@ import h5py
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import write_result  # noqa: E402
-from featcache.extract import ExtractConfig, extract  # noqa: E402
+from featcache.extract.config import ExtractConfig  # noqa: E402
+from featcache.extract.engine import extract  # noqa: E402
 from heads.data.cache import load_cache  # noqa: E402
 
 

@@ -1,1 +1,4 @@
-__version__ = "0.1.0"
+"""featcache: run frozen image+text backbones once into an HDF5 feature cache (see README: Architecture)."""
+from .env import project_version
+
+__version__ = project_version()  # the installed package's version (pyproject.toml), never a constant here

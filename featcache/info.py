@@ -6,9 +6,7 @@ import os
 from rich.console import Console
 from rich.table import Table
 
-from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
-from .manifest import open_cache
-from .weights import WeightsError
+from .cache.manifest import open_cache
 
 
 def _size(nbytes: float) -> str:
@@ -66,6 +64,9 @@ def print_info(path: str, console: Console | None = None) -> dict:
 
 
 def print_backbones(console: Console | None = None) -> None:
+    # heavy: the registry imports every backbone family (torch, torchvision); `featcache info` needs none of it
+    from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
+    from .backbones.weights import WeightsError
     console = console or Console()
     table = Table("name", "encodes", "weights from", "on this machine",
                   title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")

@@ -20,12 +20,13 @@ import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
+from featcache.device import check_device_name
+
 from .data.splits import SplitConfig
 from .data.text_layers import TEXT_FORWARDS
 from .fusions import FUSIONS, HeadConfig
 from .train.loop import OptimConfig
 from .train.losses import LossConfig
-from .train.runtime import DEVICES
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -94,7 +95,7 @@ class RunConfig(FlatConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     seed: int = 0  # the split, the initialisation, dropout, modality dropout and the batch order
-    device: str = "auto"  # auto | cpu | cuda
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch CPU threads (0 = all cores)
     eval_batch_size: int = 1024
     plots: bool = True
@@ -104,8 +105,7 @@ class RunConfig(FlatConfig):
         self.loss.validate()
         self.optim.validate()
         self.split.validate()
-        if self.device not in DEVICES:
-            raise ValueError(f"unknown device {self.device!r}; valid: {', '.join(DEVICES)}")
+        check_device_name(self.device)
         return self
 
 

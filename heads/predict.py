@@ -6,7 +6,7 @@ features cannot be trusted, so they are not run through the head; they are writt
 tag (the most frequent class of its training split) and returned in `PredictResult.invalid` so the caller
 can list them. Nothing is silently dropped.
 
-A run only applies to a cache whose backbones, weights and preprocessing (featcache.store.feature_signature)
+A run only applies to a cache whose backbones, weights and preprocessing (featcache.cache.store.feature_signature)
 equal those it was trained on (cache.json); otherwise the features mean something else and predict refuses,
 naming both; so does a cache with other class names. The dataset may differ: applying a head to new data is
 the point of predict. A stage-2 run (config.json stage "finetune") also rebuilds the cache's text backbone,
@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from featcache.addon import load_text_backbone
+from featcache.device import resolve_device
+from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
 from .data.text_layers import stage2_keys, with_text_inputs
 from .infer import infer, load_head
 from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers
 from .train.bias import apply_bias
-from .train.runtime import resolve_device
 from .train.text_model import FinetuneModel
 
 # Rows per forward pass. Stage-2 runs have always predicted in chunks of 512 (text layers hold more per row);

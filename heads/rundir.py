@@ -18,7 +18,7 @@
 
 Older run directories keep loading: `read_config` upgrades their config.json (format 1: {"train": TrainConfig,
 "head": HeadConfig}, stage 2 with a "finetune" section, probes {"probe": ...}; no class names, so MVSA's
-three, featcache.store.LEGACY_CLASSES).
+three, featcache.cache.store.LEGACY_CLASSES).
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from featcache.store import LEGACY_CLASSES, CacheError, feature_signature
+from featcache.cache.store import LEGACY_CLASSES, CacheError, feature_signature
 
 
 FORMAT = 2

@@ -1,12 +1,12 @@
 """Shared fixtures. `make_synthetic_cache(...)` writes a small, complete feature cache with the real schema
-(via featcache.store.CacheWriter) whose labels are learnable from both text and image features."""
+(via featcache.cache.store.CacheWriter) whose labels are learnable from both text and image features."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from featcache.dataset import LABELS, Sample
-from featcache.store import CacheWriter
+from featcache.cache.store import LEGACY_CLASSES, CacheWriter
+from featcache.sources.base import Sample
 
 BACKBONE = {"name": "synthetic-text+synthetic-image", "text": "synthetic-text", "image": "synthetic-image"}
 
@@ -22,7 +22,7 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
     features along u_c and image features along v_c; text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
     n = n_train + n_test
-    labels = rng.integers(0, len(LABELS), n)
+    labels = rng.integers(0, len(LEGACY_CLASSES), n)
     samples = []
     for k in range(n):
         is_train = k < n_train
@@ -47,7 +47,7 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
             "preprocessing": preprocessing or {"clean_text": False, "max_text_len": L},
             "dataset": {"root": "/synthetic", "fingerprint": "0" * 8}, "counts": {"samples": n}}
     if classes is not None:
-        assert len(classes) == len(LABELS), "the synthetic layout has three classes"
+        assert len(classes) == len(LEGACY_CLASSES), "the synthetic layout has three classes"
         meta["classes"] = list(classes)
     writer = CacheWriter(path, meta, samples, {name: a.shape for name, a in arrays.items()})
     writer.write(0, arrays, invalid=[k for k, s in enumerate(samples) if not s.valid])

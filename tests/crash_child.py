@@ -22,7 +22,7 @@ import sys
 
 import h5py
 
-import featcache.store as fs
+import featcache.cache.store as fs
 
 
 def die():
@@ -69,7 +69,7 @@ def main():
         real_close(self)
 
     fs.CacheWriter.write = write
-    os.replace = replace  # the module featcache.store calls it through
+    os.replace = replace  # the module featcache.cache.store calls it through
     h5py.File.close = close
     from cli import featcache_app
     featcache_app(["extract", *args])

@@ -21,7 +21,7 @@ from PIL import Image
 from featcache.backbones import (create_captioner, create_image, create_text, get_backbone_spec, list_backbones,
                                  locate, parse_backbone)
 from featcache.backbones.base import get_attr_path
-from featcache.weights import ENV_DIR, WeightsError
+from featcache.backbones.weights import ENV_DIR, WeightsError
 
 import tiny_models as tm
 
@@ -108,7 +108,7 @@ def test_registry_names_and_parse_backbone():
         parse_backbone("minilm-l6+roberta-base")
     with pytest.raises(ValueError, match="TEXT\\+IMAGE"):
         parse_backbone("minilm-l6+resnet18+resnet50")
-    with pytest.raises(ValueError, match="unknown backbone.*valid names"):
+    with pytest.raises(ValueError, match="unknown backbone.*valid: "):
         parse_backbone("minilm-l6+vgg16")
     with pytest.raises(ValueError, match="not a captioner"):
         create_captioner("resnet18", None)
@@ -237,7 +237,7 @@ def test_length_sorted_chunks_equal_the_whole_batch(text_encoders, name):
     """Extraction runs the text tower in length-sorted chunks cut to their longest row (text_features): the
     same tokens, mask, pooled vector and stage-2 states as one forward of the padded batch, in batch order;
     zeros at padding."""
-    from featcache.forward import text_features
+    from featcache.extract.forward import text_features
     enc = text_encoders(name)
     batch = enc.tokenize(SENTENCES)
     mask = batch["attention_mask"]
@@ -245,9 +245,9 @@ def test_length_sorted_chunks_equal_the_whole_batch(text_encoders, name):
     assert (~mask).any() and lengths.min() < lengths.max()
     keep = enc.num_layers - 1
     with torch.inference_mode():
-        whole = enc.forward_features(batch, keep_hidden_from=keep)
+        whole = enc.forward_features(batch, start_layer=keep)
         for chunk in (1, 2, 3, len(SENTENCES)):
-            got = text_features(enc, batch, keep_from=keep, chunk=chunk)
+            got = text_features(enc, batch, start_layer=keep, chunk=chunk)
             assert torch.equal(got["mask"], mask)
             assert set(got) == set(whole)
             _close(got["pooled"], whole["pooled"], atol=1e-5, rtol=1e-4)
@@ -268,7 +268,7 @@ def test_stage2_forward_layers_parity(text_encoders, name):
     with torch.no_grad():
         full = enc.forward_features(batch)
         for start in range(enc.num_layers + 1):
-            out = enc.forward_features(batch, keep_hidden_from=start)
+            out = enc.forward_features(batch, start_layer=start)
             hidden = out["hidden"]
             assert hidden.shape == (len(SENTENCES), enc.max_len, enc.token_dim)
             _close(out["tokens"], full["tokens"], atol=0)  # keeping states does not change the result
@@ -283,7 +283,7 @@ def test_stage2_forward_layers_parity(text_encoders, name):
             _close(top16["pooled"], full["pooled"], atol=1e-2 * max(1.0, full["pooled"].abs().max().item()),
                    rtol=1e-2)
         if enc.num_layers >= 2:  # states entering a middle block really are intermediate states
-            mid = enc.forward_features(batch, keep_hidden_from=1)["hidden"]
+            mid = enc.forward_features(batch, start_layer=1)["hidden"]
             assert not torch.allclose(mid, full["tokens"])
 
 
@@ -474,7 +474,7 @@ def test_folded_batchnorm_equals_the_unfolded_model(lite0, resnet_files, monkeyp
 
 
 def test_efficientnet_checkpoint_that_does_not_fit(tmp_path):
-    from featcache.weights import load_state_dict
+    from featcache.backbones.weights import load_state_dict
     sd = load_state_dict(locate("efficientnet-lite0").location)
     keys = list(sd)
     wrong = dict(sd)
@@ -509,8 +509,9 @@ def test_blip_captioner(weights_dir):
 # --------------------------------------------------------------------------- end to end
 
 def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_path, monkeypatch):
-    from featcache.extract import ExtractConfig, extract
-    from featcache.store import CacheReader
+    from featcache.cache.store import CacheReader
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import extract
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=10, n_test=3)
     out = str(tmp_path / "cache.h5")
@@ -536,7 +537,7 @@ def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_pa
             w = meta["weights"][role]
             assert w["source"] == "path" and w["location"] == str(weights_dir / w["name"])
             assert len(w["sha256"]) == 64
-        assert meta["text"]["num_layers"] == 2 and meta["text"]["hidden_start_layer"] == 1
+        assert meta["text"]["num_layers"] == 2 and meta["text"]["start_layer"] == 1
         tokens, mask, pooled = r.array("text/tokens"), r.array("text/mask"), r.array("text/pooled")
         hidden = r.array("text_hidden/states")
 
@@ -560,8 +561,9 @@ def test_extract_roberta_resnet18_blip_append(weights_dir, text_encoders, tmp_pa
 
 
 def test_extract_clip_tiny(weights_dir, clip_reference, tmp_path, monkeypatch):
-    from featcache.extract import ExtractConfig, extract
-    from featcache.store import CacheReader
+    from featcache.cache.store import CacheReader
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import extract
     monkeypatch.setenv(ENV_DIR, str(weights_dir))
     data = tm.make_mvsa(str(tmp_path / "mvsa"), n=6, n_test=2, seed=1)
     out = str(tmp_path / "clip.h5")

@@ -1,5 +1,5 @@
 """Every kind of bad input: a named problem (guid + file), the sample marked invalid (fatal) or repaired,
-both when reading (read_mvsa / scan_images) and through a real extraction with the default backbones;
+both when reading (the mvsa reader / scan_images) and through a real extraction with the default backbones;
 --strict refuses before any model is loaded; random bytes never crash the reader."""
 from __future__ import annotations
 
@@ -15,11 +15,12 @@ from PIL import Image
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.extract as fx
-from featcache.dataset import read_mvsa, scan_images, summarize
-from featcache.extract import ExtractConfig, StrictError, extract
-from featcache.images import load_rgb
-from featcache.store import CacheReader, partial_path
+import featcache.extract.engine as fx
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import StrictError, extract
+from featcache.sources.base import read_dataset, scan_images, summarize
+from featcache.sources.images import load_rgb
+from featcache.cache.store import CacheReader, partial_path
 from mvsa_fixtures import (BAD_BY_NAME, BAD_CASES, HUGE_LIMIT, LABEL_FILE, Row, bad_corpus, cmyk_jpeg_bytes,
                            expected_problems, good_row, gray16_png_bytes, jpeg_bytes, make_dataset,
                            palette_png_bytes, png_bytes, rgba_png_bytes)
@@ -86,12 +87,12 @@ def _check_problems(problems, case, guid, root, rows):
 
 @pytest.mark.parametrize("case", BAD_CASES, ids=[c.name for c in BAD_CASES])
 def test_bad_input_kind(case, tmp_path, corpus, extracted):
-    # --- alone with one good sample, through read_mvsa (+ scan_images when it takes decoding to see it)
+    # --- alone with one good sample, through the reader (+ scan_images when it takes decoding to see it)
     guid = "500"
     rows = case.rows(guid, 7)
     root = make_dataset(tmp_path / "d", [good_row("1", 0)] + rows + [good_row("2", 1, split="test")],
                         **case.label_opts)
-    ds = read_mvsa(str(root))
+    ds = read_dataset("mvsa", str(root))
     if case.decoded:
         assert [p for p in ds.problems if p.guid == guid] == [], "image problems need decoding to be found"
         scan_images(ds, HUGE_LIMIT)
@@ -278,7 +279,7 @@ image_bytes = st.one_of(
 def test_random_bytes_never_raise(text, image):
     with tempfile.TemporaryDirectory() as d:
         root = make_dataset(os.path.join(d, "m"), [Row("9", "positive", "train", text, image)])
-        ds = read_mvsa(str(root))
+        ds = read_dataset("mvsa", str(root))
         (s,) = ds.samples
         assert isinstance(s.text, str) and s.text and "\r" not in s.text and "\x00" not in s.text
         img, notes = load_rgb(s.image_path, max_pixels=1_000_000, draft_size=256)

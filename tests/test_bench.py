@@ -12,7 +12,8 @@ import sys
 
 import pytest
 
-from featcache.extract import ExtractConfig, extract
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
 from mvsa_fixtures import require_mvsa
 
 BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench")

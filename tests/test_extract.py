@@ -5,6 +5,7 @@ unusable cache files, and the per-output lock."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 
@@ -15,12 +16,14 @@ from filelock import FileLock
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.extract as fx
-import featcache.store as fs
-from featcache.dataset import LABELS
-from featcache.extract import ExtractConfig, extract
-from featcache.store import CacheError, CacheReader, partial_path
-from featcache.text import decode_bytes
+import featcache.cache.store as fs
+import featcache.extract.engine as fx
+from featcache.cache.store import CacheError, CacheReader, partial_path
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
+from featcache.extract.plan import make_plan
+from featcache.sources.mvsa import MVSA
+from featcache.sources.text import decode_bytes
 from mvsa_fixtures import require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -111,7 +114,7 @@ def test_extract_shapes_dtypes_rows(mvsa, cache24):
     train, test = _label_rows(mvsa, "train.txt", 24), _label_rows(mvsa, "test_without_label.txt", 24)
     assert guids == [g for g, _ in train] + [g for g, _ in test]
     assert splits == ["train"] * 24 + ["test"] * 24
-    assert labels.tolist() == [LABELS.index(t) for _, t in train] + [-1] * 24
+    assert labels.tolist() == [MVSA.classes.index(t) for _, t in train] + [-1] * 24
     assert valid.all() and done.all()
 
     # texts: decoded like the files say (GBK ones included), whitespace-collapsed copy for the backbone
@@ -134,16 +137,20 @@ def test_extract_shapes_dtypes_rows(mvsa, cache24):
 
     d = meta["dataset"]
     assert (d["samples"], d["train"], d["test"], d["invalid"]) == (48, 24, 24, 0)
-    assert d["labels"] == {n: sum(t == n for _, t in train) for n in LABELS}
+    assert d["labels"] == {n: sum(t == n for _, t in train) for n in MVSA.classes}
     assert d["text_encodings"] == encodings and d["empty_texts"] == 0 and meta["problems"] == []
     assert d["root"] == str(mvsa.resolve()) or os.path.samefile(d["root"], mvsa)
     assert meta["preprocessing"]["limit"] == 24 and meta["preprocessing"]["max_text_len"] == 64
     assert meta["backbone"]["text"] == "minilm-l6" and meta["backbone"]["image"] == "efficientnet-lite0"
     assert meta["text"] == {"max_len": 64, "token_dim": 384, "pooled_dim": 384, "num_layers": 6,
-                            "hidden_start_layer": None}
+                            "start_layer": None}
     assert meta["image"]["num_patches"] == 49 and meta["image"]["pooled_dim"] == 1280
     assert all(len(w["sha256"]) == 64 for w in meta["weights"].values())
     assert meta["timings"]["samples"] == 48
+    assert meta["classes"] == list(MVSA.classes)  # the reader's class names, label k = classes[k]
+    env = meta["env"]  # what produced the cache (featcache.env)
+    assert env["device"] == "cpu" and env["threads"] >= 1 and env["packages"]["torch"] and env["python"]
+    assert meta["tool_version"] == env["project"]
     assert "wrote" in log and "48 samples" in log
 
 
@@ -168,6 +175,23 @@ def test_cli_same_settings_reuse_the_cache(mvsa, cli8, monkeypatch):
     assert res.exit_code == 0, res.output
     assert "reusing" in res.output and "already holds these features" in _flat(res.output)
     assert (os.stat(out).st_mtime_ns, out.read_bytes()) == before
+
+
+def test_cache_keyed_by_an_older_version_is_reused(mvsa, cli8, tmp_path, monkeypatch):
+    """Before the schema version left the cache key, the same features had another key: such a cache is still
+    these features, so extract reuses it (`make run` on an old cache must not fail or recompute)."""
+    old = tmp_path / "old.h5"
+    shutil.copyfile(cli8[0], old)
+    cfg = ExtractConfig(data=str(mvsa), limit=8, batch_size=4, workers=0, out=str(old))
+    earlier = make_plan(cfg).earlier_keys
+    with h5py.File(old, "r+") as f:  # what 0.1.0 wrote: the key with the schema version in it
+        meta = json.loads(f.attrs["meta"])
+        f.attrs["meta"] = json.dumps({**meta, "key": earlier[0]})
+    before = old.read_bytes()
+    _no_models(monkeypatch)
+    res = _cli("extract", "--data", mvsa, "--out", old, *SMALL)
+    assert res.exit_code == 0 and f"key {earlier[0]}); reusing it" in _flat(res.output), res.output
+    assert old.read_bytes() == before
 
 
 def test_cli_other_settings_same_out_refused(mvsa, cli8, monkeypatch):

@@ -18,10 +18,13 @@ import torch
 from typer.testing import CliRunner
 
 import tiny_models as tm
-from featcache.addon import add_text_layers, load_text_backbone, tokenize_cache
-from featcache.extract import ExtractConfig, extract
-from featcache.store import CacheError, CacheReader
-from featcache.weights import ENV_DIR, file_sha256
+from featcache.backbones.weights import ENV_DIR
+from featcache.cache.store import CacheError, CacheReader
+from featcache.digest import file_sha256
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
+from featcache.extract.text_layers import add_text_layers
+from featcache.text_tower import load_text_backbone, tokenize_cache
 from heads.config import FinetuneConfig, TrainConfig
 from heads.data.cache import load_cache
 from heads.data.text_layers import with_text_inputs
@@ -104,7 +107,7 @@ def test_add_text_layers_equals_extract_text_layers(caches, name):
     paths = caches[name]
     with CacheReader(paths["added"]) as a, CacheReader(paths["extracted"]) as e, CacheReader(paths["plain"]) as p:
         mask = a.array("text/mask")
-        assert a.meta["text"]["hidden_start_layer"] == e.meta["text"]["hidden_start_layer"]
+        assert a.meta["text"]["start_layer"] == e.meta["text"]["start_layer"]
         np.testing.assert_allclose(a.array("text_hidden/states")[mask].astype(np.float32),
                                    e.array("text_hidden/states")[mask].astype(np.float32), atol=1e-2, rtol=1e-2)
         for k in ("text/tokens", "text/pooled", "image/tokens"):  # features untouched, key unchanged

@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featcache.store import CacheError, CacheReader, partial_path, problems_path
+from featcache.cache.store import CacheError, CacheReader, partial_path, problems_path
 from mvsa_fixtures import HUGE_LIMIT, bad_corpus
 
 pytestmark = pytest.mark.slow

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from featcache.backbones import create_image, create_text, locate
-from featcache.extract import ExtractConfig, extract
-from featcache.images import load_rgb
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
+from featcache.sources.images import load_rgb
 from heads.data.cache import load_cache
 from heads.fusions import HeadConfig, HeadDims, create_fusion, list_fusions
 from heads.infer import infer
@@ -46,7 +47,7 @@ def on_the_fly(real_cache):
 
 
 def _strings(path, name):
-    from featcache.store import CacheReader
+    from featcache.cache.store import CacheReader
     with CacheReader(path) as r:
         return r.strings(name)
 

@@ -25,10 +25,13 @@ import torch
 from rich.console import Console
 from typer.testing import CliRunner
 
-import featcache.shards as sh
-from featcache.extract import ExtractConfig, extract
-from featcache.manifest import ShardedReader, write_manifest
-from featcache.store import CacheError
+import featcache.extract.launch as launch
+import featcache.extract.shards as sh
+from featcache.cache.manifest import ShardedReader, write_manifest
+from featcache.cache.store import CacheError
+from featcache.digest import file_sha256
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
 from heads.data.cache import load_cache
 from mvsa_fixtures import require_mvsa
 
@@ -210,7 +213,6 @@ def test_reader_refuses_missing_changed_and_foreign_shards(slurm_shards, tmp_pat
     with pytest.raises(CacheError, match="left from other settings"):
         write_manifest(str(manifest), [str(d / "m.shard-0-of-2.h5"), str(d / "m.shard-1-of-2.h5")])
     doc = json.loads(manifest.read_text())
-    from featcache.weights import file_sha256
     doc["shards"][1]["sha256"] = file_sha256(str(d / "m.shard-1-of-2.h5"))
     manifest.write_text(json.dumps(doc))
     refused(manifest, "m.shard-1-of-2.h5", "of key 0123456789abcdef")
@@ -239,17 +241,17 @@ def test_rank_failures_reach_rank_0(monkeypatch, tmp_path):
     monkeypatch.setenv("RANK", "0")
     cfg = ExtractConfig(data="unused", out=str(tmp_path / "m.h5"), device="cpu")
     with pytest.raises(ValueError, match="--shard and torchrun"):
-        sh.run_extract(ExtractConfig(data="unused", shard="0/2"))
+        launch.run_extract(ExtractConfig(data="unused", shard="0/2"))
     seen = {}
-    monkeypatch.setattr("featcache.extract.extract", lambda c, **k: seen.setdefault("cfg", c) and "x.h5")
-    monkeypatch.setattr(sh, "_all_gather", lambda status, device: [status, "rank 1: out of memory"])
+    monkeypatch.setattr("featcache.extract.launch.extract", lambda c, **k: seen.setdefault("cfg", c) and "x.h5")
+    monkeypatch.setattr(launch, "_all_gather", lambda status, device: [status, "rank 1: out of memory"])
     with pytest.raises(CacheError, match=r"1 of 2 ranks failed \(rank 1: out of memory\)"):
-        sh.run_extract(cfg, console=Console(file=io.StringIO()))
+        launch.run_extract(cfg, console=Console(file=io.StringIO()))
     assert seen["cfg"].shard == "0/2" and not (tmp_path / "m.manifest.json").exists()
 
 
 def test_interrupted_shard_resumes_to_the_same_file(mvsa, slurm_shards, tmp_path, monkeypatch):
-    import featcache.store as fs
+    import featcache.cache.store as fs
     src, _ = slurm_shards
     cfg = ExtractConfig(data=str(mvsa), limit=8, batch_size=3, workers=0, out=str(tmp_path / "m.h5"), shard="1/2")
     real_write, calls, stop_at = fs.CacheWriter.write, [], [3]
@@ -269,7 +271,7 @@ def test_interrupted_shard_resumes_to_the_same_file(mvsa, slurm_shards, tmp_path
         with pytest.raises(CacheError, match="--resume"):
             extract(cfg, progress=False, console=quiet)
         calls.clear()
-        path = sh.run_extract(cfg, resume=True, progress=False, console=quiet)
+        path = launch.run_extract(cfg, resume=True, progress=False, console=quiet)
     assert calls == [3, 6]  # shard-local starts of global rows 12..14 and 15: only the missing batches ran
     assert path == str(tmp_path / "m.shard-1-of-2.h5")  # shard 0 is not here: no manifest
     got, want = _arrays(path), _arrays(src / "m.shard-1-of-2.h5")

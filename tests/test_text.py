@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from featcache.dataset import LABELS, read_mvsa, summarize
-from featcache.text import EMPTY_TEXT, clean_text, decode_bytes, prepare_text
+from featcache.sources.base import read_dataset, summarize
+from featcache.sources.mvsa import MVSA
+from featcache.sources.text import EMPTY_TEXT, clean_text, decode_bytes, prepare_text
 from mvsa_fixtures import Row, jpeg_bytes, make_dataset, require_mvsa
 
 
@@ -86,12 +87,12 @@ def test_empty_texts_get_placeholder_and_are_counted(tmp_path):
             Row("3", "neutral", "train", b"@someone http://t.co/abc", img),  # empty only once cleaned
             Row("4", "null", "test", "fine text…".encode("gb18030"), img)]
     root = make_dataset(tmp_path / "d", rows)
-    ds = read_mvsa(str(root))
+    ds = read_dataset("mvsa", str(root))
     assert [s.text for s in ds.samples] == [EMPTY_TEXT, EMPTY_TEXT, "@someone http://t.co/abc", "fine text…"]
     assert ds.empty_texts == 2
     assert all(s.valid for s in ds.samples) and not ds.problems  # an empty text is not a problem
     assert ds.encodings == {"utf-8": 3, "gb18030": 1}
-    cleaned = read_mvsa(str(root), clean_text=True)
+    cleaned = read_dataset("mvsa", str(root), clean_text=True)
     assert cleaned.empty_texts == 3
     assert cleaned.samples[2].text == EMPTY_TEXT
     assert cleaned.samples[2].raw_text == "@someone http://t.co/abc"  # raw text kept for the cache
@@ -101,7 +102,7 @@ def test_empty_texts_get_placeholder_and_are_counted(tmp_path):
 # ------------------------------------------------------------------------------------------- real dataset
 def test_real_dataset_counts_and_encodings():
     root = require_mvsa()
-    ds = read_mvsa(str(root))
+    ds = read_dataset("mvsa", str(root))
     s = summarize(ds)
     assert s["samples"] == 3710 and s["train"] == 3199 and s["test"] == 511
     assert s["labels"] == {"positive": 1910, "negative": 954, "neutral": 335}
@@ -109,7 +110,7 @@ def test_real_dataset_counts_and_encodings():
     assert s["text_encodings"] == {"utf-8": 2840, "gb18030": 870}
     assert s["invalid"] == 0 and ds.problems == []
     assert all(s.label == -1 for s in ds.samples if s.split == "test")
-    assert all(0 <= s.label < len(LABELS) for s in ds.samples if s.split == "train")
+    assert all(0 <= s.label < len(MVSA.classes) for s in ds.samples if s.split == "train")
     by_guid = {s.guid: s for s in ds.samples}
     assert "PanicAtTheDisco\u2019s" in by_guid["2922"].raw_text
     assert "\u2026" in by_guid["1832"].raw_text

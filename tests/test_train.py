@@ -11,7 +11,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from featcache.store import LEGACY_CLASSES, CacheError
+from featcache.cache.store import LEGACY_CLASSES, CacheError
 from heads.config import TrainConfig
 from heads.data.cache import DataError, load_cache
 from heads.data.splits import SplitConfig, split_labelled
@@ -208,7 +208,7 @@ def test_heads_commands_refuse_unusable_caches_by_name(cache, tmp_path):
     file, exit code 2, no traceback (issue 6)."""
     import h5py
     from cli import heads_app
-    from featcache.store import partial_path
+    from featcache.cache.store import partial_path
     data = open(cache, "rb").read()
     bad = {"truncated.h5": "may be truncated", "foreign.h5": "not a feature cache",
            "text.h5": "not a readable HDF5 file", "unfinished.h5": "interrupted"}
@@ -237,7 +237,6 @@ def test_heads_commands_refuse_unusable_caches_by_name(cache, tmp_path):
 def test_adamw_equals_torch_optim(fused, monkeypatch):
     """heads.train.optim.AdamW (the fused kernel called directly, or torch.optim's class where that kernel is
     missing) makes exactly torch.optim.AdamW's updates, per param group lr / weight decay and schedule."""
-    import sys
     from heads.train.optim import AdamW
     if not fused:
         monkeypatch.delattr(torch, "_fused_adamw_")

@@ -15,9 +15,10 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import build_synthetic_cache
-from featcache.augment import ViewMaker, get_aug_spec
-from featcache.extract import ExtractConfig, extract
-from featcache.store import CacheReader, feature_signature
+from featcache.sources.augment import ViewMaker, get_aug_spec
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import extract
+from featcache.cache.store import CacheReader, feature_signature
 from heads.ablate import AblateConfig, ablate, expand
 from heads.config import TrainConfig
 from heads.data.cache import DataError, load_cache

@@ -5,9 +5,10 @@ Like timm's `forward_features`, a backbone returns what the heads consume and no
     TextEncoder.forward_features(batch)  -> {"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, Dp)}
     ImageEncoder.forward_features(pixels) -> {"tokens": (B, P, D), "pooled": (B, Dp)}
 
-Text encoders are also split at a layer boundary for stage 2 (`embed` -> `forward_layers(h, mask, start)`),
-and expose their transformer blocks through a table of attribute paths so `lock(unlocked_layers)` can
-freeze everything but the top N, as open_clip's HFTextEncoder.lock does.
+Text encoders are also split at a layer boundary for stage 2 (`embed` -> `forward_layers(h, batch, k)`, with
+h the states entering block k: the cache's `start_layer`), and expose their transformer blocks through a table
+of attribute paths so `lock(text_layers)` can freeze everything but the top N, as open_clip's
+HFTextEncoder.lock does.
 """
 from __future__ import annotations
 
@@ -55,42 +56,43 @@ class TextEncoder(nn.Module):
         """Final norm / pooling / projection after the last block -> tokens, mask, pooled."""
         raise NotImplementedError
 
-    def forward_layers(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], start: int = 0,
-                       keep_hidden_from: int | None = None) -> dict:
-        """Run blocks start..end and `finish` on `hidden`, the states entering block `start`.
+    def forward_layers(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], first_block: int = 0,
+                       start_layer: int | None = None) -> dict:
+        """Run blocks first_block..end and `finish` on `hidden`, the states entering block `first_block` (stage 2
+        passes the cache's start_layer here: `heads finetune` runs only the top blocks on the stored states).
 
-        With keep_hidden_from=k the result also holds "hidden": the states entering block k, which is what
-        the cache stores for stage 2 (`heads finetune` runs only the top blocks on them).
+        With start_layer=k the result also holds "hidden": the states entering block k, which is what the
+        cache stores for stage 2 (text_hidden/states).
         """
-        kept = hidden if keep_hidden_from == start else None
-        for i, block in enumerate(list(self.layers())[start:], start=start):
+        kept = hidden if start_layer == first_block else None
+        for i, block in enumerate(list(self.layers())[first_block:], start=first_block):
             hidden = self.run_block(block, hidden, batch)
-            if keep_hidden_from == i + 1:
+            if start_layer == i + 1:
                 kept = hidden
         out = self.finish(hidden, batch)
-        if keep_hidden_from is not None:
+        if start_layer is not None:
             out["hidden"] = kept
         return out
 
-    def forward_features(self, batch: dict[str, torch.Tensor], keep_hidden_from: int | None = None) -> dict:
-        return self.forward_layers(self.embed(batch), batch, 0, keep_hidden_from)
+    def forward_features(self, batch: dict[str, torch.Tensor], start_layer: int | None = None) -> dict:
+        return self.forward_layers(self.embed(batch), batch, 0, start_layer)
 
     def layers(self) -> nn.ModuleList:
         return get_attr_path(self, self.layer_table["layers"])
 
-    def lock(self, unlocked_layers: int = 0) -> None:
-        """Freeze all but the top `unlocked_layers` blocks (and the post-block modules when any is unlocked).
+    def lock(self, text_layers: int = 0) -> None:
+        """Freeze all but the top `text_layers` blocks (and the post-block modules when any is unlocked).
 
         Idempotent: calling it again with another N sets exactly that state.
         """
         layers = self.layers()
-        if not 0 <= unlocked_layers <= len(layers):
-            raise ValueError(f"unlocked_layers={unlocked_layers} but the model has {len(layers)} layers")
+        if not 0 <= text_layers <= len(layers):
+            raise ValueError(f"text_layers={text_layers} but the model has {len(layers)} layers")
         for p in self.parameters():
             p.requires_grad_(False)
-        if unlocked_layers == 0:
+        if text_layers == 0:
             return
-        for block in list(layers)[len(layers) - unlocked_layers:]:
+        for block in list(layers)[len(layers) - text_layers:]:
             for p in block.parameters():
                 p.requires_grad_(True)
         for path in self.layer_table.get("post", ()):

@@ -11,8 +11,9 @@ import os
 import torch
 from torchvision import transforms as T
 
-from ..weights import WeightsSource, offline
 from .hf_text import locate_hf
+from .registry import BackboneSpec, Family, register
+from .weights import WeightsSource, offline
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
@@ -47,3 +48,8 @@ class BlipCaptioner(torch.nn.Module):
 
 def build_captioner(spec, source: WeightsSource) -> BlipCaptioner:
     return BlipCaptioner(str(source.location))
+
+
+BLIP = Family("blip", locate, build_captioner=build_captioner)
+register(BackboneSpec("blip-base", ("caption",), BLIP, "Salesforce/blip-image-captioning-base",
+                      "BLIP base captioner (greedy decoding, up to 30 tokens)"))

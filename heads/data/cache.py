@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from featcache.manifest import open_cache
-from featcache.store import CacheError
+from featcache.cache.manifest import open_cache
+from featcache.cache.store import CacheError
 
 FEATURES = {  # batch key -> cache dataset; every cache has these
     "text_tokens": "text/tokens",
@@ -117,7 +117,7 @@ def load_cache(path: str, keys=None, texts: bool = False) -> CacheData:
         feats = {k: _tensor(r, FEATURES[k]) for k in FEATURES if k in keys}
         start_layer = None
         if TEXT_STATES[0] in keys and r.has(TEXT_STATES[1]):
-            start_layer = (r.meta.get("text") or {}).get("hidden_start_layer")
+            start_layer = r.start_layer
             if start_layer is not None:
                 feats[TEXT_STATES[0]] = _tensor(r, TEXT_STATES[1])
         views = {k: _tensor(r, name) for k, name in VIEWS.items() if k in keys and r.has(name)}

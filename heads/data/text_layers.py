@@ -19,9 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from featcache.addon import _check_tokens
-from featcache.store import CacheError
-from featcache.text import append_captions
+from featcache.cache.store import CacheError
+from featcache.text_tower import check_tokens, encoded_texts, tokenize_texts
 
 from .cache import CacheData
 
@@ -63,24 +62,12 @@ def with_text_inputs(data: CacheData, text_model, text_layers: int, mode: str = 
 
 
 def _tokenize(data: CacheData, text_model) -> torch.Tensor:
-    """input_ids for every row, from the strings the text backbone saw at extraction (text, or `text [SEP]
-    caption` with --caption-mode append, built by the helper extraction uses); the mask must be the cache's."""
+    """input_ids for every row, from the strings the text backbone saw at extraction (featcache.text_tower
+    rebuilds them as extraction did); the re-tokenized mask must be the cache's."""
     if data.texts is None:
         raise ValueError("stage 2 needs the cache texts: load the cache with load_cache(..., texts=True)")
-    texts = data.texts
-    prep = data.meta.get("preprocessing") or {}
-    if prep.get("captions") and prep.get("caption_mode") == "append":
-        texts = append_captions(texts, data.captions, getattr(text_model, "tokenizer", None))
-    chunk = 4096
-    parts = [text_model.tokenize(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
-    ids, mask = (torch.cat([p[k] for p in parts]) for k in ("input_ids", "attention_mask"))
-    cached = data.features["text_mask"]
-    if mask.shape != cached.shape or not torch.equal(mask, cached):
-        bad = int((mask != cached).any(1).sum()) if mask.shape == cached.shape else len(texts)
-        raise CacheError(f"re-tokenizing the cached texts gives other masks than the cache's text/mask "
-                         f"({bad} rows differ): the tokenizer of {text_model.__class__.__name__} at the recorded "
-                         "weights is not the one that made this cache")
-    return ids
+    texts = encoded_texts(data.texts, data.captions, data.meta, text_model)
+    return tokenize_texts(texts, data.features["text_mask"], text_model)["input_ids"]
 
 
 def text_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -117,7 +104,7 @@ def _verify(text_model, data: CacheData, device, rows: int = 64) -> None:
     text_model.train(was)
     n = out["tokens"].shape[1]
     try:
-        _check_tokens(out["tokens"].cpu(), data.features["text_tokens"][idx, :n], b["text_mask"].cpu(), data.path)
+        check_tokens(out["tokens"].cpu(), data.features["text_tokens"][idx, :n], b["text_mask"].cpu(), data.path)
     except CacheError as exc:
         raise CacheError(f"{exc} (checked the top {text_model.num_layers - data.start_layer} text layers on the "
                          "stored text_hidden/states)") from None

@@ -88,8 +88,8 @@ def write_groupby(rows: list[dict], keys: list[str], metric: str, out: str) -> l
              fmt(metric, row["std"]), f"{fmt(metric, row['best_config_mean'])} ({row['best_config']})",
              fmt(metric, row["best_run"])] for row in rows]
     lines = [f"# {title} by {', '.join(keys)}", "",
-             f"Over runs (every seed/fold of every configuration with these values): mean, std; best "
-             f"configuration by its mean over its own runs; best single run.", "",
+             "Over runs (every seed/fold of every configuration with these values): mean, std; best "
+             "configuration by its mean over its own runs; best single run.", "",
              *md_table([*keys, "runs", "configs", f"{title} mean", "std", "best configuration", "best run"], body,
                        "l" * len(keys) + "rrrrlr")]
     with open(base + ".md", "w") as f:

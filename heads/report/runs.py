@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from featcache.store import LEGACY_CLASSES
+from featcache.cache.store import LEGACY_CLASSES
 
 from ..rundir import PROBE_NAME, head_params, load_json  # the other report modules take PROBE_NAME from here
 

@@ -1,8 +1,5 @@
-"""Where and how a run computes: its device, threads, precision and seeds (shared by both stages and predict).
-
-resolve_device here is heads' own (auto | cpu | cuda); featcache.device.resolve_device replaces it when the
-two packages share one.
-"""
+"""How a run computes: threads, precision and seeds (shared by both stages and predict). The device comes from
+featcache.device.resolve_device, the one rule for every command."""
 from __future__ import annotations
 
 import os
@@ -10,14 +7,6 @@ import random
 
 import numpy as np
 import torch
-
-DEVICES = ("auto", "cpu", "cuda")
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but CUDA is not available here")
-    return torch.device("cuda" if name == "cuda" or (name == "auto" and torch.cuda.is_available()) else "cpu")
 
 
 def native_bf16(device: torch.device) -> bool:

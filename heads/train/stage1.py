@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from featcache.device import resolve_device
 from featcache.env import environment
 
 from ..config import TrainConfig
@@ -30,7 +31,7 @@ from .bias import apply_bias, tune_bias
 from .loop import Trainer
 from .losses import build_loss, rdrop_kl
 from .metrics import compute_metrics, quick_scores
-from .runtime import native_bf16, resolve_device, seed_everything, set_threads
+from .runtime import native_bf16, seed_everything, set_threads
 
 
 @dataclass

@@ -28,8 +28,9 @@ from dataclasses import asdict, replace
 import numpy as np
 import torch
 
-from featcache.addon import load_text_backbone
+from featcache.device import resolve_device
 from featcache.env import environment
+from featcache.text_tower import load_text_backbone
 
 from ..config import FinetuneConfig, TrainConfig
 from ..data.cache import CacheData, load_cache
@@ -44,7 +45,7 @@ from ..rundir import HEAD_FILE, TEXT_LAYERS_FILE, RunRecord, cache_info, check_c
 from .loop import Trainer
 from .losses import build_loss
 from .metrics import compute_metrics, quick_scores
-from .runtime import resolve_device, seed_everything, set_threads
+from .runtime import seed_everything, set_threads
 from .stage1 import TrainResult
 from .text_model import FinetuneModel
 

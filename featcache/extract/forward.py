@@ -1,6 +1,6 @@
 """One batch through the backbones -> numpy arrays for the cache; and the image lane that overlaps them.
 
-    models = Models(text_model, image_model, captioner, cfg, device, keep_from)
+    models = Models(text_model, image_model, captioner, cfg, device, start_layer)
     arrays, captions = forward_batch(models, pix, idx, ds)           # everything in this thread
     lane = ImageLane(models, timings); fut = lane.submit(batch)      # image tower in a second thread
     arrays, captions = forward_batch(models, pix, idx, ds, image=fut.result())
@@ -20,33 +20,30 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .text import append_captions
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *a):
-        return False
+from ..backbones.base import ImageEncoder, TextEncoder
+from ..sources.base import Dataset
+from ..sources.text import append_captions
+from ..text_tower import trim
+from .config import ExtractConfig
 
 
 @dataclass
 class Models:
-    text: object
-    image: object
-    captioner: object | None
-    cfg: object  # ExtractConfig
+    text: TextEncoder
+    image: ImageEncoder
+    captioner: torch.nn.Module | None
+    cfg: ExtractConfig
     device: torch.device
-    keep_from: int | None  # also return the hidden states entering this text layer
+    start_layer: int | None  # also return the hidden states entering this text layer (--text-layers)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else _nullcontext()
+        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
 
     def micro(self, n: int) -> int:
         # Image calls in chunks (0 = auto: small chunks on CPU, where they are fastest; the batch on CUDA).
@@ -100,23 +97,22 @@ TEXT_CHUNK = 8  # rows per text-tower call, sorted by length (see text_features)
 
 
 @torch.no_grad()  # not inference_mode: the benches' end-to-end epochs train a head on its output
-def text_features(model, batch: dict[str, torch.Tensor], keep_from: int | None = None,
+def text_features(model: TextEncoder, batch: dict[str, torch.Tensor], start_layer: int | None = None,
                   chunk: int = TEXT_CHUNK) -> dict[str, torch.Tensor]:
     """The text tower on a tokenized batch, in chunks of rows of similar length, each cut to its longest row.
 
     Why: tweets average ~30 of the 64 token positions, and a batch of 32 almost always holds one long row, so
     cutting a whole batch saves little; sorted chunks of 8 make MiniLM 1.7x faster on this CPU. Exact up to
-    float rounding: HF encoders mask padding and CLIP's text tower is causal (featcache.addon.trim).
+    float rounding: HF encoders mask padding and CLIP's text tower is causal (featcache.text_tower.trim).
     Positions past a chunk's longest row come back as zeros (padding: masked everywhere downstream).
     """
-    from .addon import trim
     mask = batch["attention_mask"]
     n, L = mask.shape
     order = torch.argsort(mask.sum(1), stable=True)
     out: dict[str, torch.Tensor] = {}
     for rows in order.split(chunk):
         part, length = trim({k: v[rows] for k, v in batch.items()})
-        got = model.forward_features(part, keep_hidden_from=keep_from)
+        got = model.forward_features(part, start_layer=start_layer)
         for key, value in got.items():
             if key not in out:
                 shape = (n, L) + tuple(value.shape[2:]) if key in ("tokens", "mask", "hidden") else \
@@ -130,7 +126,7 @@ def text_features(model, batch: dict[str, torch.Tensor], keep_from: int | None =
 
 
 @torch.inference_mode()
-def forward_batch(m: Models, pix, idx, ds, image: dict | None = None, timings: dict | None = None):
+def forward_batch(m: Models, pix, idx, ds: Dataset, image: dict | None = None, timings: dict | None = None):
     """(arrays, captions) for rows `idx`; `image` = image_arrays(...) already computed (by the lane)."""
     ok = [k for k, p in enumerate(pix) if p is not None]
     captions = None
@@ -148,9 +144,9 @@ def forward_batch(m: Models, pix, idx, ds, image: dict | None = None, timings: d
         if captions is not None and m.cfg.caption_mode == "append":
             texts = append_captions(texts, captions, getattr(m.text, "tokenizer", None))
         batch = {k: v.to(m.device) for k, v in m.text.tokenize(texts).items()}
-        tx = text_features(m.text, batch, keep_from=m.keep_from)
+        tx = text_features(m.text, batch, start_layer=m.start_layer)
     arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float()}
-    if m.keep_from is not None:
+    if m.start_layer is not None:
         arrays["text_hidden/states"] = tx["hidden"].half()
     arrays = {k: v.cpu().numpy() for k, v in arrays.items()}
     arrays.update(image if image is not None else image_arrays(m, pix, timings))

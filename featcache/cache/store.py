@@ -11,7 +11,8 @@ Schema (version 1), N samples in dataset order:
     /text/pooled  (N, Dtp) fp32     the backbone's sentence embedding
     /image/tokens (N, P, Di) fp16   patch tokens (CLIP: pre-projection; CNNs: the final map as P = h*w)
     /image/pooled (N, Dip) fp32     the backbone's image embedding
-    /text_hidden/states (N, L, Dt) fp16, attrs start_layer: optional, hidden states entering the top layers
+    /text_hidden/states (N, L, Dt) fp16, attrs start_layer: optional, the hidden states entering layer
+                    start_layer (= meta text.start_layer), the input of the top text layers in stage 2
     /image_views/tokens (N, K, P, Di) fp16, /image_views/pooled (N, K, Dip) fp32: optional, K augmented views
 
 Feature arrays are chunked by rows (a few MiB per chunk) so whole-array reads are sequential, and stored
@@ -28,6 +29,14 @@ final path is always complete. Kill safety (SIGKILL, OOM killer) rests on three 
     writer never clears, and h5py could not reopen the file to resume it.
 Image problems found while writing go to a side file (`FILE.partial.problems.json`, replaced atomically)
 rather than into an HDF5 attribute, for the same reason. Only `finish` changes metadata, then renames.
+
+Compatibility: a reader opens every cache with schema_version <= SCHEMA_VERSION (a newer one is refused: it
+was written by a newer featcache-heads); the cache key does not contain the schema version, so a schema change
+alone never makes a cache "other settings". Metadata added over time, and what an older cache means without it
+(`upgrade_meta` fills it in when a cache is opened, so `reader.meta` always has today's form):
+    classes           label names in label order (older caches: MVSA's three tags, LEGACY_CLASSES)
+    text.start_layer  the layer text_hidden/states enter (older caches: text.hidden_start_layer)
+    env               what produced the cache (featcache.env.environment; older caches: absent, unknown)
 """
 from __future__ import annotations
 
@@ -40,6 +49,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 # Caches written before class names were recorded (meta["classes"]) hold MVSA's three tags in this order.
 LEGACY_CLASSES = ("negative", "neutral", "positive")
+NEWER = "was written by a newer featcache-heads; upgrade (pip install -U featcache-heads) to read it"
 CAPTION_BYTES = 512
 _STR = h5py.string_dtype("utf-8")
 
@@ -66,7 +76,7 @@ def _early_alloc():
     return dcpl
 
 
-def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20) -> tuple[int, ...]:
+def row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20) -> tuple[int, ...]:
     row = int(np.prod(shape[1:], dtype=np.int64)) * itemsize or 1
     rows = max(1, min(shape[0], target_bytes // row))
     return (rows,) + tuple(shape[1:])
@@ -74,6 +84,15 @@ def _row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 2
 
 # Preprocessing keys that add rows or arrays but do not change what the clean features mean.
 EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed")
+
+
+def upgrade_meta(meta: dict) -> dict:
+    """An older cache's metadata in today's form (in place): the documented defaults of the module docstring."""
+    meta.setdefault("classes", list(LEGACY_CLASSES))
+    text = meta.get("text")
+    if isinstance(text, dict) and "start_layer" not in text:
+        text["start_layer"] = text.pop("hidden_start_layer", None)
+    return meta
 
 
 def feature_signature(meta: dict) -> dict:
@@ -127,7 +146,7 @@ class CacheWriter:
         g.create_dataset("done", shape=(n,), dtype=bool, dcpl=_early_alloc())
         for name, shape in shapes.items():  # e.g. "text/tokens": (N, L, D)
             dtype = np.float32 if name.endswith("pooled") else (bool if name.endswith("mask") else np.float16)
-            f.create_dataset(name, shape=shape, dtype=dtype, chunks=_row_chunk(shape, np.dtype(dtype).itemsize),
+            f.create_dataset(name, shape=shape, dtype=dtype, chunks=row_chunk(shape, np.dtype(dtype).itemsize),
                              dcpl=_early_alloc())
         f.flush()
 
@@ -225,14 +244,15 @@ class CacheReader:
         if "schema_version" not in attrs or "meta" not in attrs:
             self.f.close()
             raise CacheError(f"{path} is an HDF5 file but not a feature cache (no schema_version/meta)")
-        if int(attrs["schema_version"]) != SCHEMA_VERSION:
+        schema = int(attrs["schema_version"])
+        if schema > SCHEMA_VERSION:
             self.f.close()
-            raise CacheError(f"{path} has cache schema {attrs['schema_version']}, this tool reads "
-                             f"{SCHEMA_VERSION}; re-extract it")
+            raise CacheError(f"{path} has cache schema {schema} and {NEWER} (this version reads schemas up to "
+                             f"{SCHEMA_VERSION})")
         if not bool(attrs["complete"]):
             self.f.close()
             raise CacheError(f"{path} is incomplete (its extraction did not finish); run extract with --resume")
-        self.meta = json.loads(attrs["meta"])
+        self.meta = upgrade_meta(json.loads(attrs["meta"]))
 
     def __len__(self) -> int:
         return self.f["samples/guid"].shape[0]
@@ -240,7 +260,12 @@ class CacheReader:
     @property
     def classes(self) -> list[str]:
         """Class names in label order (label k is classes[k]); older caches: LEGACY_CLASSES."""
-        return list(self.meta.get("classes", LEGACY_CLASSES))
+        return list(self.meta["classes"])
+
+    @property
+    def start_layer(self) -> int | None:
+        """The text layer text_hidden/states enter (None: the cache has no stored states)."""
+        return (self.meta.get("text") or {}).get("start_layer")
 
     def __enter__(self):
         return self

@@ -11,7 +11,6 @@ the files; we never sit in a hub client's retry loop on a machine without networ
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 from dataclasses import dataclass
@@ -33,9 +32,6 @@ class WeightsSource:
     def from_record(cls, record: dict) -> "WeightsSource":
         """From a cache's meta["weights"][role] entry (what extraction loaded)."""
         return cls(record["source"], record["location"])
-
-    def describe(self) -> str:
-        return f"{self.kind}:{self.location}"
 
 
 def offline() -> bool:
@@ -95,20 +91,6 @@ def missing(name: str, looked: list[str], how: str) -> WeightsError:
         f"no weights for backbone '{name}'. Looked in: {where}. {how} "
         f"Or put them at ${ENV_DIR}/{name} (a folder or file), or pass the path with --text-weights / "
         f"--image-weights / --caption-weights. `featcache backbones` shows what is available on this machine.")
-
-
-def file_sha256(path: str) -> str:
-    """sha256 of a weights file, or of every file in a weights folder (sorted by relative path)."""
-    h = hashlib.sha256()
-    paths = [path] if os.path.isfile(path) else sorted(
-        os.path.join(d, f) for d, _, files in os.walk(path) for f in files)
-    for p in paths:
-        if os.path.isdir(path):
-            h.update(os.path.relpath(p, path).encode())
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
 
 
 def load_state_dict(path: str) -> dict:

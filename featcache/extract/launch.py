@@ -1,10 +1,5 @@
-"""Sharded extraction: the rows of one dataset split over SLURM array tasks or torchrun ranks.
-
-Shard I of N is a contiguous block of rows of the dataset order, cut at multiples of --batch-size: every batch
-a shard runs is a batch a single-process run makes (same rows, same padding), so the features are the ones a
-single process writes. Each shard is an ordinary cache, OUT.shard-I-of-N.h5, written, locked and resumed like
-any cache (its key covers the run's key and its row range). The manifest OUT.manifest.json
-(featcache/manifest.py) ties the N files together and is written once all of them are complete:
+"""The CLI's extraction: one process, one `--shard I/N` (SLURM array task), or one torchrun rank; and the
+manifest that ties the shards together once all of them are complete (featcache/cache/manifest.py).
 
     featcache extract ... --out OUT.h5 --shard I/N   (I zero-based, e.g. $SLURM_ARRAY_TASK_ID/$..._COUNT)
         extracts shard I; the task that finds all N shards complete writes the manifest (re-running any
@@ -18,59 +13,22 @@ any cache (its key covers the run's key and its row range). The manifest OUT.man
 from __future__ import annotations
 
 import datetime
-import hashlib
 import os
-import re
 from dataclasses import replace
 
-from .manifest import write_manifest
-from .store import CacheError
+import torch
+import torch.distributed as dist
+from rich.console import Console
+
+from ..cache.manifest import write_manifest
+from ..cache.store import CacheError
+from .config import ExtractConfig
+from .engine import extract
+from .shards import SHARD_FILE, manifest_path, parse_shard, shard_path
 
 # Ranks of one run may finish hours apart on a shared cluster; a rank that dies is caught by torchrun (it
 # stops the others), not by this timeout.
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
-_SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
-_SHARD_FILE = re.compile(r"\.shard-\d+-of-\d+\.h5$")
-
-
-def parse_shard(text: str) -> tuple[int, int]:
-    m = _SHARD.match(text or "")
-    if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"--shard {text!r}: give I/N with 0 <= I < N (I is zero-based: sbatch --array=0-<N-1> "
-                         "with --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
-    return int(m[1]), int(m[2])
-
-
-def shard_rows(total: int, batch_size: int, index: int, count: int) -> tuple[int, int]:
-    """Rows [start, stop) of shard `index` of `count`: whole batches of a single-process run, spread evenly."""
-    batches = -(-total // batch_size)
-    if count > batches:
-        raise ValueError(f"{count} shards: {total} rows in batches of {batch_size} make only {batches} batch(es); "
-                         f"use at most {batches} shards (processes) or a smaller --batch-size")
-    first, last = index * batches // count, (index + 1) * batches // count
-    return first * batch_size, min(last * batch_size, total)
-
-
-def _stem(out: str) -> str:
-    return out[:-3] if out.endswith(".h5") else out
-
-
-def shard_path(out: str, index: int, count: int) -> str:
-    return f"{_stem(out)}.shard-{index:0{len(str(count - 1))}d}-of-{count}.h5"
-
-
-def manifest_path(out: str) -> str:
-    return f"{_stem(out)}.manifest.json"
-
-
-def select_shard(ds, cfg, key: str, out: str):
-    """extract()'s hook: (the shard's rows as their own Dataset, the shard file's key, the shard file)."""
-    index, count = parse_shard(cfg.shard)
-    total = len(ds.samples)
-    start, stop = shard_rows(total, cfg.batch_size, index, count)
-    info = {"index": index, "count": count, "start": start, "stop": stop, "total": total, "key": key}
-    shard_key = hashlib.sha256(f"{key}:{start}:{stop}:{total}".encode()).hexdigest()[:16]
-    return ds.subset(start, stop, info), shard_key, shard_path(out, index, count)
 
 
 def torchrun_env() -> tuple[int, int, int] | None:
@@ -84,7 +42,7 @@ def torchrun_env() -> tuple[int, int, int] | None:
 def complete_manifest(shard_file: str, count: int, say, required: bool = False) -> str | None:
     """Write OUT.manifest.json if all `count` shards next to `shard_file` are complete; else say what is missing
     (or, `required`, raise: every torchrun rank reported success, so the files must be there)."""
-    out = _SHARD_FILE.sub(".h5", shard_file)
+    out = SHARD_FILE.sub(".h5", shard_file)
     paths = [shard_path(out, j, count) for j in range(count)]
     missing = [j for j, p in enumerate(paths) if not os.path.exists(p)]
     if missing and required:
@@ -101,13 +59,9 @@ def complete_manifest(shard_file: str, count: int, say, required: bool = False) 
     return path
 
 
-def run_extract(cfg, resume: bool = False, strict: bool = False, force: bool = False, console=None,
-                progress: bool = True) -> str:
-    """The CLI's extraction: one process, one --shard, or one torchrun rank. Returns the file it wrote (the
-    manifest when this process completed the set)."""
-    from rich.console import Console
-
-    from .extract import extract
+def run_extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, force: bool = False,
+                console=None, progress: bool = True) -> str:
+    """Returns the file this process wrote (the manifest when it completed the set)."""
     console = console or Console(stderr=True)
     env = torchrun_env()
     if env and cfg.shard:
@@ -121,9 +75,6 @@ def run_extract(cfg, resume: bool = False, strict: bool = False, force: bool = F
 
 
 def _extract_rank(cfg, env, resume, strict, force, console, progress) -> str:
-    import torch
-
-    from .extract import extract
     rank, world, local = env
     device = cfg.device
     if device in ("auto", "cuda") and torch.cuda.is_available():
@@ -150,7 +101,6 @@ def _extract_rank(cfg, env, resume, strict, force, console, progress) -> str:
 
 def _all_gather(status, device) -> list:
     """The one collective of a sharded run: every rank's status, once all shards are done (the barrier)."""
-    import torch.distributed as dist
     backend = "nccl" if str(device).startswith("cuda") else "gloo"
     dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
     try:

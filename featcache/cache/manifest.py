@@ -4,11 +4,12 @@
                          "rows": N, "shards": [{"path": "OUT.shard-0-of-2.h5" (relative to the manifest),
                          "index": 0, "start": 0, "stop": 2048, "rows": 2048, "sha256": ..., "key": ...}, ...]}
 
-Each shard is an ordinary complete cache for rows [start, stop) of the dataset (featcache/shards.py writes
+Each shard is an ordinary complete cache for rows [start, stop) of the dataset (featcache/extract/launch.py writes
 them). `ShardedReader` serves the concatenated rows through CacheReader's interface (meta, len, has, strings,
 array, datasets), so `heads` and `featcache info` take a manifest wherever they take a cache (`open_cache`).
 It refuses, naming the file, a missing shard, a shard whose sha256 or row count differs from the manifest, and
-shards of another run (cache key). No HDF5 virtual datasets: those read a missing source as zeros.
+shards of another run (cache key), and a manifest version newer than this code reads (older ones load).
+No HDF5 virtual datasets: those read a missing source as zeros.
 Checking every sha256 reads each shard once more on open; `heads` reads them whole anyway.
 """
 from __future__ import annotations
@@ -20,8 +21,9 @@ import os
 
 import numpy as np
 
-from .store import LEGACY_CLASSES, CacheError, CacheReader, CacheWriter
-from .weights import file_sha256
+from ..digest import file_sha256
+from ..sources.base import Sample
+from .store import NEWER, CacheError, CacheReader, CacheWriter
 
 FORMAT, VERSION = "featcache-shards", 1
 
@@ -86,13 +88,15 @@ def _read_manifest(path: str) -> dict:
     try:
         with open(path) as f:
             doc = json.load(f)
-        if doc.get("format") != FORMAT or not isinstance(doc.get("shards"), list):
+        if doc.get("format") != FORMAT or not isinstance(doc.get("shards"), list) or \
+                not isinstance(doc.get("version"), int):
             raise ValueError("not a shard manifest")
     except (ValueError, AttributeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not a featcache shard manifest ({exc}); give a cache .h5 or the "
                          "OUT.manifest.json written by a sharded extraction") from None
-    if doc.get("version") != VERSION:
-        raise CacheError(f"{path} has manifest version {doc.get('version')}, this tool reads {VERSION}")
+    if doc["version"] > VERSION:
+        raise CacheError(f"{path} has manifest version {doc.get('version')} and {NEWER} (this version reads "
+                         f"manifests up to {VERSION})")
     _check_coverage(path, doc)
     return doc
 
@@ -140,7 +144,11 @@ class ShardedReader:
 
     @property
     def classes(self) -> list[str]:
-        return list(self.meta.get("classes", LEGACY_CLASSES))
+        return list(self.meta["classes"])
+
+    @property
+    def start_layer(self) -> int | None:
+        return (self.meta.get("text") or {}).get("start_layer")
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.readers)
@@ -193,7 +201,6 @@ def merged_meta(metas: list[dict]) -> dict:
 
 def merge(manifest: str, out: str, force: bool = False) -> str:
     """Write the shards of `manifest` as one ordinary cache file (the arrays a single-process run writes)."""
-    from .dataset import Sample
     if os.path.exists(out) and not force:
         raise CacheError(f"{out} exists; choose another --out or pass --force")
     with ShardedReader(manifest) as r:

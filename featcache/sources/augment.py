@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -29,25 +29,19 @@ class AugSpec:
     rand_augment: bool  # add RandAugment(2, 9) after the weak policy
 
 
-AUGMENTATIONS = {s.name: s for s in (
-    AugSpec("weak", "RandomResizedCrop 0.7-1.0, flip, light colour jitter, blur p=0.2", rand_augment=False),
-    AugSpec("strong", "weak + RandAugment(2, 9)", rand_augment=True),
-)}
-
-
-def list_augmentations() -> list[str]:
-    return list(AUGMENTATIONS)
+AUGMENTATIONS: Registry[AugSpec] = Registry("image augmentation")
+for _spec in (AugSpec("weak", "RandomResizedCrop 0.7-1.0, flip, light colour jitter, blur p=0.2", False),
+              AugSpec("strong", "weak + RandAugment(2, 9)", True)):
+    AUGMENTATIONS.add(_spec.name, _spec)
 
 
 def get_aug_spec(name: str) -> AugSpec:
-    if name not in AUGMENTATIONS:
-        raise ValueError(f"unknown image augmentation {name!r}; valid: {', '.join(AUGMENTATIONS)}")
-    return AUGMENTATIONS[name]
+    return AUGMENTATIONS.get(name)
 
 
 def build_policy(name: str) -> Callable:
     """PIL image -> augmented PIL image of the same size (draws from torch's global RNG)."""
-    from torchvision import transforms as T
+    from torchvision import transforms as T  # heavy: only where views are made (the DataLoader workers)
 
     spec = get_aug_spec(name)
     colour = [T.RandomHorizontalFlip(),
@@ -74,6 +68,7 @@ class ViewMaker:
         self._policy = None
 
     def __call__(self, img, guid: str) -> list:
+        import torch  # heavy: featcache.sources is imported by light commands (`featcache info`, merge)
         if self._policy is None:  # built lazily: in the DataLoader worker, not pickled to it
             self._policy = build_policy(self.aug)
         out = []

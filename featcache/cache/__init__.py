@@ -1,0 +1,1 @@
+"""The HDF5 feature cache: schema, writer and reader (store), shard manifests (manifest)."""

@@ -1,0 +1,38 @@
+"""Which torch device a command runs on: one rule for extraction, add-text-layers and the heads commands.
+
+    auto     CUDA when there is a CUDA device, else the CPU
+    cpu      the CPU
+    cuda     the current CUDA device;  cuda:N  CUDA device N
+
+Asking for CUDA where there is none is a user mistake (ValueError, exit 2), never a silent fall back to the
+CPU: a run that the user believes is on a GPU must not quietly take a hundred times longer.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+_CUDA = re.compile(r"^cuda(:\d+)?$")
+
+
+def check_device_name(name: str) -> str:
+    """`name` if it is a device name this module resolves (configs check it before anything runs)."""
+    if name not in ("auto", "cpu") and not _CUDA.match(name or ""):
+        raise ValueError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
+    return name
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    check_device_name(name)
+    if not torch.cuda.is_available():
+        raise ValueError(f"--device {name} but no CUDA device is available here")
+    device = torch.device(name)
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    return device

@@ -1,0 +1,1 @@
+"""Extraction: dataset -> backbones -> cache, in one process, one shard or one torchrun rank."""

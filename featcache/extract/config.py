@@ -1,0 +1,51 @@
+"""What `featcache extract` is asked to do: one dataclass, built by the CLI from its options.
+
+Its own module because every step of extraction reads it (plan, engine, forward, launch) and none of them
+should import another just for the type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..backbones.registry import DEFAULT_BACKBONE
+from ..sources.images import DEFAULT_MAX_PIXELS
+
+
+@dataclass
+class ExtractConfig:
+    data: str
+    backbone: str = DEFAULT_BACKBONE
+    captions: str | None = None  # a captioner name (blip-base) or None
+    caption_mode: str = "store"  # store: strings only | append: encode "text [SEP] caption"
+    out: str | None = None
+    clean_text: bool = False
+    max_text_len: int = 64
+    text_layers: int = 0  # also keep the hidden states entering the top N text layers
+    image_views: int = 0  # K augmented views per image stored next to the clean features (sources/augment.py)
+    image_aug: str = "weak"  # weak | strong: the policy of those views
+    aug_seed: int = 0  # views are seeded by (aug_seed, guid, view)
+    batch_size: int = 32
+    # Image backbone calls per batch, in chunks of this many images (0 = auto: 2-4 on CPU, see
+    # featcache.extract.forward.cpu_image_micro; the whole batch on CUDA). Text prefers whole batches.
+    image_micro_batch: int = 0
+    workers: int = -1  # -1: auto (cores beyond the two the backbone uses, at most 4)
+    # auto: on CPU without workers, the image tower runs in a second thread while this one decodes and runs the
+    # text tower, each with half the threads (featcache.extract.forward.ImageLane); on | off force it (a
+    # captioner always runs serially).
+    overlap: str = "auto"
+    limit: int | None = None
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    device: str = "auto"
+    text_weights: str | None = None
+    image_weights: str | None = None
+    caption_weights: str | None = None
+    shard: str | None = None  # "I/N": only rows of shard I (zero-based) of N, into their own file (shards.py)
+
+    def preprocessing(self) -> dict:
+        """What changes the features (and so the cache key); batch size, workers and device do not."""
+        return {"clean_text": self.clean_text, "max_text_len": self.max_text_len, "captions": self.captions,
+                "caption_mode": self.caption_mode if self.captions else None, "text_layers": self.text_layers,
+                "max_image_pixels": self.max_image_pixels, "limit": self.limit,
+                # only with views, so that caches without them keep the keys they always had
+                **({"image_views": self.image_views, "image_aug": self.image_aug, "aug_seed": self.aug_seed}
+                   if self.image_views else {})}

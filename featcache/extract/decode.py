@@ -1,0 +1,69 @@
+"""The decoding side of the extraction loop: rows of decoded, transformed images, batch by batch, from
+DataLoader workers or from this thread while the image lane runs the image tower (featcache.extract.forward).
+
+A row is (index, tensors or None, notes): the backbone's view, the captioner's view if any, then the augmented
+views; None when the image failed (the loop then writes zeros and marks the row invalid).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch.utils.data import DataLoader, Dataset as TorchDataset
+
+from ..sources.images import load_rgb
+from .forward import ImageLane
+
+
+class ImageRows(TorchDataset):
+    """Runs in the workers: decode one image and apply the backbone's (and captioner's) transform; with
+    views, also the backbone's transform of each augmented view (appended after the transforms' outputs)."""
+
+    def __init__(self, paths, guids, transforms, max_pixels, draft, views=None):
+        self.paths, self.guids, self.transforms = paths, guids, transforms
+        self.max_pixels, self.draft, self.views = max_pixels, draft, views
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img, notes = load_rgb(self.paths[i], self.max_pixels, draft_size=self.draft)
+        if img is None:
+            return i, None, notes
+        out = [t(img) for t in self.transforms]
+        if self.views is not None:
+            out += [self.transforms[0](v) for v in self.views(img, self.guids[i])]
+        return i, out, notes
+
+
+def collate_rows(rows):
+    return rows  # tensors are stacked in the main loop, where failed images become zero rows
+
+
+def auto_workers(requested: int) -> int:
+    """--workers -1: the backbone keeps two cores (its two threads), workers decode on the rest. On a 2-core
+    machine that is no worker: a worker stealing a core slowed the model more than serial decoding costs (~5%)."""
+    return min(4, max(0, (os.cpu_count() or 2) - 2)) if requested < 0 else requested
+
+
+def loader_batches(rows: ImageRows, order: list[int], batch_size: int, workers: int):
+    """Yield (batch, None): batches of rows `order`, decoded by `workers` DataLoader processes (0: this one)."""
+    loader = DataLoader(torch.utils.data.Subset(rows, order), batch_size=batch_size, num_workers=workers,
+                        collate_fn=collate_rows, persistent_workers=False, prefetch_factor=4 if workers else None)
+    for batch in loader:
+        yield batch, None
+
+
+def lane_batches(lane: ImageLane, rows: ImageRows, order: list[int], bs: int):
+    """Yield (batch, image arrays) in order. This thread decodes batch b+1 (and the caller then runs the text
+    tower on batch b and writes it) while the lane runs the image tower on batch b."""
+    chunks = [order[k:k + bs] for k in range(0, len(order), bs)]
+    pending = []
+    for k, chunk in enumerate(chunks):
+        batch = [rows[i] for i in chunk]  # (i, tensors or None, notes): what the DataLoader yields
+        pending.append((batch, lane.submit(batch)))
+        if k:
+            done, image = pending.pop(0)
+            yield done, image.result()
+    for done, image in pending:
+        yield done, image.result()
