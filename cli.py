@@ -5,10 +5,13 @@ unusable caches) end with a one-paragraph message and exit code 2, never a trace
 """
 from __future__ import annotations
 
+import functools
+import os
 import sys
 from pathlib import Path
 from typing import Optional
 
+import click
 import typer
 from rich.console import Console
 
@@ -22,17 +25,49 @@ heads_app = typer.Typer(help="Train, evaluate and apply light fusion heads on a 
                         no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 
 
+class _State:
+    debug = os.environ.get("FEATCACHE_DEBUG", "") not in ("", "0")
+
+
+def _debug_option(debug: bool = typer.Option(False, "--debug", help="Show the traceback behind an error message "
+                                             "too (or set FEATCACHE_DEBUG=1).")):
+    """Options shared by every command of the app (give them before the command name)."""
+    _State.debug = _State.debug or debug
+
+
+featcache_app.callback()(_debug_option)
+heads_app.callback()(_debug_option)
+
+
 def fail(message: str, code: int = 2):
     from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
-def user_errors():
-    """Exceptions that mean the user asked for something impossible (message shown, no traceback)."""
-    from featcache.backbones.weights import WeightsError
-    from featcache.cache.store import CacheError
-    return (CacheError, WeightsError, FileNotFoundError, KeyError, ValueError)
+def command(app: typer.Typer, name: str):
+    """`app.command(name)` with the one error policy of both apps: a user's mistake (featcache.errors.UserError,
+    or a path that does not exist) is one paragraph and its exit code (2; --strict: 1), with the traceback under
+    --debug; anything else is a bug: its traceback, a line saying so, exit 1. Nothing is swallowed."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            from featcache.errors import UserError  # light: featcache's errors import nothing
+            try:
+                return fn(*args, **kwargs)
+            except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+                if _State.debug:
+                    console.print_exception()
+                fail(str(exc).strip("'\""), getattr(exc, "exit_code", 2))
+            except (typer.Exit, typer.Abort, click.ClickException):
+                raise
+            except Exception:
+                console.print_exception()
+                console.print("[bold red]This is a bug in featcache-heads, not a mistake of yours.[/] Please "
+                              "report it with the traceback above and the command you ran.", highlight=False)
+                raise typer.Exit(1) from None
+        return app.command(name)(run)
+    return wrap
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:
@@ -40,7 +75,7 @@ def _opt(path: Optional[Path]) -> Optional[str]:
 
 
 # --------------------------------------------------------------------------------------------- featcache
-@featcache_app.command("extract")
+@command(featcache_app, "extract")
 def extract_cmd(
     data: Path = typer.Option(..., "--data", help="Dataset folder in the MVSA-Single layout "
                               "(train.txt, test_without_label.txt, data/GUID.jpg|txt)."),
@@ -87,7 +122,6 @@ def extract_cmd(
 ):
     """Run the backbones once over DATA and write the feature cache (sharded: --shard or torchrun)."""
     from featcache.extract.config import ExtractConfig
-    from featcache.extract.engine import StrictError
     from featcache.extract.launch import run_extract
 
     cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
@@ -98,15 +132,10 @@ def extract_cmd(
                         max_image_pixels=max_image_pixels, device=device,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
                         caption_weights=_opt(caption_weights), shard=shard)
-    try:
-        run_extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)
-    except StrictError as exc:
-        fail(str(exc), code=1)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    run_extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)
 
 
-@featcache_app.command("merge")
+@command(featcache_app, "merge")
 def merge_cmd(
     manifest: Path = typer.Argument(..., help="OUT.manifest.json of a sharded extraction."),
     out: Path = typer.Option(..., "--out", help="The single cache file to write."),
@@ -114,25 +143,19 @@ def merge_cmd(
 ):
     """Check every shard of MANIFEST and write them as one ordinary cache file."""
     from featcache.cache.manifest import merge
-    try:
-        path = merge(str(manifest), str(out), force=force)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    path = merge(str(manifest), str(out), force=force)
     console.print(f"wrote {path}", highlight=False)
 
 
-@featcache_app.command("info")
+@command(featcache_app, "info")
 def info_cmd(file: Path = typer.Argument(..., help="A cache written by `featcache extract`, or the "
                                          "OUT.manifest.json of a sharded one.")):
     """Print what a cache holds: backbones, weights, preprocessing, counts, arrays and sizes."""
     from featcache.info import print_info
-    try:
-        print_info(str(file))
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    print_info(str(file))
 
 
-@featcache_app.command("backbones")
+@command(featcache_app, "backbones")
 def backbones_cmd():
     """List the registered backbones, where their weights come from and whether they are here."""
     from featcache.info import print_backbones
@@ -141,7 +164,7 @@ def backbones_cmd():
 
 # --------------------------------------------------------------------------------------------- heads
 # (heads commands below)
-@heads_app.command("train")
+@command(heads_app, "train")
 def heads_train_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (or the "
                                "manifest of a sharded one)."),
@@ -184,19 +207,16 @@ def heads_train_cmd(
 
     fusion = fusion or DEFAULT_FUSION
     out = out or Path("runs") / f"{fusion}-{modality}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        cfg = TrainConfig.from_flat(
-            fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
-            modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
-            patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
-            image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias, precision=precision,
-            device=device, plots=plots)
-        train(cfg.validate(), str(cache), str(out), console=Console())
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    cfg = TrainConfig.from_flat(
+        fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
+        modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
+        patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
+        image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias, precision=precision,
+        device=device, plots=plots)
+    train(cfg.validate(), str(cache), str(out), console=Console())
 
 
-@heads_app.command("predict")
+@command(heads_app, "predict")
 def heads_predict_cmd(
     run: Path = typer.Option(..., "--run", help="A run directory written by `heads train`."),
     cache: Path = typer.Option(..., "--cache", help="Feature cache with the same backbone/preprocessing."),
@@ -207,10 +227,7 @@ def heads_predict_cmd(
     """Apply a trained head to every sample of a cache split; invalid samples are listed, not dropped."""
     from heads.predict import predict
 
-    try:
-        res = predict(str(run), str(cache), str(out), split=split, device=device)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    res = predict(str(run), str(cache), str(out), split=split, device=device)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
     console.print(f"wrote {res.written} predictions ({tags}) to {res.out}", highlight=False)
     if res.invalid:
@@ -218,7 +235,7 @@ def heads_predict_cmd(
                       f"'{res.fallback_tag}':[/] {', '.join(res.invalid)}", highlight=False)
 
 
-@heads_app.command("fusions")
+@command(heads_app, "fusions")
 def heads_fusions_cmd():
     """List the registered fusion heads."""
     from rich.table import Table
@@ -232,7 +249,7 @@ def heads_fusions_cmd():
     Console().print(table)
 
 
-@heads_app.command("ablate")
+@command(heads_app, "ablate")
 def heads_ablate_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (one)."),
     out: Path = typer.Option(..., "--out", help="Ablation directory: runs/<grid values>/ and the summaries."),
@@ -253,30 +270,18 @@ def heads_ablate_cmd(
 ):
     """Train a grid of heads from one cache loaded once (resumable), then write summaries and comparisons.
     Without axis options or --grid the grid is every fusion x modality both,text,image."""
-    from heads.ablate import AblateConfig, ablate, load_grid_toml, parse_axis
+    from heads.ablate import AblateConfig, ablate, grid_from_options, parse_seeds
 
-    try:
-        axes = {k: v for k, v in (("fusion", fusion), ("modality", modality), ("loss", loss)) if v}
-        if grid and (axes or set_):
-            raise ValueError("give the grid either as --grid FILE.toml or as axis options, not both")
-        spec = load_grid_toml(str(grid)) if grid else dict(parse_axis(f"{k}={v}") for k, v in axes.items())
-        for item in set_ or []:
-            key, values = parse_axis(item)
-            if key in spec:
-                raise ValueError(f"grid axis {key!r} is given twice")
-            spec[key] = values
-        cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
-                           folds=folds, progress=progress,
-                           seeds=[int(s) for s in seeds.split(",") if s.strip()])
-        res = ablate(cfg, console=console)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    spec = grid_from_options(_opt(grid), {"fusion": fusion, "modality": modality, "loss": loss}, set_ or [])
+    cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
+                       folds=folds, progress=progress, seeds=parse_seeds(seeds))
+    res = ablate(cfg, console=console)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
                   highlight=False)
     typer.echo(open(res.report.files[1]).read(), nl=False)
 
 
-@heads_app.command("report")
+@command(heads_app, "report")
 def heads_report_cmd(
     dirs: list[Path] = typer.Argument(..., help="Ablation or run directories (searched recursively)."),
     out: Optional[Path] = typer.Option(None, help="Where to write the summaries (default: the first DIR)."),
@@ -295,17 +300,14 @@ def heads_report_cmd(
 
     from heads.report.build import write_reports
 
-    try:
-        report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
-                               group_by=group_by or "", top=top or 0, export=export or "")
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
+                           group_by=group_by or "", top=top or 0, export=export or "")
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
                   f"{', '.join(os.path.basename(f) for f in report.files)} to {out or dirs[0]}", highlight=False)
     typer.echo("\n".join(open(f).read() for f in report.printed), nl=False)
 
 # ------------------------------------------------------------------------------------ stage 2 (finetune)
-@featcache_app.command("add-text-layers")
+@command(featcache_app, "add-text-layers")
 def add_text_layers_cmd(
     file: Path = typer.Argument(..., help="A cache written by `featcache extract` (updated in place, safely)."),
     layers: int = typer.Option(..., "--layers", help="Store the hidden states entering the top N text layers."),
@@ -315,13 +317,10 @@ def add_text_layers_cmd(
     """Add text_hidden/states for `heads finetune --unfreeze-text N` to an existing cache, running only the
     text backbone (checked against the cached tokens); the features and the cache key do not change."""
     from featcache.extract.text_layers import add_text_layers
-    try:
-        add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
 
 
-@heads_app.command("finetune")
+@command(heads_app, "finetune")
 def heads_finetune_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache (ideally with text_hidden/states: "
                                "`featcache extract --text-layers N` or `featcache add-text-layers`)."),
@@ -352,17 +351,14 @@ def heads_finetune_cmd(
 
     fusion = fusion or DEFAULT_FUSION
     out = out or Path("runs") / f"ft{text_layers}-{fusion}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    try:
-        cfg = FinetuneConfig.from_flat(
-            text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
-            batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
-            text_forward=text_forward, device=device, plots=plots)
-        finetune(cfg, str(cache), str(out), console=console)
-    except user_errors() as exc:
-        fail(str(exc).strip("'\""))
+    cfg = FinetuneConfig.from_flat(
+        text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
+        batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
+        text_forward=text_forward, device=device, plots=plots)
+    finetune(cfg, str(cache), str(out), console=console)
 
 
-@heads_app.command("show")
+@command(heads_app, "show")
 def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune).")):
     """Print a run's validation metrics table."""
     from heads.report.console import print_summary

@@ -13,13 +13,15 @@ import re
 
 import torch
 
+from .errors import ConfigError
+
 _CUDA = re.compile(r"^cuda(:\d+)?$")
 
 
 def check_device_name(name: str) -> str:
     """`name` if it is a device name this module resolves (configs check it before anything runs)."""
     if name not in ("auto", "cpu") and not _CUDA.match(name or ""):
-        raise ValueError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
+        raise ConfigError(f"--device {name!r}: give auto, cpu, cuda or cuda:N")
     return name
 
 
@@ -30,9 +32,9 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     check_device_name(name)
     if not torch.cuda.is_available():
-        raise ValueError(f"--device {name} but no CUDA device is available here")
+        raise ConfigError(f"--device {name} but no CUDA device is available here")
     device = torch.device(name)
     if device.index is not None and device.index >= torch.cuda.device_count():
-        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 from typing import Callable, Generic, Iterator, TypeVar
 
+from .errors import ConfigError
+
 T = TypeVar("T")
 
 
-class UnknownName(ValueError):
+class UnknownName(ConfigError):
     """A name that is not in a registry; the message lists the valid ones."""
 
 

@@ -32,12 +32,14 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .report.compare import parse_baseline
+from featcache.errors import ConfigError
+
 from .config import TrainConfig
 from .data.cache import DataError, load_cache
 from .fusions import get_fusion, list_fusions
-from .rundir import is_finished, load_json, save_json
 from .report.build import write_reports
+from .report.compare import parse_baseline
+from .rundir import is_finished, load_json, save_json
 from .train import stage1
 from .train.probe import probe_done, probe_specs, run_probe
 
@@ -75,24 +77,24 @@ class AblateConfig:
         paths = [p.strip() for p in self.cache.split(",") if p.strip()]
         labels = [os.path.splitext(os.path.basename(p))[0] for p in paths]
         if len(set(labels)) != len(labels):
-            raise ValueError(f"--cache: the caches' file names must differ (they name the runs): {paths}")
+            raise ConfigError(f"--cache: the caches' file names must differ (they name the runs): {paths}")
         return dict(zip(labels, paths))
 
     def validate(self) -> "AblateConfig":
         if not self.caches():
-            raise ValueError("--cache: no cache file given")
+            raise ConfigError("--cache: no cache file given")
         self.grid = {k: check_axis(k, v) for k, v in self.grid.items()}
         for k, v in self.base.items():
             check_axis(k, [v])
         if self.folds == 1 or self.folds < 0:
-            raise ValueError(f"--folds must be 0 (one split) or at least 2, got {self.folds}")
+            raise ConfigError(f"--folds must be 0 (one split) or at least 2, got {self.folds}")
         if not self.seeds:
-            raise ValueError("at least one seed is needed")
+            raise ConfigError("at least one seed is needed")
         key, value = parse_baseline(self.baseline)
         if key == "fusion":
             get_fusion(value)  # raises with the valid names
         elif key != "cache" and key not in self.grid:
-            raise ValueError(f"--baseline {self.baseline}: {key!r} is not an axis of this ablation; axes: "
+            raise ConfigError(f"--baseline {self.baseline}: {key!r} is not an axis of this ablation; axes: "
                              f"{', '.join(['fusion', 'cache', *self.grid])}")
         return self
 
@@ -110,9 +112,9 @@ def train_fields() -> dict[str, type]:
     return TrainConfig.flat_types()
 
 
-def _unknown(key: str) -> ValueError:
+def _unknown(key: str) -> ConfigError:
     valid = [k for k in train_fields() if k not in RESERVED]
-    return ValueError(f"unknown grid axis {key!r}: not a TrainConfig field; valid: {', '.join(valid)}")
+    return ConfigError(f"unknown grid axis {key!r}: not a TrainConfig field; valid: {', '.join(valid)}")
 
 
 def parse_value(key: str, text: str):
@@ -127,11 +129,11 @@ def parse_value(key: str, text: str):
             return True
         if low in ("0", "false", "no", "off"):
             return False
-        raise ValueError(f"{key}: {text!r} is not a boolean (true/false)")
+        raise ConfigError(f"{key}: {text!r} is not a boolean (true/false)")
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
+        raise ConfigError(f"{key}: {text!r} is not a valid {kind.__name__}") from None
 
 
 def parse_axis(spec: str) -> tuple[str, list]:
@@ -139,7 +141,7 @@ def parse_axis(spec: str) -> tuple[str, list]:
     key, sep, values = spec.partition("=")
     key = key.strip().replace("-", "_")
     if not sep or not values.strip():
-        raise ValueError(f"--set expects key=value[,value...], got {spec!r}")
+        raise ConfigError(f"--set expects key=value[,value...], got {spec!r}")
     return key, [parse_value(key, v) for v in values.split(",")]
 
 
@@ -150,23 +152,48 @@ def check_axis(key: str, values) -> list:
         raise _unknown(key)
     values = values if isinstance(values, list) else [values]
     if not values:
-        raise ValueError(f"grid axis {key!r} has no values")
+        raise ConfigError(f"grid axis {key!r} has no values")
     kind, out = kinds[key], []
     for v in values:
         if kind is float and isinstance(v, int) and not isinstance(v, bool):
             v = float(v)
         if type(v) is not kind:
-            raise ValueError(f"{key}: {v!r} is a {type(v).__name__}, expected {kind.__name__}")
+            raise ConfigError(f"{key}: {v!r} is a {type(v).__name__}, expected {kind.__name__}")
         out.append(v)
     if len(set(out)) != len(out):
-        raise ValueError(f"grid axis {key!r} repeats a value: {out}")
+        raise ConfigError(f"grid axis {key!r} repeats a value: {out}")
     return out
 
 
 def load_grid_toml(path: str) -> dict[str, list]:
     with open(path, "rb") as f:
-        raw = tomllib.load(f)
+        try:
+            raw = tomllib.load(f)
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not a valid TOML grid file: {exc}") from None
     return {k.replace("-", "_"): check_axis(k.replace("-", "_"), v) for k, v in raw.items()}
+
+
+def grid_from_options(grid_file: str | None, axes: dict[str, str], sets: list[str]) -> dict[str, list]:
+    """The grid the `heads ablate` options describe: a TOML file, or axis options (--fusion a,b) and --set."""
+    axes = {k: v for k, v in axes.items() if v}
+    if grid_file and (axes or sets):
+        raise ConfigError("give the grid either as --grid FILE.toml or as axis options, not both")
+    spec = load_grid_toml(grid_file) if grid_file else dict(parse_axis(f"{k}={v}") for k, v in axes.items())
+    for item in sets:
+        key, values = parse_axis(item)
+        if key in spec:
+            raise ConfigError(f"grid axis {key!r} is given twice")
+        spec[key] = values
+    return spec
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds 0,1,2 -> [0, 1, 2]."""
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds expects a comma list of integers, got {text!r}") from None
 
 
 # ------------------------------------------------------------------------------------------ expansion

@@ -21,6 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields, is_dataclass, replace
 
 from featcache.device import check_device_name
+from featcache.errors import ConfigError
 
 from .data.splits import SplitConfig
 from .data.text_layers import TEXT_FORWARDS
@@ -68,7 +69,7 @@ class FlatConfig:
         paths = {name: path for name, path, _ in _leaves(type(self))}
         unknown = [k for k in values if k not in paths]
         if unknown:
-            raise ValueError(f"unknown {type(self).__name__} field(s) {', '.join(unknown)}; valid: "
+            raise ConfigError(f"unknown {type(self).__name__} field(s) {', '.join(unknown)}; valid: "
                              f"{', '.join(paths)}")
         return _replace_paths(self, [(paths[k], v) for k, v in values.items()])
 
@@ -126,9 +127,9 @@ class TrainConfig(RunConfig):
     def validate(self) -> "TrainConfig":
         super().validate()
         if self.precision not in PRECISIONS:
-            raise ValueError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
+            raise ConfigError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.rdrop < 0:
-            raise ValueError(f"rdrop must be >= 0, got {self.rdrop}")
+            raise ConfigError(f"rdrop must be >= 0, got {self.rdrop}")
         return self
 
 
@@ -146,13 +147,13 @@ class FinetuneConfig(RunConfig):
 
     def validate(self) -> "FinetuneConfig":
         if self.text_layers < 0:
-            raise ValueError(f"--unfreeze-text must be >= 0, got {self.text_layers}")
+            raise ConfigError(f"--unfreeze-text must be >= 0, got {self.text_layers}")
         if self.text_forward not in TEXT_FORWARDS:
-            raise ValueError(f"text_forward must be one of {', '.join(TEXT_FORWARDS)}, got {self.text_forward!r}")
+            raise ConfigError(f"text_forward must be one of {', '.join(TEXT_FORWARDS)}, got {self.text_forward!r}")
         if self.grad_accum < 1:
-            raise ValueError(f"--grad-accum must be >= 1, got {self.grad_accum}")
+            raise ConfigError(f"--grad-accum must be >= 1, got {self.grad_accum}")
         if self.optim.lr < 0 or self.lr_text < 0:
-            raise ValueError("learning rates must be >= 0")
+            raise ConfigError("learning rates must be >= 0")
         if self.init is not None and not os.path.isdir(self.init):
             raise FileNotFoundError(f"--init {self.init} is not a run directory")
         super().validate()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from featcache.device import resolve_device
+from featcache.errors import ConfigError
 from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
@@ -67,7 +68,7 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     rows = data.rows(split)
     if rows.size == 0:
         have = ", ".join(sorted(set(data.splits.tolist()))) or "none"
-        raise ValueError(f"{data.path} has no samples in split {split!r} (splits present: {have})")
+        raise ConfigError(f"{data.path} has no samples in split {split!r} (splits present: {have})")
     bias_path = os.path.join(run_dir, "bias.json")
     bias = load_json(bias_path)["offsets"] if os.path.exists(bias_path) else None
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from featcache.cache.store import LEGACY_CLASSES, CacheError, feature_signature
-
+from featcache.errors import ConfigError
 
 FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
@@ -81,7 +81,7 @@ def upgrade_config(raw: dict) -> dict:
     if raw.get("format") == FORMAT:
         return raw
     if "format" in raw:
-        raise ValueError(f"config.json has format {raw['format']}, newer than this code reads ({FORMAT})")
+        raise ConfigError(f"config.json has format {raw['format']}, newer than this code reads ({FORMAT})")
     out = {"format": FORMAT, "classes": list(LEGACY_CLASSES)}
     if "probe" in raw:
         return {**out, "stage": "probe", "probe": raw["probe"]}

@@ -302,8 +302,9 @@ def test_second_extract_refused_while_lock_is_held(mvsa, tmp_path, monkeypatch):
 
 def test_image_lane_matches_the_serial_path(mvsa, cli8, tmp_path):
     """--overlap on (image tower + decoding in a second thread, half the threads each) writes the arrays of
-    the serial path: text exactly; image within fp16 rounding, since the image tower then runs on fewer
-    threads and its convolutions sum in another order. cli8 is the default (auto) run."""
+    the serial path to fp16 rounding: both towers then run on fewer threads, and their matmuls and convolutions
+    sum in another order (on some CPUs the text tokens differ by one fp16 ulp in ~0.2% of values). Masks,
+    labels and validity are exact. cli8 is the default (auto) run."""
     ser = tmp_path / "serial.h5"
     res = _cli("extract", "--data", mvsa, "--out", ser, "--overlap", "off", *SMALL)
     assert res.exit_code == 0, res.output
@@ -311,8 +312,10 @@ def test_image_lane_matches_the_serial_path(mvsa, cli8, tmp_path):
     res = _cli("extract", "--data", mvsa, "--out", lane, "--overlap", "on", "--image-views", "1", *SMALL)
     assert res.exit_code == 0, res.output
     a, b = _all_arrays(ser), _all_arrays(lane)
-    for name in ("text/tokens", "text/mask", "text/pooled", "samples/valid", "samples/label"):
+    for name in ("text/mask", "samples/valid", "samples/label"):
         assert np.array_equal(a[name], b[name]), name
+    for name in ("text/tokens", "text/pooled"):
+        assert np.allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=4e-3, rtol=4e-3), name
     for name in ("image/tokens", "image/pooled"):
         assert np.allclose(a[name].astype(np.float32), b[name].astype(np.float32), atol=0.02, rtol=0.01), name
         assert np.abs(a[name].astype(np.float32)).mean() > 0.01

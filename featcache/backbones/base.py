@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
+
 
 def get_attr_path(module: nn.Module, path: str):
     """`module.a.b.c` from "a.b.c"; raise naming the missing attribute (no silent fallback)."""
@@ -87,7 +89,7 @@ class TextEncoder(nn.Module):
         """
         layers = self.layers()
         if not 0 <= text_layers <= len(layers):
-            raise ValueError(f"text_layers={text_layers} but the model has {len(layers)} layers")
+            raise ConfigError(f"text_layers={text_layers} but the model has {len(layers)} layers")
         for p in self.parameters():
             p.requires_grad_(False)
         if text_layers == 0:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import ConfigError
 from ..registry import Registry
 from .weights import WeightsSource
 
@@ -67,15 +68,15 @@ def parse_backbone(value: str) -> tuple[str, str]:
     if len(parts) == 1:
         spec = get_backbone_spec(parts[0])
         if set(spec.modalities) != {"text", "image"}:
-            raise ValueError(f"'{value}' encodes only {'/'.join(spec.modalities)}; give TEXT+IMAGE, e.g. "
+            raise ConfigError(f"'{value}' encodes only {'/'.join(spec.modalities)}; give TEXT+IMAGE, e.g. "
                              f"{DEFAULT_BACKBONE}. Paired names: "
                              f"{', '.join(n for n in list_backbones('text') if n in list_backbones('image'))}")
         parts = [parts[0], parts[0]]
     if len(parts) != 2:
-        raise ValueError(f"--backbone takes NAME or TEXT+IMAGE, got '{value}'")
+        raise ConfigError(f"--backbone takes NAME or TEXT+IMAGE, got '{value}'")
     for name, modality in zip(parts, ("text", "image")):
         if modality not in get_backbone_spec(name).modalities:
-            raise ValueError(f"'{name}' is not a {modality} backbone; {modality} backbones: "
+            raise ConfigError(f"'{name}' is not a {modality} backbone; {modality} backbones: "
                              f"{', '.join(list_backbones(modality))}")
     return parts[0], parts[1]
 
@@ -95,7 +96,7 @@ def _builder(name: str, modality: str) -> tuple[BackboneSpec, Callable]:
     attr, kind = _ROLES[modality]
     build = getattr(spec.family, attr)
     if modality not in spec.modalities or build is None:
-        raise ValueError(f"'{name}' is not a {kind}; {kind}s: {', '.join(list_backbones(modality))}")
+        raise ConfigError(f"'{name}' is not a {kind}; {kind}s: {', '.join(list_backbones(modality))}")
     return spec, build
 
 

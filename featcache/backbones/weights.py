@@ -16,10 +16,12 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+from ..errors import UserError
+
 ENV_DIR = "FEATCACHE_WEIGHTS"
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Weights for a backbone cannot be found; the message says where we looked and what to do."""
 
 

@@ -22,6 +22,7 @@ import os
 import numpy as np
 
 from ..digest import file_sha256
+from ..errors import ConfigError
 from ..sources.base import Sample
 from .store import NEWER, CacheError, CacheReader, CacheWriter
 
@@ -90,7 +91,7 @@ def _read_manifest(path: str) -> dict:
             doc = json.load(f)
         if doc.get("format") != FORMAT or not isinstance(doc.get("shards"), list) or \
                 not isinstance(doc.get("version"), int):
-            raise ValueError("not a shard manifest")
+            raise ConfigError("not a shard manifest")
     except (ValueError, AttributeError, UnicodeDecodeError) as exc:
         raise CacheError(f"{path} is not a featcache shard manifest ({exc}); give a cache .h5 or the "
                          "OUT.manifest.json written by a sharded extraction") from None

@@ -46,6 +46,8 @@ import os
 import h5py
 import numpy as np
 
+from ..errors import UserError
+
 SCHEMA_VERSION = 1
 # Caches written before class names were recorded (meta["classes"]) hold MVSA's three tags in this order.
 LEGACY_CLASSES = ("negative", "neutral", "positive")
@@ -54,7 +56,7 @@ CAPTION_BYTES = 512
 _STR = h5py.string_dtype("utf-8")
 
 
-class CacheError(Exception):
+class CacheError(UserError):
     """A cache file that cannot be used, with a message meant for the user."""
 
 

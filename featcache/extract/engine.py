@@ -26,6 +26,7 @@ from ..backbones.weights import WeightsSource
 from ..cache.store import SCHEMA_VERSION, CacheError, CacheWriter, partial_path
 from ..device import resolve_device
 from ..env import environment, project_version
+from ..errors import ConfigError, UserError
 from ..sources.augment import ViewMaker
 from ..sources.base import Dataset, note_image_problems, scan_images, summarize
 from ..sources.images import ImageNote
@@ -35,8 +36,10 @@ from .forward import ImageLane, Models, forward_batch, use_lane
 from .plan import Plan, already_extracted, make_plan
 
 
-class StrictError(Exception):
-    """--strict found problems in the input; raised before any backbone runs."""
+class StrictError(UserError):
+    """--strict found problems in the input; raised before any backbone runs (exit code 1, as before)."""
+
+    exit_code = 1
 
 
 @dataclass
@@ -142,7 +145,7 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
             m.to(device).eval()
     load_s = time.perf_counter() - t0
     if not 0 <= cfg.text_layers <= text.num_layers:
-        raise ValueError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
+        raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
     start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
     return Models(text, image, captioner, cfg, device, start_layer), load_s
 

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ..backbones.base import ImageEncoder, TextEncoder
+from ..errors import ConfigError
 from ..sources.base import Dataset
 from ..sources.text import append_captions
 from ..text_tower import trim
@@ -180,7 +181,7 @@ def use_lane(setting: str, device: torch.device, captioner, workers: int) -> boo
     """auto: on for CPU extraction without DataLoader workers and at least 2 threads to split; a captioner
     (which needs the decoded images first) keeps the serial path."""
     if setting not in ("auto", "on", "off"):
-        raise ValueError(f"--overlap must be auto, on or off, got {setting!r}")
+        raise ConfigError(f"--overlap must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on" and captioner is None
     return device.type == "cpu" and captioner is None and workers == 0 and torch.get_num_threads() >= 2

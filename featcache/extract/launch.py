@@ -22,6 +22,7 @@ from rich.console import Console
 
 from ..cache.manifest import write_manifest
 from ..cache.store import CacheError
+from ..errors import ConfigError
 from .config import ExtractConfig
 from .engine import extract
 from .shards import SHARD_FILE, manifest_path, parse_shard, shard_path
@@ -65,7 +66,7 @@ def run_extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, 
     console = console or Console(stderr=True)
     env = torchrun_env()
     if env and cfg.shard:
-        raise ValueError("--shard and torchrun both split the rows; use one of them")
+        raise ConfigError("--shard and torchrun both split the rows; use one of them")
     if env:
         return _extract_rank(cfg, env, resume, strict, force, console, progress)
     path = extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)

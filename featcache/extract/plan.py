@@ -22,6 +22,7 @@ from rich.markup import escape
 from ..backbones import get_backbone_spec, locate, parse_backbone
 from ..cache.store import CacheError, CacheReader, partial_path, problems_path
 from ..digest import file_sha256
+from ..errors import ConfigError
 from ..sources.augment import get_aug_spec
 from ..sources.base import Dataset, read_dataset
 from .config import ExtractConfig
@@ -44,9 +45,9 @@ class Plan:
 
 def make_plan(cfg: ExtractConfig) -> Plan:
     if cfg.caption_mode not in ("store", "append"):
-        raise ValueError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
+        raise ConfigError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
     if cfg.image_views < 0:
-        raise ValueError(f"--image-views must be >= 0, got {cfg.image_views}")
+        raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     get_aug_spec(cfg.image_aug)
     ds = read_dataset(DATASET_FORMAT, cfg.data, clean_text=cfg.clean_text, limit=cfg.limit)
     text_name, image_name = parse_backbone(cfg.backbone)
@@ -82,7 +83,7 @@ def _weights(cfg: ExtractConfig, text_name: str, image_name: str) -> dict:
              "image": (image_name, locate(image_name, cfg.image_weights))}
     if cfg.captions:
         if "caption" not in get_backbone_spec(cfg.captions).modalities:
-            raise ValueError(f"--captions takes a captioner, got '{cfg.captions}'")
+            raise ConfigError(f"--captions takes a captioner, got '{cfg.captions}'")
         found["caption"] = (cfg.captions, locate(cfg.captions, cfg.caption_weights))
     out = {}
     for role, (name, src) in found.items():

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import re
 
+from ..errors import ConfigError
+
 _SHARD = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
 SHARD_FILE = re.compile(r"\.shard-\d+-of-\d+\.h5$")
 
@@ -18,7 +20,7 @@ SHARD_FILE = re.compile(r"\.shard-\d+-of-\d+\.h5$")
 def parse_shard(text: str) -> tuple[int, int]:
     m = _SHARD.match(text or "")
     if not m or not 0 <= int(m[1]) < int(m[2]):
-        raise ValueError(f"--shard {text!r}: give I/N with 0 <= I < N (I is zero-based: sbatch --array=0-<N-1> "
+        raise ConfigError(f"--shard {text!r}: give I/N with 0 <= I < N (I is zero-based: sbatch --array=0-<N-1> "
                          "with --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT)")
     return int(m[1]), int(m[2])
 
@@ -27,7 +29,7 @@ def shard_rows(total: int, batch_size: int, index: int, count: int) -> tuple[int
     """Rows [start, stop) of shard `index` of `count`: whole batches of a single-process run, spread evenly."""
     batches = -(-total // batch_size)
     if count > batches:
-        raise ValueError(f"{count} shards: {total} rows in batches of {batch_size} make only {batches} batch(es); "
+        raise ConfigError(f"{count} shards: {total} rows in batches of {batch_size} make only {batches} batch(es); "
                          f"use at most {batches} shards (processes) or a smaller --batch-size")
     first, last = index * batches // count, (index + 1) * batches // count
     return first * batch_size, min(last * batch_size, total)

@@ -28,6 +28,7 @@ from rich.console import Console
 
 from ..cache.store import CacheError, CacheReader, row_chunk
 from ..device import resolve_device
+from ..errors import ConfigError
 from ..text_tower import check_tokens, load_text_backbone, tokenize_cache
 from .forward import text_features
 
@@ -58,7 +59,7 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
         if num_layers is None:
             raise CacheError(f"{path} records no text num_layers; re-extract it")
         if not 1 <= text_layers <= num_layers:
-            raise ValueError(f"--layers {text_layers}: the text backbone {meta['backbone']['text']} has "
+            raise ConfigError(f"--layers {text_layers}: the text backbone {meta['backbone']['text']} has "
                              f"{num_layers} layers (give 1..{num_layers})")
         start_layer = num_layers - text_layers
         if r.has("text_hidden/states") and r.start_layer == start_layer:

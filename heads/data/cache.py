@@ -23,6 +23,7 @@ import torch
 
 from featcache.cache.manifest import open_cache
 from featcache.cache.store import CacheError
+from featcache.errors import ConfigError
 
 FEATURES = {  # batch key -> cache dataset; every cache has these
     "text_tokens": "text/tokens",
@@ -41,7 +42,7 @@ TEXT_STATES = ("text_states", "text_hidden/states")  # optional (--text-layers /
 TEXT_SEQUENCES = ("text_tokens", "text_mask", "text_states", "input_ids")
 
 
-class DataError(ValueError):
+class DataError(ConfigError):
     """A cache that cannot be trained on (no labelled samples, a class too small to split, ...)."""
 
 

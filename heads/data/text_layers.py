@@ -20,6 +20,7 @@ from dataclasses import replace
 import torch
 
 from featcache.cache.store import CacheError
+from featcache.errors import ConfigError
 from featcache.text_tower import check_tokens, encoded_texts, tokenize_texts
 
 from .cache import CacheData
@@ -65,7 +66,7 @@ def _tokenize(data: CacheData, text_model) -> torch.Tensor:
     """input_ids for every row, from the strings the text backbone saw at extraction (featcache.text_tower
     rebuilds them as extraction did); the re-tokenized mask must be the cache's."""
     if data.texts is None:
-        raise ValueError("stage 2 needs the cache texts: load the cache with load_cache(..., texts=True)")
+        raise ConfigError("stage 2 needs the cache texts: load the cache with load_cache(..., texts=True)")
     texts = encoded_texts(data.texts, data.captions, data.meta, text_model)
     return tokenize_texts(texts, data.features["text_mask"], text_model)["input_ids"]
 

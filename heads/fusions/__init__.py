@@ -7,7 +7,7 @@ a registered class, imported below (the import order is the order `heads fusions
 """
 from __future__ import annotations
 
-from . import concat, gmu, film, cross_attn, co_attn  # noqa: F401  (each registers its head, in this order)
+from . import concat, gmu, film, cross_attn, co_attn  # noqa: F401  (each registers its head, in this order)  isort: skip
 from .base import DEFAULT_FUSION, FUSIONS, MODALITIES, FusionHead, HeadConfig, HeadDims
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from featcache.errors import ConfigError
 from featcache.registry import Registry
 
 MODALITIES = ("both", "text", "image")
@@ -53,11 +54,11 @@ class HeadConfig:
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
-            raise ValueError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
+            raise ConfigError(f"unknown modality {self.modality!r}; valid: {', '.join(MODALITIES)}")
         if not 0.0 <= self.modality_dropout < 1.0:
-            raise ValueError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
+            raise ConfigError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.hidden % self.attn_heads:
-            raise ValueError(f"hidden ({self.hidden}) must be divisible by attn_heads ({self.attn_heads})")
+            raise ConfigError(f"hidden ({self.hidden}) must be divisible by attn_heads ({self.attn_heads})")
 
 
 def mean_unpadded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -20,10 +20,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from featcache.errors import ConfigError
+
 from ..rundir import load_json, save_json
 from .compare import modality_analysis, paired_comparison, parse_baseline, write_modality_md, write_paired
 from .figures import plot_comparison
-from .groupby import correlations, group_by as groups_of, parse_keys, write_correlation, write_groupby
+from .groupby import correlations
+from .groupby import group_by as groups_of
+from .groupby import parse_keys, write_correlation, write_groupby
 from .page import write_page
 from .runs import (Run, best_config, check_report_metric, find_run_dirs, label_runs, load_run, report_classes,
                    summary_rows)
@@ -68,7 +72,7 @@ def write_reports(paths, out: str, baseline: str | None = None, n_boot: int = 20
     keys = parse_keys(group_by, runs) if group_by else []
     formats = parse_formats(export or ("md" if top else ""))  # --top alone: Markdown
     if top < 0:
-        raise ValueError(f"--top must be a positive number of configurations, got {top}")
+        raise ConfigError(f"--top must be a positive number of configurations, got {top}")
     label_runs(runs)
     os.makedirs(out, exist_ok=True)
     report = _write_summaries(runs, out, baseline, n_boot, seed, metric)

@@ -20,6 +20,8 @@ import os
 
 import numpy as np
 
+from featcache.errors import ConfigError
+
 from ..rundir import read_predictions
 from .tables import write_csv
 
@@ -82,7 +84,7 @@ def parse_baseline(baseline: str) -> tuple[str, str]:
     """"concat" -> ("fusion", "concat"); "cache=raw-none" -> ("cache", "raw-none")."""
     key, _, value = baseline.partition("=") if "=" in baseline else ("fusion", "=", baseline)
     if not key.strip() or not value.strip():
-        raise ValueError(f"--baseline {baseline!r}: give a fusion name or KEY=VALUE (e.g. cache=raw-none)")
+        raise ConfigError(f"--baseline {baseline!r}: give a fusion name or KEY=VALUE (e.g. cache=raw-none)")
     return key.strip(), value.strip()
 
 
@@ -140,7 +142,7 @@ def _pairs(members, base_members, preds) -> list[tuple]:
         g_a, y_a, p_a = preds(r)
         g_b, y_b, p_b = preds(partner)
         if g_a != g_b:  # same split arguments but another cache: not the same samples
-            raise ValueError(f"{r.dir} and {partner.dir} have the same seed/fold but different validation "
+            raise ConfigError(f"{r.dir} and {partner.dir} have the same seed/fold but different validation "
                              "samples; report runs of one cache together")
         pairs.append((y_a, p_a, p_b))
     return pairs
@@ -187,7 +189,7 @@ def _modality_row(trios: list[dict], preds) -> dict:
     for s in trios:
         g, yy, pt = preds(s["text"])
         if not (preds(s["image"])[0] == g == preds(s["both"])[0]):
-            raise ValueError(f"{s['text'].dir}: text/image/both runs of one split saw different samples")
+            raise ConfigError(f"{s['text'].dir}: text/image/both runs of one split saw different samples")
         y.append(yy), t.append(pt), i.append(preds(s["image"])[2]), b.append(preds(s["both"])[2])
     y, t, i, b = (np.concatenate(a) for a in (y, t, i, b))
     ok_t, ok_i, ok_b = t == y, i == y, b == y

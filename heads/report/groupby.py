@@ -18,6 +18,8 @@ import os
 
 import numpy as np
 
+from featcache.errors import ConfigError
+
 from .runs import IGNORED, LOWER_IS_BETTER, PROBE_NAME, STATS, TITLES
 from .tables import fmt, md_table, write_csv
 
@@ -39,13 +41,13 @@ def parse_keys(text: str, runs) -> list[str]:
     keys = [k.strip().replace("-", "_") for k in text.split(",") if k.strip()]
     valid = config_keys(runs)
     if not valid:
-        raise ValueError("--group-by needs head runs (config.json with a 'train' section); these are probes only")
+        raise ConfigError("--group-by needs head runs (config.json with a 'train' section); these are probes only")
     for k in keys:
         if k not in valid:
-            raise ValueError(f"unknown --group-by key {k!r}: not a config key of these runs; valid: "
+            raise ConfigError(f"unknown --group-by key {k!r}: not a config key of these runs; valid: "
                              f"{', '.join(valid)}")
     if not keys or len(set(keys)) != len(keys):
-        raise ValueError(f"--group-by expects distinct keys separated by commas, got {text!r}")
+        raise ConfigError(f"--group-by expects distinct keys separated by commas, got {text!r}")
     return keys
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from featcache.cache.store import LEGACY_CLASSES
+from featcache.errors import ConfigError
 
 from ..rundir import PROBE_NAME, head_params, load_json  # the other report modules take PROBE_NAME from here
 
@@ -42,7 +43,7 @@ NOT_PARAMETERS = ("env", "classes")
 def check_report_metric(name: str) -> str:
     """A STATS name (what `heads report --metric` ranks by; training's early-stopping metric is another)."""
     if name not in STATS:
-        raise ValueError(f"unknown report metric {name!r}; valid: {', '.join(STATS)}")
+        raise ConfigError(f"unknown report metric {name!r}; valid: {', '.join(STATS)}")
     return name
 
 
@@ -93,7 +94,7 @@ def _flatten(tree: dict, out: dict) -> None:
         if isinstance(v, dict):
             _flatten(v, out)
         elif k in out and out[k] != v:  # one flat name, two values: the report could not tell them apart
-            raise ValueError(f"config.json has two different values for {k!r} ({out[k]!r}, {v!r})")
+            raise ConfigError(f"config.json has two different values for {k!r} ({out[k]!r}, {v!r})")
         else:
             out[k] = v
 
@@ -140,7 +141,7 @@ def report_classes(runs: list[Run]) -> list[str]:
     classes = runs[0].classes
     for r in runs:
         if r.classes != classes:
-            raise ValueError(f"{r.dir} has classes {r.classes}, {runs[0].dir} has {classes}: report runs of one "
+            raise ConfigError(f"{r.dir} has classes {r.classes}, {runs[0].dir} has {classes}: report runs of one "
                              "dataset together")
     return classes
 

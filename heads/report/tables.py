@@ -15,6 +15,8 @@ from __future__ import annotations
 import csv
 import os
 
+from featcache.errors import ConfigError
+
 from .runs import PROBE_NAME, STATS, TEST_STATS, TITLES, params_by_config, ranked, varying_keys
 
 FORMATS = {"md": ".md", "latex": ".tex"}  # --export name -> file suffix
@@ -25,7 +27,7 @@ def parse_formats(text: str) -> list[str]:
     formats = [f.strip().lower() for f in text.split(",") if f.strip()]
     for f in formats:
         if f not in FORMATS:
-            raise ValueError(f"unknown export format {f!r}; valid: {', '.join(FORMATS)}")
+            raise ConfigError(f"unknown export format {f!r}; valid: {', '.join(FORMATS)}")
     return formats
 
 
@@ -159,7 +161,7 @@ def write_top_latex(rows, runs, k: int, metric: str, path: str) -> None:
 def write_top(rows, runs, k: int, metric: str, formats: list[str], out: str) -> list[str]:
     """The top-k table in each of `formats` (md, latex) as out/top<k>.md / .tex; returns the paths."""
     if k < 1:
-        raise ValueError(f"--top must be at least 1, got {k}")
+        raise ConfigError(f"--top must be at least 1, got {k}")
     writers = {"md": write_top_md, "latex": write_top_latex}
     files = []
     for f in formats:

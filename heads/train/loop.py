@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from featcache.errors import ConfigError
+
 from .metrics import check_selection_metric
 from .optim import AdamW
 
@@ -37,7 +39,7 @@ class OptimConfig:
     def validate(self) -> "OptimConfig":
         check_selection_metric(self.metric)
         if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+            raise ConfigError("epochs and batch_size must be at least 1")
         return self
 
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from featcache.errors import ConfigError
 from featcache.registry import Registry
 
 # name -> builder(LossConfig, class_counts) -> Loss, declared with each builder below
@@ -47,7 +48,7 @@ class LossConfig:
     def validate(self) -> "LossConfig":
         LOSSES.get(self.name)  # raises with the valid names
         if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+            raise ConfigError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         return self
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from featcache.errors import ConfigError
+
 SELECTION_METRICS = ("macro_f1", "accuracy", "weighted_f1")  # what `--metric` may select on
 
 
@@ -63,5 +65,5 @@ def quick_scores(y_true, y_pred, num_classes: int) -> dict:
 def check_selection_metric(name: str) -> str:
     """The early-stopping / best-state metric (heads.report has its own, wider list of report metrics)."""
     if name not in SELECTION_METRICS:
-        raise ValueError(f"unknown metric {name!r}; valid: {', '.join(SELECTION_METRICS)}")
+        raise ConfigError(f"unknown metric {name!r}; valid: {', '.join(SELECTION_METRICS)}")
     return name

@@ -30,6 +30,7 @@ import torch
 
 from featcache.device import resolve_device
 from featcache.env import environment
+from featcache.errors import ConfigError
 from featcache.text_tower import load_text_backbone
 
 from ..config import FinetuneConfig, TrainConfig
@@ -40,8 +41,7 @@ from ..fusions import HeadDims, create_fusion, get_fusion
 from ..infer import infer, load_head, softmax
 from ..report import figures
 from ..report.console import print_summary
-from ..rundir import HEAD_FILE, TEXT_LAYERS_FILE, RunRecord, cache_info, check_cache, load_json, read_config, \
-    write_run
+from ..rundir import HEAD_FILE, TEXT_LAYERS_FILE, RunRecord, cache_info, check_cache, load_json, read_config, write_run
 from .loop import Trainer
 from .losses import build_loss
 from .metrics import compute_metrics, quick_scores
@@ -69,7 +69,7 @@ def finetune(cfg: FinetuneConfig, data: str | os.PathLike | CacheData, out_dir: 
     if n:
         text = load_text_backbone(data.meta)
         if n > text.num_layers:
-            raise ValueError(f"--unfreeze-text {n}: {data.meta['backbone']['text']} has {text.num_layers} layers")
+            raise ConfigError(f"--unfreeze-text {n}: {data.meta['backbone']['text']} has {text.num_layers} layers")
         text.lock(n)
         text.to(device)
         data = with_text_inputs(data, text, n, cfg.text_forward, device, say)
@@ -108,7 +108,7 @@ def _with_init(cfg: FinetuneConfig) -> FinetuneConfig:
         return cfg
     saved = read_config(cfg.init)
     if saved["stage"] != "train":
-        raise ValueError(f"--init {cfg.init} is a {saved['stage']} run; give the stage-1 run it started from")
+        raise ConfigError(f"--init {cfg.init} is a {saved['stage']} run; give the stage-1 run it started from")
     stage1 = TrainConfig.from_flat(saved["train"])
     return replace(cfg, head=stage1.head, loss=stage1.loss, split=stage1.split)
 

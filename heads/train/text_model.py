@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from featcache.errors import ConfigError
+
 from ..data.text_layers import IMAGE_KEYS, text_batch
 
 
@@ -66,5 +68,5 @@ class FinetuneModel(nn.Module):
         """The unfrozen parameters a stage-2 run saved (rundir.load_text_layers), on top of the backbone."""
         _, unexpected = self.text.load_state_dict(state, strict=False)
         if unexpected:
-            raise ValueError(f"{source} holds parameters the text backbone does not have: "
+            raise ConfigError(f"{source} holds parameters the text backbone does not have: "
                              f"{', '.join(unexpected[:5])}")
