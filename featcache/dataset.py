@@ -47,6 +47,7 @@ class Sample:
     valid: bool = True
     encoding: str | None = None  # how the text file was decoded (None: no text file)
     empty_text: bool = False  # the text was empty and the placeholder is encoded instead
+    target: str = ""  # the aspect target the label belongs to (Twitter-2015/2017); "" for whole-post labels
 
 
 @dataclass
@@ -58,6 +59,9 @@ class Dataset:
     empty_texts: int = 0
     clean_text: bool = False
     shard: dict | None = None  # set by subset(): where these rows sit in the whole dataset
+    classes: tuple[str, ...] = LABELS  # class names in label order: Sample.label indexes this
+    # Label / manifest files (relative to root, or absolute) the fingerprint hashes; empty: MVSA's LABEL_FILES.
+    files: list[str] = field(default_factory=list)
 
     def subset(self, start: int, stop: int, shard: dict) -> "Dataset":
         """Rows [start, stop) as a dataset of their own, with their problems and counts, so the summaries of
@@ -67,12 +71,12 @@ class Dataset:
         problems = [p for p in self.problems if p.guid in guids or (p.guid == "-" and start == 0)]
         encodings = Counter(s.encoding for s in samples if s.encoding)
         return Dataset(self.root, samples, problems, encodings, sum(s.empty_text for s in samples),
-                       self.clean_text, shard)
+                       self.clean_text, shard, self.classes, self.files)
 
     def fingerprint(self) -> str:
         """Content hash of labels, texts and images (size + first 64 KiB), stable across copies and clones."""
         h = hashlib.sha256()
-        for _, fname in LABEL_FILES:
+        for fname in self.files or [f for _, f in LABEL_FILES]:
             path = os.path.join(self.root, fname)
             if os.path.exists(path):
                 h.update(open(path, "rb").read())
@@ -81,6 +85,10 @@ class Dataset:
             if os.path.exists(s.image_path):
                 with open(s.image_path, "rb") as f:
                     h.update(str(os.path.getsize(s.image_path)).encode() + f.read(65536))
+        if self.files:  # other readers: what they made of the files (column options, label rules, targets)
+            h.update("\0".join(self.classes).encode() + b"\0")
+            for s in self.samples:
+                h.update(f"{s.split}\0{s.label}\0".encode() + s.target.encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
     def add_problem(self, sample: Sample, file: str, kind: str, message: str, fatal: bool) -> None:
@@ -168,7 +176,8 @@ def note_image_problems(ds: Dataset, index: int, notes) -> None:
     """Record the ImageNotes of sample `index` (from a worker or from `scan_images`) as Problems."""
     s = ds.samples[index]
     for n in notes:
-        if n.kind == "missing" and any(p.guid == s.guid and p.kind == "missing" and p.file.endswith(".jpg")
+        if n.kind == "missing" and any(p.guid == s.guid and p.kind == "missing" and
+                                       p.file.endswith(os.path.basename(s.image_path))
                                        for p in ds.problems):
             continue  # already reported by read_mvsa
         ds.add_problem(s, os.path.basename(s.image_path), n.kind, n.message.split(": ", 1)[-1], n.fatal)
