@@ -37,7 +37,8 @@ def manifest_files(path: str) -> list[str]:
     """The manifest(s) PATH stands for: itself (a .csv / .jsonl file) or the folder's metadata.csv|jsonl."""
     if os.path.isfile(path):
         return [path] if path.lower().endswith(EXTENSIONS) else []
-    return [os.path.join(path, f"metadata{e}") for e in EXTENSIONS if os.path.isfile(os.path.join(path, f"metadata{e}"))]
+    candidates = [os.path.join(path, f"metadata{e}") for e in EXTENSIONS]
+    return [c for c in candidates if os.path.isfile(c)]
 
 
 def detect(path: str) -> bool:

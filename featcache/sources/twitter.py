@@ -71,8 +71,8 @@ def image_folder(root: str, names: list[str]) -> str:
             return found[hits.index(max(hits))]
     elif found:
         return found[0]
-    looked = ", ".join(candidates)
-    raise FileNotFoundError(f"no folder holding the images of {root!r} (looked for {names[:3]} in {looked}); "
+    raise FileNotFoundError(f"no image folder for {root!r}: looked in it, its parent and grandparent for a folder "
+                            f"({', '.join(IMAGE_FOLDERS)}) holding the first rows' images ({', '.join(names[:3])}); "
                             "pass the image folder with --images DIR (option images=DIR)")
 
 
