@@ -261,7 +261,7 @@ def _meta(plan: Plan, m: Models) -> dict:
 
 def _dataset_meta(ds: Dataset, fingerprint: str) -> dict:
     """The part of the metadata that grows while extracting: counts and problems (images fail as they decode)."""
-    return {"dataset": {"root": ds.root, "fingerprint": fingerprint, **summarize(ds)},
+    return {"dataset": {"root": ds.root, "format": ds.format, "fingerprint": fingerprint, **summarize(ds)},
             "problems": [str(p) for p in ds.problems]}
 
 

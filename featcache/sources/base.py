@@ -16,6 +16,7 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..errors import ConfigError
 from ..registry import Registry
 from .images import DEFAULT_MAX_PIXELS, load_rgb
 
@@ -44,6 +45,7 @@ class Sample:
     valid: bool = True
     encoding: str | None = None  # how the text file was decoded (None: no text file)
     empty_text: bool = False  # the text was empty and the placeholder is encoded instead
+    target: str = ""  # the aspect target the label belongs to (Twitter-2015/2017); "" for whole-post labels
 
 
 @dataclass
@@ -57,6 +59,7 @@ class Dataset:
     empty_texts: int = 0
     clean_text: bool = False
     shard: dict | None = None  # set by subset(): where these rows sit in the whole dataset
+    format: str = "mvsa"  # the READERS name that read it (recorded in the cache)
 
     def subset(self, start: int, stop: int, shard: dict) -> "Dataset":
         """Rows [start, stop) as a dataset of their own, with their problems and counts, so the summaries of
@@ -66,7 +69,7 @@ class Dataset:
         problems = [p for p in self.problems if p.guid in guids or (p.guid == "-" and start == 0)]
         encodings = Counter(s.encoding for s in samples if s.encoding)
         return Dataset(self.root, samples, self.classes, self.index_files, problems, encodings,
-                       sum(s.empty_text for s in samples), self.clean_text, shard)
+                       sum(s.empty_text for s in samples), self.clean_text, shard, self.format)
 
     def fingerprint(self) -> str:
         """Content hash of index files, texts and images (size + first 64 KiB), stable across copies and clones."""
@@ -80,6 +83,11 @@ class Dataset:
             if os.path.exists(s.image_path):
                 with open(s.image_path, "rb") as f:
                     h.update(str(os.path.getsize(s.image_path)).encode() + f.read(65536))
+        if self.format != "mvsa":  # what the reader made of the files (column options, label rules, targets);
+            # the first format's fingerprint stays as it was, so its cache keys do not change
+            h.update("\0".join(self.classes).encode() + b"\0")
+            for s in self.samples:
+                h.update(f"{s.split}\0{s.label}\0".encode() + s.target.encode("utf-8", "surrogatepass") + b"\0")
         return h.hexdigest()
 
     def add_problem(self, sample: Sample, file: str, kind: str, message: str, fatal: bool) -> None:
@@ -89,11 +97,18 @@ class Dataset:
 
 
 class DatasetReader:
-    """A dataset format: its class names (label order) and how to read a folder in its layout."""
+    """A dataset format: its class names (label order), the layout it reads, its options, how to detect it."""
 
-    classes: tuple[str, ...] = ()
+    classes: tuple[str, ...] = ()  # fixed class names; () when they come from the data (manifest)
+    layout: str = ""  # one line: the files it expects (`featcache formats`, detection errors)
+    options: tuple[str, ...] = ()  # keyword options of `read` (e.g. twitter: images)
 
-    def read(self, root: str, clean_text: bool = False, limit: int | None = None) -> Dataset:
+    @staticmethod
+    def detect(path: str) -> bool:
+        """Whether PATH has this format's layout, from file names (cheap; no decoding)."""
+        return False
+
+    def read(self, root: str, clean_text: bool = False, limit: int | None = None, **options) -> Dataset:
         """Every sample under `root`; `limit` keeps the first N rows of each index file (quick trials)."""
         raise NotImplementedError
 
@@ -101,16 +116,43 @@ class DatasetReader:
 READERS: Registry[type[DatasetReader]] = Registry("dataset format")
 
 
-def read_dataset(fmt: str, root: str, clean_text: bool = False, limit: int | None = None) -> Dataset:
-    return READERS.get(fmt)().read(root, clean_text=clean_text, limit=limit)
+def detect_format(path: str) -> str:
+    """The one format whose layout PATH has; an error listing every layout looked for otherwise (never a guess)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"dataset path {path!r} does not exist")
+    found = [name for name, reader in READERS.items() if reader.detect(path)]
+    if len(found) == 1:
+        return found[0]
+    if found:
+        raise ConfigError(f"{path!r} matches several dataset formats ({', '.join(found)}); choose one with "
+                          f"--format {'|'.join(found)}")
+    looked = "; ".join(f"{name}: {reader.layout}" for name, reader in READERS.items())
+    raise FileNotFoundError(f"no known dataset layout at {path!r}. Looked for {looked}. If the data is in one of "
+                            "these formats under other names, pass --format NAME; otherwise write a manifest "
+                            "(csv or jsonl: id, text, image, label, split) and pass its path.")
+
+
+def read_dataset(fmt: str, root: str, clean_text: bool = False, limit: int | None = None, **options) -> Dataset:
+    """Read `root` with format `fmt` ("auto": detected). Options left None are unset; one the format does not
+    take is an error, so that e.g. --images given with another format is not silently ignored."""
+    fmt = detect_format(root) if fmt == "auto" else fmt
+    reader = READERS.get(fmt)
+    given = {k: v for k, v in options.items() if v is not None}
+    unknown = sorted(set(given) - set(reader.options))
+    if unknown:
+        raise ConfigError(f"format {fmt!r} has no option {', '.join(map(repr, unknown))} (its options: "
+                          f"{', '.join(reader.options) or 'none'}); drop it or choose its format with --format")
+    ds = reader().read(root, clean_text=clean_text, limit=limit, **given)
+    ds.format = fmt
+    return ds
 
 
 def note_image_problems(ds: Dataset, index: int, notes) -> None:
     """Record the ImageNotes of sample `index` (from a worker or from `scan_images`) as Problems."""
     s = ds.samples[index]
     for n in notes:
-        if n.kind == "missing" and any(p.guid == s.guid and p.kind == "missing" and p.file.endswith(".jpg")
-                                       for p in ds.problems):
+        if n.kind == "missing" and any(p.guid == s.guid and p.kind == "missing" and
+                                       p.file.endswith(os.path.basename(s.image_path)) for p in ds.problems):
             continue  # already reported by the reader
         ds.add_problem(s, os.path.basename(s.image_path), n.kind, n.message.split(": ", 1)[-1], n.fatal)
 
@@ -132,6 +174,7 @@ def summarize(ds: Dataset) -> dict:
         "samples": len(ds.samples),
         "train": sum(s.split == "train" for s in ds.samples),
         "test": sum(s.split == "test" for s in ds.samples),
+        "splits": dict(Counter(s.split for s in ds.samples)),  # every split the data names (train/dev/test/...)
         "invalid": sum(not s.valid for s in ds.samples),
         "labels": {name: sum(s.label == i for s in ds.samples) for i, name in enumerate(ds.classes)},
         "text_encodings": dict(ds.encodings),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 
 from .base import READERS, Dataset, DatasetReader, Problem, Sample
+from .common import MVSA_CLASSES, is_mvsa_layout
 from .text import decode_bytes, prepare_text
 
 LABEL_FILES = (("train", "train.txt"), ("test", "test_without_label.txt"))
@@ -39,7 +40,9 @@ def _read_label_file(path: str, problems: list[Problem]) -> list[tuple[str, str,
 
 @READERS.register("mvsa")
 class MVSA(DatasetReader):
-    classes = ("negative", "neutral", "positive")
+    classes = MVSA_CLASSES
+    layout = f"DIR/{' + DIR/'.join(f for _, f in LABEL_FILES)} (guid,tag) + DIR/data/GUID.txt|jpg"
+    detect = staticmethod(is_mvsa_layout)
 
     def read(self, root: str, clean_text: bool = False, limit: int | None = None) -> Dataset:
         if not os.path.isdir(root):
