@@ -9,8 +9,9 @@ comparable. What is compared: every array of every cache (exactly), cache metada
 and paths; each run's metrics.json (timings aside), history.json (timings aside), split.json,
 val/test predictions and head weights. Reports (.md/.html/.png) and timings are not compared.
 
-A refactor that claims "behaviour unchanged" runs this before it lands. Exit 0: identical; 1: differences,
-listed. Threads are pinned (OMP_NUM_THREADS) so both sides compute the same floating-point sums.
+A refactor that claims "behaviour unchanged" runs this before it lands. Exit 0: the same results (format
+differences, e.g. a renamed metadata field or a new config layout, are listed but allowed); 1: a result
+differs (an array, a prediction, a split, a weight, a metric value). Threads are pinned (OMP_NUM_THREADS) so both sides compute the same floating-point sums.
 """
 from __future__ import annotations
 
@@ -126,31 +127,37 @@ def _safetensors_diff(a: Path, b: Path) -> list[str]:
     return [f"{a}:{k}: differs" for k in ta if not torch.equal(ta[k], tb[k])]
 
 
-def compare(base: Path, new: Path) -> list[str]:
-    diffs = []
+# Files that record how a run was set up (formats may change between versions); the rest records results.
+FORMAT_FILES = ("config.json", "cache.json", "ablate.json", "best.json")
+
+
+def compare(base: Path, new: Path) -> tuple[list[str], list[str]]:
+    """(result differences, format differences). Results: every cache array, prediction, split, history,
+    weight file and metric value. Format: cache metadata, run configs, keys present on one side only."""
+    results, formats = [], []
     for fa in sorted(base.rglob("*")):
         rel = fa.relative_to(base)
         fb = new / rel
         if fa.is_dir() or rel.name == "log.txt" or fa.suffix in (".png", ".html", ".md", ".tex", ".lock"):
             continue
         if not fb.exists():
-            diffs.append(f"{rel}: missing in new")
+            results.append(f"{rel}: missing in new")
         elif fa.suffix == ".h5":
-            diffs += [f"{rel.parent}/{d}" for d in _h5_diff(fa, fb)]
+            for d in _h5_diff(fa, fb):
+                (formats if ":meta." in d else results).append(f"{rel.parent}/{d}")
         elif fa.suffix == ".safetensors":
-            diffs += _safetensors_diff(fa, fb)
+            results += _safetensors_diff(fa, fb)
         elif fa.suffix == ".json":
             ja, jb = _strip(json.loads(fa.read_text())), _strip(json.loads(fb.read_text()))
-            if isinstance(ja, dict) and isinstance(jb, dict):  # new keys are allowed, changed ones are not
-                ja = {k: v for k, v in ja.items() if k in jb} | {k: None for k in ja if k not in jb}
-                jb = {k: v for k, v in jb.items() if k in ja}
-            diffs += _json_diff(ja, jb, str(rel))
+            for d in _json_diff(ja, jb, str(rel)):
+                (formats if rel.name in FORMAT_FILES or d.endswith(("only in base", "only in new"))
+                 else results).append(d)
         elif fa.suffix in (".csv", ".txt"):
             if rel.name.startswith("summary") or rel.name.startswith("groupby"):
                 continue  # holds train seconds
             if fa.read_bytes() != fb.read_bytes():
-                diffs.append(f"{rel}: contents differ")
-    return diffs
+                results.append(f"{rel}: contents differ")
+    return results, formats
 
 
 def main() -> int:
@@ -180,13 +187,16 @@ def main() -> int:
     if new_out is None:
         new_out = work / "new"
         record(REPO, new_out, a.quick)
-    diffs = compare(base_out, new_out)
-    for d in diffs:
-        print(d)
-    print(f"{len(diffs)} difference(s) between {base_out} and {new_out}")
+    results, formats = compare(base_out, new_out)
+    for d in formats:
+        print(f"format: {d}")
+    for d in results:
+        print(f"RESULT: {d}")
+    print(f"{len(results)} result difference(s), {len(formats)} format difference(s) between {base_out} and "
+          f"{new_out}")
     if not a.keep:
         shutil.rmtree(work, ignore_errors=True)
-    return 1 if diffs else 0
+    return 1 if results else 0
 
 
 if __name__ == "__main__":
