@@ -66,7 +66,7 @@ def print_info(path: str, console: Console | None = None) -> dict:
 def print_backbones(console: Console | None = None) -> None:
     # heavy: the registry imports every backbone family (torch, torchvision); `featcache info` needs none of it
     from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
-    from .backbones.weights import WeightsError
+    from .backbones.weights import WeightsError  # heavy: the backbone registry imports torch; only `featcache backbones` needs it
     console = console or Console()
     table = Table("name", "encodes", "weights from", "on this machine",
                   title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")

@@ -149,3 +149,27 @@ def test_modules_and_functions_stay_small():
                 if n > MAX_FUNCTION_LINES:
                     too_long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}(): {n} lines")
     assert not too_long, "\n".join(too_long)
+
+
+def _group_has_comment(lines: list[str], lineno: int) -> bool:
+    """Whether the import at `lineno` (1-based), or the run of imports it belongs to, or the line just above
+    that run, carries a comment (the reason it is imported inside a function)."""
+    i = lineno - 1
+    while i > 0 and lines[i - 1].strip().startswith(("import ", "from ")) and "#" not in lines[i]:
+        i -= 1  # up to the first import of the run
+    run = range(i, lineno)
+    return any("#" in lines[k] for k in run) or (i > 0 and lines[i - 1].strip().startswith("#"))
+
+
+def test_imports_inside_functions_say_why():
+    """Imports go at the top of a module; one inside a function is heavy and optional, and says so."""
+    silent = []
+    for m, path in MODULES.items():
+        text = path.read_text()
+        lines = text.split("\n")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for sub in ast.walk(node):
+                    if isinstance(sub, (ast.Import, ast.ImportFrom)) and not _group_has_comment(lines, sub.lineno):
+                        silent.append(f"{path.relative_to(ROOT)}:{sub.lineno}: {lines[sub.lineno - 1].strip()}")
+    assert not silent, "imports inside functions without a comment saying why:\n" + "\n".join(silent)

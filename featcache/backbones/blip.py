@@ -24,7 +24,7 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
 class BlipCaptioner(torch.nn.Module):
     def __init__(self, location: str, max_new_tokens: int = 30):
         super().__init__()
-        from transformers import BlipForConditionalGeneration, BlipProcessor
+        from transformers import BlipForConditionalGeneration, BlipProcessor  # heavy: transformers, only when BLIP is built
         local = os.path.exists(location)
         self.processor = BlipProcessor.from_pretrained(location, local_files_only=local or offline())
         self.model = BlipForConditionalGeneration.from_pretrained(location,

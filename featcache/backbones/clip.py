@@ -21,7 +21,7 @@ from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, loca
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
-    import open_clip
+    import open_clip  # heavy: open_clip, only when CLIP is located or built
     looked: list[str] = []
     source = local_source(spec.name, override, looked)
     if source:
@@ -51,7 +51,7 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
 def load_clip(arch: str, location: str):
     """(model, preprocess, tokenizer) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
     image towers of one --backbone share a single model in memory."""
-    import open_clip
+    import open_clip  # heavy: open_clip, only when CLIP is located or built
     if os.path.isdir(location):
         name, pretrained = f"local-dir:{location}", None
     elif os.path.isfile(location):

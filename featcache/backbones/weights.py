@@ -81,7 +81,7 @@ def hub_reachable(url: str, timeout: float = 3.0) -> bool:
 def hf_cached(repo_id: str) -> str | None:
     """The local snapshot folder of an HF repo if the HF cache has it (works with HF_HUB_OFFLINE)."""
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import snapshot_download  # heavy: network client, only when a hub download is allowed
         return snapshot_download(repo_id, local_files_only=True)
     except Exception:
         return None
@@ -97,9 +97,9 @@ def missing(name: str, looked: list[str], how: str) -> WeightsError:
 
 def load_state_dict(path: str) -> dict:
     """A checkpoint without executing anything in it: safetensors, or torch.load(weights_only=True)."""
-    import torch
+    import torch  # heavy: only when a checkpoint is loaded
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # heavy: safetensors.torch imports torch
         return load_file(path)
     sd = torch.load(path, map_location="cpu", weights_only=True)
     return sd.get("state_dict", sd) if isinstance(sd, dict) else sd

@@ -202,7 +202,7 @@ def writer_running(path: str) -> bool:
     """Whether a live `featcache extract` holds the lock of output `path` (a killed one holds nothing)."""
     if not os.path.exists(path + ".lock"):
         return False
-    from filelock import FileLock, Timeout
+    from filelock import FileLock, Timeout  # only writers lock; readers stay import-light
     lock = FileLock(path + ".lock")
     try:
         lock.acquire(timeout=0)

@@ -26,7 +26,7 @@ def _pyplot():
     import matplotlib  # heavy: only imported when a figure is drawn
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): pyplot picks its backend on first import
     return plt
 
 
