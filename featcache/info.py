@@ -80,8 +80,10 @@ def print_info(path: str, console: Console | None = None) -> dict:
             console.print(f"  {role:7s} {w[role]['name']:20s} from {w[role]['source']}: {w[role]['location']}  "
                           f"sha256 {w[role]['sha256'][:16]}")
     console.print(f"  preprocessing: {meta['preprocessing']}")
-    console.print(f"  dataset {d['root']} (fingerprint {d['fingerprint'][:16]}): {d['samples']} samples, "
-                  f"{d['train']} train / {d['test']} test, labels {d['labels']}, {d['invalid']} invalid")
+    splits = " / ".join(f"{n} {s}" for s, n in d.get("splits", {"train": d["train"], "test": d["test"]}).items())
+    console.print(f"  dataset {d['root']} ({d.get('format', 'mvsa')}, fingerprint {d['fingerprint'][:16]}): "
+                  f"{d['samples']} samples, {splits}, classes {meta['classes']}, labels {d['labels']}, "
+                  f"{d['invalid']} invalid")
     console.print(f"  texts decoded as {d['text_encodings']}, {d['empty_texts']} empty; problems {d['problems']}")
     prep = meta["preprocessing"]
     if prep.get("image_views"):

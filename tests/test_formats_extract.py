@@ -253,3 +253,49 @@ def test_converted_mvsa_extracts_to_the_same_samples_and_arrays(tmp_path):
     finally:
         for f in got.values():
             f.close()
+
+
+def test_info_json_of_an_older_cache_has_the_documented_defaults(make_synthetic_cache):
+    """A cache from before formats and class names: format mvsa, MVSA's classes, counts from the arrays."""
+    path = make_synthetic_cache(n_train=20, n_test=4, n_invalid=2)
+    res = _cli("info", path, "--json")
+    assert res.exit_code == 0, res.output
+    info = json.loads(res.output)
+    assert info["format"] == "mvsa" and info["classes"] == ["negative", "neutral", "positive"]
+    assert info["samples"] == 24 and info["invalid"] == 3 and info["texts"] is True
+    assert info["splits"]["train"]["samples"] == 20 and info["splits"]["test"]["unlabelled"] == 4
+    assert info["splits"]["train"]["invalid"] == 2 and sum(info["labels"].values()) == 20
+    assert info["backbones"]["text"] == "synthetic-text" and info["problems"] == {}
+
+
+def test_targets_join_like_captions_without_pair_input():
+    """CLIP has no pair input: `sentence . target`, as captions are appended; HF text encoders take pairs."""
+    from featcache.text_tower import text_inputs
+
+    class NoPairs:
+        pair_input = False
+
+    class Pairs:
+        pair_input = True
+
+    assert text_inputs(["a b", "a b"], ["X", "Y"], NoPairs()) == ["a b . X", "a b . Y"]
+    assert text_inputs(["a b", "c"], ["X", ""], Pairs()) == [("a b", "X"), ("c", "")]
+    assert text_inputs(["a b"], None, Pairs()) == ["a b"]
+
+
+def test_a_failed_shared_image_fails_every_row_naming_it(tmp_path):
+    """10.jpg is truncated: its four rows are invalid, each reported; the other rows are kept."""
+    root = _twitter(tmp_path)
+    (root.parent / "twitter2015_images" / "10.jpg").write_bytes(jpeg_bytes(1)[:200])
+    res = _cli("extract", "--data", root, "--out", tmp_path / "t.h5", *SMALL)
+    assert res.exit_code == 0, res.output
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        guids = [g.decode() for g in f["samples/guid"][:]]
+        valid = dict(zip(guids, f["samples/valid"][:]))
+        meta = json.loads(f.attrs["meta"])
+        zeros = [not f["image/pooled"][k].any() for k in range(len(guids))]
+    assert {g for g, v in valid.items() if not v} == {"train-0", "train-1", "dev-0", "test-1"}
+    assert zeros == [not v for v in valid.values()]
+    reported = [p for p in meta["problems"] if "10.jpg" in p]
+    assert len(reported) == 4 and sum("decoded once for both" in p for p in reported) == 3
+    assert meta["dataset"]["invalid"] == 4

@@ -276,7 +276,8 @@ def _dataset_meta(ds: Dataset, fingerprint: str) -> dict:
 def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
     say = console.print
     d, t = meta["dataset"], meta.get("timings", {})
-    say(f"[bold green]wrote[/] {escape(path)}: {d['samples']} samples ({d['train']} train, {d['test']} test), "
+    splits = ", ".join(f"{n} {escape(s)}" for s, n in d.get("splits", {}).items())  # train, dev, test, ...
+    say(f"[bold green]wrote[/] {escape(path)}: {d['samples']} samples ({splits}), "
         f"{d['invalid']} invalid, texts decoded as {d['text_encodings']}, {d['empty_texts']} empty text(s)")
     if t:
         rate = t["samples"] / max(t["read_wait_s"] + t["model_s"] + t["write_s"], 1e-9)

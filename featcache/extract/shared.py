@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 
-from ..sources.base import Dataset
+from ..sources.base import Dataset, note_image_problems
+from ..sources.images import ImageNote
 
 IMAGE_ARRAYS = ("image/tokens", "image/pooled")
 
@@ -59,8 +60,12 @@ def fill_shared(arrays: dict, idx: list[int], owners: dict[int, int], writer, ds
 
 
 def _inherit(ds: Dataset, row: int, owner: int, problems: list) -> None:
-    s, o = ds.samples[row], ds.samples[owner]
+    """The owner's fatal image problems, for `row` too; into the run's problem log as well, so that a resumed
+    run (which re-reads that log) still reports them."""
+    o = ds.samples[owner]
     notes = [p for p in problems if p[0] == owner and p[3]] or [[owner, "corrupt", "the image failed", True]]
     for _, kind, message, _ in notes:
-        ds.add_problem(s, os.path.basename(s.image_path), kind,
-                       f"{message.split(': ', 1)[-1]} (the image of guid {o.guid}, decoded once for both)", True)
+        note = ImageNote(kind, f"{message.split(': ', 1)[-1]} (the image of guid {o.guid}, decoded once for both)",
+                         True)
+        note_image_problems(ds, row, [note])
+        problems.append([row, note.kind, note.message, note.fatal])
