@@ -77,8 +77,24 @@ def _opt(path: Optional[Path]) -> Optional[str]:
 # --------------------------------------------------------------------------------------------- featcache
 @command(featcache_app, "extract")
 def extract_cmd(
-    data: Path = typer.Option(..., "--data", help="Dataset folder in the MVSA-Single layout "
-                              "(train.txt, test_without_label.txt, data/GUID.jpg|txt)."),
+    data: Path = typer.Option(..., "--data", help="Dataset folder or manifest file (.csv / .jsonl) in any "
+                              "layout of `featcache formats`."),
+    fmt: str = typer.Option("auto", "--format", help="auto (recognised from the files) or a format of "
+                            "`featcache formats`: mvsa, mvsa-single, mvsa-multiple, twitter, hateful-memes, "
+                            "manifest."),
+    images: Optional[Path] = typer.Option(None, help="twitter: the image folder (default: found beside or "
+                                          "above the tsv files)."),
+    id_column: Optional[str] = typer.Option(None, help="manifest: the id column (default id, else guid, else "
+                                            "the row number)."),
+    text_column: Optional[str] = typer.Option(None, help="manifest: the text column (default text)."),
+    image_column: Optional[str] = typer.Option(None, help="manifest: the image path column (default image, "
+                                               "else file_name)."),
+    label_column: Optional[str] = typer.Option(None, help="manifest: the label column (default label)."),
+    split_column: Optional[str] = typer.Option(None, help="manifest: the split column (default split)."),
+    classes: Optional[str] = typer.Option(None, help="manifest: class names in label order, comma-separated "
+                                          "(default: the labels found, sorted)."),
+    no_text: bool = typer.Option(False, "--no-text", help="Keep features, ids, labels and splits only, not "
+                                 "the posts' texts (a cache to share)."),
     backbone: str = typer.Option("minilm-l6+efficientnet-lite0", help="A paired name (clip-vit-b32) or "
                                  "TEXT+IMAGE (roberta-base+resnet50). See `featcache backbones`."),
     captions: Optional[str] = typer.Option(None, help="Caption every image once with this captioner "
@@ -124,7 +140,11 @@ def extract_cmd(
     from featcache.extract.config import ExtractConfig
     from featcache.extract.launch import run_extract
 
-    cfg = ExtractConfig(data=str(data), backbone=backbone, captions=captions, caption_mode=caption_mode,
+    options = {"images": _opt(images), "id_column": id_column, "text_column": text_column,
+               "image_column": image_column, "label_column": label_column, "split_column": split_column,
+               "classes": classes}
+    cfg = ExtractConfig(data=str(data), format=fmt, reader_options={k: v for k, v in options.items() if v},
+                        no_text=no_text, backbone=backbone, captions=captions, caption_mode=caption_mode,
                         out=str(out) if out else None, clean_text=clean_text, max_text_len=max_text_len,
                         text_layers=text_layers, image_views=image_views, image_aug=image_aug,
                         aug_seed=aug_seed, batch_size=batch_size, image_micro_batch=image_micro_batch,
@@ -149,10 +169,38 @@ def merge_cmd(
 
 @command(featcache_app, "info")
 def info_cmd(file: Path = typer.Argument(..., help="A cache written by `featcache extract`, or the "
-                                         "OUT.manifest.json of a sharded one.")):
+                                         "OUT.manifest.json of a sharded one."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object (format, classes, "
+                                          "per-split and per-class counts, backbones, invalid) for scripts.")):
     """Print what a cache holds: backbones, weights, preprocessing, counts, arrays and sizes."""
+    if as_json:
+        import json
+
+        from featcache.info import cache_summary
+        typer.echo(json.dumps(cache_summary(str(file)), indent=2))
+        return
     from featcache.info import print_info
     print_info(str(file))
+
+
+@command(featcache_app, "strip-text")
+def strip_text_cmd(file: Path = typer.Argument(..., help="A cache written by `featcache extract` (rewritten in "
+                                              "place, atomically).")):
+    """Remove the posts' texts (samples/raw_text, text, target) from a cache, keeping features, ids, labels and
+    splits: what `featcache extract --no-text` writes."""
+    from featcache.extract.strip import strip_text
+    res = strip_text(str(file))
+    if res["removed"]:
+        console.print(f"removed {', '.join(res['removed'])} from {file} (key now {res['key']})", highlight=False)
+    else:
+        console.print(f"{file} holds no texts; nothing to do", highlight=False)
+
+
+@command(featcache_app, "formats")
+def formats_cmd():
+    """List the dataset formats `featcache extract --format` reads: layout, options, class names."""
+    from featcache.info import print_formats
+    print_formats()
 
 
 @command(featcache_app, "backbones")

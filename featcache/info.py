@@ -1,4 +1,5 @@
-"""Human-readable views: what a cache holds (`featcache info`) and which backbones exist (`featcache backbones`)."""
+"""Views of what exists: what a cache holds (`featcache info`, `--json` for scripts), which backbones exist
+(`featcache backbones`) and which dataset formats are read (`featcache formats`)."""
 from __future__ import annotations
 
 import os
@@ -25,6 +26,46 @@ def _nbytes(shape, dtype: str) -> int:
     return n * {"float16": 2, "float32": 4, "bool": 1, "int8": 1}.get(dtype, 0)
 
 
+def cache_summary(path: str) -> dict:
+    """`featcache info FILE --json`: what scripts and CI read. Older caches get the documented defaults: format
+    "mvsa" (the only format before readers were added), MVSA's classes (store.upgrade_meta), per-class counts from
+    the labels, 0 invalid when the count was not recorded; `texts` false when samples/text is absent."""
+    import numpy as np
+    with open_cache(path) as r:
+        meta, classes = r.meta, r.classes
+        labels, splits = r.array("samples/label"), r.strings("samples/split")
+        valid = r.array("samples/valid")
+        texts = r.has("samples/text")
+    d = meta.get("dataset") or {}
+    per_split = {}
+    for split in dict.fromkeys(splits):
+        rows = np.array([s == split for s in splits])
+        per_split[split] = {"samples": int(rows.sum()), "invalid": int((rows & ~valid).sum()),
+                            "labels": {c: int((rows & (labels == k)).sum()) for k, c in enumerate(classes)},
+                            "unlabelled": int((rows & (labels < 0)).sum())}
+    backbone = meta.get("backbone") or {}
+    return {"path": path, "key": meta.get("key"), "format": d.get("format", "mvsa"), "classes": classes,
+            "samples": len(labels), "invalid": int((~valid).sum()), "splits": per_split,
+            "labels": {c: int((labels == k).sum()) for k, c in enumerate(classes)},
+            "backbones": {"name": backbone.get("name"), "text": backbone.get("text"), "image": backbone.get("image"),
+                          "captioner": backbone.get("captioner")},
+            "texts": texts, "problems": d.get("problems", {}), "preprocessing": meta.get("preprocessing", {})}
+
+
+def print_formats(console: Console | None = None) -> None:
+    """`featcache formats`: every registered reader, the layout it expects, its options and class names."""
+    from .sources import READERS
+    console = console or Console()
+    table = Table(title="dataset formats (--format; auto detects them from the files)", title_justify="left",
+                  show_lines=True)
+    for column in ("format", "layout", "options", "classes"):
+        table.add_column(column, overflow="fold")  # a layout cut with an ellipsis would hide what is expected
+    for name, reader in READERS.items():
+        options = ", ".join("--" + o.replace("_", "-") for o in reader.options) or "-"
+        table.add_row(name, reader.layout, options, ", ".join(reader.classes) or "from the data")
+    console.print(table)
+
+
 def print_info(path: str, console: Console | None = None) -> dict:
     console = console or Console()
     with open_cache(path) as r:  # a cache file or a shard manifest (checked, shards summed)
@@ -39,8 +80,10 @@ def print_info(path: str, console: Console | None = None) -> dict:
             console.print(f"  {role:7s} {w[role]['name']:20s} from {w[role]['source']}: {w[role]['location']}  "
                           f"sha256 {w[role]['sha256'][:16]}")
     console.print(f"  preprocessing: {meta['preprocessing']}")
-    console.print(f"  dataset {d['root']} (fingerprint {d['fingerprint'][:16]}): {d['samples']} samples, "
-                  f"{d['train']} train / {d['test']} test, labels {d['labels']}, {d['invalid']} invalid")
+    splits = " / ".join(f"{n} {s}" for s, n in d.get("splits", {"train": d["train"], "test": d["test"]}).items())
+    console.print(f"  dataset {d['root']} ({d.get('format', 'mvsa')}, fingerprint {d['fingerprint'][:16]}): "
+                  f"{d['samples']} samples, {splits}, classes {meta['classes']}, labels {d['labels']}, "
+                  f"{d['invalid']} invalid")
     console.print(f"  texts decoded as {d['text_encodings']}, {d['empty_texts']} empty; problems {d['problems']}")
     prep = meta["preprocessing"]
     if prep.get("image_views"):

@@ -50,9 +50,23 @@ def encoded_texts(texts: list[str], captions: list[str] | None, meta: dict, text
     return texts
 
 
+def text_inputs(texts: list[str], targets: list[str] | None, text_model) -> list:
+    """What `text_model.tokenize` takes for these rows: the texts, or with targets (Twitter: the label belongs to
+    the target) each text with its target as the second segment: (text, target) pairs for the tokenizer's pair
+    input (`sentence [SEP] target`), or joined as captions are appended when the backbone has no pair input
+    (CLIP: `sentence . target`). Extraction and stage 2 both call this, so the inputs match."""
+    if targets is None:
+        return texts
+    if getattr(text_model, "pair_input", False):
+        return list(zip(texts, targets))
+    return append_captions(texts, targets, getattr(text_model, "tokenizer", None))
+
+
 def tokenize_texts(texts: list[str], cached_mask: torch.Tensor, text_model,
-                   chunk: int = 4096) -> dict[str, torch.Tensor]:
-    """input_ids / attention_mask for every row; the mask must equal the cached text/mask exactly."""
+                   chunk: int = 4096, targets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask for every row (with `targets`: as text_inputs pairs them); the mask must equal
+    the cached text/mask exactly."""
+    texts = text_inputs(texts, targets, text_model)
     parts = [text_model.tokenize(texts[i:i + chunk]) for i in range(0, len(texts), chunk)]
     batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
     mask = batch["attention_mask"]
@@ -64,11 +78,26 @@ def tokenize_texts(texts: list[str], cached_mask: torch.Tensor, text_model,
     return batch
 
 
-def tokenize_cache(reader: CacheReader, text_model) -> dict[str, torch.Tensor]:
-    """tokenize_texts over every row of an open cache."""
+def require_texts(reader, what: str) -> None:
+    """CacheError naming the missing texts when the cache was made without them (--no-text, strip-text)."""
+    if not reader.has("samples/text"):
+        raise CacheError(f"{reader.path} holds no texts (samples/text, samples/raw_text: it was extracted with "
+                         f"--no-text or stripped by `featcache strip-text`), and {what} re-tokenizes them. Use the "
+                         "cache the texts were stripped from, or extract the dataset again without --no-text")
+
+
+def cache_targets(reader) -> list[str] | None:
+    """The rows' targets (samples/target, written when the dataset has them: Twitter), else None."""
+    return reader.strings("samples/target") if reader.has("samples/target") else None
+
+
+def tokenize_cache(reader: CacheReader, text_model, what: str = "this command") -> dict[str, torch.Tensor]:
+    """tokenize_texts over every row of an open cache (its texts, captions and targets)."""
+    require_texts(reader, what)
     captions = reader.strings("samples/caption") if reader.has("samples/caption") else None
     texts = encoded_texts(reader.strings("samples/text"), captions, reader.meta, text_model)
-    return tokenize_texts(texts, torch.from_numpy(reader.array("text/mask")), text_model)
+    return tokenize_texts(texts, torch.from_numpy(reader.array("text/mask")), text_model,
+                          targets=cache_targets(reader))
 
 
 def trim(batch: dict[str, torch.Tensor], mask_key: str = "attention_mask") -> tuple[dict, int]:

@@ -43,8 +43,12 @@ class TextEncoder(nn.Module):
     num_layers: int
     # "layers": the ModuleList of blocks; "post": modules after the last block (final norm, projection)
     layer_table: dict[str, str | tuple[str, ...]] = {}
+    # Whether `tokenize` takes (text, second segment) pairs through the tokenizer's pair input (HF: text_pair);
+    # otherwise featcache.text_tower.text_inputs joins the two as captions are appended.
+    pair_input: bool = False
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+    def tokenize(self, texts: list) -> dict[str, torch.Tensor]:
+        """input_ids / attention_mask for `texts`: strings, or (text, second segment) pairs when pair_input."""
         raise NotImplementedError
 
     def embed(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

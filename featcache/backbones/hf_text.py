@@ -68,8 +68,16 @@ class HFTextEncoder(TextEncoder):
         self.num_layers = cfg.num_hidden_layers
         self.pooling = pooling
 
-    def tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        enc = self.tokenizer(list(texts), padding="max_length", truncation=True, max_length=self.max_len,
+    pair_input = True
+
+    def tokenize(self, texts: list) -> dict[str, torch.Tensor]:
+        texts = list(texts)
+        pairs = {}
+        if texts and isinstance(texts[0], tuple):  # (sentence, target): `[CLS] sentence [SEP] target [SEP]`,
+            # longest_first truncation (the sentence loses tokens before the short target does). Segment ids
+            # are not used (RoBERTa has none): embed reads input_ids only, at extraction and in stage 2 alike.
+            texts, pairs = [t for t, _ in texts], {"text_pair": [p for _, p in texts]}
+        enc = self.tokenizer(texts, **pairs, padding="max_length", truncation=True, max_length=self.max_len,
                              return_tensors="pt")
         return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"].bool()}
 

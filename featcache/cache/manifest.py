@@ -193,8 +193,10 @@ def merged_meta(metas: list[dict]) -> dict:
         od = other["dataset"]
         for k in ("samples", "train", "test", "invalid", "empty_texts"):
             d[k] += od[k]
-        for k in ("labels", "text_encodings", "problems"):
-            d[k] = {c: d[k].get(c, 0) + od[k].get(c, 0) for c in {**d[k], **od[k]}}
+        for k in ("labels", "text_encodings", "problems", "splits"):  # splits: absent from older shards
+            if k in d or k in od:
+                a, b = d.get(k, {}), od.get(k, {})
+                d[k] = {c: a.get(c, 0) + b.get(c, 0) for c in {**a, **b}}
         m["problems"] += other["problems"]
     m["sharded"] = {"shards": len(metas), "rows": [[x["shard"]["start"], x["shard"]["stop"]] for x in metas]}
     return m
@@ -205,13 +207,15 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
     if os.path.exists(out) and not force:
         raise CacheError(f"{out} exists; choose another --out or pass --force")
     with ShardedReader(manifest) as r:
-        cols = {k: r.strings(f"samples/{k}") for k in ("guid", "split", "raw_text", "text")}
+        texts = r.has("samples/text")  # shards of a --no-text run have none
+        cols = {k: r.strings(f"samples/{k}") if r.has(f"samples/{k}") else [""] * len(r)
+                for k in ("guid", "split", "raw_text", "text", "target")}
         labels, valid = r.array("samples/label"), r.array("samples/valid")
         samples = [Sample(cols["guid"][i], cols["split"][i], int(labels[i]), cols["raw_text"][i], cols["text"][i],
-                          image_path="", valid=bool(valid[i])) for i in range(len(r))]
+                          image_path="", valid=bool(valid[i]), target=cols["target"][i]) for i in range(len(r))]
         copied = [k for k in r.datasets() if not k.startswith("samples/")] + ["samples/caption", "samples/done"]
         shapes = {k: shape for k, (shape, _) in r.datasets().items() if not k.startswith("samples/")}
-        writer = CacheWriter(out, r.meta, samples, shapes)
+        writer = CacheWriter(out, r.meta, samples, shapes, texts=texts)
         try:
             at = 0
             for shard in r.readers:  # one shard's array in memory at a time

@@ -3,7 +3,10 @@
 Schema (version 1), N samples in dataset order:
 
     /  attrs: schema_version, complete (bool), meta (JSON: backbone, weights, preprocessing, dataset, counts)
-    /samples/guid, split, raw_text, text   (N,) UTF-8 strings, written before any backbone runs
+    /samples/guid, split, raw_text, text   (N,) UTF-8 strings, written before any backbone runs (raw_text and
+                    text are absent from a cache without texts: `extract --no-text`, `featcache strip-text`)
+    /samples/target (N,) UTF-8 strings: optional, only when the dataset has targets (Twitter; the text
+                    backbone's second segment, featcache.text_tower.text_inputs); absent without texts
     /samples/label  (N,) int8, -1 when unlabelled       /samples/valid (N,) bool, False = heads skip it
     /samples/caption (N,) fixed-size UTF-8 bytes ("" without --captions)
     /samples/done   (N,) bool: row written (what --resume continues from)
@@ -85,7 +88,7 @@ def row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20
 
 
 # Preprocessing keys that add rows or arrays but do not change what the clean features mean.
-EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed")
+EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed", "no_text")
 
 
 def upgrade_meta(meta: dict) -> dict:
@@ -103,7 +106,8 @@ def feature_signature(meta: dict) -> dict:
     Two caches with equal signatures hold interchangeable features even if their datasets differ, so a head
     trained on one applies to the other. `limit` only selects rows, `text_layers` only adds stored hidden
     states (text_hidden/states, also added later by `featcache add-text-layers`) and the image_views keys only
-    add augmented views next to unchanged clean features: all are left out.
+    add augmented views next to unchanged clean features, and no_text only leaves the texts out: all are
+    left out.
     """
     prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in EXTRAS}
     backbone = meta.get("backbone") or {}
@@ -114,7 +118,8 @@ def feature_signature(meta: dict) -> dict:
 class CacheWriter:
     """Create (or reopen, for resume) FILE.partial and fill it batch by batch."""
 
-    def __init__(self, path: str, meta: dict, samples, shapes: dict[str, tuple[int, ...]], resume: bool = False):
+    def __init__(self, path: str, meta: dict, samples, shapes: dict[str, tuple[int, ...]], resume: bool = False,
+                 texts: bool = True, targets: bool | None = None):
         self.path, self.tmp, self.meta = path, partial_path(path), meta
         n = len(samples)
         if resume and os.path.exists(self.tmp):
@@ -140,8 +145,12 @@ class CacheWriter:
         g = f.create_group("samples")
         g.create_dataset("guid", data=[s.guid for s in samples], dtype=_STR)
         g.create_dataset("split", data=[s.split for s in samples], dtype=_STR)
-        g.create_dataset("raw_text", data=[s.raw_text for s in samples], dtype=_STR)
-        g.create_dataset("text", data=[s.text for s in samples], dtype=_STR)
+        if texts:  # the posts (and their targets): left out of a cache to share (--no-text)
+            g.create_dataset("raw_text", data=[s.raw_text for s in samples], dtype=_STR)
+            g.create_dataset("text", data=[s.text for s in samples], dtype=_STR)
+            # targets None: when a sample has one. Only then: other caches keep the arrays they always had.
+            if targets or (targets is None and any(s.target for s in samples)):
+                g.create_dataset("target", data=[s.target for s in samples], dtype=_STR)
         g.create_dataset("label", data=np.array([s.label for s in samples], dtype=np.int8))
         g.create_dataset("valid", data=np.array([s.valid for s in samples], dtype=bool))
         g.create_dataset("caption", shape=(n,), dtype=f"S{CAPTION_BYTES}", dcpl=_early_alloc())

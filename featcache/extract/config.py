@@ -5,7 +5,7 @@ should import another just for the type.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..backbones.registry import DEFAULT_BACKBONE
 from ..sources.images import DEFAULT_MAX_PIXELS
@@ -14,6 +14,9 @@ from ..sources.images import DEFAULT_MAX_PIXELS
 @dataclass
 class ExtractConfig:
     data: str
+    format: str = "auto"  # a featcache.sources READERS name, or auto: detected from the files (detect_format)
+    # The reader's own options (twitter: images; manifest: id_column, text_column, ...); None values are unset.
+    reader_options: dict = field(default_factory=dict)
     backbone: str = DEFAULT_BACKBONE
     captions: str | None = None  # a captioner name (blip-base) or None
     caption_mode: str = "store"  # store: strings only | append: encode "text [SEP] caption"
@@ -40,6 +43,8 @@ class ExtractConfig:
     image_weights: str | None = None
     caption_weights: str | None = None
     shard: str | None = None  # "I/N": only rows of shard I (zero-based) of N, into their own file (shards.py)
+    no_text: bool = False  # the cache keeps features, ids, labels and splits, not the posts' texts
+
 
     def preprocessing(self) -> dict:
         """What changes the features (and so the cache key); batch size, workers and device do not."""
@@ -48,4 +53,5 @@ class ExtractConfig:
                 "max_image_pixels": self.max_image_pixels, "limit": self.limit,
                 # only with views, so that caches without them keep the keys they always had
                 **({"image_views": self.image_views, "image_aug": self.image_aug, "aug_seed": self.aug_seed}
-                   if self.image_views else {})}
+                   if self.image_views else {}),
+                **({"no_text": True} if self.no_text else {})}  # only when set: other keys stay as they were

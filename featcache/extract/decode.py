@@ -12,21 +12,24 @@ import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
 from ..sources.images import load_rgb
-from .forward import ImageLane
+from .forward import SHARED, ImageLane
 
 
 class ImageRows(TorchDataset):
     """Runs in the workers: decode one image and apply the backbone's (and captioner's) transform; with
     views, also the backbone's transform of each augmented view (appended after the transforms' outputs)."""
 
-    def __init__(self, paths, guids, transforms, max_pixels, draft, views=None):
+    def __init__(self, paths, guids, transforms, max_pixels, draft, views=None, shared=frozenset()):
         self.paths, self.guids, self.transforms = paths, guids, transforms
         self.max_pixels, self.draft, self.views = max_pixels, draft, views
+        self.shared = shared  # rows whose image an earlier row decodes (featcache.extract.shared)
 
     def __len__(self):
         return len(self.paths)
 
     def __getitem__(self, i):
+        if i in self.shared:
+            return i, SHARED, []
         img, notes = load_rgb(self.paths[i], self.max_pixels, draft_size=self.draft)
         if img is None:
             return i, None, notes

@@ -34,6 +34,7 @@ from .config import ExtractConfig
 from .decode import ImageRows, auto_workers, lane_batches, loader_batches
 from .forward import ImageLane, Models, forward_batch, use_lane
 from .plan import Plan, already_extracted, make_plan
+from .shared import fill_shared, shared_owners
 
 
 class StrictError(UserError):
@@ -60,6 +61,7 @@ class _Loop:
     start: int  # the first row this run computes (a resumed run: the first unfinished batch)
     problems: list  # image problems so far, [row, kind, message, fatal], kept beside the partial file
     timings: Timings = field(default_factory=Timings)
+    owners: dict = field(default_factory=dict)  # shared row -> the row that decodes its image (shared.py)
 
 
 def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, force: bool = False,
@@ -147,7 +149,7 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     if not 0 <= cfg.text_layers <= text.num_layers:
         raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
     start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
-    return Models(text, image, captioner, cfg, device, start_layer), load_s
+    return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
 
 
 def _shapes(plan: Plan, m: Models) -> dict[str, tuple[int, ...]]:
@@ -164,7 +166,8 @@ def _shapes(plan: Plan, m: Models) -> dict[str, tuple[int, ...]]:
 
 def _open(plan: Plan, models: Models, meta: dict, resume: bool, say) -> _Loop:
     """The writer on OUT.partial (new, or reopened by --resume with the image problems it had found)."""
-    writer = CacheWriter(plan.out, meta, plan.ds.samples, _shapes(plan, models), resume=resume)
+    writer = CacheWriter(plan.out, meta, plan.ds.samples, _shapes(plan, models), resume=resume,
+                         texts=not plan.cfg.no_text, targets=plan.targets)
     start = writer.first_undone() if resume else 0
     start -= start % plan.cfg.batch_size  # keep batch boundaries of an uninterrupted run
     # Image problems found so far, kept beside the partial file so a resumed run still reports all of them.
@@ -173,7 +176,8 @@ def _open(plan: Plan, models: Models, meta: dict, resume: bool, say) -> _Loop:
         for p in problems:
             note_image_problems(plan.ds, p[0], [ImageNote(*p[1:])])
         say(f"resuming {escape(partial_path(plan.out))} at row {start} of {len(plan.ds.samples)}")
-    return _Loop(plan, models, writer, start, problems)
+    owners = shared_owners(plan.ds, enabled=not plan.cfg.image_views and not plan.cfg.captions)
+    return _Loop(plan, models, writer, start, problems, owners=owners)
 
 
 def _batches(loop: _Loop, lane: ImageLane | None, workers: int):
@@ -182,7 +186,8 @@ def _batches(loop: _Loop, lane: ImageLane | None, workers: int):
     transforms = [m.image.transform] + ([m.captioner.transform] if m.captioner else [])
     views = ViewMaker(cfg.image_views, cfg.image_aug, cfg.aug_seed) if cfg.image_views else None
     rows = ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
-                     cfg.max_image_pixels, draft=max(256, getattr(m.image, "image_size", 224)), views=views)
+                     cfg.max_image_pixels, draft=max(256, getattr(m.image, "image_size", 224)), views=views,
+                     shared=frozenset(loop.owners))
     order = list(range(loop.start, len(ds.samples)))
     if lane:
         return lane_batches(lane, rows, order, cfg.batch_size)
@@ -221,6 +226,8 @@ def _write_batch(loop: _Loop, batch: list, image: dict | None) -> None:
     pix = [tensors for _, tensors, _ in batch]
     t = time.perf_counter()
     arrays, captions = forward_batch(loop.models, pix, idx, ds, image=image, timings=tm.extra)
+    if loop.owners:
+        invalid += fill_shared(arrays, idx, loop.owners, loop.writer, ds, loop.problems)
     tm.model += time.perf_counter() - t
     t = time.perf_counter()
     loop.writer.write(idx[0], arrays, captions=captions, invalid=invalid,
@@ -249,7 +256,8 @@ def _meta(plan: Plan, m: Models) -> dict:
         "preprocessing": cfg.preprocessing(),
         "classes": list(ds.classes),
         "text": {"max_len": m.text.max_len, "token_dim": m.text.token_dim, "pooled_dim": m.text.pooled_dim,
-                 "num_layers": m.text.num_layers, "start_layer": m.start_layer},
+                 "num_layers": m.text.num_layers, "start_layer": m.start_layer,
+                 **({"second_segment": "target"} if plan.targets else {})},
         "image": {"num_patches": m.image.num_patches, "token_dim": m.image.token_dim,
                   "pooled_dim": m.image.pooled_dim, "image_size": m.image.image_size},
         **_dataset_meta(ds, plan.fingerprint),
@@ -268,7 +276,8 @@ def _dataset_meta(ds: Dataset, fingerprint: str) -> dict:
 def _summary(console, ds: Dataset, meta: dict, path: str) -> None:
     say = console.print
     d, t = meta["dataset"], meta.get("timings", {})
-    say(f"[bold green]wrote[/] {escape(path)}: {d['samples']} samples ({d['train']} train, {d['test']} test), "
+    splits = ", ".join(f"{n} {escape(s)}" for s, n in d.get("splits", {}).items())  # train, dev, test, ...
+    say(f"[bold green]wrote[/] {escape(path)}: {d['samples']} samples ({splits}), "
         f"{d['invalid']} invalid, texts decoded as {d['text_encodings']}, {d['empty_texts']} empty text(s)")
     if t:
         rate = t["samples"] / max(t["read_wait_s"] + t["model_s"] + t["write_s"], 1e-9)

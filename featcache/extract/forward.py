@@ -30,7 +30,7 @@ from ..backbones.base import ImageEncoder, TextEncoder
 from ..errors import ConfigError
 from ..sources.base import Dataset
 from ..sources.text import append_captions
-from ..text_tower import trim
+from ..text_tower import text_inputs, trim
 from .config import ExtractConfig
 
 
@@ -42,6 +42,7 @@ class Models:
     cfg: ExtractConfig
     device: torch.device
     start_layer: int | None  # also return the hidden states entering this text layer (--text-layers)
+    targets: bool = False  # the dataset has targets (Twitter): each is the text's second segment (text_inputs)
 
     def autocast(self):
         return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
@@ -63,16 +64,38 @@ def _image_features(image_model, images, micro: int, device) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
+# In place of a row's tensors: its image file is another row's, whose features it gets (featcache.extract.shared).
+SHARED = "shared"  # a string: it survives the DataLoader workers' pickling, unlike an identity sentinel
+
+
+def _main_view(m: Models, pix, n: int) -> dict[str, torch.Tensor]:
+    """The image tower on every row except SHARED ones (left zero here); the same call as ever without them."""
+    size = m.image.image_size
+    run = [k for k in range(n) if not isinstance(pix[k], str)]
+    img_in = torch.zeros(len(run), 3, size, size)
+    for j, k in enumerate(run):
+        if pix[k] is not None:
+            img_in[j] = pix[k][0]
+    if len(run) == n:
+        return _image_features(m.image, img_in, m.micro(n), m.device)
+    shapes = {"tokens": (m.image.num_patches, m.image.token_dim), "pooled": (m.image.pooled_dim,)}
+    im = _image_features(m.image, img_in, m.micro(n), m.device) if run else {}
+    out = {}
+    for key, shape in shapes.items():
+        dtype = im[key].dtype if im else torch.float32
+        out[key] = torch.zeros((n,) + shape, dtype=dtype, device=m.device)
+        if run:
+            out[key][run] = im[key]
+    return out
+
+
 @torch.inference_mode()
 def image_arrays(m: Models, pix, timings: dict | None = None) -> dict[str, np.ndarray]:
     """image/* (and image_views/*) arrays for one batch; `pix[k]` is the list of transformed tensors of row k
-    (backbone view, captioner view if any, then the augmented views) or None when the image failed."""
+    (backbone view, captioner view if any, then the augmented views), None when the image failed, or SHARED."""
     n, size, ok = len(pix), m.image.image_size, [k for k, p in enumerate(pix) if p is not None]
-    img_in = torch.zeros(n, 3, size, size)
-    for k in ok:
-        img_in[k] = pix[k][0]
     with m.autocast():
-        im = _image_features(m.image, img_in, m.micro(n), m.device)
+        im = _main_view(m, pix, n)
         out = {"image/tokens": im["tokens"].half(), "image/pooled": im["pooled"].float()}
         K = m.cfg.image_views
         if K:
@@ -88,7 +111,7 @@ def image_arrays(m: Models, pix, timings: dict | None = None) -> dict[str, np.nd
                 timings["views_s"] = timings.get("views_s", 0.0) + time.perf_counter() - t
     out = {k: v.cpu().numpy() for k, v in out.items()}
     for k in range(n):
-        if pix[k] is None:  # exact zeros, whatever the model made of a black image
+        if pix[k] is None or isinstance(pix[k], str):  # exact zeros, whatever the model made of a black image
             for a in out.values():
                 a[k] = 0
     return out
@@ -144,7 +167,8 @@ def forward_batch(m: Models, pix, idx, ds: Dataset, image: dict | None = None, t
         texts = [ds.samples[i].text for i in idx]
         if captions is not None and m.cfg.caption_mode == "append":
             texts = append_captions(texts, captions, getattr(m.text, "tokenizer", None))
-        batch = {k: v.to(m.device) for k, v in m.text.tokenize(texts).items()}
+        targets = [ds.samples[i].target for i in idx] if m.targets else None
+        batch = {k: v.to(m.device) for k, v in m.text.tokenize(text_inputs(texts, targets, m.text)).items()}
         tx = text_features(m.text, batch, start_layer=m.start_layer)
     arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float()}
     if m.start_layer is not None:

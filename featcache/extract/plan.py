@@ -28,7 +28,6 @@ from ..sources.base import Dataset, read_dataset
 from .config import ExtractConfig
 from .shards import select_shard, shard_key
 
-DATASET_FORMAT = "mvsa"  # the one format `featcache extract` reads until it takes a --format option
 KEYED_SCHEMA = 1  # the schema version that caches keyed with it (before it left the key) all hold
 
 
@@ -41,6 +40,9 @@ class Plan:
     key: str  # the output's cache key (a shard's own key with --shard)
     out: str  # the output file
     earlier_keys: tuple[str, ...] = ()  # what older versions keyed these same features as: reused too
+    # The dataset has targets (Twitter), each the text backbone's second segment; decided on the whole dataset
+    # so that every shard encodes (and stores) them alike.
+    targets: bool = False
 
 
 def make_plan(cfg: ExtractConfig) -> Plan:
@@ -49,25 +51,30 @@ def make_plan(cfg: ExtractConfig) -> Plan:
     if cfg.image_views < 0:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     get_aug_spec(cfg.image_aug)
-    ds = read_dataset(DATASET_FORMAT, cfg.data, clean_text=cfg.clean_text, limit=cfg.limit)
+    ds = read_dataset(cfg.format, cfg.data, clean_text=cfg.clean_text, limit=cfg.limit, **cfg.reader_options)
     text_name, image_name = parse_backbone(cfg.backbone)
     weights = _weights(cfg, text_name, image_name)
-    fingerprint = ds.fingerprint()
+    fingerprint, targets = ds.fingerprint(), any(s.target for s in ds.samples)
     keys = [cache_key(fingerprint, (text_name, image_name), weights, cfg, schema)
             for schema in (None, KEYED_SCHEMA)]
     out = cfg.out or default_out(cfg, keys)
     if cfg.shard:  # from here on: the shard's rows, its own key (over the row range) and file
         ds, out = select_shard(ds, cfg.shard, cfg.batch_size, keys[0], out)
         keys = [shard_key(k, ds.shard) for k in keys]
-    return Plan(cfg, ds, weights, fingerprint, keys[0], out, tuple(keys[1:]))
+    return Plan(cfg, ds, weights, fingerprint, keys[0], out, tuple(keys[1:]), targets)
 
 
 def cache_key(ds_fingerprint: str, backbone: tuple[str, str], weights: dict, cfg: ExtractConfig,
               schema: int | None = None) -> str:
     """`schema` only to compute the key an older version gave the same features (Plan.earlier_keys)."""
+    return key_of(ds_fingerprint, backbone, weights, cfg.preprocessing(), schema)
+
+
+def key_of(ds_fingerprint: str, backbone, weights: dict, preprocessing: dict, schema: int | None = None) -> str:
+    """The cache key from its parts (also from a cache's meta: `featcache strip-text` re-keys what it strips)."""
     blob = json.dumps({**({"schema": schema} if schema is not None else {}), "dataset": ds_fingerprint,
-                       "backbone": backbone, "weights": {k: v["sha256"] for k, v in weights.items()},
-                       "preprocessing": cfg.preprocessing()}, sort_keys=True)
+                       "backbone": list(backbone), "weights": {k: v["sha256"] for k, v in weights.items()},
+                       "preprocessing": preprocessing}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -29,7 +29,7 @@ from rich.console import Console
 from ..cache.store import CacheError, CacheReader, row_chunk
 from ..device import resolve_device
 from ..errors import ConfigError
-from ..text_tower import check_tokens, load_text_backbone, tokenize_cache
+from ..text_tower import check_tokens, load_text_backbone, require_texts, tokenize_cache
 from .forward import text_features
 
 
@@ -62,6 +62,7 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
             raise ConfigError(f"--layers {text_layers}: the text backbone {meta['backbone']['text']} has "
                              f"{num_layers} layers (give 1..{num_layers})")
         start_layer = num_layers - text_layers
+        require_texts(r, "`featcache add-text-layers`")  # before any model loads
         if r.has("text_hidden/states") and r.start_layer == start_layer:
             say(f"{path} already holds the hidden states entering layer {start_layer}; nothing to do")
             return path
@@ -74,7 +75,7 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
             dev = resolve_device(device)
             t0 = time.perf_counter()
             model = load_text_backbone(meta).to(dev)
-            tokens = tokenize_cache(r, model)
+            tokens = tokenize_cache(r, model, "`featcache add-text-layers`")
             say(f"running {meta['backbone']['text']} once over {len(r)} texts (states entering layer "
                 f"{start_layer} of {num_layers})")
             hidden, final = compute_states(model, tokens, start_layer, batch_size, dev)

@@ -24,6 +24,7 @@ import torch
 from featcache.cache.manifest import open_cache
 from featcache.cache.store import CacheError
 from featcache.errors import ConfigError
+from featcache.text_tower import cache_targets, require_texts
 
 FEATURES = {  # batch key -> cache dataset; every cache has these
     "text_tokens": "text/tokens",
@@ -62,6 +63,7 @@ class CacheData:
     start_layer: int | None = None  # the text layer the loaded `text_states` enter
     texts: list[str] | None = None  # samples/text and samples/caption (loaded with texts=True: stage 2)
     captions: list[str] | None = None
+    targets: list[str] | None = None  # samples/target (Twitter: the texts' second segment), None without
 
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
@@ -124,6 +126,9 @@ def load_cache(path: str, keys=None, texts: bool = False) -> CacheData:
         views = {k: _tensor(r, name) for k, name in VIEWS.items() if k in keys and r.has(name)}
         strings = {}
         if texts:
+            require_texts(r, "stage 2 with unfrozen text layers (heads finetune --unfreeze-text N, heads predict "
+                          "with such a run)")
+            strings["targets"] = cache_targets(r)
             strings["texts"] = r.strings("samples/text")
             strings["captions"] = r.strings("samples/caption") if r.has("samples/caption") else None
         return CacheData(path=str(path), meta=r.meta, guids=r.strings("samples/guid"),

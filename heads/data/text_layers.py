@@ -68,7 +68,7 @@ def _tokenize(data: CacheData, text_model) -> torch.Tensor:
     if data.texts is None:
         raise ConfigError("stage 2 needs the cache texts: load the cache with load_cache(..., texts=True)")
     texts = encoded_texts(data.texts, data.captions, data.meta, text_model)
-    return tokenize_texts(texts, data.features["text_mask"], text_model)["input_ids"]
+    return tokenize_texts(texts, data.features["text_mask"], text_model, targets=data.targets)["input_ids"]
 
 
 def text_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
