@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -30,7 +31,6 @@ def cache_summary(path: str) -> dict:
     """`featcache info FILE --json`: what scripts and CI read. Older caches get the documented defaults: format
     "mvsa" (the only format before readers were added), MVSA's classes (store.upgrade_meta), per-class counts from
     the labels, 0 invalid when the count was not recorded; `texts` false when samples/text is absent."""
-    import numpy as np
     with open_cache(path) as r:
         meta, classes = r.meta, r.classes
         labels, splits = r.array("samples/label"), r.strings("samples/split")
@@ -54,7 +54,7 @@ def cache_summary(path: str) -> dict:
 
 def print_formats(console: Console | None = None) -> None:
     """`featcache formats`: every registered reader, the layout it expects, its options and class names."""
-    from .sources import READERS
+    from .sources import READERS  # the readers import PIL: only `featcache formats` needs them
     console = console or Console()
     table = Table(title="dataset formats (--format; auto detects them from the files)", title_justify="left",
                   show_lines=True)
