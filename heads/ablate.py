@@ -41,6 +41,7 @@ from .report.build import write_reports
 from .report.compare import parse_baseline
 from .rundir import is_finished, load_json, save_json
 from .train import stage1
+from .train.metrics import check_metric_classes
 from .train.probe import probe_done, probe_specs, run_probe
 
 DEFAULT_SEEDS = [0, 1, 2]
@@ -269,6 +270,8 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     for r in runs:
         r.train.validate()  # every unknown name is reported before the first run
     datas = load_caches(list(cfg.caches().values()))
+    for r in runs:  # --metric auroc on a three-class cache: said before the first run
+        check_metric_classes(r.train.optim.metric, datas[r.cache].classes, r.cache)
     several = len(datas) > 1
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     save_json(os.path.join(cfg.out, "ablate.json"), asdict(cfg))
@@ -305,7 +308,9 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 run_probe(probe_cfg, datas[path], run_dir)
                 trained += 1
             bar.advance(task)
-    report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot)
+    # The summaries rank by what the runs selected on when that is ROC-AUC (the binary tasks' metric).
+    metric = "roc_auc" if all(r.train.optim.metric == "auroc" for r in runs) else "macro_f1"
+    report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot, metric=metric)
     return AblateResult(cfg.out, run_dirs, trained, skipped, report, workers)
 
 
