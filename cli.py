@@ -228,7 +228,8 @@ def heads_train_cmd(
 def heads_predict_cmd(
     run: Path = typer.Option(..., "--run", help="A run directory written by `heads train`."),
     cache: Path = typer.Option(..., "--cache", help="Feature cache with the same backbone/preprocessing."),
-    split: str = typer.Option("test", help="Which split of the cache to predict (train | test)."),
+    split: str = typer.Option("test", help="Which split of the cache to predict: any of its split names "
+                              "(train, test, dev, test_unseen, ...)."),
     out: Path = typer.Option(..., "--out", help="Output file: `guid,tag` lines with a header."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):

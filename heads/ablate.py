@@ -36,6 +36,7 @@ from featcache.errors import ConfigError
 
 from .config import TrainConfig
 from .data.cache import DataError, load_cache
+from .data.split_file import read_split_file
 from .fusions import get_fusion, list_fusions
 from .report.build import write_reports
 from .report.compare import parse_baseline
@@ -272,6 +273,9 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     datas = load_caches(list(cfg.caches().values()))
     for r in runs:  # --metric auroc on a three-class cache: said before the first run
         check_metric_classes(r.train.optim.metric, datas[r.cache].classes, r.cache)
+    say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console else None
+    for path, cache in {(r.train.split.split_file, r.cache) for r in runs if r.train.split.split_file}:
+        read_split_file(path, datas[cache], say)  # its mismatch report, once per file (runs train silently)
     several = len(datas) > 1
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     save_json(os.path.join(cfg.out, "ablate.json"), asdict(cfg))

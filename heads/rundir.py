@@ -8,9 +8,13 @@
     head.safetensors         head weights (state_dict)
     text_layers.safetensors  stage 2: the unfrozen text-layer parameters only
     cache.json               cache key, backbone, preprocessing, dataset of the cache it was trained on
-    split.json               seed, split settings, training class counts, train/val/test guids (+ init)
+    split.json               seed, split settings, training class counts, train/val/test guids (+ init);
+                             "validation": the data's split that validated or "carved"; "heldout": guids
+                             of the data's other labelled splits; "split_file": name, sha256, mismatches
     metrics.json             validation metrics (tuned and "untuned" with --tune-bias), classes, counts,
-                             timing; written last, so its presence means the run is complete
+                             timing; roc_auc of class 1 for two classes; "test" (--test-ratio) and
+                             "heldout" {split: metrics} scored once at the end; written last, so its
+                             presence means the run is complete
     bias.json                per-class logit offsets (only with --tune-bias; predict applies them)
     history.json             one row per epoch
     val_predictions.csv      guid,label,pred,p_<class>... (+ pred_untuned with --tune-bias)

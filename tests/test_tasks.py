@@ -155,12 +155,12 @@ def test_auroc_needs_two_classes(make_synthetic_cache, tmp_path):
 def test_binary_train_imports_no_sklearn(binary, tmp_path):
     code = ("import sys; from cli import heads_app\n"
             "try:\n    heads_app(['train', '--cache', sys.argv[1], '--out', sys.argv[2], '--epochs', '2', "
-            "'--metric', 'auroc', '--no-plots'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "'--metric', 'auroc'])\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
             "print(sorted(m for m in ('sklearn', 'scipy') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, binary, str(tmp_path / "run")], capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "roc_auc" in load(tmp_path / "run" / "metrics.json")
+    assert "roc_auc" in load(tmp_path / "run" / "metrics.json") and (tmp_path / "run" / "curves.png").exists()
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
@@ -257,3 +257,25 @@ def test_five_classes_train_and_report(tmp_path):
     html = open(tmp_path / "rep" / "summary.html", encoding="utf-8").read()
     assert all(f"<th>F1 {c}</th>" in html for c in classes)
     assert "| - |" in open(tmp_path / "rep" / "summary.md").read()  # film's missing test cells
+
+
+def test_split_file_in_ablate_and_finetune(binary, tmp_path):
+    g = load_cache(binary).guids
+    lines = tmp_path / "split.txt"  # tab-separated, no header; the cache's test rows are listed nowhere
+    lines.write_text("".join(f"{g[i]}\t{'train' if i < 120 else 'dev'}\n" for i in range(160)) + "zzz\ttest\n")
+    out = tmp_path / "abl"
+    r = invoke("ablate", "--cache", binary, "--out", out, "--fusion", "concat", "--seeds", "0", "--split-file",
+               lines, "--no-progress", "--set", "epochs=2", "--set", "hidden=16")
+    assert r.exit_code == 0, r.output
+    assert "1 (e.g. zzz) of its ids are not in the cache" in r.output
+    (run,) = os.listdir(out / "runs")
+    split = load(out / "runs" / run / "split.json")
+    assert split["validation"] == "dev" and split["split_file"]["labelled_not_listed"] == 80
+    assert "heldout" not in split and split["val"] == [g[i] for i in range(120, 156)]  # 156-159: invalid
+    ft = tmp_path / "ft"
+    r = invoke("finetune", "--cache", binary, "--unfreeze-text", "0", "--fusion", "concat", "--epochs", "1",
+               "--split-file", lines, "--val-split", "none", "--no-plots", "--out", ft)
+    assert r.exit_code == 0, r.output
+    split = load(ft / "split.json")
+    assert split["validation"] == "carved" and split["heldout"]["dev"] == [g[i] for i in range(120, 156)]
+    assert sorted(split["train"] + split["val"]) == sorted(g[:120])

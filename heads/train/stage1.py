@@ -55,7 +55,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
         data = load_cache(str(data), keys=get_fusion(cfg.head.fusion).inputs)
     t_loaded = time.perf_counter()
     check_metric_classes(cfg.optim.metric, data.classes, data.path)
-    say = (lambda m: console.print(m, highlight=False, soft_wrap=True)) if console is not None else None
+    say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None else None
     split = split_labelled(data, cfg.split, cfg.seed, say)
     device = resolve_device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
