@@ -227,7 +227,7 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
 
 def is_done(run_dir: str, train_cfg: TrainConfig, cache: str | None = None) -> bool:
     """Finished with this config and, when given, on this cache file (a replaced cache means new runs)."""
-    if not is_finished(run_dir, "train", train_cfg.flat()):
+    if not is_finished(run_dir, "train", train_cfg.flat(), lambda saved: TrainConfig.from_flat(saved).flat()):
         return False
     if cache is None:
         return True

@@ -59,13 +59,16 @@ def load_json(path: str):
         return json.load(f)
 
 
-def is_finished(run_dir: str, section: str, config: dict) -> bool:
+def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
     """A finished run of exactly this config: metrics.json is written last, so its presence means complete,
-    and config.json[section] (a flat view) must equal `config` (a changed config is a different run)."""
+    and config.json[section] (a flat view) must equal `config` (a changed config is a different run).
+    `upgrade(saved)` (a config class's `from_flat(...).flat()`) first gives fields added since the run was
+    written their defaults: a newer version resumes an older ablation instead of retraining it."""
     try:
-        return (os.path.exists(os.path.join(run_dir, "metrics.json"))
-                and load_json(os.path.join(run_dir, "config.json"))[section] == config)
-    except (OSError, ValueError, KeyError):
+        saved = load_json(os.path.join(run_dir, "config.json"))[section]
+        return os.path.exists(os.path.join(run_dir, "metrics.json")) and \
+            (saved == config or (upgrade is not None and upgrade(saved) == config))
+    except (OSError, ValueError, KeyError, ConfigError):
         return False
 
 

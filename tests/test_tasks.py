@@ -279,3 +279,23 @@ def test_split_file_in_ablate_and_finetune(binary, tmp_path):
     split = load(ft / "split.json")
     assert split["validation"] == "carved" and split["heldout"]["dev"] == [g[i] for i in range(120, 156)]
     assert sorted(split["train"] + split["val"]) == sorted(g[:120])
+
+
+def test_ablation_of_an_older_version_resumes(make_synthetic_cache, tmp_path):
+    """Runs written before --val-split/--split-file existed lack those fields: with their defaults they are the
+    same runs (skipped on resume), with another value they are not."""
+    cache, out = make_synthetic_cache(n_train=120), tmp_path / "abl"
+    args = ["ablate", "--cache", cache, "--out", out, "--fusion", "concat", "--modality", "both", "--seeds", "0",
+            "--probe", "--no-progress", "--set", "epochs=1", "--set", "hidden=8"]
+    assert invoke(*args).exit_code == 0
+    for name in os.listdir(out / "runs"):
+        path = out / "runs" / name / "config.json"
+        config = load(path)
+        section = config["train"] if "train" in config else config["probe"]
+        for key in ("val_split", "split_file"):
+            del section[key]
+        path.write_text(json.dumps(config))
+    r = invoke(*args)
+    assert r.exit_code == 0 and "0 run(s) trained, 2 already finished" in r.output, r.output
+    r = invoke(*args[:-4], "--val-split", "none", *args[-4:])
+    assert r.exit_code == 0 and "2 run(s) trained, 0 already finished" in r.output, r.output

@@ -49,7 +49,7 @@ def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
 
 
 def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
-    return is_finished(run_dir, "probe", cfg.flat())
+    return is_finished(run_dir, "probe", cfg.flat(), lambda saved: ProbeConfig.from_flat(saved).flat())
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:
