@@ -225,6 +225,8 @@ def test_binary_ablation_and_report_with_auroc(binary, tmp_path):
     assert float(row["heldout_test_roc_auc_mean"]) == pytest.approx(
         np.mean([m["heldout"]["test"]["roc_auc"] for m in concat]), abs=1e-12)
     assert "test split macro-F1" in open(out / "summary.md").read()
+    page = open(out / "summary.html", encoding="utf-8").read()  # ranked by what the runs selected on
+    assert "Mean ROC-AUC per configuration" in page and "Validation auroc per epoch" in page
     r = invoke("report", out, "--metric", "auroc", "--top", "3", "--out", tmp_path / "rep")
     assert r.exit_code == 0, r.output
     assert "ROC-AUC" in open(tmp_path / "rep" / "top3.md").read()
