@@ -102,8 +102,10 @@ def split_labelled(data: CacheData, cfg: SplitConfig, seed: int, say=None) -> Sp
     usable = np.flatnonzero(labelled & data.valid & (names != ""))
     if usable.size == 0:
         raise DataError(f"{data.path} has no labelled valid samples to train on ({int(labelled.sum())} "
-                        f"labelled, {int((~data.valid).sum())} invalid of {len(data)}); was it extracted from "
-                        "a dataset with train.txt?")
+                        f"labelled, {int((~data.valid).sum())} invalid of {len(data)}"
+                        + (f", none of them in a split of --split-file {cfg.split_file}" if cfg.split_file else "")
+                        + "); was it extracted from a dataset with labels (MVSA's train.txt, a manifest's label "
+                        "column)?")
     val_name = _val_split(data, cfg, names[usable])
     has_train = bool((names[usable] == "train").any())
     pool = usable[names[usable] == "train"] if has_train or val_name else usable
