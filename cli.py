@@ -211,7 +211,13 @@ def backbones_cmd():
 
 
 # --------------------------------------------------------------------------------------------- heads
-# (heads commands below)
+VAL_SPLIT_HELP = ("Validation rows: auto = the data's own dev/val/validation split when it has labels (then "
+                  "the labelled train rows train), else a stratified --val-ratio carve; none = always carve; "
+                  "or a split name. Other labelled splits (test, ...) are scored once at the end.")
+SPLIT_FILE_HELP = ("A published split: `id,split` lines, or a folder of train/dev/val/test.txt id lists. "
+                   "Mismatched ids are reported; unlisted rows are not used.")
+METRIC_HELP = "Early-stopping metric: macro_f1 | accuracy | weighted_f1 | auroc (two classes: ROC-AUC of class 1)"
+
 @command(heads_app, "train")
 def heads_train_cmd(
     cache: Path = typer.Option(..., "--cache", help="A feature cache written by `featcache extract` (or the "
@@ -233,10 +239,12 @@ def heads_train_cmd(
     val_ratio: float = typer.Option(0.2, help="Stratified validation fraction of the labelled samples."),
     test_ratio: float = typer.Option(0.0, help="Also hold out this stratified fraction as an internal test "
                                      "split: scored once at the end, never used for early stopping or bias."),
+    val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP),
+    split_file: str = typer.Option("", "--split-file", help=SPLIT_FILE_HELP),
     image_aug_views: bool = typer.Option(True, "--image-aug-views/--no-image-aug-views", help="On a cache "
                                          "with --image-views: train on one stored view per sample per epoch "
                                          "(evaluation uses the clean view)."),
-    metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
+    metric: str = typer.Option("macro_f1", help=METRIC_HELP),
     tune_bias: bool = typer.Option(False, help="Fit per-class logit offsets on the validation split for "
                                    "macro-F1 (both tuned and untuned metrics are reported)."),
     precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; "
@@ -258,9 +266,9 @@ def heads_train_cmd(
     cfg = TrainConfig.from_flat(
         fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
         modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
-        patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio,
-        image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias, precision=precision,
-        device=device, plots=plots)
+        patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio, val_split=val_split,
+        split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
+        precision=precision, device=device, plots=plots)
     train(cfg.validate(), str(cache), str(out), console=Console())
 
 
@@ -268,7 +276,8 @@ def heads_train_cmd(
 def heads_predict_cmd(
     run: Path = typer.Option(..., "--run", help="A run directory written by `heads train`."),
     cache: Path = typer.Option(..., "--cache", help="Feature cache with the same backbone/preprocessing."),
-    split: str = typer.Option("test", help="Which split of the cache to predict (train | test)."),
+    split: str = typer.Option("test", help="Which split of the cache to predict: any of its split names "
+                              "(train, test, dev, test_unseen, ...)."),
     out: Path = typer.Option(..., "--out", help="Output file: `guid,tag` lines with a header."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
 ):
@@ -314,15 +323,20 @@ def heads_ablate_cmd(
     baseline: str = typer.Option("concat", help="What every configuration is compared against (paired): a "
                                  "fusion, or KEY=VALUE of any axis, e.g. cache=raw-none or rdrop=0."),
     probe: bool = typer.Option(False, help="Add a logistic-regression probe per seed/fold (logreg-probe)."),
+    metric: str = typer.Option("macro_f1", help=METRIC_HELP),
+    val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP),
+    split_file: str = typer.Option("", "--split-file", help=SPLIT_FILE_HELP),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ):
     """Train a grid of heads from one cache loaded once (resumable), then write summaries and comparisons.
     Without axis options or --grid the grid is every fusion x modality both,text,image."""
-    from heads.ablate import AblateConfig, ablate, grid_from_options, parse_seeds
+    from heads.ablate import ABLATION_BASE, AblateConfig, ablate, grid_from_options, parse_seeds
 
     spec = grid_from_options(_opt(grid), {"fusion": fusion, "modality": modality, "loss": loss}, set_ or [])
     cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
-                       folds=folds, progress=progress, seeds=parse_seeds(seeds))
+                       folds=folds, progress=progress, seeds=parse_seeds(seeds),
+                       base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
+                             "split_file": split_file})
     res = ablate(cfg, console=console)
     console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
                   highlight=False)
@@ -336,7 +350,8 @@ def heads_report_cmd(
     baseline: Optional[str] = typer.Option(None, help="Paired baseline: a fusion or KEY=VALUE (default: the "
                                            "ablation's, else concat)."),
     metric: str = typer.Option("macro_f1", help="Metric of the group-by, correlation, top-k and page: accuracy "
-                               "| macro_f1 | weighted_f1 | neutral_f1 | train_s"),
+                               "| macro_f1 | weighted_f1 | train_s | roc_auc (two classes) | neutral_f1 (with "
+                               "a neutral class)"),
     group_by: Optional[str] = typer.Option(None, "--group-by", help="Config key(s), e.g. fusion or loss,lr: "
                                            "mean / std / best of the metric per value (groupby_<keys>.md)."),
     top: Optional[int] = typer.Option(None, help="Write the top-K configurations table (default 10 with --export)."),
@@ -381,8 +396,10 @@ def heads_finetune_cmd(
     batch_size: int = typer.Option(32, help="Micro-batch size."),
     grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
     patience: int = typer.Option(3, help="Stop after this many epochs without improvement (0 = never)."),
-    metric: str = typer.Option("macro_f1", help="Early-stopping metric: macro_f1 | accuracy | weighted_f1"),
+    metric: str = typer.Option("macro_f1", help=METRIC_HELP),
     seed: int = typer.Option(0, help="Seed (split without --init, head init, dropout, batch order)."),
+    val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP + " Without --init only."),
+    split_file: str = typer.Option("", "--split-file", help=SPLIT_FILE_HELP + " Without --init only."),
     text_forward: str = typer.Option("cached", help="cached: top N layers on stored states | full: the whole "
                                      "text tower every step."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -402,7 +419,7 @@ def heads_finetune_cmd(
     cfg = FinetuneConfig.from_flat(
         text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
-        text_forward=text_forward, device=device, plots=plots)
+        val_split=val_split, split_file=split_file, text_forward=text_forward, device=device, plots=plots)
     finetune(cfg, str(cache), str(out), console=console)
 
 

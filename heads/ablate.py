@@ -36,11 +36,13 @@ from featcache.errors import ConfigError
 
 from .config import TrainConfig
 from .data.cache import DataError, load_cache
+from .data.split_file import read_split_file
 from .fusions import get_fusion, list_fusions
 from .report.build import write_reports
 from .report.compare import parse_baseline
 from .rundir import is_finished, load_json, save_json
 from .train import stage1
+from .train.metrics import check_metric_classes
 from .train.probe import probe_done, probe_specs, run_probe
 
 DEFAULT_SEEDS = [0, 1, 2]
@@ -225,7 +227,7 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
 
 def is_done(run_dir: str, train_cfg: TrainConfig, cache: str | None = None) -> bool:
     """Finished with this config and, when given, on this cache file (a replaced cache means new runs)."""
-    if not is_finished(run_dir, "train", train_cfg.flat()):
+    if not is_finished(run_dir, "train", train_cfg.flat(), lambda saved: TrainConfig.from_flat(saved).flat()):
         return False
     if cache is None:
         return True
@@ -269,6 +271,11 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     for r in runs:
         r.train.validate()  # every unknown name is reported before the first run
     datas = load_caches(list(cfg.caches().values()))
+    for r in runs:  # --metric auroc on a three-class cache: said before the first run
+        check_metric_classes(r.train.optim.metric, datas[r.cache].classes, r.cache)
+    say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console else None
+    for path, cache in {(r.train.split.split_file, r.cache) for r in runs if r.train.split.split_file}:
+        read_split_file(path, datas[cache], say)  # its mismatch report, once per file (runs train silently)
     several = len(datas) > 1
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
     save_json(os.path.join(cfg.out, "ablate.json"), asdict(cfg))
@@ -305,7 +312,9 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 run_probe(probe_cfg, datas[path], run_dir)
                 trained += 1
             bar.advance(task)
-    report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot)
+    # The summaries rank by what the runs selected on when that is ROC-AUC (the binary tasks' metric).
+    metric = "roc_auc" if all(r.train.optim.metric == "auroc" for r in runs) else "macro_f1"
+    report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot, metric=metric)
     return AblateResult(cfg.out, run_dirs, trained, skipped, report, workers)
 
 

@@ -8,9 +8,13 @@
     head.safetensors         head weights (state_dict)
     text_layers.safetensors  stage 2: the unfrozen text-layer parameters only
     cache.json               cache key, backbone, preprocessing, dataset of the cache it was trained on
-    split.json               seed, split settings, training class counts, train/val/test guids (+ init)
+    split.json               seed, split settings, training class counts, train/val/test guids (+ init);
+                             "validation": the data's split that validated or "carved"; "heldout": guids
+                             of the data's other labelled splits; "split_file": name, sha256, mismatches
     metrics.json             validation metrics (tuned and "untuned" with --tune-bias), classes, counts,
-                             timing; written last, so its presence means the run is complete
+                             timing; roc_auc of class 1 for two classes; "test" (--test-ratio) and
+                             "heldout" {split: metrics} scored once at the end; written last, so its
+                             presence means the run is complete
     bias.json                per-class logit offsets (only with --tune-bias; predict applies them)
     history.json             one row per epoch
     val_predictions.csv      guid,label,pred,p_<class>... (+ pred_untuned with --tune-bias)
@@ -55,13 +59,16 @@ def load_json(path: str):
         return json.load(f)
 
 
-def is_finished(run_dir: str, section: str, config: dict) -> bool:
+def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
     """A finished run of exactly this config: metrics.json is written last, so its presence means complete,
-    and config.json[section] (a flat view) must equal `config` (a changed config is a different run)."""
+    and config.json[section] (a flat view) must equal `config` (a changed config is a different run).
+    `upgrade(saved)` (a config class's `from_flat(...).flat()`) first gives fields added since the run was
+    written their defaults: a newer version resumes an older ablation instead of retraining it."""
     try:
-        return (os.path.exists(os.path.join(run_dir, "metrics.json"))
-                and load_json(os.path.join(run_dir, "config.json"))[section] == config)
-    except (OSError, ValueError, KeyError):
+        saved = load_json(os.path.join(run_dir, "config.json"))[section]
+        return os.path.exists(os.path.join(run_dir, "metrics.json")) and \
+            (saved == config or (upgrade is not None and upgrade(saved) == config))
+    except (OSError, ValueError, KeyError, ConfigError):
         return False
 
 

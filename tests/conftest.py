@@ -15,23 +15,27 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
                           Dt: int = 16, Dtp: int = 16, P: int = 6, Di: int = 12, Dip: int = 20,
                           key: str = "synthetic-key-1", backbone: dict | None = None,
                           preprocessing: dict | None = None, seed: int = 0, noise: float = 1.0,
-                          classes: list[str] | None = None) -> str:
+                          classes: list[str] | None = None, splits: list[tuple] | None = None) -> str:
     """Rows: n_train labelled train samples (the last n_invalid of them marked invalid), then n_test unlabelled
-    test samples (one of them invalid). `classes`: three class names recorded in the cache's meta (default: none
-    recorded, as in caches from before class names, which then read as MVSA's three). Class c shifts text
-    features along u_c and image features along v_c; text lengths vary between 2 and L, padded positions hold large garbage (heads must ignore it)."""
+    test samples (one of them invalid). `classes`: the class names recorded in the cache's meta, any number
+    (default: none recorded, as in caches from before class names, which then read as MVSA's three).
+    `splits`: [(name, rows, labelled), ...] instead of that train/test layout (e.g. train/dev/test with labelled
+    test rows); the last n_invalid rows of the first split are invalid, and the last row when its split is
+    unlabelled. Class c shifts text features along u_c and image features along v_c; text lengths vary between
+    2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
-    n = n_train + n_test
-    labels = rng.integers(0, len(LEGACY_CLASSES), n)
+    layout = splits or [("train", n_train, True), ("test", n_test, False)]
+    k_classes = len(classes) if classes is not None else len(LEGACY_CLASSES)
+    n = sum(rows for _, rows, _ in layout)
+    labels = rng.integers(0, k_classes, n)
     samples = []
-    for k in range(n):
-        is_train = k < n_train
-        valid = not ((is_train and k >= n_train - n_invalid) or (not is_train and k == n - 1))
-        samples.append(Sample(guid=str(1000 + k), split="train" if is_train else "test",
-                              label=int(labels[k]) if is_train else -1, raw_text=f"text {k}",
-                              text=f"text {k}", image_path=f"/nowhere/{k}.jpg", valid=valid))
-    u_tok, u_pool = rng.normal(size=(3, Dt)), rng.normal(size=(3, Dtp))
-    v_tok, v_pool = rng.normal(size=(3, Di)), rng.normal(size=(3, Dip))
+    first = layout[0][1]
+    for k, (split, labelled) in enumerate((name, lab) for name, rows, lab in layout for _ in range(rows)):
+        valid = not ((first - n_invalid <= k < first) or (not labelled and k == n - 1))
+        samples.append(Sample(guid=str(1000 + k), split=split, label=int(labels[k]) if labelled else -1,
+                              raw_text=f"text {k}", text=f"text {k}", image_path=f"/nowhere/{k}.jpg", valid=valid))
+    u_tok, u_pool = rng.normal(size=(k_classes, Dt)), rng.normal(size=(k_classes, Dtp))
+    v_tok, v_pool = rng.normal(size=(k_classes, Di)), rng.normal(size=(k_classes, Dip))
     lengths = rng.integers(2, L + 1, n)
     mask = np.arange(L)[None, :] < lengths[:, None]
     text_tokens = noise * rng.normal(size=(n, L, Dt)) + u_tok[labels][:, None, :]
@@ -47,7 +51,6 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
             "preprocessing": preprocessing or {"clean_text": False, "max_text_len": L},
             "dataset": {"root": "/synthetic", "fingerprint": "0" * 8}, "counts": {"samples": n}}
     if classes is not None:
-        assert len(classes) == len(LEGACY_CLASSES), "the synthetic layout has three classes"
         meta["classes"] = list(classes)
     writer = CacheWriter(path, meta, samples, {name: a.shape for name, a in arrays.items()})
     writer.write(0, arrays, invalid=[k for k, s in enumerate(samples) if not s.valid])

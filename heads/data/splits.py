@@ -16,6 +16,18 @@ sklearn 1.x's StratifiedShuffleSplit (one split, integer random_state):
 
 tests/test_sklearn_parity.py checks equality with sklearn itself over many seeds, ratios and class layouts.
 K-fold uses sklearn's StratifiedKFold itself (only ablations with --folds pay its import).
+
+Splits the data ships (samples/split: train/dev/test, Hateful Memes' dev_seen/test_unseen, a manifest's own
+values) or a published split file (--split-file, heads.data.split_file) decide the rows first:
+
+  - validation: `val_split` "auto" takes the labelled rows of a split named dev, val or validation (in that
+    order) when there are any; "none" never does; any other value names the split. With a validation split the
+    labelled `train` rows train (no carving, no stratification: the data's own split is used as published).
+  - held out: labelled rows of every other split (test, dev_unseen, ...) are scored once at the end with the
+    selected head, one entry per split, never used for selection (Split.heldout).
+  - otherwise today's stratified carve: from the labelled `train` rows when other splits hold labels (they
+    are held out), else from every labelled row. A dataset whose labels are all in `train` (MVSA) therefore
+    splits exactly as before, row for row.
 """
 from __future__ import annotations
 
@@ -24,6 +36,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cache import CacheData, DataError
+from .split_file import read_split_file
+
+VAL_NAMES = ("dev", "val", "validation")  # what val_split "auto" looks for, in this order
 
 
 @dataclass
@@ -32,6 +47,9 @@ class SplitConfig:
     test_ratio: float = 0.0  # > 0: a stratified internal test split, scored once at the end, never for selection
     folds: int = 0  # 0: one val_ratio split; K >= 2: stratified K-fold CV and this run validates on `fold`
     fold: int = 0
+    # auto: the data's dev/val/validation split when it has labelled rows | none: carve from train | a split name
+    val_split: str = "auto"
+    split_file: str = ""  # a published split (id,split lines or a folder of <split>.txt id lists); "" = the cache's
 
     def validate(self) -> "SplitConfig":
         if not 0.0 < self.val_ratio < 1.0:
@@ -41,6 +59,11 @@ class SplitConfig:
         if self.folds and (self.folds < 2 or not 0 <= self.fold < self.folds):
             raise DataError(f"folds must be 0 (one split) or >= 2 with 0 <= fold < folds; got folds={self.folds}, "
                             f"fold={self.fold}")
+        if not self.val_split:
+            raise DataError("--val-split must be auto, none or a split name")
+        if self.folds and self.val_split not in ("auto", "none"):
+            raise DataError(f"--folds cross-validates on folds carved from train; it cannot be combined with "
+                            f"--val-split {self.val_split} (use --val-split auto or none)")
         return self
 
 
@@ -50,28 +73,61 @@ class Split:
     val: np.ndarray
     counts: dict = field(default_factory=dict)
     test: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # internal test (test_ratio)
+    heldout: dict = field(default_factory=dict)  # the data's other labelled splits: name -> rows
+    source: dict = field(default_factory=dict)  # where the split came from (validation split, split file)
 
     def record(self, data: CacheData, **settings) -> dict:
-        """split.json: the settings that made it, training class counts, and the rows by guid."""
-        return {**settings, "train_per_class": self.counts["train_per_class"],
-                "train": [data.guids[i] for i in self.train], "val": [data.guids[i] for i in self.val],
-                "test": [data.guids[i] for i in self.test]}
+        """split.json: the settings that made it, where it came from, training class counts, rows by guid."""
+        guids = lambda rows: [data.guids[i] for i in rows]  # noqa: E731
+        out = {**settings, **self.source, "train_per_class": self.counts["train_per_class"],
+               "train": guids(self.train), "val": guids(self.val), "test": guids(self.test)}
+        if self.heldout:
+            out["heldout"] = {name: guids(rows) for name, rows in self.heldout.items()}
+        return out
 
 
-def split_labelled(data: CacheData, cfg: SplitConfig, seed: int) -> Split:
-    """Stratified train/val split of the labelled, valid rows; invalid labelled rows are counted, not used.
+def split_labelled(data: CacheData, cfg: SplitConfig, seed: int, say=None) -> Split:
+    """Train/val(/test) rows of the labelled, valid rows; invalid labelled rows are counted, not used.
 
-    folds=0: one split with a val_ratio share for validation. folds=K>=2: stratified K-fold (shuffled with
-    `seed`) and fold `fold` validates, so K runs with folds=K, fold=0..K-1 cover every usable row exactly once
-    (the ablation's --folds). test_ratio>0 first sets aside a stratified internal test share (seeded) that
-    neither training nor model selection ever sees; val/folds then split the rest."""
+    The data's own validation split when there is one (module docstring), else a stratified carve: folds=0:
+    one split with a val_ratio share for validation. folds=K>=2: stratified K-fold (shuffled with `seed`) and
+    fold `fold` validates, so K runs with folds=K, fold=0..K-1 cover every usable row exactly once (the
+    ablation's --folds). test_ratio>0 first sets aside a stratified internal test share (seeded) that neither
+    training nor model selection ever sees. `say` prints the split file's mismatch report."""
     cfg.validate()
+    names, source = data.splits, {}
+    if cfg.split_file:
+        names, source = read_split_file(cfg.split_file, data, say)
     labelled = data.labels >= 0
-    usable = np.flatnonzero(labelled & data.valid)
+    usable = np.flatnonzero(labelled & data.valid & (names != ""))
     if usable.size == 0:
         raise DataError(f"{data.path} has no labelled valid samples to train on ({int(labelled.sum())} "
-                        f"labelled, {int((~data.valid).sum())} invalid of {len(data)}); was it extracted from "
-                        "a dataset with train.txt?")
+                        f"labelled, {int((~data.valid).sum())} invalid of {len(data)}"
+                        + (f", none of them in a split of --split-file {cfg.split_file}" if cfg.split_file else "")
+                        + "); was it extracted from a dataset with labels (MVSA's train.txt, a manifest's label "
+                        "column)?")
+    val_name = _val_split(data, cfg, names[usable])
+    has_train = bool((names[usable] == "train").any())
+    pool = usable[names[usable] == "train"] if has_train or val_name else usable
+    if pool.size == 0:
+        raise DataError(f"{data.path}: no labelled valid rows in split 'train' to train on while validating "
+                        f"on {val_name!r}; splits with labels: {_labelled_splits(names[usable])}")
+    own = [n for n in ("train", val_name) if n]
+    rest = usable[~np.isin(names[usable], own)] if (has_train or val_name) else usable[:0]
+    heldout = {str(n): rest[names[rest] == n] for n in sorted(set(names[rest].tolist()))}
+    source["validation"] = val_name or "carved"  # split.json: the data's split that validated, or carved
+    if val_name:
+        train, val = pool, usable[names[usable] == val_name]
+        test = np.zeros(0, dtype=np.int64)
+        if cfg.test_ratio:
+            train, test = _holdout(data, train, cfg.test_ratio, seed, "--test-ratio")
+    else:
+        train, val, test = _carve(data, cfg, pool, seed)
+    return _with_counts(data, np.sort(train), np.sort(val), np.sort(test), heldout, source)
+
+
+def _carve(data: CacheData, cfg: SplitConfig, usable: np.ndarray, seed: int):
+    """(train, val, test) carved from `usable` with sklearn's stratified draws (today's split, row for row)."""
     _check_classes(data, data.labels[usable], 2, "a stratified train/validation split is impossible")
     test = np.zeros(0, dtype=np.int64)
     if cfg.test_ratio:
@@ -83,24 +139,47 @@ def split_labelled(data: CacheData, cfg: SplitConfig, seed: int) -> Split:
                        f"stratified {cfg.folds}-fold cross-validation is impossible; use fewer folds")
         kfold = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
         train, val = list(kfold.split(usable, y))[cfg.fold]
-        train, val = usable[train], usable[val]
-    else:
-        train, val = _holdout(data, usable, cfg.val_ratio, seed, "--val-ratio")
-    return _with_counts(data, np.sort(train), np.sort(val), np.sort(test))  # dataset order: readable split.json
+        return usable[train], usable[val], test
+    train, val = _holdout(data, usable, cfg.val_ratio, seed, "--val-ratio")
+    return train, val, test
+
+
+def _labelled_splits(names: np.ndarray) -> str:
+    values, counts = np.unique(names, return_counts=True)
+    return ", ".join(f"{v} ({c})" for v, c in zip(values.tolist(), counts.tolist())) or "none"
+
+
+def _val_split(data: CacheData, cfg: SplitConfig, names: np.ndarray) -> str | None:
+    """The split name that validates (names: the split of every usable row), or None to carve one."""
+    if cfg.val_split == "none" or (cfg.folds and cfg.val_split == "auto"):
+        return None
+    if cfg.val_split == "auto":
+        return next((n for n in VAL_NAMES if (names == n).any()), None)
+    if cfg.val_split == "train" or not (names == cfg.val_split).any():
+        raise DataError(f"--val-split {cfg.val_split}: {data.path} has no labelled valid rows in a split of that "
+                        f"name (other than train); splits with labels: {_labelled_splits(names)}. Use one of "
+                        "them, auto or none")
+    return cfg.val_split
 
 
 def split_from_guids(data: CacheData, saved: dict, source: str) -> Split:
     """The rows of a split.json written by an earlier run (`source` names it in errors), found by guid."""
     row = {g: i for i, g in enumerate(data.guids)}
     lost = [g for g in saved["train"] + saved["val"] + saved.get("test", []) if g not in row]
+    heldout = saved.get("heldout", {})
+    lost += [g for ids in heldout.values() for g in ids if g not in row]
     if lost:
         raise DataError(f"{len(lost)} guids of {source} are not in {data.path} (e.g. {lost[0]}): that run was "
                         "trained on another dataset")
-    rows = [np.array([row[g] for g in saved.get(part, [])], dtype=np.int64) for part in ("train", "val", "test")]
-    return _with_counts(data, *rows)
+    take = lambda ids: np.array([row[g] for g in ids], dtype=np.int64)  # noqa: E731
+    rows = [take(saved.get(part, [])) for part in ("train", "val", "test")]
+    keep = ("validation", "split_file")
+    return _with_counts(data, *rows, {n: take(ids) for n, ids in heldout.items()},
+                        {k: saved[k] for k in keep if k in saved})
 
 
-def _with_counts(data: CacheData, train: np.ndarray, val: np.ndarray, test: np.ndarray) -> Split:
+def _with_counts(data: CacheData, train: np.ndarray, val: np.ndarray, test: np.ndarray,
+                 heldout: dict | None = None, source: dict | None = None) -> Split:
     labelled = data.labels >= 0
 
     def per_class(rows):
@@ -120,7 +199,12 @@ def _with_counts(data: CacheData, train: np.ndarray, val: np.ndarray, test: np.n
     }
     if test.size:
         counts.update(test=int(test.size), test_per_class=per_class(test))
-    return Split(train=train, val=val, counts=counts, test=test)
+    heldout, source = heldout or {}, source or {}
+    if source.get("validation", "carved") != "carved":  # the data's own split validated
+        counts["val_split"] = source["validation"]
+    if heldout:
+        counts["heldout"] = {name: int(rows.size) for name, rows in heldout.items()}
+    return Split(train=train, val=val, counts=counts, test=test, heldout=heldout, source=source)
 
 
 def _check_classes(data: CacheData, y: np.ndarray, need: int, what: str) -> None:

@@ -67,7 +67,7 @@ def write_reports(paths, out: str, baseline: str | None = None, n_boot: int = 20
     baseline = ablation_baseline(paths[0]) if baseline is None else baseline
     # Every option is checked before anything is written.
     report_classes(runs)
-    check_report_metric(metric)
+    metric = check_report_metric(metric, runs)
     parse_baseline(baseline)
     keys = parse_keys(group_by, runs) if group_by else []
     formats = parse_formats(export or ("md" if top else ""))  # --top alone: Markdown

@@ -20,10 +20,13 @@ def summary_table(metrics: dict) -> Table:
         cols.append(("internal test", metrics["test"]))
     if "init_test" in metrics:  # stage 2 from an init run with a test split: that head on the same rows
         cols.append(("init head, test", metrics["init_test"]))
+    for name, m in metrics.get("heldout", {}).items():  # the data's own labelled splits, scored once
+        cols.append((f"{name} (held out)", m))
     for name, _ in cols:
         t.add_column(name, justify="right")
-    for key in ("accuracy", "macro_f1", "weighted_f1"):
-        t.add_row(key, *[f"{m[key]:.4f}" for _, m in cols])
+    keys = ("accuracy", "macro_f1", "weighted_f1") + (("roc_auc",) if "roc_auc" in metrics else ())
+    for key in keys:  # roc_auc: two-class tasks, of class 1 (none where a split holds one class only)
+        t.add_row(key, *[f"{m[key]:.4f}" if m.get(key) is not None else "-" for _, m in cols])
     for c in run_classes(metrics):
         t.add_row(f"F1 {c}", *[f"{m['per_class'][c]['f1']:.4f}" for _, m in cols])
     return t
@@ -39,7 +42,9 @@ def print_summary(metrics: dict, run_dir: str | None, console) -> None:
     n = metrics.get("counts", {})
     timing = metrics.get("timing", {})
     test = f" · internal test {n['test']}" if "test" in n else ""
-    console.print(f"train {n.get('train')} · val {n.get('val')}{test} · invalid excluded {n.get('invalid_excluded')}"
+    test += "".join(f" · {name} {count}" for name, count in n.get("heldout", {}).items())
+    val = f"{n.get('val')} (split {n['val_split']})" if "val_split" in n else n.get("val")
+    console.print(f"train {n.get('train')} · val {val}{test} · invalid excluded {n.get('invalid_excluded')}"
                   f" · unlabelled {n.get('unlabelled')} · trained in {timing.get('train_s', 0):.1f}s on "
                   f"{timing.get('device')} ({timing.get('threads')} threads)", highlight=False)
     if run_dir:

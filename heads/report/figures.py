@@ -39,7 +39,8 @@ def plot_history(history: list[dict], path: str, metric: str = "macro_f1") -> No
     ax1.plot(epochs, [h["val_loss"] for h in history], label="val loss")
     ax1.set_xlabel("epoch")
     ax1.legend()
-    for name in ("accuracy", "macro_f1", "weighted_f1"):
+    names = ("accuracy", "macro_f1", "weighted_f1") + (("auroc",) if history and "auroc" in history[0] else ())
+    for name in names:  # auroc: two-class runs (heads.train.metrics.quick_scores)
         ax2.plot(epochs, [h[name] for h in history], label=name, lw=2.5 if name == metric else 1)
     ax2.set_xlabel("epoch")
     ax2.set_ylim(0, 1)

@@ -41,8 +41,9 @@ def mean_curves(runs, key: str) -> dict[str, np.ndarray]:
     histories: dict[str, list] = {}
     for r in runs:
         path = os.path.join(r.dir, "history.json")
-        if os.path.exists(path):
-            histories.setdefault(r.config, []).append([h[key] for h in load_json(path)])
+        history = load_json(path) if os.path.exists(path) else []
+        if history and key in history[0]:
+            histories.setdefault(r.config, []).append([h[key] for h in history])
     curves = {}
     for config, hs in histories.items():
         n = max(len(h) for h in hs)
@@ -77,7 +78,8 @@ def write_page(rows, runs, out: str, metric: str = "macro_f1", correlation: list
     """summary.html and summary.png in `out` from the summary rows and their runs; returns the two paths."""
     rows, classes = ranked(rows, metric), report_classes(runs)
     params, f1 = params_by_config(runs), per_class_f1(runs, classes)
-    key = metric if metric in ("accuracy", "macro_f1", "weighted_f1") else "macro_f1"  # what history.json has
+    # what history.json has: the headline numbers, and auroc (roc_auc's per-epoch name) in two-class runs
+    key = {"roc_auc": "auroc"}.get(metric, metric if metric in ("accuracy", "macro_f1", "weighted_f1") else "macro_f1")
     figures = [("comparison", fig_comparison(rows, metric),
                 f"Mean {TITLES[metric]} per configuration, error bars: std over its runs; probe in grey."),
                ("cost", fig_cost(rows, params), "Head parameter count (the probe: its logistic-regression "
@@ -85,7 +87,7 @@ def write_page(rows, runs, out: str, metric: str = "macro_f1", correlation: list
                ("radar", fig_radar(rows, f1, classes),
                 "Validation F1 per class of the top configurations (mean over runs)."),
                ("curves", fig_curves(rows, mean_curves(runs, key), key),
-                f"Validation {TITLES[key]} per epoch from history.json; top configurations in colour.")]
+                f"Validation {TITLES.get(key, key)} per epoch from history.json; top configurations in colour.")]
     png_path, html_path = os.path.join(out, "summary.png"), os.path.join(out, "summary.html")
     tile([[figures[0][1]], [figures[1][1]], [figures[2][1], figures[3][1]]], png_path)
     body = [[i, r["config"], f"{fmt(metric, r[f'{metric}_mean'])} ± {fmt(metric, r[f'{metric}_std'])}",

@@ -24,27 +24,46 @@ from featcache.errors import ConfigError
 from ..rundir import PROBE_NAME, head_params, load_json  # the other report modules take PROBE_NAME from here
 
 IGNORED = ("seed", "fold", "device", "threads", "plots", "eval_batch_size")
-STATS = {  # summary column -> how to read it from metrics.json
+STATS = {  # summary column -> how to read it from metrics.json (None: the run has no such number)
     "accuracy": lambda m: m["accuracy"],
     "macro_f1": lambda m: m["macro_f1"],
     "weighted_f1": lambda m: m["weighted_f1"],
-    "neutral_f1": lambda m: m["per_class"]["neutral"]["f1"],
+    "neutral_f1": lambda m: m["per_class"].get("neutral", {}).get("f1"),  # datasets with a neutral class
+    "roc_auc": lambda m: m.get("roc_auc"),  # two-class tasks: ROC-AUC of class 1
     "train_s": lambda m: m["timing"]["train_s"],
 }
-# With --test-ratio: the internal test split, reported next to validation (it never chose anything).
-TEST_STATS = {"test_accuracy": lambda m: m["test"]["accuracy"], "test_macro_f1": lambda m: m["test"]["macro_f1"]}
+OPTIONAL_STATS = ("neutral_f1", "roc_auc")  # a column only where every run of a configuration has the number
+ALIASES = {"auroc": "roc_auc"}  # the training option's name for the same number
+# Scored once at the end, next to validation (they never chose anything): the internal --test-ratio split
+# ("test") and each labelled split the data ships besides train and validation ("heldout" in metrics.json).
+HELD_STATS = ("accuracy", "macro_f1", "roc_auc")
 TITLES = {"accuracy": "accuracy", "macro_f1": "macro-F1", "weighted_f1": "weighted-F1", "neutral_f1": "neutral F1",
-          "train_s": "train s"}  # column headings of the tables and plots
+          "roc_auc": "ROC-AUC", "train_s": "train s"}  # column headings of the tables and plots
 LOWER_IS_BETTER = ("train_s",)
 # config.json parts that describe the machine or the data, not a setting one could vary.
 NOT_PARAMETERS = ("env", "classes")
+SPLIT_DEFAULTS = {"test_ratio": 0.0, "val_split": "auto", "split_file": ""}  # runs from before these existed
 
 
-def check_report_metric(name: str) -> str:
-    """A STATS name (what `heads report --metric` ranks by; training's early-stopping metric is another)."""
+def check_report_metric(name: str, runs: list | None = None) -> str:
+    """A STATS name (what `heads report --metric` ranks by; training's early-stopping metric is another), by
+    its alias too (auroc); with `runs`, one every run has (roc_auc: two classes, neutral_f1: a neutral class)."""
+    name = ALIASES.get(name, name)
     if name not in STATS:
         raise ConfigError(f"unknown report metric {name!r}; valid: {', '.join(STATS)}")
+    lacking = [r.dir for r in runs or [] if STATS[name](r.metrics) is None]
+    if lacking:
+        raise ConfigError(f"report metric {name}: {len(lacking)} run(s) have no such number (e.g. {lacking[0]}; "
+                          "roc_auc needs a two-class task, neutral_f1 a class named neutral); pick another --metric")
     return name
+
+
+def held_stats(metrics: dict) -> dict[str, float]:
+    """`<split>_<stat>` -> value for the splits scored once at the end: test_* (the internal --test-ratio split)
+    and heldout_<name>_* (the data's own labelled splits)."""
+    parts = ([("test", metrics["test"])] if "test" in metrics else []) + \
+        [(f"heldout_{name}", m) for name, m in metrics.get("heldout", {}).items()]
+    return {f"{prefix}_{s}": m[s] for prefix, m in parts for s in HELD_STATS if m.get(s) is not None}
 
 
 @dataclass
@@ -62,7 +81,7 @@ class Run:
     def pair_key(self) -> tuple:
         """Runs with the same pair_key validated on the same samples (same split arguments)."""
         return (self.seed, self.fold, self.params.get("val_ratio", 0.2), self.params.get("test_ratio", 0.0),
-                self.params.get("folds", 0))
+                self.params.get("folds", 0), self.params.get("val_split", "auto"), self.params.get("split_file", ""))
 
     @property
     def classes(self) -> list[str]:
@@ -116,11 +135,12 @@ def load_run(run_dir: str) -> Run:
     metrics = load_json(os.path.join(run_dir, "metrics.json"))
     flat = config_params(cfg)
     if "probe" in cfg:
-        params = {"probe": "logreg", "val_ratio": flat["val_ratio"], "test_ratio": flat.get("test_ratio", 0.0),
-                  "folds": flat["folds"], **_cache_param(run_dir)}
+        params = {"probe": "logreg", "val_ratio": flat["val_ratio"], "folds": flat["folds"],
+                  **{k: flat.get(k, v) for k, v in SPLIT_DEFAULTS.items()}, **_cache_param(run_dir)}
         return Run(run_dir, params, flat["seed"], flat["fold"] if flat["folds"] else None, metrics)
     params = {k: v for k, v in flat.items() if k not in IGNORED}
-    params.setdefault("test_ratio", 0.0)  # runs from before --test-ratio existed
+    for k, v in SPLIT_DEFAULTS.items():  # runs from before --test-ratio / --val-split / --split-file existed
+        params.setdefault(k, v)
     params.update(_cache_param(run_dir))
     return Run(run_dir, params, flat["seed"], flat["fold"] if flat.get("folds") else None, metrics, train=flat,
                config_json=cfg.get("train", cfg))
@@ -167,22 +187,32 @@ def label_runs(runs: list[Run]) -> None:
 
 
 def summary_rows(runs: list[Run]) -> list[dict]:
-    """One row per configuration: n, mean and std (ddof=1; 0 for one run) of STATS; sorted by macro-F1."""
+    """One row per configuration: n, mean and std (ddof=1; 0 for one run) of STATS and of the held-out splits'
+    numbers; a number some run of the configuration lacks gets no column in that row. Sorted by macro-F1."""
     groups: dict[str, list[Run]] = {}
     for r in runs:
         groups.setdefault(r.config, []).append(r)
     rows = []
     for config, members in groups.items():
         row = {"config": config, "n": len(members)}
-        tested = all("test" in r.metrics for r in members)
-        for name, get in {**STATS, **(TEST_STATS if tested else {})}.items():
-            values = np.array([get(r.metrics) for r in members], dtype=np.float64)
-            row[f"{name}_mean"] = float(np.mean(values))
-            row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        values = [{**{k: get(r.metrics) for k, get in STATS.items()}, **held_stats(r.metrics)} for r in members]
+        names = [k for k in values[0] if all(v.get(k) is not None for v in values)]
+        for name in names:
+            column = np.array([v[name] for v in values], dtype=np.float64)
+            row[f"{name}_mean"] = float(np.mean(column))
+            row[f"{name}_std"] = float(np.std(column, ddof=1)) if len(column) > 1 else 0.0
         row["runs"] = [r.dir for r in members]
         rows.append(row)
     rows.sort(key=lambda row: (-row["macro_f1_mean"], row["config"]))
     return rows
+
+
+def summary_stats(rows: list[dict]) -> list[str]:
+    """The stat names of the summary's columns: STATS (optional ones where some row has them), then the
+    held-out splits' numbers, in first-seen order."""
+    seen = [k[:-5] for row in rows for k in row if k.endswith("_mean")]
+    held = [k for k in dict.fromkeys(seen) if k not in STATS]
+    return [s for s in STATS if s not in OPTIONAL_STATS or s in seen] + held
 
 
 def ranked(rows: list[dict], metric: str) -> list[dict]:

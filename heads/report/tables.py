@@ -17,7 +17,7 @@ import os
 
 from featcache.errors import ConfigError
 
-from .runs import PROBE_NAME, STATS, TEST_STATS, TITLES, params_by_config, ranked, varying_keys
+from .runs import PROBE_NAME, TITLES, params_by_config, ranked, summary_stats, varying_keys
 
 FORMATS = {"md": ".md", "latex": ".tex"}  # --export name -> file suffix
 DASH = "–"
@@ -55,27 +55,44 @@ def md_table(header: list[str], rows: list[list], align: str = "") -> list[str]:
 
 # ------------------------------------------------------------------------------------------ summary table
 def write_summary_csv(rows: list[dict], path: str) -> None:
-    cols = ["config", "n"] + [f"{s}_{k}" for s in (*STATS, *TEST_STATS) for k in ("mean", "std")
-                              if any(f"{s}_mean" in row for row in rows)]
+    """Every summary number as mean/std columns; a configuration without one (runs with and without
+    --test-ratio reported together) leaves its cells empty."""
+    cols = ["config", "n"] + [f"{s}_{k}" for s in summary_stats(rows) for k in ("mean", "std")]
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(cols)
-        for row in rows:
-            w.writerow([row[c] if c in ("config", "n") else repr(row[c]) for c in cols])  # repr: exact floats
+        for row in rows:  # repr: exact floats
+            w.writerow([row[c] if c in ("config", "n") else repr(row[c]) if c in row else "" for c in cols])
+
+
+def _title(stat: str) -> str:
+    """Column heading: TITLES; `test accuracy` for the internal --test-ratio split (as always); `<name> split
+    macro-F1` for the data's own held-out splits."""
+    if stat in TITLES:
+        return TITLES[stat]
+    if not stat.startswith("heldout_"):
+        return stat.replace("_", " ")
+    for s in ("macro_f1", "accuracy", "roc_auc"):
+        if stat.endswith("_" + s):
+            return f"{stat[len('heldout_'):-len(s) - 1]} split {TITLES[s]}"
+    return stat
 
 
 def write_summary_md(rows: list[dict], path: str) -> None:
-    test = [s for s in TEST_STATS if any(f"{s}_mean" in row for row in rows)]
+    stats = [s for s in summary_stats(rows) if s != "train_s"]
+    held = [s for s in stats if s not in TITLES]
+    notes = (("; test = the internal --test-ratio split" if any(s.startswith("test_") for s in held) else "")
+             + ("; other splits = the data's own labelled splits" if any(s.startswith("heldout_") for s in held)
+                else "") + (", never used for selection." if held else "."))
     lines = ["# Ablation summary", "", f"{len(rows)} configurations, sorted by mean validation macro-F1 (mean ± std over "
-             "runs)" + ("; test = the internal --test-ratio split, never used for selection." if test else "."), "",
-             "| configuration | accuracy | macro-F1 | weighted-F1 | neutral F1 | "
-             + "".join(f"{s.replace('_', ' ')} | " for s in test) + "train s | n |",
-             "|---|---|---|---|---|" + "---|" * len(test) + "---|---|"]
+             "runs)" + notes, "",
+             "| configuration | " + "".join(f"{_title(s)} | " for s in stats) + "train s | n |",
+             "|---|" + "---|" * len(stats) + "---|---|"]
 
     def cell(row, s):
         return f"{row[f'{s}_mean']:.4f} ± {row[f'{s}_std']:.4f}" if f"{s}_mean" in row else "-"
     for row in rows:
-        cells = [cell(row, s) for s in STATS if s != "train_s"] + [cell(row, s) for s in test]
+        cells = [cell(row, s) for s in stats]
         lines.append(f"| {row['config']} | {' | '.join(cells)} | {row['train_s_mean']:.1f} ± "
                      f"{row['train_s_std']:.1f} | {row['n']} |")
     with open(path, "w") as f:

@@ -10,8 +10,9 @@ flat ProbeConfig under "probe"), so `heads report` summarizes it like any other 
 from __future__ import annotations
 
 import inspect
+import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, astuple, replace
 
 import numpy as np
 
@@ -19,18 +20,18 @@ from featcache.env import environment
 
 from ..config import ProbeConfig
 from ..data.cache import CacheData
-from ..data.splits import SplitConfig, split_labelled
+from ..data.splits import split_labelled
 from ..rundir import PROBE_NAME, RunRecord, cache_info, is_finished, write_run
 from .metrics import compute_metrics
 
 
 
 def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
-    """One probe per distinct split among the ablation's runs (seed, val_ratio, test_ratio, folds, fold)."""
+    """One probe per distinct split among the ablation's runs (seed and every SplitConfig field)."""
     seen, out = set(), []
     for r in runs:
         seed, s = r.train.seed, r.train.split
-        key = (seed, s.val_ratio, s.test_ratio, s.folds, s.fold)
+        key = (seed, *astuple(s))
         if key in seen:
             continue
         seen.add(key)
@@ -39,12 +40,16 @@ def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
             name += f",val_ratio={s.val_ratio}"
         if s.test_ratio:
             name += f",test_ratio={s.test_ratio}"
-        out.append((name, ProbeConfig(seed=seed, split=SplitConfig(s.val_ratio, s.test_ratio, s.folds, s.fold))))
+        if s.val_split != "auto":
+            name += f",val_split={s.val_split}"
+        if s.split_file:
+            name += f",split_file={os.path.basename(os.path.normpath(s.split_file))}"
+        out.append((name, ProbeConfig(seed=seed, split=replace(s))))
     return out
 
 
 def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
-    return is_finished(run_dir, "probe", cfg.flat())
+    return is_finished(run_dir, "probe", cfg.flat(), lambda saved: ProbeConfig.from_flat(saved).flat())
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:
@@ -67,8 +72,11 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     # Newer scikit-learn warns unless these are explicit (plain L2, new attribute layout); older lacks them.
     params = inspect.signature(LogisticRegressionCV).parameters
     extra = {k: v for k, v in (("l1_ratios", (0.0,)), ("use_legacy_attributes", False)) if k in params}
+    # Two classes: scikit-learn 1.9 rebuilds the "f1_macro" scorer with pos_label twice and fails; the same
+    # macro-F1 as a plain callable avoids that path (more classes keep the string: their C choice is unchanged).
+    scoring = _binary_macro_f1 if len(data.classes) == 2 else "f1_macro"
     model = make_pipeline(StandardScaler(), LogisticRegressionCV(
-        Cs=list(cfg.Cs), cv=inner, scoring="f1_macro", max_iter=cfg.max_iter, class_weight=None, **extra))
+        Cs=list(cfg.Cs), cv=inner, scoring=scoring, max_iter=cfg.max_iter, class_weight=None, **extra))
     model.fit(pooled_features(data, split.train), y_train)
     train_s = time.perf_counter() - t0
 
@@ -79,9 +87,16 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
 
     full = predict(split.val)
     pred = full.argmax(1)
-    metrics = compute_metrics(y_val, pred, data.classes)
+    metrics = compute_metrics(y_val, pred, data.classes, full)
+
+    def held(rows):
+        probs = predict(rows)
+        return compute_metrics(data.labels[rows], probs.argmax(1), data.classes, probs)
+
     if cfg.split.test_ratio:
-        metrics["test"] = compute_metrics(data.labels[split.test], predict(split.test).argmax(1), data.classes)
+        metrics["test"] = held(split.test)
+    if split.heldout:
+        metrics["heldout"] = {name: held(rows) for name, rows in split.heldout.items()}
     metrics["classes"] = list(data.classes)
     metrics["counts"] = split.counts
     metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
@@ -92,6 +107,11 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     if out_dir is not None:
         _write_run(out_dir, cfg, data, split, full, pred, metrics)
     return metrics
+
+
+def _binary_macro_f1(estimator, X, y) -> float:
+    """The f1_macro scorer for a two-class probe: macro-F1 over both classes (zero_division 0)."""
+    return compute_metrics(y, estimator.predict(X), ["0", "1"])["macro_f1"]
 
 
 def _write_run(out_dir, cfg: ProbeConfig, data: CacheData, split, probs, pred, metrics) -> None:

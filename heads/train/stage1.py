@@ -30,7 +30,7 @@ from ..rundir import HEAD_FILE, RunRecord, cache_info, write_run
 from .bias import apply_bias, tune_bias
 from .loop import Trainer
 from .losses import build_loss, rdrop_kl
-from .metrics import compute_metrics, quick_scores
+from .metrics import check_metric_classes, compute_metrics, quick_scores
 from .runtime import native_bf16, seed_everything, set_threads
 
 
@@ -54,7 +54,9 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     if not isinstance(data, CacheData):  # read only what this head consumes
         data = load_cache(str(data), keys=get_fusion(cfg.head.fusion).inputs)
     t_loaded = time.perf_counter()
-    split = split_labelled(data, cfg.split, cfg.seed)
+    check_metric_classes(cfg.optim.metric, data.classes, data.path)
+    say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None else None
+    split = split_labelled(data, cfg.split, cfg.seed, say)
     device = resolve_device(cfg.device)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
     set_threads(cfg.threads)
@@ -110,7 +112,7 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
     def evaluate(model):
         logits = infer(model, data, split.val, device, cfg.eval_batch_size)["logits"]
         val_loss = float(loss(torch.from_numpy(logits), torch.from_numpy(y_val)))
-        return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes))}
+        return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes), logits)}
 
     return Trainer(model, cfg.optim, cfg.seed, len(split.train), loss_fn, evaluate)
 
@@ -118,19 +120,25 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
 def _score(cfg: TrainConfig, model, data: CacheData, split: Split, device, logits: np.ndarray):
     """(metrics, bias): validation metrics (tuned and untuned with --tune-bias) and the internal test's."""
     classes, y_val = data.classes, data.labels[split.val]
-    metrics = compute_metrics(y_val, logits.argmax(1), classes)
+    metrics = compute_metrics(y_val, logits.argmax(1), classes, logits)
     bias = None
     if cfg.tune_bias:
         # Tuned and scored on the same split: optimistic, hence the untuned numbers are kept alongside.
         bias = tune_bias(logits, y_val)
-        metrics = {**compute_metrics(y_val, apply_bias(logits, bias).argmax(1), classes), "untuned": metrics,
-                   "bias": {c: float(b) for c, b in zip(classes, bias)}}
-    if cfg.split.test_ratio:  # scored once, with the head and bias that validation chose
-        y_test = data.labels[split.test]
-        test_logits = infer(model, data, split.test, device, cfg.eval_batch_size)["logits"]
-        metrics["test"] = compute_metrics(y_test, apply_bias(test_logits, bias).argmax(1), classes)
+        metrics = {**compute_metrics(y_val, apply_bias(logits, bias).argmax(1), classes, logits),
+                   "untuned": metrics, "bias": {c: float(b) for c, b in zip(classes, bias)}}
+
+    def held(rows):  # scored once, with the head and bias that validation chose
+        y, out = data.labels[rows], infer(model, data, rows, device, cfg.eval_batch_size)["logits"]
+        m = compute_metrics(y, apply_bias(out, bias).argmax(1), classes, out)
         if cfg.tune_bias:
-            metrics["test"]["untuned"] = compute_metrics(y_test, test_logits.argmax(1), classes)
+            m["untuned"] = compute_metrics(y, out.argmax(1), classes, out)
+        return m
+
+    if cfg.split.test_ratio:
+        metrics["test"] = held(split.test)
+    if split.heldout:  # the data's own labelled test splits (test, dev_unseen, ...): one entry each
+        metrics["heldout"] = {name: held(rows) for name, rows in split.heldout.items()}
     metrics["classes"] = list(classes)
     return metrics, bias
 

@@ -44,7 +44,7 @@ from ..report.console import print_summary
 from ..rundir import HEAD_FILE, TEXT_LAYERS_FILE, RunRecord, cache_info, check_cache, load_json, read_config, write_run
 from .loop import Trainer
 from .losses import build_loss
-from .metrics import compute_metrics, quick_scores
+from .metrics import check_metric_classes, compute_metrics, quick_scores
 from .runtime import seed_everything, set_threads
 from .stage1 import TrainResult
 from .text_model import FinetuneModel
@@ -63,8 +63,9 @@ def finetune(cfg: FinetuneConfig, data: str | os.PathLike | CacheData, out_dir: 
         data = load_cache(str(data), keys=keys, texts=bool(n))
     device = resolve_device(cfg.device)
     set_threads(cfg.threads)
+    check_metric_classes(cfg.optim.metric, data.classes, data.path)
     head, split = _init_head(cfg, data, device) if cfg.init else \
-        (None, split_labelled(data, cfg.split, cfg.seed))  # the order of seeded steps of `heads train`
+        (None, split_labelled(data, cfg.split, cfg.seed, say))  # the order of seeded steps of `heads train`
     text = None
     if n:
         text = load_text_backbone(data.meta)
@@ -110,6 +111,9 @@ def _with_init(cfg: FinetuneConfig) -> FinetuneConfig:
     if saved["stage"] != "train":
         raise ConfigError(f"--init {cfg.init} is a {saved['stage']} run; give the stage-1 run it started from")
     stage1 = TrainConfig.from_flat(saved["train"])
+    if cfg.split.split_file or cfg.split.val_split != "auto":
+        raise ConfigError(f"--init {cfg.init} brings its own split (its split.json); --split-file and --val-split "
+                          "apply only to a fresh head (without --init)")
     return replace(cfg, head=stage1.head, loss=stage1.loss, split=stage1.split)
 
 
@@ -138,7 +142,7 @@ def _trainer(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, 
     def evaluate(model):
         logits = infer(model, data, split.val, device, cfg.eval_batch_size)["logits"]
         val_loss = float(loss(torch.from_numpy(logits), torch.from_numpy(y_val)))
-        return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes))}
+        return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes), logits)}
 
     metric = cfg.optim.metric
     groups = [(model.head.parameters(), cfg.optim.lr)]
@@ -153,7 +157,7 @@ def _trainer(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, 
 def _metrics(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, trainer: Trainer,
              logits: np.ndarray, init_test: np.ndarray | None) -> dict:
     classes, y_val = data.classes, data.labels[split.val]
-    metrics = compute_metrics(y_val, logits.argmax(1), classes)
+    metrics = compute_metrics(y_val, logits.argmax(1), classes, logits)
     metrics["classes"] = list(classes)
     metrics["counts"] = split.counts
     metrics["fusion"], metrics["modality"], metrics["metric"] = cfg.head.fusion, cfg.head.modality, cfg.optim.metric
@@ -166,8 +170,13 @@ def _metrics(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, 
     if init_test is not None:
         y_test = data.labels[split.test]
         test = infer(model, data, split.test, device, cfg.eval_batch_size)["logits"]
-        metrics["test"] = compute_metrics(y_test, test.argmax(1), classes)
-        metrics["init_test"] = compute_metrics(y_test, init_test.argmax(1), classes)
+        metrics["test"] = compute_metrics(y_test, test.argmax(1), classes, test)
+        metrics["init_test"] = compute_metrics(y_test, init_test.argmax(1), classes, init_test)
+    if split.heldout:  # the data's own labelled test splits, scored once with the selected model
+        scored = {n: infer(model, data, rows, device, cfg.eval_batch_size)["logits"]
+                  for n, rows in split.heldout.items()}
+        metrics["heldout"] = {n: compute_metrics(data.labels[split.heldout[n]], out.argmax(1), classes, out)
+                              for n, out in scored.items()}
     return metrics
 
 
