@@ -299,3 +299,54 @@ def test_a_failed_shared_image_fails_every_row_naming_it(tmp_path):
     reported = [p for p in meta["problems"] if "10.jpg" in p]
     assert len(reported) == 4 and sum("decoded once for both" in p for p in reported) == 3
     assert meta["dataset"]["invalid"] == 4
+
+
+def test_twitter_shards_give_the_single_process_cache(tmp_path):
+    """Shared images across shard boundaries (10.jpg is named by rows of both shards): the merged shards hold
+    the single-process arrays."""
+    data = _twitter(tmp_path)
+    args = ["--data", data, "--batch-size", "2", "--workers", "0", "--no-progress"]
+    ref = tmp_path / "ref.h5"
+    assert _cli("extract", *args, "--out", ref).exit_code == 0
+    out = tmp_path / "sh.h5"
+    for i in range(2):
+        r = _cli("extract", *args, "--out", out, "--shard", f"{i}/2")
+        assert r.exit_code == 0, r.output
+    merged = tmp_path / "merged.h5"
+    r = _cli("merge", tmp_path / "sh.manifest.json", "--out", merged)
+    assert r.exit_code == 0, r.output
+    with h5py.File(ref, "r") as a, h5py.File(merged, "r") as b:
+        for name in ("samples/guid", "samples/target", "samples/valid", "text/tokens", "text/pooled",
+                     "image/tokens", "image/pooled"):
+            assert np.array_equal(a[name][()], b[name][()]), name
+        assert np.abs(b["image/pooled"][()]).sum(1).min() > 0  # every row got its image's features
+
+
+def test_twitter_resume_copies_shared_images_from_the_file(tmp_path, monkeypatch):
+    """Interrupted after the first batch, a resumed Twitter extraction copies 10.jpg's features (computed in the
+    first run) from the partial file to the later rows naming it: the single-process arrays, bit for bit."""
+    import featcache.cache.store as fs
+    from featcache.extract.config import ExtractConfig
+    from featcache.extract.engine import extract
+
+    data = _twitter(tmp_path)
+    ref = tmp_path / "ref.h5"
+    assert _cli("extract", "--data", data, "--batch-size", "2", "--workers", "0", "--no-progress",
+                "--out", ref).exit_code == 0
+    out = tmp_path / "r.h5"
+    cfg = ExtractConfig(data=str(data), out=str(out), batch_size=2, workers=0)
+    real_write, calls = fs.CacheWriter.write, []
+
+    def interrupting_write(self, start, *a, **k):
+        calls.append(start)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_write(self, start, *a, **k)
+    monkeypatch.setattr(fs.CacheWriter, "write", interrupting_write)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg, progress=False)
+    monkeypatch.undo()
+    assert extract(cfg, resume=True, progress=False) == str(out)
+    with h5py.File(ref, "r") as a, h5py.File(out, "r") as b:
+        for name in ("samples/valid", "text/tokens", "image/tokens", "image/pooled"):
+            assert np.array_equal(a[name][()], b[name][()]), name
