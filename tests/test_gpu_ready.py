@@ -1,0 +1,114 @@
+"""What a CUDA machine changes, checked on the CPU (issue 15): the compute precision in the cache key and the
+refused mixed resume, the non-finite batch error, add-text-layers under the cache's precision, bf16 from the
+compute capability, threads and decode workers from the affinity mask, the heads' device-resident batches.
+CUDA itself is faked (monkeypatched device counts and capabilities); bench/gpu_smoke.sh runs the real thing.
+"""
+from __future__ import annotations
+
+import io
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from rich.console import Console
+
+import featcache.device as fdev
+import featcache.extract.engine as fx
+from featcache.cache.store import CacheError, cache_precision, feature_signature, partial_path
+from featcache.errors import ConfigError
+from featcache.extract.config import ExtractConfig
+from featcache.extract.engine import NonFiniteError, extract
+from featcache.extract.text_layers import add_text_layers
+from mvsa_fixtures import require_mvsa
+
+
+def _quiet():
+    return Console(file=io.StringIO(), width=1000)
+
+
+def _fake_cuda(monkeypatch):
+    monkeypatch.setattr(fdev, "resolve_device", lambda name: torch.device("cuda" if name != "cpu" else "cpu"))
+
+
+# ------------------------------------------------------------------------------------------ precision
+def test_precision_enters_the_key_only_on_cuda(monkeypatch):
+    cpu = ExtractConfig(data="d", device="cpu")
+    assert "precision" not in cpu.preprocessing()  # CPU (fp32) keys are what they always were
+    assert cache_precision({"preprocessing": cpu.preprocessing()}) == cache_precision({}) == "fp32"
+    _fake_cuda(monkeypatch)
+    gpu = ExtractConfig(data="d", device="auto")
+    assert gpu.precision() == "fp16" and gpu.preprocessing() == {**cpu.preprocessing(), "precision": "fp16"}
+    # a head trained on a GPU-made cache applies to a CPU-made one: the same features to fp16 rounding
+    assert feature_signature({"preprocessing": gpu.preprocessing()}) == \
+        feature_signature({"preprocessing": cpu.preprocessing()})
+
+
+def test_precision_autocast():
+    assert not torch.is_autocast_enabled()
+    with fdev.precision_autocast("fp32", torch.device("cpu")):
+        assert not torch.is_autocast_enabled()
+    with pytest.raises(ConfigError, match="fp16.*--device cuda"):
+        fdev.precision_autocast("fp16", torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_nonfinite_batch_is_an_error_and_a_mixed_precision_resume_is_refused(monkeypatch, tmp_path):
+    mvsa = require_mvsa()
+    out = tmp_path / "p.h5"
+    cfg = ExtractConfig(data=str(mvsa), limit=4, out=str(out), batch_size=4, workers=0, device="cpu")
+    real, calls = fx.forward_batch, []
+
+    def poisoned(m, pix, idx, ds, **k):
+        arrays, captions = real(m, pix, idx, ds, **k)
+        calls.append(idx[0])
+        if idx[0] == 4:  # the second batch: row 6's pooled text becomes NaN
+            arrays["text/pooled"][2, 5] = np.nan
+        return arrays, captions
+    monkeypatch.setattr(fx, "forward_batch", poisoned)
+    with pytest.raises(NonFiniteError) as err:
+        extract(cfg, progress=False, console=_quiet())
+    guid = err.value.args[0].split("guid(s) ")[1].split(",")[0]
+    with h5py.File(partial_path(str(out)), "r") as f:
+        assert f["samples/guid"][6].decode() == guid  # the message names the poisoned row
+        assert f["samples/done"][:].tolist() == [True] * 4 + [False] * 4  # the bad batch was not written
+    assert "text/pooled" in str(err.value) and "1 row(s) of the batch at row 4" in str(err.value)
+    assert "computed in fp32" in str(err.value)
+
+    # the partial file claims fp16 (as a CUDA run would have written it): a CPU resume is refused by name
+    with h5py.File(partial_path(str(out)), "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        meta["preprocessing"]["precision"] = "fp16"
+        f.attrs["meta"] = json.dumps(meta)
+    monkeypatch.setattr(fx, "forward_batch", real)
+    with pytest.raises(CacheError, match="started in fp16 and this run computes in fp32"):
+        extract(cfg, resume=True, progress=False, console=_quiet())
+
+
+def test_add_text_layers_on_an_fp16_cache_needs_cuda(make_synthetic_cache):
+    path = make_synthetic_cache(preprocessing={"clean_text": False, "max_text_len": 12, "precision": "fp16"})
+    with h5py.File(path, "r+") as f:
+        meta = json.loads(f.attrs["meta"])
+        meta["text"] = {"num_layers": 6, "max_len": 12}
+        f.attrs["meta"] = json.dumps(meta)
+    with pytest.raises(ConfigError, match="computed in fp16"):
+        add_text_layers(path, 2, device="cpu", console=_quiet(), progress=False)
+
+
+# ------------------------------------------------------------------------------------ workers, threads
+@pytest.mark.parametrize("cpus,cpu_want,cuda_want", [(1, 0, 1), (2, 0, 1), (8, 4, 7), (64, 4, 16)])
+def test_decode_workers_from_the_affinity_mask(monkeypatch, cpus, cpu_want, cuda_want):
+    import featcache.extract.decode as dec
+    monkeypatch.setattr(dec, "cpu_threads", lambda: cpus)
+    assert dec.auto_workers(-1, torch.device("cpu")) == dec.auto_workers(-1) == cpu_want
+    assert dec.auto_workers(-1, torch.device("cuda")) == cuda_want  # a GPU waits on decoding: never 0
+    assert dec.auto_workers(3, torch.device("cuda")) == 3
+
+
+def test_auto_batch_size(monkeypatch):
+    from featcache.extract.config import auto_batch_size
+    assert auto_batch_size(ExtractConfig(data="d", batch_size=0, device="cpu")) == 32
+    assert auto_batch_size(ExtractConfig(data="d", batch_size=7, device="cpu")) == 7
+    _fake_cuda(monkeypatch)
+    assert auto_batch_size(ExtractConfig(data="d", batch_size=0)) == 128
