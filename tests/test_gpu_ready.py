@@ -112,3 +112,64 @@ def test_auto_batch_size(monkeypatch):
     assert auto_batch_size(ExtractConfig(data="d", batch_size=7, device="cpu")) == 7
     _fake_cuda(monkeypatch)
     assert auto_batch_size(ExtractConfig(data="d", batch_size=0)) == 128
+
+
+def test_set_threads_uses_the_affinity_mask(monkeypatch):
+    import heads.train.runtime as rt
+    before = torch.get_num_threads()
+    monkeypatch.setattr(rt, "cpu_threads", lambda: 1)
+    try:
+        assert rt.set_threads(0) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------------ heads
+@pytest.mark.parametrize("capability,native", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_bf16_from_the_compute_capability(monkeypatch, capability, native):
+    from heads.train.runtime import native_bf16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # counts emulation: not asked
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert native_bf16(torch.device("cuda")) is native
+
+
+def test_fused_adamw_is_a_capability_check(monkeypatch):
+    import heads.train.optim as opt
+    opt._fused_runs.cache_clear()
+
+    def no_cpu_kernel(*a, **k):  # what torch 2.2/2.3 do on the CPU: the op exists, its CPU kernel does not
+        raise NotImplementedError("Could not run 'aten::_fused_adamw_' with arguments from the 'CPU' backend")
+    monkeypatch.setattr(torch, "_fused_adamw_", no_cpu_kernel)
+    try:
+        assert not opt.fused_supported("cpu", torch.float32)
+        p = torch.nn.Parameter(torch.ones(3))
+        adamw = opt.AdamW([{"params": [p]}], lr=0.1)
+        assert not adamw.fused and adamw.torch_opt is not None  # falls back to torch.optim.AdamW
+        p.grad = torch.ones(3)
+        adamw.step()
+        assert (p < 1).all()
+    finally:
+        opt._fused_runs.cache_clear()
+
+
+def test_device_resident_batches_equal_host_batches(make_synthetic_cache):
+    """CacheData on a device (the CUDA path, run here on the CPU) gathers the same values without host syncs:
+    text cut by host-side lengths, views chosen with `where` instead of boolean indexing."""
+    from heads.data.cache import FEATURES, load_cache
+    host, dev = (load_cache(make_synthetic_cache()) for _ in range(2))
+    n, K = len(host), 2
+    gen = torch.Generator().manual_seed(0)
+    for data in (host, dev):  # the same made-up views on both
+        data.views = {"image_tokens": torch.randn(n, K, *host.features["image_tokens"].shape[1:], generator=gen)
+                      .half(), "image_pooled": torch.randn(n, K, host.features["image_pooled"].shape[1],
+                                                           generator=gen)}
+        gen.manual_seed(0)
+    dev._move(torch.device("cpu"))
+    assert dev.device is not None and dev.lengths.shape == (n,)
+    for idx in ([0, 5, 7], [3], list(range(0, n, 3))):
+        views = [k % (K + 1) for k in range(len(idx))]
+        for v in (None, views):
+            a, b = host.batch(idx, "cpu", views=v), dev.batch(idx, "cpu", views=v)
+            assert sorted(a) == sorted(b) == sorted(FEATURES)
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (idx, v, k)
