@@ -173,3 +173,27 @@ def test_device_resident_batches_equal_host_batches(make_synthetic_cache):
             assert sorted(a) == sorted(b) == sorted(FEATURES)
             for k in a:
                 assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (idx, v, k)
+
+
+# ------------------------------------------------------------------------------------------ smoke test
+def _smoke(*args, **env):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    return subprocess.run(["bash", str(root / "bench" / "gpu_smoke.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(root), **env}, timeout=120)
+
+
+def test_gpu_smoke_help_and_argument_errors():
+    res = _smoke("--help")
+    assert res.returncode == 0 and "--rows" in res.stdout and "--data" in res.stdout
+    res = _smoke("--rows", "3")
+    assert res.returncode == 2 and "--rows must be at least 8" in res.stderr
+
+
+def test_gpu_smoke_without_a_gpu_says_so():
+    res = _smoke("--rows", "8", CUDA_VISIBLE_DEVICES="")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "no CUDA device: this smoke test needs one" in res.stderr and "ok" not in res.stdout
