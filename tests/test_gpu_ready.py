@@ -197,3 +197,17 @@ def test_gpu_smoke_without_a_gpu_says_so():
     res = _smoke("--rows", "8", CUDA_VISIBLE_DEVICES="")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "no CUDA device: this smoke test needs one" in res.stderr and "ok" not in res.stdout
+
+
+def test_device_ordinal_error_is_one_paragraph(monkeypatch, make_synthetic_cache, tmp_path):
+    """`--device cuda:5` on a 2-GPU machine: exit 2 and a sentence naming the devices there are, no traceback."""
+    from typer.testing import CliRunner
+
+    from cli import heads_app
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    res = CliRunner().invoke(heads_app, ["train", "--cache", make_synthetic_cache(), "--device", "cuda:5",
+                                         "--out", str(tmp_path / "r"), "--no-plots"])
+    flat = " ".join(res.output.split())
+    assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert "--device cuda:5: this machine has 2 CUDA device(s), cuda:0..cuda:1" in flat

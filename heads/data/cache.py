@@ -105,8 +105,9 @@ class CacheData:
         max_text_len."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         keys = FEATURES if keys is None else keys
-        if self.device is not None and torch.device(device) == self.device:
-            return self._device_batch(idx, keys, views)
+        if self.device is not None and torch.device(device) == self.device and \
+                all(self.features[k].device == self.device for k in keys if k in self.features):
+            return self._device_batch(idx, keys, views)  # (an array added after to_device: the host path)
         mask, length = None, 1
         if any(k in TEXT_SEQUENCES for k in keys):  # pooled-only heads skip the mask work entirely
             mask = self.features["text_mask"].index_select(0, idx)
