@@ -115,7 +115,8 @@ def extract_cmd(
     image_aug: str = typer.Option("weak", help="Policy of those views: weak (crop 0.7-1, flip, light jitter/"
                                   "blur) | strong (weak + RandAugment(2, 9))."),
     aug_seed: int = typer.Option(0, help="Seed of the views (each view is seeded by seed, guid and view)."),
-    batch_size: int = typer.Option(32, help="Samples per batch (text backbone call, cache write)."),
+    batch_size: int = typer.Option(0, help="Samples per batch (text backbone call, cache write); 0 = auto: 32 "
+                                   "on CPU, 128 on CUDA."),
     image_micro_batch: int = typer.Option(0, help="Images per image-backbone call (0 = auto: 1 on CPU, where "
                                           "small batches are faster, the whole batch on CUDA)."),
     workers: int = typer.Option(-1, help="DataLoader workers decoding images while the model runs "

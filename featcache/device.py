@@ -4,12 +4,17 @@
     cpu      the CPU
     cuda     the current CUDA device;  cuda:N  CUDA device N
 
+Extraction computes in fp16 autocast on CUDA and in fp32 on the CPU (`compute_precision`); the cache records
+it (featcache.cache.store.cache_precision) and whatever recomputes cached features uses the same
+(`precision_autocast`).
+
 Asking for CUDA where there is none is a user mistake (ValueError, exit 2), never a silent fall back to the
 CPU: a run that the user believes is on a GPU must not quietly take a hundred times longer.
 """
 from __future__ import annotations
 
 import re
+from contextlib import nullcontext
 
 import torch
 
@@ -38,3 +43,19 @@ def resolve_device(name: str) -> torch.device:
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                          f"cuda:0..cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def compute_precision(device: torch.device) -> str:
+    """The precision extraction computes in on `device`: fp16 autocast on CUDA (tensor cores, half the memory),
+    fp32 on the CPU (CPU fp16 is slow and not what the cache was ever made with)."""
+    return "fp16" if device.type == "cuda" else "fp32"
+
+
+def precision_autocast(precision: str, device: torch.device):
+    """The context that computes in `precision` on `device` (fp16: CUDA autocast; fp32: no autocast)."""
+    if precision == "fp16":
+        if device.type != "cuda":
+            raise ConfigError("this cache was computed in fp16 (CUDA autocast); recomputing its features on "
+                              f"{device} would not reproduce them: run on a CUDA device (--device cuda)")
+        return torch.autocast("cuda", dtype=torch.float16)
+    return nullcontext()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from featcache.env import cpu_threads
 from featcache.errors import ConfigError
 
 from .config import TrainConfig
@@ -319,10 +320,13 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
 
 
 def _workers(cfg: AblateConfig, runs: list) -> int:
-    if len(runs) < 2 or any(r.train.device == "cuda" for r in runs) or \
+    # On a GPU (cuda, cuda:N, or auto where there is one) runs go one after another on it, the cache moved to
+    # the GPU once (heads.data.cache.CacheData.to_device); bench/gpu_smoke.sh times that against `--device cpu`
+    # (the CPU pool) so a GPU user can pick the faster with --device.
+    if len(runs) < 2 or any(r.train.device.startswith("cuda") for r in runs) or \
             (torch.cuda.is_available() and any(r.train.device == "auto" for r in runs)):
         return 1
-    return min(cfg.workers or os.cpu_count() or 1, len(runs))
+    return min(cfg.workers or cpu_threads(), len(runs))
 
 
 _SHARED: dict = {}  # what forked workers inherit: the loaded cache (copy-on-write, never pickled)

@@ -9,6 +9,7 @@ and fp16) and `lock`; the BLIP captioner; and two end-to-end extractions read ba
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import socket
 import time
@@ -394,6 +395,17 @@ def test_clip_image_tower(weights_dir, text_encoders, clip_reference):
         ref_pooled = ref.encode_image(pixels)
     assert out["tokens"].shape == (2, 4, 32) and out["pooled"].shape == (2, 16)
     _close(out["pooled"], ref_pooled, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["clip-vit-b32", "resnet18"])
+def test_pixel_transform_carries_no_model(weights_dir, name):
+    """DataLoader workers receive pixel_transform(): pickled whole under spawn/forkserver (Python 3.14's
+    default), a bound `transform` would carry the model's weights (on the GPU) into every worker."""
+    enc = create_image(name, locate(name, override=str(weights_dir / name)))
+    blob = pickle.dumps(enc.pixel_transform())
+    assert len(pickle.dumps(enc.transform)) > 20 * len(blob)  # the bound method drags the module along
+    im = _images(1, 60)[0]
+    assert torch.equal(pickle.loads(blob)(im), enc.transform(im))
 
 
 def test_clip_folder_without_weights_is_refused(weights_dir, tmp_path):

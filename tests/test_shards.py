@@ -244,10 +244,62 @@ def test_rank_failures_reach_rank_0(monkeypatch, tmp_path):
         launch.run_extract(ExtractConfig(data="unused", shard="0/2"))
     seen = {}
     monkeypatch.setattr("featcache.extract.launch.extract", lambda c, **k: seen.setdefault("cfg", c) and "x.h5")
-    monkeypatch.setattr(launch, "_all_gather", lambda status, device: [status, "rank 1: out of memory"])
+    monkeypatch.setattr(launch, "_all_gather", lambda status: [status, "rank 1: out of memory"])
     with pytest.raises(CacheError, match=r"1 of 2 ranks failed \(rank 1: out of memory\)"):
         launch.run_extract(cfg, console=Console(file=io.StringIO()))
     assert seen["cfg"].shard == "0/2" and not (tmp_path / "m.manifest.json").exists()
+
+
+@pytest.mark.parametrize("device,local,count,want", [
+    ("cuda:0", 3, 2, "cuda:1"),  # --device cuda:0 must not put every rank on GPU 0
+    ("cuda", 1, 1, "cuda:0"),  # one GPU visible per task (CUDA_VISIBLE_DEVICES per rank): never cuda:LOCAL_RANK
+    ("auto", 5, 4, "cuda:1"), ("cpu", 1, 4, "cpu"), ("auto", 1, 0, "auto"), ("cuda:1", 1, 0, "cuda:1")])
+def test_rank_device_maps_local_rank_onto_visible_gpus(monkeypatch, device, local, count, want):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    assert launch.rank_device(device, local) == want
+
+
+def test_set_device_failure_is_reported_through_the_exchange(monkeypatch, tmp_path):
+    """A rank whose GPU cannot be selected still takes part in the exchange (else the others wait forever)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+
+    def bad_ordinal(device):
+        raise RuntimeError("CUDA error: invalid device ordinal")
+    monkeypatch.setattr(torch.cuda, "set_device", bad_ordinal)
+    monkeypatch.setattr("featcache.extract.launch.extract", lambda c, **k: pytest.fail("extracted anyway"))
+    sent = []
+    monkeypatch.setattr(launch, "_all_gather", lambda status: sent.append(status) or [status, None])
+    said = io.StringIO()
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        launch.run_extract(ExtractConfig(data="unused", out=str(tmp_path / "m.h5"), device="cuda:0"),
+                           console=Console(file=said))
+    assert sent == ["rank 0: CUDA error: invalid device ordinal"]
+    assert "1 of 2 ranks failed (rank 0: CUDA error: invalid device ordinal)" in _flat(said.getvalue())
+
+
+@pytest.mark.parametrize("failing", ["1", "0,1"])
+def test_gloo_status_exchange_reports_every_failed_rank(tmp_path, failing):
+    """Real torchrun, real gloo collective, extract() stubbed (tests/rank_child.py): seconds, no models."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(ROOT / "tests" / "rank_child.py"), str(tmp_path / "m.h5"), failing]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = _flat(res.stdout)
+    assert "rank 0 device cpu shard 0/2" in out and "rank 1 device cpu shard 1/2" in out, res.stdout + res.stderr
+    assert "rank 1 raised RuntimeError: out of memory on rank 1" in out
+    if failing == "1":
+        assert "rank 0 raised CacheError: no manifest: 1 of 2 ranks failed (rank 1: out of memory on rank 1)" in out
+    else:  # rank 0 failed too: it names both ranks' errors, then raises its own
+        assert ("rank 0 said no manifest: 2 of 2 ranks failed (rank 0: out of memory on rank 0; rank 1: out of "
+                "memory on rank 1)") in out
+        assert "rank 0 raised RuntimeError: out of memory on rank 0" in out
+    assert not (tmp_path / "m.manifest.json").exists()
 
 
 def test_interrupted_shard_resumes_to_the_same_file(mvsa, slurm_shards, tmp_path, monkeypatch):

@@ -119,5 +119,11 @@ class ImageEncoder(nn.Module):
     def transform(self, img):
         raise NotImplementedError
 
+    def pixel_transform(self):
+        """`transform` as a callable that does not hold the model: what DataLoader workers receive. A bound
+        method pickles its whole module (weights, on the GPU too) into every worker under the spawn and
+        forkserver start methods (the default from Python 3.14)."""
+        return self.transform
+
     def forward_features(self, pixels: torch.Tensor) -> dict:
         raise NotImplementedError

@@ -40,6 +40,10 @@ class BlipCaptioner(torch.nn.Module):
     def transform(self, img):
         return self._transform(img)
 
+    def pixel_transform(self):
+        """The transform without the model (see featcache.backbones.base.ImageEncoder.pixel_transform)."""
+        return self._transform
+
     def caption(self, pixels: torch.Tensor) -> list[str]:
         ids = self.model.generate(pixel_values=pixels, max_new_tokens=self.max_new_tokens, num_beams=1,
                                   do_sample=False)

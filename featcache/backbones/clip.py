@@ -98,7 +98,7 @@ class CLIPText(TextEncoder):
 
     def finish(self, hidden, batch):
         x = self.clip.ln_final(hidden)
-        eot = x[torch.arange(x.shape[0]), batch["input_ids"].argmax(dim=-1)]
+        eot = x[torch.arange(x.shape[0], device=x.device), batch["input_ids"].argmax(dim=-1)]  # one device
         proj = self.clip.text_projection
         pooled = proj(eot) if isinstance(proj, torch.nn.Module) else eot @ proj
         return {"tokens": x, "mask": batch["attention_mask"], "pooled": pooled}
@@ -117,6 +117,9 @@ class CLIPImage(ImageEncoder):
 
     def transform(self, img):
         return self._preprocess(img)
+
+    def pixel_transform(self):
+        return self._preprocess
 
     def forward_features(self, pixels):
         # output_tokens is a flag on the shared model: set it only for this call, so encode_image stays intact.

@@ -114,6 +114,9 @@ class _ImageNetCNN(ImageEncoder):
     def transform(self, img):
         return self._transform(img)
 
+    def pixel_transform(self):
+        return self._transform
+
     def _for_inference(self) -> None:
         self.folded = fold_batchnorm(self.net)
         self.net = self.net.to(memory_format=torch.channels_last)

@@ -40,6 +40,10 @@ alone never makes a cache "other settings". Metadata added over time, and what a
     classes           label names in label order (older caches: MVSA's three tags, LEGACY_CLASSES)
     text.start_layer  the layer text_hidden/states enter (older caches: text.hidden_start_layer)
     env               what produced the cache (featcache.env.environment; older caches: absent, unknown)
+    preprocessing.precision   the compute precision of the backbones: "fp16" (autocast, CUDA extraction);
+                      absent = "fp32" (CPU extraction, every older cache), so CPU cache keys never changed.
+                      In the key (a resume or a shard set cannot mix the two), not in feature_signature (a head
+                      trained on one applies to the other: the same features to fp16 rounding).
 """
 from __future__ import annotations
 
@@ -89,6 +93,12 @@ def row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20
 
 # Preprocessing keys that add rows or arrays but do not change what the clean features mean.
 EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed", "no_text")
+DEFAULT_PRECISION = "fp32"  # what a cache without preprocessing.precision was computed in
+
+
+def cache_precision(meta: dict) -> str:
+    """The precision the cache's backbones computed in: fp16 (CUDA autocast) or fp32 (the default)."""
+    return (meta.get("preprocessing") or {}).get("precision") or DEFAULT_PRECISION
 
 
 def upgrade_meta(meta: dict) -> dict:
@@ -109,7 +119,7 @@ def feature_signature(meta: dict) -> dict:
     add augmented views next to unchanged clean features, and no_text only leaves the texts out: all are
     left out.
     """
-    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in EXTRAS}
+    prep = {k: v for k, v in (meta.get("preprocessing") or {}).items() if k not in EXTRAS + ("precision",)}
     backbone = meta.get("backbone") or {}
     weights = {role: w.get("sha256") for role, w in (meta.get("weights") or {}).items()}
     return {"backbone": backbone, "weights": weights, "preprocessing": prep}
@@ -130,6 +140,12 @@ class CacheWriter:
             except (OSError, KeyError, ValueError) as exc:
                 raise CacheError(f"{self.tmp} cannot be resumed: it is damaged ({exc}). Delete it and run "
                                  "the extraction again without --resume") from None
+            if cache_precision(old) != cache_precision(meta):
+                self.f.close()
+                raise CacheError(f"{self.tmp} was started in {cache_precision(old)} and this run computes in "
+                                 f"{cache_precision(meta)} (fp16: CUDA autocast, fp32: CPU): one cache cannot "
+                                 "mix them. Resume it on the device that started it (--device), or delete it "
+                                 "and run without --resume")
             if old.get("key") != meta.get("key") or done != n:
                 self.f.close()
                 raise CacheError(f"{self.tmp} was started with different settings (key {old.get('key')} vs "

@@ -27,7 +27,7 @@ class ExtractConfig:
     image_views: int = 0  # K augmented views per image stored next to the clean features (sources/augment.py)
     image_aug: str = "weak"  # weak | strong: the policy of those views
     aug_seed: int = 0  # views are seeded by (aug_seed, guid, view)
-    batch_size: int = 32
+    batch_size: int = 32  # 0 = auto (the CLI's default): 32 on CPU, 128 on CUDA (auto_batch_size)
     # Image backbone calls per batch, in chunks of this many images (0 = auto: 2-4 on CPU, see
     # featcache.extract.forward.cpu_image_micro; the whole batch on CUDA). Text prefers whole batches.
     image_micro_batch: int = 0
@@ -46,12 +46,33 @@ class ExtractConfig:
     no_text: bool = False  # the cache keeps features, ids, labels and splits, not the posts' texts
 
 
+    def precision(self) -> str:
+        """fp16 when extraction runs on CUDA (autocast), else fp32: the device matters only through this."""
+        # heavy: torch, only to resolve the device (this module is imported by light code)
+        from ..device import compute_precision, resolve_device
+        return compute_precision(resolve_device(self.device))
+
     def preprocessing(self) -> dict:
-        """What changes the features (and so the cache key); batch size, workers and device do not."""
+        """What changes the features (and so the cache key); batch size, workers and the device (apart from
+        its precision: fp16 on CUDA, recorded only then so CPU keys stay what they were) do not."""
+        precision = self.precision()
         return {"clean_text": self.clean_text, "max_text_len": self.max_text_len, "captions": self.captions,
                 "caption_mode": self.caption_mode if self.captions else None, "text_layers": self.text_layers,
                 "max_image_pixels": self.max_image_pixels, "limit": self.limit,
                 # only with views, so that caches without them keep the keys they always had
                 **({"image_views": self.image_views, "image_aug": self.image_aug, "aug_seed": self.aug_seed}
                    if self.image_views else {}),
-                **({"no_text": True} if self.no_text else {})}  # only when set: other keys stay as they were
+                # only when set: other keys stay as they were
+                **({"no_text": True} if self.no_text else {}),
+                **({"precision": precision} if precision != "fp32" else {})}
+
+
+CPU_BATCH, CUDA_BATCH = 32, 128
+
+
+def auto_batch_size(cfg: ExtractConfig) -> int:
+    """cfg.batch_size, or for 0 the default of the device: 32 rows on the CPU (what every cache so far used; the
+    towers run there in small chunks anyway), 128 on CUDA (fewer, larger kernel launches and syncs per row)."""
+    if cfg.batch_size > 0:
+        return cfg.batch_size
+    return CUDA_BATCH if cfg.precision() == "fp16" else CPU_BATCH

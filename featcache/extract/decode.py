@@ -6,11 +6,10 @@ views; None when the image failed (the loop then writes zeros and marks the row 
 """
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.data import DataLoader, Dataset as TorchDataset
 
+from ..env import cpu_threads
 from ..sources.images import load_rgb
 from .forward import SHARED, ImageLane
 
@@ -43,10 +42,21 @@ def collate_rows(rows):
     return rows  # tensors are stacked in the main loop, where failed images become zero rows
 
 
-def auto_workers(requested: int) -> int:
-    """--workers -1: the backbone keeps two cores (its two threads), workers decode on the rest. On a 2-core
-    machine that is no worker: a worker stealing a core slowed the model more than serial decoding costs (~5%)."""
-    return min(4, max(0, (os.cpu_count() or 2) - 2)) if requested < 0 else requested
+MAX_CUDA_WORKERS = 16
+
+
+def auto_workers(requested: int, device: torch.device | None = None) -> int:
+    """--workers -1, counted on the CPUs this process may use (featcache.env.cpu_threads: cgroups, SLURM), not
+    the machine's. CPU: the backbone keeps two cores (its two threads), workers decode on the rest; on 2 cores
+    that is no worker (a worker stealing a core slowed the model more than serial decoding costs, ~5%). CUDA:
+    the GPU runs the backbones and this process only feeds it, so every other CPU decodes, at least one (the
+    image lane, which overlaps decoding on the CPU, is off on CUDA): decoding is what a GPU waits on."""
+    if requested >= 0:
+        return requested
+    cpus = cpu_threads()
+    if device is not None and device.type == "cuda":
+        return max(1, min(MAX_CUDA_WORKERS, cpus - 1))
+    return min(4, max(0, cpus - 2))
 
 
 def loader_batches(rows: ImageRows, order: list[int], batch_size: int, workers: int):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from filelock import FileLock, Timeout
@@ -25,14 +25,14 @@ from ..backbones import create_captioner, create_image, create_text
 from ..backbones.weights import WeightsSource
 from ..cache.store import SCHEMA_VERSION, CacheError, CacheWriter, partial_path
 from ..device import resolve_device
-from ..env import environment, project_version
+from ..env import cpu_threads, environment, project_version
 from ..errors import ConfigError, UserError
 from ..sources.augment import ViewMaker
 from ..sources.base import Dataset, note_image_problems, scan_images, summarize
 from ..sources.images import ImageNote
-from .config import ExtractConfig
+from .config import ExtractConfig, auto_batch_size
 from .decode import ImageRows, auto_workers, lane_batches, loader_batches
-from .forward import ImageLane, Models, forward_batch, use_lane
+from .forward import ImageLane, Models, forward_batch, nonfinite_rows, use_lane
 from .plan import Plan, already_extracted, make_plan
 from .shared import fill_shared, shared_owners
 
@@ -41,6 +41,10 @@ class StrictError(UserError):
     """--strict found problems in the input; raised before any backbone runs (exit code 1, as before)."""
 
     exit_code = 1
+
+
+class NonFiniteError(UserError):
+    """A batch whose features hold NaN or inf: never written (heads would train on garbage)."""
 
 
 @dataclass
@@ -69,6 +73,7 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
     """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused)."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
+    cfg = replace(cfg, batch_size=auto_batch_size(cfg))  # 0 = the device's default, fixed before the plan
     plan = make_plan(cfg)
     if not force and already_extracted(plan, console.print):
         return plan.out
@@ -112,15 +117,24 @@ def _strict_check(ds: Dataset, cfg: ExtractConfig, console, progress: bool) -> N
 
 
 def _run(plan: Plan, resume: bool, console, progress: bool, t_start: float) -> str:
+    threads = torch.get_num_threads()
+    if "OMP_NUM_THREADS" not in os.environ:  # the CPUs this process may use (cgroups, SLURM), not the machine's
+        torch.set_num_threads(cpu_threads())
+    try:
+        return _run_threads(plan, resume, console, progress, t_start)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_threads(plan: Plan, resume: bool, console, progress: bool, t_start: float) -> str:
     models, load_s = _load_models(plan)
     meta = _meta(plan, models)  # built once; `_finish` adds what the run itself changes
     loop = _open(plan, models, meta, resume, console.print)
-    workers = auto_workers(plan.cfg.workers)
+    workers = auto_workers(plan.cfg.workers, models.device)
     use = use_lane(plan.cfg.overlap, models.device, models.captioner, workers)
     lane = ImageLane(models, loop.timings.extra) if use else None
-    threads = torch.get_num_threads()
     if lane:  # half the threads each (set before the lane's thread first runs an op: it takes the value then)
-        torch.set_num_threads(max(1, threads // 2))
+        torch.set_num_threads(max(1, torch.get_num_threads() // 2))
     try:
         _extract_rows(loop, _batches(loop, lane, workers), console, progress)
         path = _finish(loop, meta, load_s, t_start)
@@ -130,7 +144,6 @@ def _run(plan: Plan, resume: bool, console, progress: bool, t_start: float) -> s
     finally:
         if lane:
             lane.close()
-            torch.set_num_threads(threads)
     _summary(console, plan.ds, meta, path)
     return path
 
@@ -183,7 +196,8 @@ def _open(plan: Plan, models: Models, meta: dict, resume: bool, say) -> _Loop:
 def _batches(loop: _Loop, lane: ImageLane | None, workers: int):
     """(decoded batch, image arrays or None) for rows start..n, from the lane or from DataLoader workers."""
     cfg, ds, m = loop.plan.cfg, loop.plan.ds, loop.models
-    transforms = [m.image.transform] + ([m.captioner.transform] if m.captioner else [])
+    # the transforms, not bound methods: workers must not receive the models (ImageEncoder.pixel_transform)
+    transforms = [m.image.pixel_transform()] + ([m.captioner.pixel_transform()] if m.captioner else [])
     views = ViewMaker(cfg.image_views, cfg.image_aug, cfg.aug_seed) if cfg.image_views else None
     rows = ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
                      cfg.max_image_pixels, draft=max(256, getattr(m.image, "image_size", 224)), views=views,
@@ -229,10 +243,27 @@ def _write_batch(loop: _Loop, batch: list, image: dict | None) -> None:
     if loop.owners:
         invalid += fill_shared(arrays, idx, loop.owners, loop.writer, ds, loop.problems)
     tm.model += time.perf_counter() - t
+    _check_finite(loop, arrays, idx)
     t = time.perf_counter()
     loop.writer.write(idx[0], arrays, captions=captions, invalid=invalid,
                       problems=loop.problems if len(loop.problems) > logged else None)
     tm.write += time.perf_counter() - t
+
+
+def _check_finite(loop: _Loop, arrays: dict, idx: list[int]) -> None:
+    bad = nonfinite_rows(arrays)
+    if not bad:
+        return
+    rows = sorted({idx[k] for ks in bad.values() for k in ks})
+    guids = ", ".join(loop.plan.ds.samples[i].guid for i in rows[:10]) + (" ..." if len(rows) > 10 else "")
+    precision = loop.plan.cfg.precision()
+    raise NonFiniteError(f"non-finite features (NaN or inf) in {', '.join(sorted(bad))} for {len(rows)} row(s) "
+                         f"of the batch at row {idx[0]}, guid(s) {guids}, computed in {precision}; nothing of this "
+                         f"batch was written ({partial_path(loop.plan.out)} keeps the rows before it). "
+                         + ("fp16 autocast can overflow on unusual inputs: delete the partial file and extract "
+                            "on the CPU (--device cpu, fp32), or leave those samples out. " if precision == "fp16"
+                            else "Check those samples and the backbone weights. ")
+                         + "Report it with those samples if they look ordinary.")
 
 
 def _finish(loop: _Loop, meta: dict, load_s: float, t_start: float) -> str:

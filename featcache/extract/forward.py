@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from ..backbones.base import ImageEncoder, TextEncoder
+from ..device import compute_precision, precision_autocast
 from ..errors import ConfigError
 from ..sources.base import Dataset
 from ..sources.text import append_captions
@@ -45,7 +45,17 @@ class Models:
     targets: bool = False  # the dataset has targets (Twitter): each is the text's second segment (text_inputs)
 
     def autocast(self):
-        return torch.autocast("cuda", dtype=torch.float16) if self.device.type == "cuda" else nullcontext()
+        # fp16 autocast on CUDA, fp32 on the CPU: the precision the cache key records (cfg.preprocessing)
+        return precision_autocast(compute_precision(self.device), self.device)
+
+    @property
+    def pin(self) -> bool:
+        """Host batches in page-locked memory: their copies to a GPU then run asynchronously (DMA)."""
+        return self.device.type == "cuda"
+
+    def text_chunk(self, n: int) -> int:
+        # CPU: length-sorted chunks (text_features); CUDA: the whole batch in one call, one sync, not n/8.
+        return n if self.device.type == "cuda" else TEXT_CHUNK
 
     def micro(self, n: int) -> int:
         # Image calls in chunks (0 = auto: small chunks on CPU, where they are fastest; the batch on CUDA).
@@ -60,7 +70,7 @@ def cpu_image_micro(threads: int | None = None) -> int:
 
 
 def _image_features(image_model, images, micro: int, device) -> dict:
-    parts = [image_model.forward_features(chunk.to(device)) for chunk in images.split(micro)]
+    parts = [image_model.forward_features(chunk.to(device, non_blocking=True)) for chunk in images.split(micro)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -72,7 +82,7 @@ def _main_view(m: Models, pix, n: int) -> dict[str, torch.Tensor]:
     """The image tower on every row except SHARED ones (left zero here); the same call as ever without them."""
     size = m.image.image_size
     run = [k for k in range(n) if not isinstance(pix[k], str)]
-    img_in = torch.zeros(len(run), 3, size, size)
+    img_in = torch.zeros(len(run), 3, size, size, pin_memory=m.pin)
     for j, k in enumerate(run):
         if pix[k] is not None:
             img_in[j] = pix[k][0]
@@ -101,7 +111,7 @@ def image_arrays(m: Models, pix, timings: dict | None = None) -> dict[str, np.nd
         if K:
             t = time.perf_counter()
             offset = 1 + (m.captioner is not None)
-            views = torch.zeros(n, K, 3, size, size)
+            views = torch.zeros(n, K, 3, size, size, pin_memory=m.pin)
             for k in ok:
                 views[k] = torch.stack(pix[k][offset:offset + K])
             vim = _image_features(m.image, views.flatten(0, 1), m.micro(n), m.device)
@@ -157,10 +167,10 @@ def forward_batch(m: Models, pix, idx, ds: Dataset, image: dict | None = None, t
     with m.autocast():
         if m.captioner is not None:
             size = m.captioner.image_size
-            cap_in = torch.zeros(len(ok), 3, size, size)
+            cap_in = torch.zeros(len(ok), 3, size, size, pin_memory=m.pin)
             for j, k in enumerate(ok):
                 cap_in[j] = pix[k][1]
-            made = m.captioner.caption(cap_in.to(m.device)) if ok else []
+            made = m.captioner.caption(cap_in.to(m.device, non_blocking=True)) if ok else []
             captions = [""] * len(idx)
             for j, k in enumerate(ok):
                 captions[k] = made[j]
@@ -169,7 +179,7 @@ def forward_batch(m: Models, pix, idx, ds: Dataset, image: dict | None = None, t
             texts = append_captions(texts, captions, getattr(m.text, "tokenizer", None))
         targets = [ds.samples[i].target for i in idx] if m.targets else None
         batch = {k: v.to(m.device) for k, v in m.text.tokenize(text_inputs(texts, targets, m.text)).items()}
-        tx = text_features(m.text, batch, start_layer=m.start_layer)
+        tx = text_features(m.text, batch, start_layer=m.start_layer, chunk=m.text_chunk(len(idx)))
     arrays = {"text/tokens": tx["tokens"].half(), "text/mask": tx["mask"], "text/pooled": tx["pooled"].float()}
     if m.start_layer is not None:
         arrays["text_hidden/states"] = tx["hidden"].half()
@@ -181,6 +191,17 @@ def forward_batch(m: Models, pix, idx, ds: Dataset, image: dict | None = None, t
                 if name.startswith("image"):
                     a[k] = 0
     return arrays, captions
+
+
+def nonfinite_rows(arrays: dict[str, np.ndarray]) -> dict[str, list[int]]:
+    """Array name -> positions (in the batch) of rows holding NaN or inf: fp16 overflows, broken weights."""
+    bad = {}
+    for name, a in arrays.items():
+        if a.dtype.kind == "f":
+            rows = np.flatnonzero(~np.isfinite(a.reshape(a.shape[0], -1)).all(1))
+            if rows.size:
+                bad[name] = rows.tolist()
+    return bad
 
 
 class ImageLane:

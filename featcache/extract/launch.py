@@ -5,8 +5,9 @@ manifest that ties the shards together once all of them are complete (featcache/
         extracts shard I; the task that finds all N shards complete writes the manifest (re-running any
         finished task, which only reuses its shard, writes it too).
     torchrun --nproc-per-node K --no-python featcache extract ... --out OUT.h5
-        rank R of WORLD_SIZE W extracts shard R/W on cuda:LOCAL_RANK (or the CPU); then every rank reports
-        success or its error in one collective (NCCL on GPU, gloo on CPU) and rank 0 writes the manifest.
+        rank R of WORLD_SIZE W extracts shard R/W on cuda:{LOCAL_RANK % visible GPUs} (or the CPU); then every
+        rank reports success or its error in one collective (always gloo: a few strings, hours after launch,
+        need no NCCL communicator) and rank 0 writes the manifest or names every rank that failed.
 
 `featcache merge OUT.manifest.json --out OUT.h5` writes one ordinary cache from the shards.
 """
@@ -22,6 +23,7 @@ from rich.console import Console
 
 from ..cache.manifest import write_manifest
 from ..cache.store import CacheError
+from ..device import resolve_device
 from ..errors import ConfigError
 from .config import ExtractConfig
 from .engine import extract
@@ -75,35 +77,51 @@ def run_extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, 
     return path
 
 
+def rank_device(device: str, local_rank: int) -> str:
+    """The device of the rank with LOCAL_RANK `local_rank`: any cuda* (and auto on a CUDA machine) becomes
+    cuda:{local_rank % visible devices}. Why modulo: with one GPU visible per task (CUDA_VISIBLE_DEVICES set per
+    rank) every rank sees cuda:0; with all GPUs visible rank k takes GPU k; `--device cuda:0` must not put every
+    rank on GPU 0 (NCCL or memory fails only after all the work)."""
+    if device == "cpu" or not (device.startswith("cuda") or device == "auto"):
+        return device  # an invalid name: resolve_device reports it inside the rank's try
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        return device  # auto: the CPU; cuda*: resolve_device says there is no CUDA device
+    return f"cuda:{local_rank % count}"
+
+
 def _extract_rank(cfg, env, resume, strict, force, console, progress) -> str:
     rank, world, local = env
-    device = cfg.device
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        device = f"cuda:{local}"  # one GPU per process on each node
-        torch.cuda.set_device(local)
+    device = rank_device(cfg.device, local)
     cfg = replace(cfg, shard=f"{rank}/{world}", device=device)
     error, path = None, None
     try:  # one bar, rank 0's: K bars on one terminal overwrite each other
+        if device.startswith("cuda"):  # inside the try: a bad ordinal is reported to every rank like any error
+            torch.cuda.set_device(resolve_device(device))
         path = extract(cfg, resume=resume, strict=strict, force=force, console=console,
                        progress=progress and rank == 0)
     except Exception as exc:  # reported to rank 0 below, then raised here as usual
         error = exc
-    statuses = _all_gather(f"rank {rank}: {error}" if error else None, device)
+    statuses = _all_gather(f"rank {rank}: {error}" if error else None)
+    failed = [s for s in statuses if s]
+    if rank == 0 and failed:
+        summary = (f"no manifest: {len(failed)} of {world} ranks failed ({'; '.join(failed)}); fix that and run "
+                   "the same command again with --resume (finished shards are reused)")
+        if error is None:
+            raise CacheError(summary)
+        console.print(summary, highlight=False, markup=False)  # every rank's error, then rank 0's own below
     if error:
         raise error
-    failed = [s for s in statuses if s]
     if rank != 0:
         return path
-    if failed:
-        raise CacheError(f"no manifest: {len(failed)} of {world} ranks failed ({'; '.join(failed)}); fix that and "
-                         "run the same command again with --resume (finished shards are reused)")
     return complete_manifest(path, world, console.print, required=True)
 
 
-def _all_gather(status, device) -> list:
-    """The one collective of a sharded run: every rank's status, once all shards are done (the barrier)."""
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
-    dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+def _all_gather(status) -> list:
+    """The one collective of a sharded run: every rank's status, once all shards are done (the barrier).
+    Always gloo, also on GPUs: it moves a few strings, and an NCCL communicator started hours after launch
+    only adds ways to fail (and needs one distinct GPU per rank)."""
+    dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
     try:
         statuses = [None] * dist.get_world_size()
         dist.all_gather_object(statuses, status)

@@ -10,6 +10,9 @@ What changes in the file: the `text_hidden/states` dataset (attr start_layer), m
 text_hidden (how and when they were added). Decided: meta preprocessing.text_layers and the cache key are NOT
 changed; they describe the extraction that made the features, which hidden states do not change
 (featcache.cache.store.feature_signature ignores text_layers, so heads trained before still apply).
+Precision: the states are computed as the cache's features were (fp16 autocast for a cache extracted on CUDA,
+fp32 otherwise: featcache.device.precision_autocast), so they match the cached tokens; an fp16 cache needs a
+CUDA device here.
 Safety: the work is done on a copy (FILE.addon.partial) renamed over FILE at the end; a killed run leaves
 FILE untouched.
 """
@@ -26,23 +29,28 @@ import torch
 from filelock import FileLock, Timeout
 from rich.console import Console
 
-from ..cache.store import CacheError, CacheReader, row_chunk
-from ..device import resolve_device
+from ..cache.store import CacheError, CacheReader, cache_precision, row_chunk
+from ..device import precision_autocast, resolve_device
 from ..errors import ConfigError
 from ..text_tower import check_tokens, load_text_backbone, require_texts, tokenize_cache
-from .forward import text_features
+from .forward import TEXT_CHUNK, text_features
 
 
 @torch.inference_mode()
-def compute_states(text_model, tokens: dict, start_layer: int, batch_size: int = 64, device="cpu", progress=None):
+def compute_states(text_model, tokens: dict, start_layer: int, batch_size: int = 64, device="cpu", progress=None,
+                   precision: str = "fp32"):
     """(hidden entering block `start_layer`, final tokens) for every row, fp16, full max_len (zeros past a
-    chunk's longest text: padding, never read unmasked). Runs the tower as extraction does (text_features)."""
+    chunk's longest text: padding, never read unmasked). Runs the tower as extraction does (text_features, in
+    `precision`: the cache's; whole batches on CUDA, as extraction runs them there)."""
+    device = torch.device(device)
     n, L = tokens["input_ids"].shape
     hidden = torch.zeros(n, L, text_model.token_dim, dtype=torch.float16)
     final = torch.zeros_like(hidden)
     for i in range(0, n, batch_size):
         b = {k: v[i:i + batch_size].to(device) for k, v in tokens.items()}
-        out = text_features(text_model, b, start_layer=start_layer)
+        with precision_autocast(precision, device):
+            out = text_features(text_model, b, start_layer=start_layer,
+                                chunk=batch_size if device.type == "cuda" else TEXT_CHUNK)
         hidden[i:i + batch_size] = out["hidden"].half().cpu()
         final[i:i + batch_size] = out["tokens"].half().cpu()
         if progress:
@@ -72,13 +80,14 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
         except Timeout:
             raise CacheError(f"another featcache command is writing {path} ({path}.lock is held)") from None
         try:
-            dev = resolve_device(device)
+            dev, precision = resolve_device(device), cache_precision(meta)
+            precision_autocast(precision, dev)  # an fp16 cache on the CPU: refused before the model loads
             t0 = time.perf_counter()
             model = load_text_backbone(meta).to(dev)
             tokens = tokenize_cache(r, model, "`featcache add-text-layers`")
             say(f"running {meta['backbone']['text']} once over {len(r)} texts (states entering layer "
                 f"{start_layer} of {num_layers})")
-            hidden, final = compute_states(model, tokens, start_layer, batch_size, dev)
+            hidden, final = compute_states(model, tokens, start_layer, batch_size, dev, precision=precision)
             check_tokens(final, torch.from_numpy(r.array("text/tokens")), tokens["attention_mask"], path,
                          "; nothing was written")
             compute_s = time.perf_counter() - t0

@@ -11,6 +11,10 @@ with them so stage 2 can re-tokenize them without opening the file again (heads.
 batcher serves both: it cuts every text array of a batch (tokens, mask, states, token ids) to the batch's
 longest text.
 
+On CUDA (`CacheData.to_device`) the arrays move to the GPU once, fp16 tokens as stored, and a batch is
+gathered, cut and cast to fp32 there: nothing per step goes through pageable host memory, and the batch's text
+length comes from per-row lengths kept on the host, so gathering a batch never waits for the GPU.
+
 Invalid rows (samples/valid False) are kept in memory so `predict` can still list them, but training and
 validation exclude them and count how many were excluded.
 """
@@ -64,6 +68,24 @@ class CacheData:
     texts: list[str] | None = None  # samples/text and samples/caption (loaded with texts=True: stage 2)
     captions: list[str] | None = None
     targets: list[str] | None = None  # samples/target (Twitter: the texts' second segment), None without
+    device: torch.device | None = None  # set by to_device: features and views live there
+    lengths: torch.Tensor | None = None  # (N,) on the host, with `device`: each row's used text positions
+
+    def to_device(self, device: torch.device) -> "CacheData":
+        """Move every array to a CUDA `device` (in place: an ablation shares one load; arrays added since, e.g.
+        stage 2's input_ids, move too); on the CPU nothing changes."""
+        device = torch.device(device)
+        return self._move(device) if device.type == "cuda" else self
+
+    def _move(self, device: torch.device) -> "CacheData":
+        if "text_mask" in self.features:
+            m = self.features["text_mask"].cpu()
+            last = torch.arange(1, m.shape[1] + 1).expand_as(m) * m  # position+1 where used, else 0
+            self.lengths = last.amax(1) if m.shape[1] else torch.zeros(m.shape[0], dtype=torch.long)
+        self.features = {k: v.to(device) for k, v in self.features.items()}
+        self.views = {k: v.to(device) for k, v in self.views.items()}
+        self.device = device
+        return self
 
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
@@ -85,6 +107,9 @@ class CacheData:
         max_text_len."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         keys = FEATURES if keys is None else keys
+        if self.device is not None and torch.device(device) == self.device and \
+                all(self.features[k].device == self.device for k in keys if k in self.features):
+            return self._device_batch(idx, keys, views)  # (an array added after to_device: the host path)
         mask, length = None, 1
         if any(k in TEXT_SEQUENCES for k in keys):  # pooled-only heads skip the mask work entirely
             mask = self.features["text_mask"].index_select(0, idx)
@@ -100,6 +125,25 @@ class CacheData:
             if k in TEXT_SEQUENCES:
                 x = x[:, :length]
             out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
+        return out
+
+    def _device_batch(self, idx: torch.Tensor, keys, views) -> dict[str, torch.Tensor]:
+        """batch() on arrays already on the GPU: the same values, without a host sync (no boolean indexing, the
+        text length from host-side lengths)."""
+        length = 1
+        if self.lengths is not None and len(idx) and any(k in TEXT_SEQUENCES for k in keys):
+            length = max(1, int(self.lengths[idx.cpu()].max()))
+        gi = idx.to(self.device, non_blocking=True)
+        v = torch.as_tensor(views).to(self.device, non_blocking=True) if views is not None else None
+        out = {}
+        for k in keys:
+            x = self.features[k].index_select(0, gi)
+            if v is not None and k in self.views:  # row r: view v[r]-1 where v[r] > 0, else the clean features
+                aug = self.views[k][gi, (v - 1).clamp_min(0)]
+                x = torch.where((v > 0).view(-1, *[1] * (x.dim() - 1)), aug, x)
+            if k in TEXT_SEQUENCES:
+                x = x[:, :length]
+            out[k] = x.float() if x.is_floating_point() else x
         return out
 
     def rows(self, split: str) -> np.ndarray:

@@ -19,7 +19,8 @@ from dataclasses import replace
 
 import torch
 
-from featcache.cache.store import CacheError
+from featcache.cache.store import CacheError, cache_precision
+from featcache.device import precision_autocast
 from featcache.errors import ConfigError
 from featcache.text_tower import check_tokens, encoded_texts, tokenize_texts
 
@@ -79,7 +80,10 @@ def text_batch(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def run_frozen(text_model, data: CacheData, start: int, stop: int, batch_size: int, device) -> torch.Tensor:
     """States entering layer `stop` from the stored ones entering `start`; fp16 like the cache, zeros in cut
-    padding."""
+    padding. On CUDA in the cache's precision (fp16 autocast for a cache extracted on a GPU), as extraction
+    would have computed them; on the CPU in fp32 (check_tokens' tolerance covers the difference)."""
+    device = torch.device(device)
+    precision = cache_precision(data.meta) if device.type == "cuda" else "fp32"
     states = data.features["text_states"]
     out = torch.zeros_like(states)
     blocks = list(text_model.layers())[start:stop]
@@ -87,8 +91,9 @@ def run_frozen(text_model, data: CacheData, start: int, stop: int, batch_size: i
         b = data.batch(torch.arange(i, min(i + batch_size, states.shape[0])), device,
                        ("text_states", "input_ids", "text_mask"))
         h = b["text_states"]
-        for block in blocks:
-            h = text_model.run_block(block, h, text_batch(b))
+        with precision_autocast(precision, device):
+            for block in blocks:
+                h = text_model.run_block(block, h, text_batch(b))
         out[i:i + batch_size, :h.shape[1]] = h.half().cpu()
     return out
 

@@ -72,6 +72,10 @@ def mean_unpadded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def safe_mask(mask: torch.Tensor) -> torch.Tensor:
     """A row with no valid token would make attention softmax over nothing (NaN); let it see position 0."""
+    if mask.is_cuda:  # the same without `if empty.any()`: a host sync per call on a GPU
+        first = torch.zeros_like(mask)
+        first[:, 0] = True
+        return mask | (~mask.any(1, keepdim=True) & first)
     empty = ~mask.any(1)
     if empty.any():
         mask = mask.clone()
@@ -84,7 +88,12 @@ def project_tokens(proj: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) ->
 
     Exact for every head that never lets padding reach its output (masked pooling, masked keys), and about
     twice as cheap on tweets: the median is ~30 of 64 tokens, and a random batch nearly always contains one
-    long tweet, so cutting the batch to its longest row saves little while packing saves the rest."""
+    long tweet, so cutting the batch to its longest row saves little while packing saves the rest.
+    On a GPU the padding is projected too and zeroed: boolean indexing waits for the GPU (nonzero) every call,
+    which costs more there than the extra rows."""
+    if tokens.is_cuda:
+        out = proj(tokens)
+        return torch.where(mask.unsqueeze(-1), out, out.new_zeros(()))
     flat = proj(tokens[mask])  # (n_real, H)
     out = flat.new_zeros(*mask.shape, flat.shape[-1])
     out[mask] = flat

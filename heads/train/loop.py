@@ -103,13 +103,14 @@ class Trainer:
             t0 = time.perf_counter()
             model.train()
             perm = torch.randperm(self.n_train, generator=gen)
-            loss_sum = torch.zeros(())
+            loss_sum = None  # on the loss's device: summed there, read once per epoch (no sync per step)
             opt.zero_grad()
             for s in range(steps_per_epoch):
                 idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
                 loss = self.loss_fn(model, idx)
                 (loss / accum if accum > 1 else loss).backward()
-                loss_sum += loss.detach().cpu() * idx.numel()  # no .item() per step: no sync per step
+                part = loss.detach().float() * idx.numel()
+                loss_sum = part if loss_sum is None else loss_sum + part
                 if (s + 1) % accum and s + 1 < steps_per_epoch:
                     continue  # accumulate; an epoch's last, shorter group still steps
                 if cfg.grad_clip:
@@ -121,7 +122,7 @@ class Trainer:
             model.eval()
             scores = self.evaluate(model)
             score = scores[self.metric]
-            row = {"epoch": epoch, "train_loss": float(loss_sum) / self.n_train,
+            row = {"epoch": epoch, "train_loss": float(loss_sum if loss_sum is not None else 0.0) / self.n_train,
                    "lr": opt.param_groups[0]["lr"], **scores, "seconds": time.perf_counter() - t0}
             self.history.append(row)
             if score > self.best_score:

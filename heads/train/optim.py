@@ -4,12 +4,33 @@ Why not torch.optim: constructing the first torch.optim optimizer imports torch.
 wraps Optimizer methods lazily), about 1.5 s on this machine; a `heads train` process spends ~3 s training a
 head, so that import was a third of it. The update itself is the same kernel torch.optim uses
 (`torch._fused_adamw_`: decoupled weight decay, bias-corrected moments), so results are identical
-(tests/test_train.py compares both, bit for bit). Where that op does not exist (torch < 2.4 or a device without
-it), the same class runs torch.optim.AdamW instead; the learning rate is set by the Trainer per step.
+(tests/test_train.py compares both, bit for bit). Where that op does not run (torch 2.2/2.3 have it for CUDA only,
+older ones not at all; other devices), the same class runs torch.optim.AdamW instead: `fused_supported` calls
+the op once on a one-element tensor of each device type and dtype (a capability check, not `hasattr`); the
+learning rate is set by the Trainer per step.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
+
+
+def fused_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether torch._fused_adamw_ has a kernel for this device type and dtype here (tried once, on one value)."""
+    return hasattr(torch, "_fused_adamw_") and device_type in ("cpu", "cuda") and _fused_runs(device_type, dtype)
+
+
+@lru_cache(maxsize=None)
+def _fused_runs(device_type: str, dtype: torch.dtype) -> bool:
+    p = torch.zeros(1, dtype=dtype, device=device_type)
+    try:
+        torch._fused_adamw_([p], [torch.ones_like(p)], [torch.zeros_like(p)], [torch.zeros_like(p)], [],
+                            [torch.ones((), dtype=torch.float32, device=device_type)], lr=1e-3, beta1=0.9,
+                            beta2=0.999, weight_decay=0.0, eps=1e-8, amsgrad=False, maximize=False)
+    except (RuntimeError, NotImplementedError):  # "no kernel registered for CPU" on torch 2.2/2.3
+        return False
+    return True
 
 
 class AdamW:
@@ -21,8 +42,7 @@ class AdamW:
                         "weight_decay": g.get("weight_decay", 0.0)} for g in groups]
         self.betas, self.eps = betas, eps
         params = [p for g in self.groups for p in g["params"]]
-        self.fused = hasattr(torch, "_fused_adamw_") and all(
-            p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        self.fused = all(p.is_floating_point() and fused_supported(p.device.type, p.dtype) for p in params)
         self.torch_opt = None
         if not self.fused:
             self.torch_opt = torch.optim.AdamW(self.groups, lr=lr, betas=betas, eps=eps)

@@ -58,6 +58,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None else None
     split = split_labelled(data, cfg.split, cfg.seed, say)
     device = resolve_device(cfg.device)
+    data.to_device(device)  # CUDA: the arrays move to the GPU once (an ablation's later runs find them there)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
     set_threads(cfg.threads)
     seed_everything(cfg.seed)

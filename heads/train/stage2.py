@@ -17,7 +17,7 @@ cached features through the stage-1 code path, so it reproduces `heads train` ex
 
 The run directory is a stage-1 run's (config.json stage "finetune": how `heads predict` recognises it) plus
 text_layers.safetensors with ONLY the unfrozen parameters. R-Drop, --tune-bias and image views are stage-1
-options (TrainConfig); stage 2 runs bf16 autocast on CUDA only.
+options (TrainConfig); stage 2 runs bf16 autocast on CUDA devices that compute it natively (runtime.native_bf16) only.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ from ..rundir import HEAD_FILE, TEXT_LAYERS_FILE, RunRecord, cache_info, check_c
 from .loop import Trainer
 from .losses import build_loss
 from .metrics import check_metric_classes, compute_metrics, quick_scores
-from .runtime import seed_everything, set_threads
+from .runtime import native_bf16, seed_everything, set_threads
 from .stage1 import TrainResult
 from .text_model import FinetuneModel
 
@@ -74,6 +74,7 @@ def finetune(cfg: FinetuneConfig, data: str | os.PathLike | CacheData, out_dir: 
         text.lock(n)
         text.to(device)
         data = with_text_inputs(data, text, n, cfg.text_forward, device, say)
+    data = data.to_device(device)  # CUDA: once, after stage 2's arrays (input_ids, frozen states) are added
     seed_everything(cfg.seed)
     if head is None:
         head = create_fusion(cfg.head, HeadDims(**data.dims(), num_classes=len(data.classes))).to(device)
@@ -131,11 +132,12 @@ def _trainer(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, 
     labels = torch.from_numpy(data.labels)
     train_rows = torch.from_numpy(split.train)
     y_val = data.labels[split.val]
+    bf16 = device.type == "cuda" and native_bf16(device)  # never on the CPU, as before; emulated bf16 is slow
 
     def loss_fn(model, idx):
         rows = train_rows[idx]
         batch, y = data.batch(rows, device, model.inputs), labels[rows].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch)["logits"]
         return loss(logits.float() if logits.dtype != torch.float32 else logits, y)
 
