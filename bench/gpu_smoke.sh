@@ -4,4 +4,7 @@
 # Prints one line per check (ok / FAIL / info); exit 0 = all ok, 1 = a check failed, 2 = no CUDA device.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-exec "${PYTHON:-python}" "$here/gpu_smoke.py" "$@"
+# The project's venv (`make setup`) when there is one, else whatever python is on PATH; PYTHON= overrides both.
+default_py="$here/../.venv/bin/python"
+[ -x "$default_py" ] || default_py=python
+exec "${PYTHON:-$default_py}" "$here/gpu_smoke.py" "$@"
