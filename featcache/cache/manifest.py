@@ -24,7 +24,7 @@ import numpy as np
 from ..digest import file_sha256
 from ..errors import ConfigError
 from ..sources.base import Sample
-from .store import NEWER, CacheError, CacheReader, CacheWriter
+from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView
 
 FORMAT, VERSION = "featcache-shards", 1
 
@@ -102,7 +102,7 @@ def _read_manifest(path: str) -> dict:
     return doc
 
 
-class ShardedReader:
+class ShardedReader(MetaView):
     """CacheReader's interface over the shards of a manifest, after checking every one of them."""
 
     def __init__(self, path: str):
@@ -142,14 +142,6 @@ class ShardedReader:
                              f"of key {info.get('key')}, the manifest says rows {s['start']}..{s['stop']} of key "
                              f"{self.key}; {rerun}")
         return r
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.meta["classes"])
-
-    @property
-    def start_layer(self) -> int | None:
-        return (self.meta.get("text") or {}).get("start_layer")
 
     def __len__(self) -> int:
         return sum(len(r) for r in self.readers)

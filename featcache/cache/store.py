@@ -244,7 +244,23 @@ def save_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
-class CacheReader:
+class MetaView:
+    """What a reader's (upgraded) `meta` says, shared by CacheReader and the sharded reader."""
+
+    meta: dict
+
+    @property
+    def classes(self) -> list[str]:
+        """Class names in label order (label k is classes[k]); older caches: LEGACY_CLASSES."""
+        return list(self.meta["classes"])
+
+    @property
+    def start_layer(self) -> int | None:
+        """The text layer text_hidden/states enter (None: the cache has no stored states)."""
+        return (self.meta.get("text") or {}).get("start_layer")
+
+
+class CacheReader(MetaView):
     """Read-only view of a complete cache. Raises CacheError (a message, not a traceback) otherwise."""
 
     def __init__(self, path: str):
@@ -283,16 +299,6 @@ class CacheReader:
 
     def __len__(self) -> int:
         return self.f["samples/guid"].shape[0]
-
-    @property
-    def classes(self) -> list[str]:
-        """Class names in label order (label k is classes[k]); older caches: LEGACY_CLASSES."""
-        return list(self.meta["classes"])
-
-    @property
-    def start_layer(self) -> int | None:
-        """The text layer text_hidden/states enter (None: the cache has no stored states)."""
-        return (self.meta.get("text") or {}).get("start_layer")
 
     def __enter__(self):
         return self
