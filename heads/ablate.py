@@ -260,7 +260,7 @@ class AblateResult:
     run_dirs: list[str]
     trained: int
     skipped: int
-    report: object = None  # summary.Report
+    report: object = None  # heads.report.build.Report
     workers: int = 1  # runs that were trained at a time
 
 
