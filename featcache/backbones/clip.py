@@ -7,6 +7,8 @@ What is stored (documented in the registry too):
          pooled = the projected class embedding (the CLIP image embedding).
 Weights: an open_clip tag (`openai` by default; `clip-vit-b32@TAG` for others), a checkpoint file, or an
 open_clip model folder (open_clip_config.json + open_clip_model.safetensors, as on the HF hub).
+`open_clip:<arch>@<tag or path>` names any open_clip architecture the same way (OPEN_FAMILIES); the towers must be
+open_clip's own (a timm or HF tower, as SigLIP's, is refused when built).
 """
 from __future__ import annotations
 
@@ -15,13 +17,20 @@ import os
 
 import torch
 
+from ..errors import ConfigError
 from .base import ImageEncoder, TextEncoder
-from .registry import BackboneSpec, Family, register
+from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
 from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
     import open_clip  # heavy: open_clip, only when CLIP is located or built
+    if spec.name.startswith("open_clip:"):
+        if not tag:
+            raise WeightsError(f"'{spec.name}' needs @TAG or @PATH, e.g. {spec.name}@openai; tags for it: "
+                               f"{', '.join(open_clip.list_pretrained_tags_by_model(spec.hub)) or 'none'}")
+        if not override and (os.path.exists(tag) or os.sep in tag):
+            override = tag  # open_clip:ARCH@PATH: the checkpoint file or folder (must exist)
     looked: list[str] = []
     source = local_source(spec.name, override, looked)
     if source:
@@ -107,6 +116,9 @@ class CLIPText(TextEncoder):
 class CLIPImage(ImageEncoder):
     def __init__(self, model, preprocess):
         super().__init__()
+        if not hasattr(model.visual, "transformer"):
+            raise ConfigError(f"this open_clip model's image tower is a {type(model.visual).__name__}, not "
+                              "open_clip's VisionTransformer; name its image tower with timm:NAME instead")
         self.visual, self._preprocess = model.visual, preprocess
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
@@ -147,3 +159,17 @@ register(BackboneSpec(
     "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "
     "EOT (512). image: 49 patch tokens after ln_post (768-d, pre-projection), pooled = projected (512)",
     default_tag="openai"))
+
+
+def open_spec(name: str) -> BackboneSpec:
+    """`open_clip:<arch>`: both towers of any open_clip architecture; the @TAG/@PATH is the weights."""
+    import open_clip  # heavy: open_clip, to check the architecture name before anything is located
+    arch = name.split(":", 1)[1]
+    if arch not in open_clip.list_models():
+        raise ConfigError(f"open_clip has no architecture '{arch}'; `python -c \"import open_clip; "
+                          "print(open_clip.list_models())\"` lists them")
+    return BackboneSpec(name, ("text", "image"), CLIP, arch, f"open_clip {arch}: stored as for clip-vit-b32")
+
+
+OPEN_FAMILIES.add("open_clip", OpenFamily(open_spec, "open_clip:ViT-L-14-336@openai",
+                                          "both towers of an open_clip model (@pretrained tag or checkpoint path)"))

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..backbones import create_captioner, create_image, create_text
+from ..backbones.base import BudgetedImage
 from ..backbones.weights import WeightsSource
 from ..cache.store import SCHEMA_VERSION, CacheError, CacheWriter, partial_path
 from ..device import resolve_device
@@ -152,8 +153,11 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     cfg, weights = plan.cfg, plan.weights
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len)
+    text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len,
+                       pooling=cfg.text_pooling)
     image = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]))
+    if cfg.max_image_tokens:
+        image = BudgetedImage(image, cfg.max_image_tokens)
     captioner = create_captioner(cfg.captions, WeightsSource.from_record(weights["caption"])) if cfg.captions else None
     for m in (text, image, captioner):
         if m is not None:

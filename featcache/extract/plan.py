@@ -48,6 +48,8 @@ class Plan:
 def make_plan(cfg: ExtractConfig) -> Plan:
     if cfg.caption_mode not in ("store", "append"):
         raise ConfigError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
+    if cfg.max_image_tokens < 0:
+        raise ConfigError(f"--max-image-tokens must be >= 0 (0 keeps every patch), got {cfg.max_image_tokens}")
     if cfg.image_views < 0:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     get_aug_spec(cfg.image_aug)

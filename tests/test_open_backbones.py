@@ -1,0 +1,143 @@
+"""Open backbone families (issue 16): `hf:DIR`, `timm:NAME@FILE`, `open_clip:ARCH@FILE`, and --max-image-tokens.
+
+Tiny random models of each family are saved locally and loaded back through the code users run (hub offline):
+`featcache extract` end to end, then `heads train`, and stage 2 on the hf one (recomputed top-layer tokens must
+equal the cached ones, checked by `heads finetune` itself, and the blockwise forward must equal the model's own).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from featcache.backbones import create_image, create_text, get_backbone_spec, locate, parse_backbone
+from featcache.backbones.base import BudgetedImage, pool_tokens
+from featcache.backbones.weights import ENV_DIR
+from featcache.errors import ConfigError
+
+import tiny_models as tm
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.delenv(ENV_DIR, raising=False)
+
+
+def make_tiny_bert(folder: str, pooling: str | None = None) -> str:
+    """A 2-layer BERT on the MiniLM vocab; with `pooling`, a sentence-transformers 1_Pooling/config.json."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+    tok = BertTokenizerFast.from_pretrained(tm.minilm_path())
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=66)
+    BertModel(cfg).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    if pooling:
+        os.makedirs(os.path.join(folder, "1_Pooling"))
+        with open(os.path.join(folder, "1_Pooling", "config.json"), "w") as f:
+            json.dump({"pooling_mode_cls_token": pooling == "cls", "pooling_mode_mean_tokens": pooling == "mean"}, f)
+    return folder
+
+
+def save_timm(arch: str, path: str, **kw) -> str:
+    import timm
+    torch.manual_seed(0)
+    torch.save(timm.create_model(arch, pretrained=False, **kw).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    import open_clip
+    root = tmp_path_factory.mktemp("open")
+    cfg_dir = root / "configs"
+    cfg_dir.mkdir()
+    (cfg_dir / "tiny-clip16.json").write_text(json.dumps(tm.TINY_CLIP_CFG["model_cfg"]))
+    open_clip.add_model_config(str(cfg_dir))  # what a user does for an architecture open_clip does not ship
+    clip_file = str(root / "tiny_clip.pt")
+    torch.save(tm.tiny_clip_model().state_dict(), clip_file)
+    return {"bert": make_tiny_bert(str(root / "bert"), pooling="cls"),
+            "vit": save_timm("test_vit", str(root / "test_vit.pth")),
+            "cnn": save_timm("test_resnet", str(root / "test_resnet.pth")),
+            "clip": clip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=12, n_test=3), "root": root}
+
+
+def test_names_resolve_to_specs_and_unknown_ones_are_refused(models):
+    assert parse_backbone(f"hf:{models['bert']}+timm:test_vit@{models['vit']}") == \
+        (f"hf:{models['bert']}", f"timm:test_vit@{models['vit']}")
+    assert get_backbone_spec("timm:test_resnet").family.name == "timm"
+    assert get_backbone_spec(f"open_clip:tiny-clip16@{models['clip']}").modalities == ("text", "image")
+    for bad in ("timm:no_such_net", "open_clip:No-Such-Arch@x", "nope:thing", "hf:"):
+        with pytest.raises(ConfigError):
+            get_backbone_spec(bad)
+    with pytest.raises(ConfigError):  # an image-only model cannot be the text side
+        parse_backbone(f"timm:test_vit+timm:test_vit")
+
+
+def test_weights_are_located_as_the_registry_does(models, tmp_path):
+    src = locate(f"hf:{models['bert']}")
+    assert src.kind == "path" and src.location == os.path.abspath(models["bert"])
+    assert locate(f"timm:test_vit@{models['vit']}").location == models["vit"]
+    from featcache.backbones.weights import WeightsError
+    with pytest.raises(WeightsError, match="HF_HUB_OFFLINE"):  # nothing local: every place looked is named
+        locate("timm:test_vit")
+    with pytest.raises(WeightsError, match="does not exist"):
+        locate(f"timm:test_vit@{tmp_path / 'missing.pth'}")
+
+
+def test_hf_blockwise_equals_model_forward_and_pooling_follows_config(models):
+    name = f"hf:{models['bert']}"
+    enc = create_text(name, locate(name), max_len=16).eval()
+    assert enc.pooling == "cls" and enc.blockwise
+    batch = enc.tokenize(["a great day", "rain again today, staying home"])
+    with torch.inference_mode():
+        out = enc.forward_features(batch)
+        ref = enc.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+    m = batch["attention_mask"]
+    torch.testing.assert_close(out["tokens"][m], ref.last_hidden_state[m], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["pooled"], out["tokens"][:, 0])
+    assert create_text(name, locate(name), max_len=16, pooling="mean").pooling == "mean"
+
+
+@pytest.mark.parametrize("arch", ["test_vit", "test_resnet"])
+def test_timm_tokens_and_pooled(models, arch):
+    import timm
+    key = "vit" if arch == "test_vit" else "cnn"
+    enc = create_image(f"timm:{arch}@{models[key]}", locate(f"timm:{arch}@{models[key]}")).eval()
+    ref = timm.create_model(arch, pretrained=False)
+    ref.load_state_dict(torch.load(models[key], weights_only=True))
+    ref.eval()
+    x = torch.randn(2, 3, enc.image_size, enc.image_size)
+    with torch.inference_mode():
+        out = enc.forward_features(x)
+        feats = ref.forward_features(x)
+        pre = ref.forward_head(feats, pre_logits=True)
+    tokens = feats[:, ref.num_prefix_tokens:] if feats.ndim == 3 else feats.flatten(2).transpose(1, 2)
+    torch.testing.assert_close(out["tokens"], tokens)
+    torch.testing.assert_close(out["pooled"], pre)
+    assert out["tokens"].shape[1:] == (enc.num_patches, enc.token_dim) and out["pooled"].shape[1] == enc.pooled_dim
+
+
+def test_token_budget_pools_a_24x24_grid_to_49(models, tmp_path):
+    path = save_timm("vit_tiny_patch16_384", str(tmp_path / "vit384.pth"))  # 384 px, 16 px patches: 24 x 24
+    name = f"timm:vit_tiny_patch16_384@{path}"
+    enc = create_image(name, locate(name)).eval()
+    assert enc.num_patches == 576 and tuple(enc.grid) == (24, 24)
+    budget = BudgetedImage(enc, 49)
+    assert budget.num_patches == 49
+    x = torch.randn(2, 3, enc.image_size, enc.image_size)
+    with torch.inference_mode():
+        full, small = enc.forward_features(x), budget.forward_features(x)
+    assert small["tokens"].shape == (2, 49, enc.token_dim)
+    torch.testing.assert_close(small["tokens"], pool_tokens(full["tokens"], (24, 24), (7, 7)))
+    # bin (0, 0) of a 24 -> 7 adaptive pool covers rows/cols 0..3 (floor(0*24/7) to ceil(24/7))
+    torch.testing.assert_close(small["tokens"][:, 0], full["tokens"].reshape(2, 24, 24, -1)[:, :4, :4].mean((1, 2)))
+    torch.testing.assert_close(small["pooled"], full["pooled"])
