@@ -67,7 +67,7 @@ def models(tmp_path_factory):
     return {"bert": make_tiny_bert(str(root / "bert"), pooling="cls"),
             "vit": save_timm("test_vit", str(root / "test_vit.pth")),
             "cnn": save_timm("test_resnet", str(root / "test_resnet.pth")),
-            "clip": clip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=12, n_test=3), "root": root}
+            "clip": clip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4), "root": root}
 
 
 def test_names_resolve_to_specs_and_unknown_ones_are_refused(models):
@@ -141,3 +141,63 @@ def test_token_budget_pools_a_24x24_grid_to_49(models, tmp_path):
     # bin (0, 0) of a 24 -> 7 adaptive pool covers rows/cols 0..3 (floor(0*24/7) to ceil(24/7))
     torch.testing.assert_close(small["tokens"][:, 0], full["tokens"].reshape(2, 24, 24, -1)[:, :4, :4].mean((1, 2)))
     torch.testing.assert_close(small["pooled"], full["pooled"])
+
+
+def _extract(models, backbone: str, out: str, *extra: str):
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone", backbone, "--out", out,
+                                           "--no-progress", "--workers", "0", "--batch-size", "4",
+                                           "--max-text-len", "16", *extra])
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def _train(cache: str, out: str):
+    from cli import heads_app
+    r = CliRunner().invoke(heads_app, ["train", "--cache", cache, "--epochs", "2", "--hidden", "16", "--no-plots",
+                                       "--out", out])
+    assert r.exit_code == 0, r.output
+    return json.load(open(os.path.join(out, "metrics.json")))
+
+
+def test_cli_hf_and_timm_extract_train_and_stage2(models, tmp_path):
+    from cli import heads_app
+    cache = str(tmp_path / "hf_timm.h5")
+    _extract(models, f"hf:{models['bert']}+timm:test_resnet@{models['cnn']}", cache, "--text-layers", "1")
+    with h5py.File(cache, "r") as f:
+        meta = json.loads(f.attrs["meta"])
+        assert f["text/tokens"].shape == (24, 16, 32) and f["text_hidden/states"].shape == (24, 16, 32)
+        assert f["image/tokens"].shape[0] == 24 and f["image/tokens"].shape[1] > 1
+        text_pooled, text_tokens = f["text/pooled"][:], f["text/tokens"][:]
+    np.testing.assert_allclose(text_pooled, text_tokens[:, 0], atol=1e-2)  # cls pooling, from 1_Pooling
+    assert meta["weights"]["text"]["name"] == f"hf:{models['bert']}"
+    assert meta["weights"]["image"]["location"] == models["cnn"] and len(meta["weights"]["image"]["sha256"]) == 64
+    s1 = str(tmp_path / "s1")
+    assert 0 <= _train(cache, s1)["macro_f1"] <= 1
+    ft = str(tmp_path / "ft")  # stage 2 checks recomputed top-layer tokens against the cached ones itself
+    r = CliRunner().invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "1", "--init", s1,
+                                       "--epochs", "1", "--batch-size", "4", "--out", ft])
+    assert r.exit_code == 0, r.output
+    assert os.path.exists(os.path.join(ft, "text_layers.safetensors"))
+
+
+def test_cli_open_clip_and_timm_vit_with_budget(models, tmp_path):
+    cache = str(tmp_path / "clip.h5")
+    _extract(models, f"open_clip:tiny-clip16@{models['clip']}", cache)
+    with h5py.File(cache, "r") as f:
+        assert f["text/tokens"].shape == (24, 77, 32) and f["image/tokens"].shape == (24, 4, 32)
+    _train(cache, str(tmp_path / "run_clip"))
+    vit = str(tmp_path / "vit.h5")
+    r = _extract(models, f"hf:{models['bert']}+timm:test_vit@{models['vit']}", vit, "--max-image-tokens", "9")
+    with h5py.File(vit, "r") as f:
+        assert f["image/tokens"].shape[1] == 9  # test_vit: a 10 x 10 grid pooled to 3 x 3
+        assert json.loads(f.attrs["meta"])["preprocessing"]["max_image_tokens"] == 9
+    _train(vit, str(tmp_path / "run_vit"))
+
+
+def test_cli_backbones_lists_open_families():
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["backbones"])
+    assert r.exit_code == 0, r.output
+    for example in ("hf:", "timm:", "open_clip:"):
+        assert example in r.output
