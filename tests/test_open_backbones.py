@@ -201,3 +201,29 @@ def test_cli_backbones_lists_open_families():
     assert r.exit_code == 0, r.output
     for example in ("hf:", "timm:", "open_clip:"):
         assert example in r.output
+
+
+def test_extract_prints_the_planned_size_and_it_matches_the_file(models, tmp_path):
+    cache = str(tmp_path / "sized.h5")
+    r = _extract(models, f"hf:{models['bert']}+timm:test_vit@{models['vit']}", cache, "--max-image-tokens", "9")
+    line = " ".join(r.output.split())  # rich wraps long lines
+    line = line[line.index("writing "):]
+    assert "24 rows x (text 16 x 32 fp16 + image 9 x" in line
+    with h5py.File(cache, "r") as f:
+        arrays = sum(f[k].size * f[k].dtype.itemsize for k in ("text/tokens", "text/mask", "text/pooled",
+                                                               "image/tokens", "image/pooled"))
+    from featcache.extract.size import human
+    assert human(arrays) in line
+
+
+def test_extract_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    from cli import featcache_app
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: namedtuple("U", "total used free")(10, 10, 1000))
+    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone",
+                                           f"hf:{models['bert']}+timm:test_resnet@{models['cnn']}", "--out",
+                                           str(tmp_path / "big.h5"), "--no-progress", "--workers", "0"])
+    out = " ".join(r.output.split())
+    assert r.exit_code != 0 and "1000.0 B free" in out and "--max-image-tokens" in out, out
+    assert not os.path.exists(tmp_path / "big.h5")

@@ -13,6 +13,7 @@ open_clip's own (a timm or HF tower, as SigLIP's, is refused when built).
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
@@ -143,6 +144,22 @@ class CLIPImage(ImageEncoder):
         return {"tokens": tokens, "pooled": pooled}
 
 
+def dims(spec, source: WeightsSource, role: str):
+    """From the folder's open_clip_config.json or open_clip's config of the architecture."""
+    import open_clip  # heavy: open_clip, only when a CLIP's size is estimated
+    path = os.path.join(str(source.location), "open_clip_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)["model_cfg"]
+    else:
+        cfg = open_clip.get_model_config(spec.hub)
+    if role == "text":
+        t = cfg["text_cfg"]
+        return t.get("context_length", 77), t["width"], cfg["embed_dim"]
+    v = cfg["vision_cfg"]
+    return (v["image_size"] // v["patch_size"]) ** 2, v["width"], cfg["embed_dim"]
+
+
 def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
     model, _, tokenizer = load_clip(spec.hub, str(source.location))
     return CLIPText(model, tokenizer)
@@ -153,7 +170,7 @@ def build_image(spec, source: WeightsSource) -> CLIPImage:
     return CLIPImage(model, preprocess)
 
 
-CLIP = Family("clip", locate, build_text=build_text, build_image=build_image)
+CLIP = Family("clip", locate, build_text=build_text, build_image=build_image, dims=dims)
 register(BackboneSpec(
     "clip-vit-b32", ("text", "image"), CLIP, "ViT-B-32",
     "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "

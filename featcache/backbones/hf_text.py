@@ -133,11 +133,18 @@ class HFTextEncoder(TextEncoder):
         return {"tokens": hidden, "mask": mask, "pooled": pooled}
 
 
+def dims(spec, source: WeightsSource, role: str):
+    """From config.json; positions are the model's limit (max_len caps them further: see plan sizes)."""
+    with open(os.path.join(source.location, "config.json")) as f:
+        cfg = json.load(f)
+    return cfg["max_position_embeddings"] - 2, cfg["hidden_size"], cfg["hidden_size"]
+
+
 def build_text(spec, source: WeightsSource, max_len: int = 64) -> HFTextEncoder:
     return HFTextEncoder(source.location, max_len=max_len, pooling=spec.pooling)
 
 
-HF_TEXT = Family("hf_text", locate, build_text=build_text)
+HF_TEXT = Family("hf_text", locate, build_text=build_text, dims=dims)
 
 
 def open_spec(name: str) -> BackboneSpec:

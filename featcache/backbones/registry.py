@@ -29,6 +29,9 @@ class Family:
     build_text: Callable | None = None  # (spec, source, max_len) -> TextEncoder
     build_image: Callable | None = None  # (spec, source) -> ImageEncoder
     build_captioner: Callable | None = None  # (spec, source) -> a captioner
+    # (spec, source, role) -> (positions, token width, pooled width) read from config files, no weights loaded
+    # (for the cache size printed before extraction); None where it cannot be known cheaply
+    dims: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -142,3 +145,14 @@ def create_image(name: str, source: WeightsSource):
 def create_captioner(name: str, source: WeightsSource):
     spec, build = _builder(name, "caption")
     return build(spec, source)
+
+
+def planned_dims(name: str, source: WeightsSource, role: str) -> tuple[int, int, int] | None:
+    """(tokens, token width, pooled width) of `name` in `role` (text | image) without loading it, or None."""
+    spec = get_backbone_spec(name)
+    if spec.family.dims is None:
+        return None
+    try:
+        return spec.family.dims(spec, source, role)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError):  # only an estimate: never fail a run
+        return None

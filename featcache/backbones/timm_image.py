@@ -103,11 +103,24 @@ class TimmImage(ImageEncoder):
         return {"tokens": self._tokens(feats), "pooled": self.net.forward_head(feats, pre_logits=True)}
 
 
+def dims(spec, source: WeightsSource, role: str):
+    """The model built on the meta device (shapes only, no memory, no weights) and run on a meta image."""
+    import timm  # heavy: timm, only when a timm backbone's size is estimated
+    with torch.device("meta"):
+        net = timm.create_model(spec.hub, pretrained=False)
+        size = timm.data.resolve_data_config({}, model=net)["input_size"]
+        feats = net.forward_features(torch.empty(1, *size))
+        pooled = net.forward_head(feats, pre_logits=True)
+    if feats.ndim == 4:
+        return feats.shape[2] * feats.shape[3], feats.shape[1], pooled.shape[-1]
+    return feats.shape[1] - getattr(net, "num_prefix_tokens", 0), feats.shape[2], pooled.shape[-1]
+
+
 def build_image(spec, source: WeightsSource) -> TimmImage:
     return TimmImage(spec.hub, source)
 
 
-TIMM = Family("timm", locate, build_image=build_image)
+TIMM = Family("timm", locate, build_image=build_image, dims=dims)
 
 
 def open_spec(name: str) -> BackboneSpec:

@@ -32,6 +32,7 @@ from ..sources.augment import ViewMaker
 from ..sources.base import Dataset, note_image_problems, scan_images, summarize
 from ..sources.images import ImageNote
 from .config import ExtractConfig, auto_batch_size
+from .size import announce
 from .decode import ImageRows, auto_workers, lane_batches, loader_batches
 from .forward import ImageLane, Models, forward_batch, nonfinite_rows, use_lane
 from .plan import Plan, already_extracted, make_plan
@@ -80,6 +81,7 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         return plan.out
     if strict:
         _strict_check(plan.ds, cfg, console, progress)
+    announce(plan, console.print)  # the size, and whether the disk holds it, before any model loads
     with _output_lock(plan.out):
         if not resume and os.path.exists(partial_path(plan.out)):
             raise CacheError(f"{partial_path(plan.out)} is left from an interrupted extraction; pass --resume to "
