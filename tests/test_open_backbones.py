@@ -61,13 +61,18 @@ def models(tmp_path_factory):
     cfg_dir = root / "configs"
     cfg_dir.mkdir()
     (cfg_dir / "tiny-clip16.json").write_text(json.dumps(tm.TINY_CLIP_CFG["model_cfg"]))
+    siglip = json.loads(json.dumps(tm.TINY_CLIP_CFG["model_cfg"]))  # SigLIP-style text: bidirectional, last token
+    siglip["text_cfg"].update(pool_type="last", no_causal_mask=True)
+    (cfg_dir / "tiny-lastpool16.json").write_text(json.dumps(siglip))
     open_clip.add_model_config(str(cfg_dir))  # what a user does for an architecture open_clip does not ship
     clip_file = str(root / "tiny_clip.pt")
     torch.save(tm.tiny_clip_model().state_dict(), clip_file)
+    siglip_file = str(root / "tiny_siglip.pt")
+    torch.save(open_clip.create_model("tiny-lastpool16").state_dict(), siglip_file)
     return {"bert": make_tiny_bert(str(root / "bert"), pooling="cls"),
             "vit": save_timm("test_vit", str(root / "test_vit.pth")),
             "cnn": save_timm("test_resnet", str(root / "test_resnet.pth")),
-            "clip": clip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4), "root": root}
+            "clip": clip_file, "siglip": siglip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4), "root": root}
 
 
 def test_names_resolve_to_specs_and_unknown_ones_are_refused(models):
@@ -227,3 +232,12 @@ def test_extract_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatc
     out = " ".join(r.output.split())
     assert r.exit_code != 0 and "1000.0 B free" in out and "--max-image-tokens" in out, out
     assert not os.path.exists(tmp_path / "big.h5")
+
+
+def test_siglip_style_text_tower_is_refused_by_name(models, tmp_path):
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone",
+                                           f"open_clip:tiny-lastpool16@{models['siglip']}", "--out",
+                                           str(tmp_path / "s.h5"), "--no-progress", "--workers", "0"])
+    out = " ".join(r.output.split())
+    assert r.exit_code != 0 and "SigLIP-style" in out and "hf:ID+timm:NAME" in out, out

@@ -59,7 +59,7 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
 
 @functools.lru_cache(maxsize=2)
 def load_clip(arch: str, location: str):
-    """(model, preprocess, tokenizer) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
+    """(model, preprocess, open_clip name: what get_tokenizer takes) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
     image towers of one --backbone share a single model in memory."""
     import open_clip  # heavy: open_clip, only when CLIP is located or built
     if os.path.isdir(location):
@@ -71,7 +71,7 @@ def load_clip(arch: str, location: str):
     # require_pretrained: a CLIP with random weights must never pass silently as "ViT-B-32".
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
                                                                  require_pretrained=True)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+    return model.eval(), preprocess, name
 
 
 class CLIPText(TextEncoder):
@@ -161,8 +161,15 @@ def dims(spec, source: WeightsSource, role: str):
 
 
 def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
-    model, _, tokenizer = load_clip(spec.hub, str(source.location))
-    return CLIPText(model, tokenizer)
+    import open_clip  # heavy: open_clip, only when CLIP is built
+    model, _, name = load_clip(spec.hub, str(source.location))
+    if not hasattr(model, "transformer") or getattr(model, "text_pool_type", "argmax") != "argmax":
+        # checked before its tokenizer is made: a SigLIP tokenizer would first download its vocabulary
+        raise ConfigError(f"this open_clip model's text tower ({type(model).__name__}, pooling "
+                          f"'{getattr(model, 'text_pool_type', '?')}') is not CLIP's causal EOT-pooled one "
+                          "(SigLIP-style) and is not supported yet; name the towers separately instead, "
+                          "e.g. hf:ID+timm:NAME")
+    return CLIPText(model, open_clip.get_tokenizer(name))
 
 
 def build_image(spec, source: WeightsSource) -> CLIPImage:

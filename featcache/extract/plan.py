@@ -97,7 +97,9 @@ def _weights(cfg: ExtractConfig, text_name: str, image_name: str) -> dict:
     out = {}
     for role, (name, src) in found.items():
         loc = str(src.location)
-        out[role] = {"name": name, "source": src.kind, "location": loc,
+        # an HF cache snapshot folder is named by its commit: the exact revision (the key already has the sha256)
+        revision = {"revision": os.path.basename(loc)} if f"{os.sep}snapshots{os.sep}" in loc else {}
+        out[role] = {"name": name, "source": src.kind, "location": loc, **revision,
                      "sha256": file_sha256(loc) if os.path.exists(loc) else f"hub:{loc}"}
     return out
 
