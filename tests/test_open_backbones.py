@@ -241,3 +241,32 @@ def test_siglip_style_text_tower_is_refused_by_name(models, tmp_path):
                                            str(tmp_path / "s.h5"), "--no-progress", "--workers", "0"])
     out = " ".join(r.output.split())
     assert r.exit_code != 0 and "SigLIP-style" in out and "hf:ID+timm:NAME" in out, out
+
+
+def test_hf_encoder_without_block_table_runs_whole_and_refuses_text_layers(models, tmp_path):
+    """A DeBERTa-v2 (relative attention: its blocks take more than (hidden, mask)) runs its own forward."""
+    from transformers import BertTokenizerFast, DebertaV2Config, DebertaV2Model
+    folder = str(tmp_path / "deberta")
+    tok = BertTokenizerFast.from_pretrained(tm.minilm_path())
+    torch.manual_seed(0)
+    DebertaV2Model(DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                   intermediate_size=64, max_position_embeddings=66)).eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    name = f"hf:{folder}"
+    enc = create_text(name, locate(name), max_len=16).eval()
+    assert not enc.blockwise and enc.pooling == "mean"
+    batch = enc.tokenize(["a great day", "rain again"])
+    with torch.inference_mode():
+        out = enc.forward_features(batch)
+        ref = enc.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
+    torch.testing.assert_close(out["tokens"], ref.last_hidden_state)
+    cache = str(tmp_path / "deb.h5")
+    _extract(models, f"{name}+timm:test_resnet@{models['cnn']}", cache)
+    _train(cache, str(tmp_path / "run"))
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone",
+                                           f"{name}+timm:test_resnet@{models['cnn']}", "--text-layers", "1",
+                                           "--out", str(tmp_path / "deb2.h5"), "--no-progress", "--workers", "0"])
+    out = " ".join(r.output.split())
+    assert r.exit_code != 0 and "deberta-v2 encoders run as a whole" in out, out
+    assert not any(p.name.startswith("deb2") for p in tmp_path.iterdir())  # refused before a file is made
