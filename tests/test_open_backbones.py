@@ -270,3 +270,19 @@ def test_hf_encoder_without_block_table_runs_whole_and_refuses_text_layers(model
     out = " ".join(r.output.split())
     assert r.exit_code != 0 and "deberta-v2 encoders run as a whole" in out, out
     assert not any(p.name.startswith("deb2") for p in tmp_path.iterdir())  # refused before a file is made
+
+
+def test_extract_with_budget_stores_the_pooled_full_grid(models, tmp_path):
+    """Through `featcache extract`: a 24 x 24 ViT with --max-image-tokens 49 stores 49 tokens per image, equal
+    (to fp16 storage) to pooling the tokens a full extraction stored."""
+    vit = save_timm("vit_tiny_patch16_384", str(tmp_path / "vit384.pth"))
+    backbone = f"hf:{models['bert']}+timm:vit_tiny_patch16_384@{vit}"
+    full, small = str(tmp_path / "full.h5"), str(tmp_path / "small.h5")
+    _extract(models, backbone, full, "--limit", "3")
+    _extract(models, backbone, small, "--limit", "3", "--max-image-tokens", "49")
+    with h5py.File(full, "r") as f, h5py.File(small, "r") as g:
+        assert f["image/tokens"].shape[1:] == (576, 192) and g["image/tokens"].shape[1:] == (49, 192)
+        pooled = pool_tokens(torch.from_numpy(f["image/tokens"][:].astype(np.float32)), (24, 24), (7, 7))
+        np.testing.assert_allclose(g["image/tokens"][:].astype(np.float32), pooled.numpy(), atol=2e-2, rtol=2e-2)
+        np.testing.assert_array_equal(f["image/pooled"][:], g["image/pooled"][:])
+        assert json.loads(f.attrs["meta"])["key"] != json.loads(g.attrs["meta"])["key"]
