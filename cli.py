@@ -96,7 +96,8 @@ def extract_cmd(
     no_text: bool = typer.Option(False, "--no-text", help="Keep features, ids, labels and splits only, not "
                                  "the posts' texts (a cache to share)."),
     backbone: str = typer.Option("minilm-l6+efficientnet-lite0", help="A paired name (clip-vit-b32) or "
-                                 "TEXT+IMAGE (roberta-base+resnet50). See `featcache backbones`."),
+                                 "TEXT+IMAGE (roberta-base+resnet50); any model as hf:ID, timm:NAME[@FILE], "
+                                 "open_clip:ARCH@TAG. See `featcache backbones`."),
     captions: Optional[str] = typer.Option(None, help="Caption every image once with this captioner "
                                            "(blip-base) and store the captions."),
     caption_mode: str = typer.Option("store", help="With --captions: 'store' keeps captions as strings only; "
@@ -128,6 +129,10 @@ def extract_cmd(
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    max_image_tokens: int = typer.Option(0, help="Pool the image patch grid to at most N tokens (adaptive "
+                                         "average on the 2-D grid; 0 = keep every patch)."),
+    text_pooling: str = typer.Option("", help="cls | mean: how an hf: text backbone pools its tokens "
+                                     "(default: its sentence-transformers pooling config, else mean)."),
     text_weights: Optional[Path] = typer.Option(None, help="Local weights (folder or file) for the text backbone."),
     image_weights: Optional[Path] = typer.Option(None, help="Local weights (folder or file) for the image backbone."),
     caption_weights: Optional[Path] = typer.Option(None, help="Local weights folder for the captioner."),
@@ -151,6 +156,7 @@ def extract_cmd(
                         aug_seed=aug_seed, batch_size=batch_size, image_micro_batch=image_micro_batch,
                         workers=workers, overlap=overlap, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
+                        max_image_tokens=max_image_tokens, text_pooling=text_pooling,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
                         caption_weights=_opt(caption_weights), shard=shard)
     run_extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)

@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .cache.manifest import open_cache
@@ -109,6 +110,7 @@ def print_info(path: str, console: Console | None = None) -> dict:
 def print_backbones(console: Console | None = None) -> None:
     # heavy: the registry imports every backbone family (torch, torchvision); `featcache info` needs none of it
     from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
+    from .backbones.registry import OPEN_FAMILIES
     from .backbones.weights import WeightsError  # heavy: the backbone registry imports torch; only `featcache backbones` needs it
     console = console or Console()
     table = Table("name", "encodes", "weights from", "on this machine",
@@ -129,3 +131,6 @@ def print_backbones(console: Console | None = None) -> None:
     console.print("What each stores (tokens -> text/tokens or image/tokens, pooled -> */pooled):")
     for name in list_backbones():
         console.print(f"  [bold]{name}[/]: {get_backbone_spec(name).description}")
+    console.print("Any other model, by name (TEXT+IMAGE pairs as above; weights: @PATH, $FEATCACHE_WEIGHTS, hub):")
+    for prefix, fam in OPEN_FAMILIES.items():
+        console.print(f"  [bold]{escape(prefix)}:[/] {fam.what}, e.g. {escape(fam.example)}")

@@ -34,7 +34,8 @@ def load_text_backbone(meta: dict, check_sha: bool = True):
         raise CacheError(f"the text weights at {src.location} changed since this cache was extracted (sha256 "
                          "differs); the cache's features came from other weights")
     max_len = (meta.get("preprocessing") or {}).get("max_text_len") or (meta.get("text") or {}).get("max_len")
-    model = create_text(name, src, max_len=max_len or 64).eval()
+    pooling = (meta.get("preprocessing") or {}).get("text_pooling") or ""
+    model = create_text(name, src, max_len=max_len or 64, pooling=pooling).eval()
     if (meta.get("text") or {}).get("max_len") not in (None, model.max_len):
         raise CacheError(f"{name} now tokenizes to {model.max_len} positions, the cache has "
                          f"{meta['text']['max_len']}")

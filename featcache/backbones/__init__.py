@@ -7,7 +7,7 @@ in the import line below. Importing it costs torch and torchvision: light comman
 """
 from __future__ import annotations
 
-from . import hf_text, clip, cnn, blip  # noqa: F401  (order = the order `featcache backbones` lists them)  isort: skip
+from . import hf_text, clip, cnn, blip, timm_image  # noqa: F401  (order = the order `featcache backbones` lists them)  isort: skip
 from .registry import (BACKBONES, DEFAULT_BACKBONE, BackboneSpec, Family, create_captioner, create_image, create_text,
                        get_backbone_spec, list_backbones, locate, parse_backbone)
 

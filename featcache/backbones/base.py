@@ -127,3 +127,51 @@ class ImageEncoder(nn.Module):
 
     def forward_features(self, pixels: torch.Tensor) -> dict:
         raise NotImplementedError
+
+
+def budget_grid(grid: tuple[int, int], max_tokens: int) -> tuple[int, int]:
+    """The largest (h, w) of the grid's aspect with h * w <= max_tokens (the grid itself when it fits)."""
+    h, w = grid
+    if h * w <= max_tokens:
+        return h, w
+    scale = (max_tokens / (h * w)) ** 0.5
+    h2, w2 = max(1, int(h * scale)), max(1, int(w * scale))
+    while h2 * w2 > max_tokens:  # rounding can overshoot by a row
+        h2, w2 = (h2 - 1, w2) if h2 >= w2 else (h2, w2 - 1)
+    return h2, w2
+
+
+def pool_tokens(tokens: torch.Tensor, grid: tuple[int, int], out: tuple[int, int]) -> torch.Tensor:
+    """(B, h*w, D) patch tokens -> (B, out_h*out_w, D) by adaptive average pooling on the 2-D grid."""
+    b, p, d = tokens.shape
+    x = tokens.transpose(1, 2).reshape(b, d, *grid)
+    return nn.functional.adaptive_avg_pool2d(x, out).flatten(2).transpose(1, 2)
+
+
+class BudgetedImage(ImageEncoder):
+    """An image encoder whose patch tokens are pooled to at most `max_tokens` (--max-image-tokens). Prefix/CLS
+    tokens are never among the stored tokens (every family drops them), so only the patch grid is pooled;
+    pooled (the image embedding) is untouched."""
+
+    def __init__(self, inner: ImageEncoder, max_tokens: int):
+        super().__init__()
+        self.inner = inner
+        side = int(round(inner.num_patches ** 0.5))
+        self.grid = tuple(getattr(inner, "grid", ()) or ()) or (side, side)
+        if self.grid[0] * self.grid[1] != inner.num_patches:
+            raise ConfigError(f"--max-image-tokens: {inner.num_patches} image tokens are not a known 2-D grid")
+        self.out = budget_grid(self.grid, max_tokens)
+        self.num_patches = self.out[0] * self.out[1]
+        self.token_dim, self.pooled_dim, self.image_size = inner.token_dim, inner.pooled_dim, inner.image_size
+
+    def transform(self, img):
+        return self.inner.transform(img)
+
+    def pixel_transform(self):
+        return self.inner.pixel_transform()
+
+    def forward_features(self, pixels):
+        out = self.inner.forward_features(pixels)
+        if self.out != self.grid:
+            out = {**out, "tokens": pool_tokens(out["tokens"], self.grid, self.out)}
+        return out

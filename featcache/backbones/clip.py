@@ -7,21 +7,31 @@ What is stored (documented in the registry too):
          pooled = the projected class embedding (the CLIP image embedding).
 Weights: an open_clip tag (`openai` by default; `clip-vit-b32@TAG` for others), a checkpoint file, or an
 open_clip model folder (open_clip_config.json + open_clip_model.safetensors, as on the HF hub).
+`open_clip:<arch>@<tag or path>` names any open_clip architecture the same way (OPEN_FAMILIES); the towers must be
+open_clip's own (a timm or HF tower, as SigLIP's, is refused when built).
 """
 from __future__ import annotations
 
 import functools
+import json
 import os
 
 import torch
 
+from ..errors import ConfigError
 from .base import ImageEncoder, TextEncoder
-from .registry import BackboneSpec, Family, register
+from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
 from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
     import open_clip  # heavy: open_clip, only when CLIP is located or built
+    if spec.name.startswith("open_clip:"):
+        if not tag:
+            raise WeightsError(f"'{spec.name}' needs @TAG or @PATH, e.g. {spec.name}@openai; tags for it: "
+                               f"{', '.join(open_clip.list_pretrained_tags_by_model(spec.hub)) or 'none'}")
+        if not override and (os.path.exists(tag) or os.sep in tag):
+            override = tag  # open_clip:ARCH@PATH: the checkpoint file or folder (must exist)
     looked: list[str] = []
     source = local_source(spec.name, override, looked)
     if source:
@@ -49,7 +59,7 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
 
 @functools.lru_cache(maxsize=2)
 def load_clip(arch: str, location: str):
-    """(model, preprocess, tokenizer) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
+    """(model, preprocess, open_clip name: what get_tokenizer takes) for a folder, a checkpoint file or 'ARCH@TAG'; cached so the text and
     image towers of one --backbone share a single model in memory."""
     import open_clip  # heavy: open_clip, only when CLIP is located or built
     if os.path.isdir(location):
@@ -61,7 +71,7 @@ def load_clip(arch: str, location: str):
     # require_pretrained: a CLIP with random weights must never pass silently as "ViT-B-32".
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained,
                                                                  require_pretrained=True)
-    return model.eval(), preprocess, open_clip.get_tokenizer(name)
+    return model.eval(), preprocess, name
 
 
 class CLIPText(TextEncoder):
@@ -107,6 +117,9 @@ class CLIPText(TextEncoder):
 class CLIPImage(ImageEncoder):
     def __init__(self, model, preprocess):
         super().__init__()
+        if not hasattr(model.visual, "transformer"):
+            raise ConfigError(f"this open_clip model's image tower is a {type(model.visual).__name__}, not "
+                              "open_clip's VisionTransformer; name its image tower with timm:NAME instead")
         self.visual, self._preprocess = model.visual, preprocess
         size = model.visual.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
@@ -131,9 +144,32 @@ class CLIPImage(ImageEncoder):
         return {"tokens": tokens, "pooled": pooled}
 
 
+def dims(spec, source: WeightsSource, role: str):
+    """From the folder's open_clip_config.json or open_clip's config of the architecture."""
+    import open_clip  # heavy: open_clip, only when a CLIP's size is estimated
+    path = os.path.join(str(source.location), "open_clip_config.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            cfg = json.load(f)["model_cfg"]
+    else:
+        cfg = open_clip.get_model_config(spec.hub)
+    if role == "text":
+        t = cfg["text_cfg"]
+        return t.get("context_length", 77), t["width"], cfg["embed_dim"]
+    v = cfg["vision_cfg"]
+    return (v["image_size"] // v["patch_size"]) ** 2, v["width"], cfg["embed_dim"]
+
+
 def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
-    model, _, tokenizer = load_clip(spec.hub, str(source.location))
-    return CLIPText(model, tokenizer)
+    import open_clip  # heavy: open_clip, only when CLIP is built
+    model, _, name = load_clip(spec.hub, str(source.location))
+    if not hasattr(model, "transformer") or getattr(model, "text_pool_type", "argmax") != "argmax":
+        # checked before its tokenizer is made: a SigLIP tokenizer would first download its vocabulary
+        raise ConfigError(f"this open_clip model's text tower ({type(model).__name__}, pooling "
+                          f"'{getattr(model, 'text_pool_type', '?')}') is not CLIP's causal EOT-pooled one "
+                          "(SigLIP-style) and is not supported yet; name the towers separately instead, "
+                          "e.g. hf:ID+timm:NAME")
+    return CLIPText(model, open_clip.get_tokenizer(name))
 
 
 def build_image(spec, source: WeightsSource) -> CLIPImage:
@@ -141,9 +177,23 @@ def build_image(spec, source: WeightsSource) -> CLIPImage:
     return CLIPImage(model, preprocess)
 
 
-CLIP = Family("clip", locate, build_text=build_text, build_image=build_image)
+CLIP = Family("clip", locate, build_text=build_text, build_image=build_image, dims=dims)
 register(BackboneSpec(
     "clip-vit-b32", ("text", "image"), CLIP, "ViT-B-32",
     "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "
     "EOT (512). image: 49 patch tokens after ln_post (768-d, pre-projection), pooled = projected (512)",
     default_tag="openai"))
+
+
+def open_spec(name: str) -> BackboneSpec:
+    """`open_clip:<arch>`: both towers of any open_clip architecture; the @TAG/@PATH is the weights."""
+    import open_clip  # heavy: open_clip, to check the architecture name before anything is located
+    arch = name.split(":", 1)[1]
+    if arch not in open_clip.list_models():
+        raise ConfigError(f"open_clip has no architecture '{arch}'; `python -c \"import open_clip; "
+                          "print(open_clip.list_models())\"` lists them")
+    return BackboneSpec(name, ("text", "image"), CLIP, arch, f"open_clip {arch}: stored as for clip-vit-b32")
+
+
+OPEN_FAMILIES.add("open_clip", OpenFamily(open_spec, "open_clip:ViT-L-14-336@openai",
+                                          "both towers of an open_clip model (@pretrained tag or checkpoint path)"))

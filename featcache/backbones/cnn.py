@@ -180,7 +180,9 @@ def build_image(spec, source: WeightsSource) -> ImageEncoder:
     return cls(spec.arch, _state_dict(spec, source))
 
 
-CNN = Family("cnn", locate, build_image=build_image)
+# arch -> (token width, pooled width); every one stores its 7 x 7 final map
+CNN_DIMS = {"resnet18": (512, 512), "resnet50": (2048, 2048), "tf_efficientnet_lite0": (320, 1280)}
+CNN = Family("cnn", locate, build_image=build_image, dims=lambda spec, source, role: (49, *CNN_DIMS[spec.arch]))
 register(
     BackboneSpec("resnet18", ("image",), CNN, "ResNet18_Weights.IMAGENET1K_V1",
                  "torchvision ResNet-18; tokens = the 7x7 layer4 map as 49 patches (512-d), pooled = avgpool",

@@ -6,10 +6,14 @@ A `--backbone` value is a paired name (`clip-vit-b32`: both towers of one model)
 Each family module (hf_text, clip, cnn, blip) provides a `Family`: `locate(spec, tag, override)` (where the
 weights are, without loading them) and the `build_*` of the roles it can play; its specs name that Family.
 Nothing falls back silently to a default backbone.
+
+Open families: `hf:<model id or dir>`, `timm:<name>[@<checkpoint>]` and `open_clip:<arch>@<tag or path>` name any
+model those libraries can build. The family module registers a factory for its prefix in OPEN_FAMILIES; the
+spec it returns goes through the same locate / create_* path as a registered short name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from ..errors import ConfigError
@@ -25,6 +29,9 @@ class Family:
     build_text: Callable | None = None  # (spec, source, max_len) -> TextEncoder
     build_image: Callable | None = None  # (spec, source) -> ImageEncoder
     build_captioner: Callable | None = None  # (spec, source) -> a captioner
+    # (spec, source, role) -> (positions, token width, pooled width) read from config files, no weights loaded
+    # (for the cache size printed before extraction); None where it cannot be known cheaply
+    dims: Callable | None = None
 
 
 @dataclass(frozen=True)
@@ -44,6 +51,17 @@ BACKBONES: Registry[BackboneSpec] = Registry("backbone")
 DEFAULT_BACKBONE = "minilm-l6+efficientnet-lite0"
 
 
+@dataclass(frozen=True)
+class OpenFamily:
+    """A prefix that names any model of a library: `make(name)` -> the BackboneSpec for `prefix:ID`."""
+    make: Callable[[str], BackboneSpec]
+    example: str  # shown by `featcache backbones`
+    what: str
+
+
+OPEN_FAMILIES: Registry[OpenFamily] = Registry("open backbone family")
+
+
 def register(*specs: BackboneSpec) -> None:
     """Called by each family module for the backbones it builds."""
     for spec in specs:
@@ -55,7 +73,14 @@ def list_backbones(modality: str | None = None) -> list[str]:
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
-    return BACKBONES.get(name.split("@", 1)[0])
+    base = name.split("@", 1)[0]
+    prefix = base.split(":", 1)[0] if ":" in base else None
+    if prefix is None or base in BACKBONES:
+        return BACKBONES.get(base)
+    if prefix not in OPEN_FAMILIES or not base.split(":", 1)[1]:
+        raise ConfigError(f"unknown backbone '{name}'; a registered name ({', '.join(BACKBONES.names())}) or one "
+                          f"of: {', '.join(f.example for _, f in OPEN_FAMILIES.items())}")
+    return OPEN_FAMILIES.get(prefix).make(base)
 
 
 def _tag(name: str, spec: BackboneSpec) -> str:
@@ -100,8 +125,15 @@ def _builder(name: str, modality: str) -> tuple[BackboneSpec, Callable]:
     return spec, build
 
 
-def create_text(name: str, source: WeightsSource, max_len: int = 64):
+def create_text(name: str, source: WeightsSource, max_len: int = 64, pooling: str = ""):
+    """`pooling` (cls | mean) overrides how an HF text backbone pools its tokens (--text-pooling)."""
     spec, build = _builder(name, "text")
+    if pooling:
+        if pooling not in ("cls", "mean"):
+            raise ConfigError(f"--text-pooling must be cls or mean, got '{pooling}'")
+        if spec.family.name != "hf_text":
+            raise ConfigError(f"--text-pooling applies to HF text backbones; '{name}' pools as its model does")
+        spec = replace(spec, pooling=pooling)
     return build(spec, source, max_len=max_len)
 
 
@@ -113,3 +145,14 @@ def create_image(name: str, source: WeightsSource):
 def create_captioner(name: str, source: WeightsSource):
     spec, build = _builder(name, "caption")
     return build(spec, source)
+
+
+def planned_dims(name: str, source: WeightsSource, role: str) -> tuple[int, int, int] | None:
+    """(tokens, token width, pooled width) of `name` in `role` (text | image) without loading it, or None."""
+    spec = get_backbone_spec(name)
+    if spec.family.dims is None:
+        return None
+    try:
+        return spec.family.dims(spec, source, role)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError):  # only an estimate: never fail a run
+        return None

@@ -39,6 +39,8 @@ class ExtractConfig:
     limit: int | None = None
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     device: str = "auto"
+    max_image_tokens: int = 0  # pool the patch grid to at most this many tokens (0: every patch, as always)
+    text_pooling: str = ""  # cls | mean: overrides an hf: text backbone's pooling ("" = its own)
     text_weights: str | None = None
     image_weights: str | None = None
     caption_weights: str | None = None
@@ -64,6 +66,8 @@ class ExtractConfig:
                    if self.image_views else {}),
                 # only when set: other keys stay as they were
                 **({"no_text": True} if self.no_text else {}),
+                **({"max_image_tokens": self.max_image_tokens} if self.max_image_tokens else {}),
+                **({"text_pooling": self.text_pooling} if self.text_pooling else {}),
                 **({"precision": precision} if precision != "fp32" else {})}
 
 

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..backbones import create_captioner, create_image, create_text
+from ..backbones.base import BudgetedImage
 from ..backbones.weights import WeightsSource
 from ..cache.store import SCHEMA_VERSION, CacheError, CacheWriter, partial_path
 from ..device import resolve_device
@@ -31,6 +32,7 @@ from ..sources.augment import ViewMaker
 from ..sources.base import Dataset, note_image_problems, scan_images, summarize
 from ..sources.images import ImageNote
 from .config import ExtractConfig, auto_batch_size
+from .size import announce
 from .decode import ImageRows, auto_workers, lane_batches, loader_batches
 from .forward import ImageLane, Models, forward_batch, nonfinite_rows, use_lane
 from .plan import Plan, already_extracted, make_plan
@@ -79,6 +81,7 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         return plan.out
     if strict:
         _strict_check(plan.ds, cfg, console, progress)
+    announce(plan, console.print)  # the size, and whether the disk holds it, before any model loads
     with _output_lock(plan.out):
         if not resume and os.path.exists(partial_path(plan.out)):
             raise CacheError(f"{partial_path(plan.out)} is left from an interrupted extraction; pass --resume to "
@@ -152,8 +155,11 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     cfg, weights = plan.cfg, plan.weights
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
-    text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len)
+    text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len,
+                       pooling=cfg.text_pooling)
     image = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]))
+    if cfg.max_image_tokens:
+        image = BudgetedImage(image, cfg.max_image_tokens)
     captioner = create_captioner(cfg.captions, WeightsSource.from_record(weights["caption"])) if cfg.captions else None
     for m in (text, image, captioner):
         if m is not None:
@@ -161,6 +167,8 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     load_s = time.perf_counter() - t0
     if not 0 <= cfg.text_layers <= text.num_layers:
         raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
+    if cfg.text_layers:
+        text.layers()  # an encoder that runs only as a whole (hf: DeBERTa, ...) says so before any file is made
     start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
     return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
 

@@ -48,6 +48,8 @@ class Plan:
 def make_plan(cfg: ExtractConfig) -> Plan:
     if cfg.caption_mode not in ("store", "append"):
         raise ConfigError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
+    if cfg.max_image_tokens < 0:
+        raise ConfigError(f"--max-image-tokens must be >= 0 (0 keeps every patch), got {cfg.max_image_tokens}")
     if cfg.image_views < 0:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     get_aug_spec(cfg.image_aug)
@@ -95,7 +97,9 @@ def _weights(cfg: ExtractConfig, text_name: str, image_name: str) -> dict:
     out = {}
     for role, (name, src) in found.items():
         loc = str(src.location)
-        out[role] = {"name": name, "source": src.kind, "location": loc,
+        # an HF cache snapshot folder is named by its commit: the exact revision (the key already has the sha256)
+        revision = {"revision": os.path.basename(loc)} if f"{os.sep}snapshots{os.sep}" in loc else {}
+        out[role] = {"name": name, "source": src.kind, "location": loc, **revision,
                      "sha256": file_sha256(loc) if os.path.exists(loc) else f"hub:{loc}"}
     return out
 
