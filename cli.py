@@ -304,6 +304,27 @@ def heads_predict_cmd(
                       f"'{res.fallback_tag}':[/] {', '.join(res.invalid)}", highlight=False)
 
 
+@command(heads_app, "ensemble")
+def heads_ensemble_cmd(
+    runs: list[Path] = typer.Argument(..., help="Finished `heads train` runs (single or --folds) of one cache."),
+    out: Path = typer.Option(..., "--out", help="The ensemble's run directory (usable by `heads predict`)."),
+    weighting: str = typer.Option("equal", help="equal | val: weight each run by its validation (with --folds: "
+                                  "out-of-fold) macro-F1."),
+):
+    """Combine finished runs of one cache into one run that averages their class probabilities."""
+    from heads.ensemble import build_ensemble
+
+    m = build_ensemble([str(r) for r in runs], str(out), weighting)
+    if m["validated"]:
+        console.print(f"{m['fusion']}: validation accuracy {m['accuracy']:.4f} · macro_f1 {m['macro_f1']:.4f} · "
+                      f"weighted_f1 {m['weighted_f1']:.4f} (averaged probabilities of {len(runs)} runs on their "
+                      f"shared validation rows)", highlight=False)
+    else:
+        console.print(f"{m['fusion']}: the runs validated on different rows, so the ensemble has no validation "
+                      "score (train them with one seed, or --folds K with one seed and K)", highlight=False)
+    console.print(f"ensemble run directory: {out}", highlight=False)
+
+
 @command(heads_app, "fusions")
 def heads_fusions_cmd():
     """List the registered fusion heads."""
@@ -444,7 +465,12 @@ def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads 
     path = run / "metrics.json"
     if not path.exists():
         fail(f"{run} has no metrics.json: not a finished run directory of `heads train` or `heads finetune`")
-    print_summary(load_json(str(path)), str(run), Console())
+    metrics = load_json(str(path))
+    if metrics.get("validated") is False:  # an ensemble of runs validated on different rows: members only
+        for m in metrics["members"]:
+            console.print(f"{m['run']}: weight {m['weight']:.3f}, macro_f1 {m['macro_f1']:.4f}", highlight=False)
+        return
+    print_summary(metrics, str(run), Console())
 
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience

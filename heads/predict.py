@@ -27,6 +27,7 @@ from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
 from .data.text_layers import stage2_keys, with_text_inputs
+from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
 from .infer import infer, load_heads, mean_log_proba, softmax
 from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers
 from .train.bias import apply_bias
@@ -55,15 +56,19 @@ def fallback_tag(run_dir: str, classes: list[str]) -> str:
 def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test", device: str = "auto",
             batch_size: int | None = None, proba: bool = False) -> PredictResult:
     """Write `guid,tag` lines (with `proba`, also p_<class> per line) for every sample of `split`. A cross-fit
-    run's K heads vote by their averaged probabilities."""
+    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average."""
     dev = resolve_device(device)
-    models, cfg = load_heads(run_dir, dev)
-    flat, classes = cfg["train"], cfg["classes"]
+    if is_ensemble(run_dir):  # `heads ensemble`: its members' heads, probabilities averaged
+        models, cfg = [], load_json(os.path.join(run_dir, "config.json"))
+        flat, keys = {}, ensemble_inputs(run_dir)
+    else:
+        models, cfg = load_heads(run_dir, dev)
+        flat, keys = cfg["train"], models[0].inputs
+    classes = cfg["classes"]
     n = flat.get("text_layers", 0) if cfg["stage"] == "finetune" else 0
     text_forward = flat.get("text_forward", "cached")
     if not isinstance(cache, CacheData):
-        keys = models[0].inputs + (stage2_keys(text_forward) if n else ())
-        cache = load_cache(str(cache), keys=keys, texts=bool(n))
+        cache = load_cache(str(cache), keys=keys + (stage2_keys(text_forward) if n else ()), texts=bool(n))
     data = cache
     check_cache(run_dir, cfg, data.path, data.meta, data.classes)
 
@@ -81,8 +86,10 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     if ok.any():
         if n:
             models[0], data = _with_text_layers(run_dir, models[0], data, n, text_forward, dev)
-        size = batch_size or BATCH[cfg["stage"]]
-        if len(models) == 1:  # one head: its raw logits, as always (bit for bit)
+        size = batch_size or BATCH.get(cfg["stage"], BATCH["train"])
+        if not models:
+            logits = ensemble_log_proba(run_dir, data, rows[ok], dev, size)
+        elif len(models) == 1:  # one head: its raw logits, as always (bit for bit)
             logits = infer(models[0], data, rows[ok], dev, size)["logits"]
         else:
             logits = mean_log_proba(models, data, rows[ok], dev, size)

@@ -111,3 +111,51 @@ def test_cli_train_folds_show_predict_and_finetune_refuses(cache, tmp_path):
     assert r.exit_code == 2 and "cross-fit run" in r.output and "not supported yet" in r.output
     r = runner.invoke(heads_app, ["train", "--cache", cache, "--folds", "1", "--out", run])
     assert r.exit_code == 2 and "--folds must be 0" in r.output
+
+
+def test_ensemble_of_crossfit_runs_validates_and_predicts_the_weighted_average(cache, tmp_path):
+    from heads.ensemble import build_ensemble
+    a = train_crossfit(cfg(fusion="concat", folds=2, seed=2), cache, str(tmp_path / "a"))
+    b = train_crossfit(cfg(fusion="film", folds=2, seed=2), cache, str(tmp_path / "b"))
+    ens = str(tmp_path / "ens")
+    m = build_ensemble([a.run_dir, b.run_dir], ens, weighting="val")
+    w = np.array([a.metrics["macro_f1"], b.metrics["macro_f1"]])
+    w = w / w.sum()
+    assert m["validated"] and [x["weight"] for x in m["members"]] == pytest.approx(w.tolist())
+    data = load_cache(cache)
+    oof = w[0] * softmax(a.oof_logits) + w[1] * softmax(b.oof_logits)  # same seed and K: the same rows
+    y = data.labels[a.oof_rows]
+    assert m["macro_f1"] == pytest.approx(compute_metrics(y, oof.argmax(1), data.classes)["macro_f1"], abs=1e-6)
+    out = str(tmp_path / "p.csv")
+    predict(ens, cache, out, split="test", device="cpu", proba=True)
+    rows = [r for r in read_csv(out) if r["p_positive"]]
+    test = data.rows("test")
+    ok = test[data.valid[test]]
+
+    def member(res):
+        return np.mean([softmax(f.model.eval()(data.batch(ok, "cpu", f.model.inputs))["logits"].detach().numpy())
+                        for f in res.folds], axis=0)
+    want = w[0] * member(a) + w[1] * member(b)
+    np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in data.classes] for r in rows], want, atol=2e-5)
+    assert [r["tag"] for r in rows] == [data.classes[k] for k in want.argmax(1)]
+
+
+def test_ensemble_cli_refuses_other_caches_and_says_when_unvalidated(cache, make_synthetic_cache, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    s0 = train(cfg(fusion="concat", seed=0), cache, str(tmp_path / "s0")).run_dir
+    s1 = train(cfg(fusion="concat", seed=1), cache, str(tmp_path / "s1")).run_dir
+    r = runner.invoke(heads_app, ["ensemble", s0, s1, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "no validation score" in r.output  # seeds 0 and 1 validated on different rows
+    r = runner.invoke(heads_app, ["show", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "weight 0.500" in r.output
+    r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path / "e"), "--cache", cache, "--out",
+                                  str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    other = make_synthetic_cache("prep.h5", preprocessing={"clean_text": True})  # other features
+    o = train(cfg(fusion="concat", seed=0), other, str(tmp_path / "o")).run_dir
+    r = runner.invoke(heads_app, ["ensemble", s0, o, "--out", str(tmp_path / "e2")])
+    assert r.exit_code == 2 and "an ensemble combines runs of one cache" in r.output
+    r = runner.invoke(heads_app, ["ensemble", s0, "--out", str(tmp_path / "e3")])
+    assert r.exit_code == 2 and "at least two runs" in r.output
