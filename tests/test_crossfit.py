@@ -101,7 +101,7 @@ def test_cli_train_folds_show_predict_and_finetune_refuses(cache, tmp_path):
     assert r.exit_code == 0, r.output
     assert "out-of-fold" in r.output and "per fold macro_f1" in r.output
     r = runner.invoke(heads_app, ["show", run])
-    assert r.exit_code == 0 and "macro_f1" in r.output
+    assert r.exit_code == 0 and "2 fold heads" in r.output and "out-of-fold" in r.output
     preds = str(tmp_path / "p.csv")
     r = runner.invoke(heads_app, ["predict", "--run", run, "--cache", cache, "--out", preds, "--proba"])
     assert r.exit_code == 0, r.output

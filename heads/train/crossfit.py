@@ -83,9 +83,6 @@ def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_di
         run_dir = _write(out_dir, cfg, data, results, rows, logits, metrics, bias)
     if console is not None:
         print_summary(metrics, run_dir, console)
-        f = metrics["folds"]
-        console.print(f"{folds} fold heads · out-of-fold predictions of every labelled row · per fold macro_f1 "
-                      f"{f['macro_f1']['mean']:.4f} ± {f['macro_f1']['std']:.4f}", highlight=False)
     return CrossfitResult(run_dir, metrics, results, rows, logits)
 
 
