@@ -244,6 +244,10 @@ def heads_train_cmd(
     patience: int = typer.Option(3, help="Stop after this many epochs without improvement (0 = never)."),
     seed: int = typer.Option(0, help="Seed for the split, initialisation, dropout and batch order."),
     val_ratio: float = typer.Option(0.2, help="Stratified validation fraction of the labelled samples."),
+    folds: int = typer.Option(0, "--folds", help="K >= 2: a cross-fit run, K heads on a stratified K-fold "
+                              "split of every labelled sample (each early-stopped on its own fold), one run "
+                              "directory; metrics are on the out-of-fold predictions; predict averages the K "
+                              "heads. 0: one head, --val-ratio validation."),
     test_ratio: float = typer.Option(0.0, help="Also hold out this stratified fraction as an internal test "
                                      "split: scored once at the end, never used for early stopping or bias."),
     val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP),
@@ -266,17 +270,21 @@ def heads_train_cmd(
 
     from heads.config import TrainConfig
     from heads.fusions import DEFAULT_FUSION
+    from heads.train.crossfit import train_crossfit
     from heads.train.stage1 import train
 
     fusion = fusion or DEFAULT_FUSION
-    out = out or Path("runs") / f"{fusion}-{modality}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
-    cfg = TrainConfig.from_flat(
+    kind = f"-cv{folds}" if folds else ""
+    out = out or Path("runs") / f"{fusion}-{modality}{kind}-s{seed}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if folds == 1 or folds < 0:
+        fail(f"--folds must be 0 (one head) or at least 2 (a cross-fit run), got {folds}")
+    cfg = TrainConfig.from_flat(folds=folds,
         fusion=fusion, modality=modality, loss=loss, label_smoothing=label_smoothing, rdrop=rdrop,
         modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
         patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio, val_split=val_split,
         split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
         precision=precision, device=device, plots=plots)
-    train(cfg.validate(), str(cache), str(out), console=Console())
+    (train_crossfit if folds else train)(cfg.validate(), str(cache), str(out), console=Console())
 
 
 @command(heads_app, "predict")
@@ -287,16 +295,40 @@ def heads_predict_cmd(
                               "(train, test, dev, test_unseen, ...)."),
     out: Path = typer.Option(..., "--out", help="Output file: `guid,tag` lines with a header."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    proba: bool = typer.Option(False, "--proba", help="Also write each class's probability (p_<class> "
+                               "columns after guid,tag; empty for invalid samples)."),
 ):
-    """Apply a trained head to every sample of a cache split; invalid samples are listed, not dropped."""
+    """Apply a trained head (or a cross-fit run's K heads, probabilities averaged) to every sample of a cache
+    split; invalid samples are listed, not dropped."""
     from heads.predict import predict
 
-    res = predict(str(run), str(cache), str(out), split=split, device=device)
+    res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
     console.print(f"wrote {res.written} predictions ({tags}) to {res.out}", highlight=False)
     if res.invalid:
         console.print(f"[yellow]{len(res.invalid)} invalid sample(s) written with the fallback tag "
                       f"'{res.fallback_tag}':[/] {', '.join(res.invalid)}", highlight=False)
+
+
+@command(heads_app, "ensemble")
+def heads_ensemble_cmd(
+    runs: list[Path] = typer.Argument(..., help="Finished `heads train` runs (single or --folds) of one cache."),
+    out: Path = typer.Option(..., "--out", help="The ensemble's run directory (usable by `heads predict`)."),
+    weighting: str = typer.Option("equal", help="equal | val: weight each run by its validation (with --folds: "
+                                  "out-of-fold) macro-F1."),
+):
+    """Combine finished runs of one cache into one run that averages their class probabilities."""
+    from heads.ensemble import build_ensemble
+
+    m = build_ensemble([str(r) for r in runs], str(out), weighting)
+    if m["validated"]:
+        console.print(f"{m['fusion']}: validation accuracy {m['accuracy']:.4f} · macro_f1 {m['macro_f1']:.4f} · "
+                      f"weighted_f1 {m['weighted_f1']:.4f} (averaged probabilities of {len(runs)} runs on their "
+                      f"shared validation rows)", highlight=False)
+    else:
+        console.print(f"{m['fusion']}: the runs validated on different rows, so the ensemble has no validation "
+                      "score (train them with one seed, or --folds K with one seed and K)", highlight=False)
+    console.print(f"ensemble run directory: {out}", highlight=False)
 
 
 @command(heads_app, "fusions")
@@ -439,7 +471,12 @@ def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads 
     path = run / "metrics.json"
     if not path.exists():
         fail(f"{run} has no metrics.json: not a finished run directory of `heads train` or `heads finetune`")
-    print_summary(load_json(str(path)), str(run), Console())
+    metrics = load_json(str(path))
+    if metrics.get("validated") is False:  # an ensemble of runs validated on different rows: members only
+        for m in metrics["members"]:
+            console.print(f"{m['run']}: weight {m['weight']:.3f}, macro_f1 {m['macro_f1']:.4f}", highlight=False)
+        return
+    print_summary(metrics, str(run), Console())
 
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience

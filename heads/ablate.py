@@ -43,6 +43,7 @@ from .report.build import write_reports
 from .report.compare import parse_baseline
 from .rundir import is_finished, load_json, save_json
 from .train import stage1
+from .train.crossfit import fold_configs
 from .train.metrics import check_metric_classes
 from .train.probe import probe_done, probe_specs, run_probe
 
@@ -209,18 +210,20 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
     grid = dict(cfg.grid or default_grid())
     grid.setdefault("seed", list(cfg.seeds))
     base = TrainConfig.from_flat(cfg.base)
-    folds = range(cfg.folds) if cfg.folds else [None]
     caches = cfg.caches()
     runs = []
     for label, path in caches.items():
         prefix = f"cache={_fmt(label)}," if len(caches) > 1 else ""
         for values in itertools.product(*grid.values()):
             point = dict(zip(grid, values))
-            for fold in folds:
-                extra = {"folds": cfg.folds, "fold": fold} if fold is not None else {}
-                train_cfg = base.with_flat(**point, **extra)
-                name = prefix + ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
-                runs.append(RunSpec(name + (f",fold={fold}" if fold is not None else ""), train_cfg, path))
+            name = prefix + ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
+            if not cfg.folds:
+                runs.append(RunSpec(name, base.with_flat(**point), path))
+                continue
+            # The K fold heads of `heads train --folds K` (one definition of the folds), one run directory each
+            # so that reports pair them by (seed, fold).
+            for fold_cfg in fold_configs(base.with_flat(**point), cfg.folds):
+                runs.append(RunSpec(f"{name},fold={fold_cfg.split.fold}", fold_cfg, path))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), "run names must be unique"  # holds: grid values are unique
     return runs

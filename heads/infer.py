@@ -15,9 +15,11 @@ import torch
 
 from safetensors.torch import load_file
 
+from featcache.errors import ConfigError
+
 from .data.cache import CacheData
 from .fusions import HeadConfig, HeadDims, create_fusion
-from .rundir import HEAD_FILE, read_config
+from .rundir import head_files, read_config
 
 
 @torch.inference_mode()
@@ -42,10 +44,31 @@ def softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def load_head(run_dir: str, device="cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild the head from config.json + head.safetensors. Returns (model in eval mode, format-2 config)."""
+    """Rebuild the head from config.json + head.safetensors. Returns (model in eval mode, format-2 config).
+    A cross-fit run has K heads: use load_heads."""
+    models, cfg = load_heads(run_dir, device)
+    if len(models) != 1:
+        raise ConfigError(f"{run_dir} is a cross-fit run with {len(models)} fold heads; this command takes a "
+                          "run with one head (`heads train` without --folds)")
+    return models[0], cfg
+
+
+def load_heads(run_dir: str, device="cpu") -> tuple[list[torch.nn.Module], dict]:
+    """Every head of a run (one, or a cross-fit run's K fold heads), in eval mode, and its format-2 config."""
     cfg = read_config(run_dir)
     flat = cfg["train"]
     head = HeadConfig(**{f.name: flat[f.name] for f in fields(HeadConfig) if f.name in flat})
-    model = create_fusion(head, HeadDims(**cfg["dims"]))
-    model.load_state_dict(load_file(os.path.join(run_dir, HEAD_FILE)))
-    return model.to(device).eval(), cfg
+    models = []
+    for name in head_files(cfg):
+        model = create_fusion(head, HeadDims(**cfg["dims"]))
+        model.load_state_dict(load_file(os.path.join(run_dir, name)))
+        models.append(model.to(device).eval())
+    return models, cfg
+
+
+def mean_log_proba(models: list[torch.nn.Module], data: CacheData, rows, device="cpu",
+                   batch_size: int = 1024) -> np.ndarray:
+    """log of the heads' averaged softmax probabilities (n,C): one head's is its log-softmax, which has the
+    argmax (and, with per-class offsets, the decisions) of its logits."""
+    probs = np.mean([softmax(infer(m, data, rows, device, batch_size)["logits"]) for m in models], axis=0)
+    return np.log(np.clip(probs, 1e-12, None)).astype(np.float32)

@@ -27,7 +27,8 @@ from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
 from .data.text_layers import stage2_keys, with_text_inputs
-from .infer import infer, load_head
+from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
+from .infer import infer, load_heads, mean_log_proba, softmax
 from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers
 from .train.bias import apply_bias
 from .train.text_model import FinetuneModel
@@ -53,15 +54,21 @@ def fallback_tag(run_dir: str, classes: list[str]) -> str:
 
 
 def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test", device: str = "auto",
-            batch_size: int | None = None) -> PredictResult:
+            batch_size: int | None = None, proba: bool = False) -> PredictResult:
+    """Write `guid,tag` lines (with `proba`, also p_<class> per line) for every sample of `split`. A cross-fit
+    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average."""
     dev = resolve_device(device)
-    model, cfg = load_head(run_dir, dev)
-    flat, classes = cfg["train"], cfg["classes"]
+    if is_ensemble(run_dir):  # `heads ensemble`: its members' heads, probabilities averaged
+        models, cfg = [], load_json(os.path.join(run_dir, "config.json"))
+        flat, keys = {}, ensemble_inputs(run_dir)
+    else:
+        models, cfg = load_heads(run_dir, dev)
+        flat, keys = cfg["train"], models[0].inputs
+    classes = cfg["classes"]
     n = flat.get("text_layers", 0) if cfg["stage"] == "finetune" else 0
     text_forward = flat.get("text_forward", "cached")
     if not isinstance(cache, CacheData):
-        keys = model.inputs + (stage2_keys(text_forward) if n else ())
-        cache = load_cache(str(cache), keys=keys, texts=bool(n))
+        cache = load_cache(str(cache), keys=keys + (stage2_keys(text_forward) if n else ()), texts=bool(n))
     data = cache
     check_cache(run_dir, cfg, data.path, data.meta, data.classes)
 
@@ -75,19 +82,32 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     ok = data.valid[rows]
     fallback = fallback_tag(run_dir, classes)
     tags = np.full(rows.size, fallback, dtype=object)
+    probs = np.full((rows.size, len(classes)), np.nan)  # invalid samples: no probabilities (empty cells)
     if ok.any():
         if n:
-            model, data = _with_text_layers(run_dir, model, data, n, text_forward, dev)
-        logits = infer(model, data, rows[ok], dev, batch_size or BATCH[cfg["stage"]])["logits"]
+            models[0], data = _with_text_layers(run_dir, models[0], data, n, text_forward, dev)
+        size = batch_size or BATCH.get(cfg["stage"], BATCH["train"])
+        if not models:
+            logits = ensemble_log_proba(run_dir, data, rows[ok], dev, size)
+        elif len(models) == 1:  # one head: its raw logits, as always (bit for bit)
+            logits = infer(models[0], data, rows[ok], dev, size)["logits"]
+        else:
+            logits = mean_log_proba(models, data, rows[ok], dev, size)
         tags[ok] = np.asarray(classes, dtype=object)[apply_bias(logits, bias).argmax(1)]
-
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", newline="\n") as f:
-        f.write("guid,tag\n")
-        for r, tag in zip(rows, tags):
-            f.write(f"{data.guids[r]},{tag}\n")
+        probs[ok] = softmax(logits)
+    _write_tags(out, [data.guids[r] for r in rows], tags, probs if proba else None, classes)
     return PredictResult(out=out, split=split, written=int(rows.size), fallback_tag=fallback,
                          invalid=[data.guids[r] for r in rows[~ok]], tags=dict(Counter(tags.tolist())))
+
+
+def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> None:
+    """The label-file format (`guid,tag`); with probabilities, one p_<class> column per class after it."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w", newline="\n") as f:
+        f.write("guid,tag" + ("".join(f",p_{c}" for c in classes) if probs is not None else "") + "\n")
+        for k, (guid, tag) in enumerate(zip(guids, tags)):
+            extra = "".join("," if np.isnan(p) else f",{p:.6f}" for p in probs[k]) if probs is not None else ""
+            f.write(f"{guid},{tag}{extra}\n")
 
 
 def _with_text_layers(run_dir: str, head, data: CacheData, n: int, text_forward: str, device):

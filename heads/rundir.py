@@ -6,6 +6,9 @@
                               "dims": the head's input sizes and class count, "classes": the cache's class
                               names (label k is classes[k]), "env": what produced the run (featcache.env)}
     head.safetensors         head weights (state_dict)
+    head.fold<k>.safetensors a cross-fit run (`heads train --folds K`): the K fold heads instead of
+                             head.safetensors, listed in config.json "heads"; predict averages their
+                             probabilities (heads.train.crossfit)
     text_layers.safetensors  stage 2: the unfrozen text-layer parameters only
     cache.json               cache key, backbone, preprocessing, dataset of the cache it was trained on
     split.json               seed, split settings, training class counts, train/val/test guids (+ init);
@@ -41,6 +44,7 @@ from featcache.errors import ConfigError
 FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
 HEAD_FILE, TEXT_LAYERS_FILE = "head.safetensors", "text_layers.safetensors"
+FOLD_FILE = "head.fold{}.safetensors"  # a cross-fit run's k-th head
 # Format 1 stage 2: the head and loss of a run came from its "train" section (the --init run's, or the fresh
 # head's), its optimisation and text layers from "finetune", under older names.
 _FT1_FROM_TRAIN = ("fusion", "modality", "hidden", "dropout", "attn_heads", "modality_dropout", "loss",
@@ -103,11 +107,22 @@ def upgrade_config(raw: dict) -> dict:
 
 def read_config(run_dir: str) -> dict:
     """config.json of a head run, upgraded to format 2; FileNotFoundError when `run_dir` is not one."""
-    for name in ("config.json", HEAD_FILE, "cache.json"):
+    def need(name):
         if not os.path.exists(os.path.join(run_dir, name)):
             raise FileNotFoundError(f"{run_dir} is not a heads run directory (no {name}); "
                                     "point --run at a directory written by `heads train`")
-    return upgrade_config(load_json(os.path.join(run_dir, "config.json")))
+
+    need("config.json")
+    need("cache.json")
+    cfg = upgrade_config(load_json(os.path.join(run_dir, "config.json")))
+    for name in head_files(cfg):
+        need(name)
+    return cfg
+
+
+def head_files(cfg: dict) -> list[str]:
+    """The weight files of a run's head(s): the K fold heads of a cross-fit run, else head.safetensors."""
+    return list(cfg.get("heads") or [HEAD_FILE])
 
 
 def check_cache(run_dir: str, cfg: dict, cache_path: str, meta: dict, classes: list[str]) -> None:
@@ -179,6 +194,7 @@ class RunRecord:
     history: list | None = None
     bias: list | None = None  # --tune-bias offsets, in class order
     weights: dict = field(default_factory=dict)  # file name -> state dict (HEAD_FILE, TEXT_LAYERS_FILE)
+    heads: list | None = None  # cross-fit runs: the fold heads' weight files (config.json "heads")
 
 
 def write_run(out_dir: str, rec: RunRecord, draw=None) -> str:
@@ -192,6 +208,8 @@ def write_run(out_dir: str, rec: RunRecord, draw=None) -> str:
               "env": rec.env}
     if rec.dims is not None:
         config["dims"] = rec.dims
+    if rec.heads is not None:
+        config["heads"] = list(rec.heads)
     save_json(os.path.join(out_dir, "config.json"), config)
     for name, state in rec.weights.items():
         save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, name))

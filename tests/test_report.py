@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 from heads.config import TrainConfig
-from heads.report.compare import paired_bootstrap
+from heads.report.compare import holm, paired_bootstrap
 from heads.report.tables import latex_escape
 from heads.train.metrics import compute_metrics
 from test_ablate import cache, cli_ablation, load, read_csv  # noqa: F401  (fixtures reused)
@@ -246,6 +246,13 @@ def test_paired_bootstrap():
     assert same["diff"] == same["ci_lo"] == same["ci_hi"] == 0.0
     flipped = paired_bootstrap([(y, b, a) for y, a, b in groups], 3, n_boot=500, seed=3)
     assert flipped["diff"] == pytest.approx(-res["diff"]) and flipped["ci_hi"] < 0
+    assert res["p"] == pytest.approx(2 / 501) and same["p"] == 1.0  # never 0; no difference: 1
+
+
+def test_holm_adjustment():
+    # Holm by hand: sorted p 0.01, 0.02, 0.03, 0.5 times 4, 3, 2, 1 -> 0.04, 0.06, 0.06 (monotone), 0.5
+    np.testing.assert_allclose(holm([0.03, 0.5, 0.01, 0.02]), [0.06, 0.5, 0.04, 0.06])
+    assert holm([0.9, 0.8]).tolist() == [1.0, 1.0] and holm([]).size == 0
 
 
 
@@ -326,6 +333,8 @@ def test_class_names_come_from_the_runs(tmp_path):
     f1 = lambda p: f1_per_class(y, p, len(classes)).mean()  # noqa: E731
     assert float(paired["diff"]) == pytest.approx(f1([v if i % 3 else 0 for i, v in enumerate(y)])
                                                   - f1([3 - v for v in y]), abs=1e-12)
+    assert float(paired["p_holm"]) == pytest.approx(float(paired["p"]))  # one comparison: nothing to adjust
+    assert "Holm p" in open(tmp_path / "paired.md", encoding="utf-8").read()
     html = open(tmp_path / "summary.html", encoding="utf-8").read()
     assert all(f"<th>F1 {c}</th>" in html for c in classes)
 

@@ -7,7 +7,10 @@ their split, by guid). The observed difference is the mean over pairs of macro-F
 macro-F1(baseline), i.e. exactly the difference of the two summary means when every run has a partner. Its
 95% CI is a paired bootstrap over samples: each resample draws validation samples with replacement *within*
 each pair (the same draw for both models, which is what makes it paired) and recomputes the mean per-pair
-difference.
+difference. Its two-sided bootstrap p-value is 2·min(share of resampled differences <= 0, share >= 0), with
+the +1 correction ((count + 1) / (n_boot + 1)) so that no finite bootstrap claims p = 0. A grid makes many
+comparisons against one baseline (48 configurations: 47), so the p-values are also Holm-adjusted over all
+comparisons of the report (`p_holm`); `survives_holm` is p_holm < 0.05, the statement to make about a grid.
 
 Modality analysis (as in the seed reports): for configurations that have text-only, image-only and fused
 (`both`) runs with the same other values and split, pooled over splits: how often the two single-modality
@@ -53,8 +56,21 @@ def paired_bootstrap(groups, num_classes: int, n_boot: int = 2000, seed: int = 0
     k = max(1, len(groups))
     observed, boot = observed / k, boot / k
     lo, hi = np.percentile(boot, [2.5, 97.5])
+    tail = min(np.sum(boot <= 0), np.sum(boot >= 0))
     return {"diff": float(observed), "ci_lo": float(lo), "ci_hi": float(hi),
-            "p_le_0": float(np.mean(boot <= 0)), "n_boot": n_boot}
+            "p_le_0": float(np.mean(boot <= 0)), "p": float(min(1.0, 2 * (tail + 1) / (n_boot + 1))),
+            "n_boot": n_boot}
+
+
+def holm(pvalues) -> np.ndarray:
+    """Holm's step-down adjustment (family-wise error over all the comparisons), in the input order."""
+    p = np.asarray(pvalues, dtype=np.float64)
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adjusted = np.minimum(1.0, np.maximum.accumulate((m - np.arange(m)) * p[order]))
+    out = np.empty(m)
+    out[order] = adjusted
+    return out
 
 
 class _Preds:
@@ -127,6 +143,8 @@ def paired_comparison(runs, baseline: str, n_boot: int = 2000, seed: int = 0) ->
         rows.append({"config": members[0].config, "baseline": groups[base_key][0].config, "pairs": len(pairs),
                      "samples": int(sum(len(p[0]) for p in pairs)), **stats,
                      "significant": bool(stats["ci_lo"] > 0 or stats["ci_hi"] < 0)})
+    for row, adjusted in zip(rows, holm([row["p"] for row in rows])):
+        row.update(p_holm=float(adjusted), survives_holm=bool(adjusted < 0.05))
     rows.sort(key=lambda row: -row["diff"])
     return rows
 
@@ -149,21 +167,27 @@ def _pairs(members, base_members, preds) -> list[tuple]:
 
 
 def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -> None:
-    cols = ["config", "baseline", "pairs", "samples", "diff", "ci_lo", "ci_hi", "p_le_0", "n_boot", "significant"]
+    cols = ["config", "baseline", "pairs", "samples", "diff", "ci_lo", "ci_hi", "p_le_0", "p", "p_holm", "n_boot",
+            "significant", "survives_holm"]
     write_csv(csv_path, cols, rows)
     key_name, value = parse_baseline(baseline)
     lines = [f"# Paired comparison against {key_name}={value}", "",
              "Δ macro-F1 = mean over splits (seed/fold) of F1(config) − F1(baseline) on the same validation "
-             "samples; 95% CI from a paired bootstrap over samples (resampled within each split).", "",
-             "| configuration | baseline | Δ macro-F1 | 95% CI | P(Δ≤0) | splits | samples |",
-             "|---|---|---|---|---|---|---|"]
+             "samples; 95% CI from a paired bootstrap over samples (resampled within each split); p two-sided "
+             f"(bootstrap), Holm p adjusted over all {len(rows)} comparisons.", "",
+             "| configuration | baseline | Δ macro-F1 | 95% CI | P(Δ≤0) | p | Holm p | splits | samples |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mark = " *" if r["significant"] else ""
+        mark = (" *" if r["significant"] else "") + (" †" if r.get("survives_holm") else "")
         lines.append(f"| {r['config']} | {r['baseline']} | {r['diff']:+.4f}{mark} | [{r['ci_lo']:+.4f}, "
-                     f"{r['ci_hi']:+.4f}] | {r['p_le_0']:.3f} | {r['pairs']} | {r['samples']} |")
+                     f"{r['ci_hi']:+.4f}] | {r['p_le_0']:.3f} | {r['p']:.4f} | {r['p_holm']:.4f} | {r['pairs']} | "
+                     f"{r['samples']} |")
     if not rows:
-        lines.append(f"| (no configuration has a {key_name}={value} counterpart on the same splits) | | | | | | |")
-    lines += ["", "\\* the CI excludes 0."]
+        lines.append(f"| (no configuration has a {key_name}={value} counterpart on the same splits) | | | | | | "
+                     "| | |")
+    survive = sum(r.get("survives_holm", False) for r in rows)
+    lines += ["", "\\* the CI excludes 0 (this comparison alone). † Holm-adjusted p < 0.05: survives the "
+              f"correction for {len(rows)} comparisons ({survive} of {len(rows)} do)."]
     with open(md_path, "w") as f:
         f.write("\n".join(lines) + "\n")
 

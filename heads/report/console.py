@@ -47,5 +47,9 @@ def print_summary(metrics: dict, run_dir: str | None, console) -> None:
     console.print(f"train {n.get('train')} · val {val}{test} · invalid excluded {n.get('invalid_excluded')}"
                   f" · unlabelled {n.get('unlabelled')} · trained in {timing.get('train_s', 0):.1f}s on "
                   f"{timing.get('device')} ({timing.get('threads')} threads)", highlight=False)
+    if "crossfit" in metrics:  # heads train --folds K: the table scores every labelled row out of fold
+        f = metrics["folds"]["macro_f1"]
+        console.print(f"cross-fit: {metrics['crossfit']} fold heads, metrics on the out-of-fold predictions of every "
+                      f"labelled row · per fold macro_f1 {f['mean']:.4f} ± {f['std']:.4f}", highlight=False)
     if run_dir:
         console.print(f"run directory: {run_dir}", highlight=False)

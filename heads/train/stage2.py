@@ -111,6 +111,10 @@ def _with_init(cfg: FinetuneConfig) -> FinetuneConfig:
     saved = read_config(cfg.init)
     if saved["stage"] != "train":
         raise ConfigError(f"--init {cfg.init} is a {saved['stage']} run; give the stage-1 run it started from")
+    if len(saved.get("heads") or ()) > 1:
+        raise ConfigError(f"--init {cfg.init} is a cross-fit run ({len(saved['heads'])} fold heads, `heads train "
+                          "--folds`); stage 2 from a cross-fit run is not supported yet. Give --init a run "
+                          "trained without --folds")
     stage1 = TrainConfig.from_flat(saved["train"])
     if cfg.split.split_file or cfg.split.val_split != "auto":
         raise ConfigError(f"--init {cfg.init} brings its own split (its split.json); --split-file and --val-split "

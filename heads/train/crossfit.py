@@ -1,0 +1,156 @@
+"""`heads train --folds K`: a cross-fit run, K heads over every labelled row, saved as ONE run directory.
+
+    cfg = TrainConfig.from_flat(fusion="film", seed=0, folds=5)
+    result = train_crossfit(cfg, "cache/mvsa.h5", "runs/film-cv5")
+
+Why: a single head trains on 80% of the labelled rows and is early-stopped on a 20% split, so a fifth of the
+labels never reach the weights and its scores move with the seed. Here the labelled rows are split into K
+stratified folds (seeded: `split_labelled` with folds=K, fold=k, exactly the folds `heads ablate --folds K`
+trains as K separate runs), head k trains on the other K-1 folds and is early-stopped on fold k, so every
+labelled row gets one out-of-fold (OOF) prediction from a head that never saw it. metrics.json scores those
+OOF predictions of every labelled row (plus per-fold mean and std); `--tune-bias` tunes the offsets on the
+OOF logits, so the offsets are not fitted on rows they are scored on by the same head's selection alone.
+`heads predict` averages the K heads' probabilities (heads.infer.mean_log_proba).
+
+The cache is loaded once and the K heads train one after the other in this process (stage1.train with
+out_dir=None). A --test-ratio share (and the data's other labelled splits) is set aside before the folds and
+scored once with the averaged heads.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from featcache.env import environment
+from featcache.errors import ConfigError
+
+from ..config import TrainConfig
+from ..data.cache import CacheData, load_cache
+from ..fusions import get_fusion
+from ..infer import mean_log_proba, softmax
+from ..report import figures
+from ..report.console import print_summary
+from ..rundir import FOLD_FILE, RunRecord, cache_info, write_run
+from .bias import apply_bias, tune_bias
+from .metrics import compute_metrics
+from .stage1 import TrainResult, train
+
+FOLD_KEYS = ("accuracy", "macro_f1", "weighted_f1")  # summarised per fold as mean and std
+
+
+@dataclass
+class CrossfitResult:
+    run_dir: str | None
+    metrics: dict
+    folds: list[TrainResult]  # one per fold, in fold order
+    oof_rows: np.ndarray  # every cross-fitted row, sorted
+    oof_logits: np.ndarray  # (len(oof_rows), C): each row's logits from the head that did not train on it
+
+
+def fold_configs(cfg: TrainConfig, folds: int) -> list[TrainConfig]:
+    """The K fold configs of a cross-fit (the same as `heads ablate --folds K` trains one run each)."""
+    return [cfg.with_flat(folds=folds, fold=k) for k in range(folds)]
+
+
+def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | None = None,
+                   console=None) -> CrossfitResult:
+    """Train cfg.split.folds heads (K >= 2), score their OOF predictions, write one run directory."""
+    folds = cfg.split.folds
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2 for a cross-fit run, got {folds}")
+    cfg.validate()
+    t_start = time.perf_counter()
+    if not isinstance(data, CacheData):  # once, for all K heads
+        data = load_cache(str(data), keys=get_fusion(cfg.head.fusion).inputs)
+    # Each fold head is early-stopped on its own fold; bias and plots belong to the whole run.
+    results = [train(fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio), data)
+               for fc in fold_configs(cfg, folds)]
+    rows = np.concatenate([r.split.val for r in results])
+    order = np.argsort(rows)
+    rows, logits = rows[order], np.concatenate([r.val_logits for r in results])[order]
+    if np.unique(rows).size != rows.size:  # a fold split bug would silently double-count rows
+        raise AssertionError("cross-fit folds overlap")
+    metrics, bias = _score(cfg, data, results, rows, logits)
+    metrics["timing"] = {"total_s": time.perf_counter() - t_start,
+                         "train_s": sum(r.metrics["timing"]["train_s"] for r in results),
+                         **{k: results[0].metrics["timing"][k] for k in ("device", "threads", "precision")}}
+    run_dir = None
+    if out_dir is not None:
+        run_dir = _write(out_dir, cfg, data, results, rows, logits, metrics, bias)
+    if console is not None:
+        print_summary(metrics, run_dir, console)
+    return CrossfitResult(run_dir, metrics, results, rows, logits)
+
+
+def _score(cfg: TrainConfig, data: CacheData, results: list[TrainResult], rows, logits):
+    """(metrics, bias): the OOF metrics (tuned and untuned with --tune-bias), per-fold summary, held-out."""
+    classes, y = data.classes, data.labels[rows]
+    metrics = compute_metrics(y, logits.argmax(1), classes, logits)
+    bias = None
+    if cfg.tune_bias:
+        bias = tune_bias(logits, y)  # on the OOF logits: each row scored by a head that did not train on it
+        metrics = {**compute_metrics(y, apply_bias(logits, bias).argmax(1), classes, logits),
+                   "untuned": metrics, "bias": {c: float(b) for c, b in zip(classes, bias)}}
+    per_fold = [r.metrics for r in results]
+    metrics["folds"] = {k: {"per_fold": [m[k] for m in per_fold], "mean": float(np.mean([m[k] for m in per_fold])),
+                            "std": float(np.std([m[k] for m in per_fold]))} for k in FOLD_KEYS}
+    metrics["folds"]["best_epoch"] = [r.metrics["best_epoch"] for r in results]
+    models, first = [r.model for r in results], results[0]
+    device = next(first.model.parameters()).device
+
+    def held(held_rows):  # the averaged heads, scored once
+        out = mean_log_proba(models, data, held_rows, device, cfg.eval_batch_size)
+        m = compute_metrics(data.labels[held_rows], apply_bias(out, bias).argmax(1), classes, out)
+        if bias is not None:
+            m["untuned"] = compute_metrics(data.labels[held_rows], out.argmax(1), classes, out)
+        return m
+
+    if first.split.test.size:
+        metrics["test"] = held(first.split.test)
+    if first.split.heldout:
+        metrics["heldout"] = {name: held(r) for name, r in first.split.heldout.items()}
+    counts = dict(first.split.counts)
+    counts.update(train=int(rows.size), val=int(rows.size), folds=len(results),
+                  train_per_class={c: int((y == k).sum()) for k, c in enumerate(classes)})
+    counts["val_per_class"] = counts["train_per_class"]
+    metrics.update(counts=counts, classes=list(classes), fusion=cfg.head.fusion, modality=cfg.head.modality,
+                   metric=cfg.optim.metric, best_epoch=max(r.metrics["best_epoch"] for r in results),
+                   epochs_run=sum(r.metrics["epochs_run"] for r in results),
+                   head_params=sum(r.metrics["head_params"] for r in results),
+                   image_views_used=first.metrics["image_views_used"], crossfit=len(results))
+    return metrics, bias
+
+
+def _write(out_dir, cfg: TrainConfig, data: CacheData, results, rows, logits, metrics, bias) -> str:
+    """One run directory: K fold heads, one config (folds=K), split.json with every fold's rows by guid."""
+    guids = lambda idx: [data.guids[i] for i in idx]  # noqa: E731
+    pred = apply_bias(logits, bias).argmax(1)
+    predictions = {"guids": guids(rows), "labels": data.labels[rows], "probs": softmax(logits), "pred": pred}
+    if bias is not None:
+        predictions["pred_untuned"] = logits.argmax(1)
+    first = results[0].split
+    split = {"seed": cfg.seed, **asdict(cfg.split), **first.source, "fold": None,
+             "train_per_class": metrics["counts"]["train_per_class"], "train": guids(rows), "val": guids(rows),
+             "test": guids(first.test), "fold_val": [guids(r.split.val) for r in results]}
+    if first.heldout:
+        split["heldout"] = {name: guids(r) for name, r in first.heldout.items()}
+    files = [FOLD_FILE.format(k) for k in range(len(results))]
+    device = next(results[0].model.parameters()).device
+    record = RunRecord(
+        stage="train", config=cfg.flat(), classes=data.classes, env=environment(str(device), torch.get_num_threads()),
+        cache=cache_info(data.meta, data.path), split=split, metrics=metrics, predictions=predictions,
+        dims=asdict(results[0].model.dims), history=[{"fold": k, **h} for k, r in enumerate(results) for h in r.history],
+        bias=None if bias is None else bias.tolist(), weights={f: r.model.state_dict() for f, r in zip(files, results)},
+        heads=files)
+    return write_run(out_dir, record, _draw(cfg, data, metrics) if cfg.plots else None)
+
+
+def _draw(cfg: TrainConfig, data: CacheData, metrics: dict):
+    def draw(out_dir):
+        figures.plot_confusion(np.array(metrics["confusion_matrix"]), data.classes,
+                               os.path.join(out_dir, "confusion.png"))
+    return draw

@@ -1,0 +1,161 @@
+"""`heads train --folds K`: K fold heads in one run directory, out-of-fold metrics, averaged predictions."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from heads.config import TrainConfig
+from heads.data.cache import load_cache
+from heads.data.splits import split_labelled
+from heads.infer import load_head, load_heads, softmax
+from heads.predict import predict
+from heads.train.crossfit import fold_configs, train_crossfit
+from heads.train.metrics import compute_metrics
+from heads.train.stage1 import train
+
+FAST = dict(epochs=3, patience=0, hidden=32, plots=False)
+
+
+def cfg(**flat) -> TrainConfig:
+    return TrainConfig.from_flat(**{**FAST, **flat})
+
+
+def read_csv(path: str) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture
+def cache(make_synthetic_cache):
+    return make_synthetic_cache(noise=3.0)
+
+
+def test_folds_cover_every_labelled_row_once_and_match_ablate_folds(cache, tmp_path):
+    res = train_crossfit(cfg(fusion="concat", folds=3, seed=1), cache, str(tmp_path / "cv"))
+    data = load_cache(cache)
+    usable = np.flatnonzero((data.labels >= 0) & data.valid)
+    assert res.oof_rows.tolist() == usable.tolist()
+    for k, fold in enumerate(res.folds):  # fold k is the split `heads ablate --folds 3` trains as run k
+        same = split_labelled(data, fold_configs(cfg(folds=3), 3)[k].split, 1)
+        assert fold.split.val.tolist() == same.val.tolist() and fold.split.train.tolist() == same.train.tolist()
+        assert not set(fold.split.val) & set(fold.split.train)
+    y = data.labels[res.oof_rows]
+    m = json.load(open(tmp_path / "cv" / "metrics.json"))
+    assert m["macro_f1"] == pytest.approx(compute_metrics(y, res.oof_logits.argmax(1), data.classes)["macro_f1"])
+    per_fold = [f.metrics["macro_f1"] for f in res.folds]
+    assert m["folds"]["macro_f1"]["per_fold"] == per_fold
+    assert m["folds"]["macro_f1"]["mean"] == pytest.approx(np.mean(per_fold))
+    assert m["counts"]["val"] == len(usable) and m["crossfit"] == 3
+
+
+def test_one_run_directory_with_k_heads_and_averaged_predict(cache, tmp_path):
+    run = str(tmp_path / "cv")
+    res = train_crossfit(cfg(fusion="film", folds=3, tune_bias=True), cache, run)
+    files = sorted(os.listdir(run))
+    assert [f for f in files if f.endswith(".safetensors")] == [f"head.fold{k}.safetensors" for k in range(3)]
+    assert json.load(open(os.path.join(run, "config.json")))["train"]["folds"] == 3
+    assert os.path.exists(os.path.join(run, "bias.json"))
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    assert "untuned" in m and m["macro_f1"] >= m["untuned"]["macro_f1"]  # tuned on these OOF logits
+    models, _ = load_heads(run)
+    assert len(models) == 3
+    out = str(tmp_path / "pred.csv")
+    r = predict(run, cache, out, split="test", device="cpu", proba=True)
+    rows = read_csv(out)
+    data = load_cache(cache)
+    assert len(rows) == r.written and list(rows[0]) == ["guid", "tag", *[f"p_{c}" for c in data.classes]]
+    test = data.rows("test")
+    ok = test[data.valid[test]]
+    want = np.mean([softmax(fold.model.eval()(data.batch(ok, "cpu", fold.model.inputs))["logits"].detach().numpy())
+                    for fold in res.folds], axis=0)
+    got = np.array([[float(row[f"p_{c}"]) for c in data.classes] for row in rows if row["p_positive"]])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+    bias = json.load(open(os.path.join(run, "bias.json")))["offsets"]
+    tags = [row["tag"] for row in rows if row["p_positive"]]
+    assert tags == [data.classes[k] for k in (np.log(want) + bias).argmax(1)]
+    with pytest.raises(Exception, match="cross-fit run with 3 fold heads"):
+        load_head(run)
+
+
+def test_reproducible_and_single_head_unchanged(cache, tmp_path):
+    a = train_crossfit(cfg(fusion="concat", folds=2, seed=4), cache)
+    b = train_crossfit(cfg(fusion="concat", folds=2, seed=4), cache)
+    np.testing.assert_array_equal(a.oof_logits, b.oof_logits)
+    single = train(cfg(fusion="concat", seed=4), cache, str(tmp_path / "one"))
+    out = str(tmp_path / "p.csv")
+    predict(single.run_dir, cache, out, split="test", device="cpu")
+    assert list(read_csv(out)[0]) == ["guid", "tag"]  # without --proba the label-file format, unchanged
+
+
+def test_cli_train_folds_show_predict_and_finetune_refuses(cache, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    run = str(tmp_path / "cv")
+    r = runner.invoke(heads_app, ["train", "--cache", cache, "--fusion", "concat", "--epochs", "2", "--hidden", "16",
+                                  "--folds", "2", "--no-plots", "--out", run])
+    assert r.exit_code == 0, r.output
+    assert "out-of-fold" in r.output and "per fold macro_f1" in r.output
+    r = runner.invoke(heads_app, ["show", run])
+    assert r.exit_code == 0 and "2 fold heads" in r.output and "out-of-fold" in r.output
+    preds = str(tmp_path / "p.csv")
+    r = runner.invoke(heads_app, ["predict", "--run", run, "--cache", cache, "--out", preds, "--proba"])
+    assert r.exit_code == 0, r.output
+    assert open(preds).readline().strip() == "guid,tag,p_negative,p_neutral,p_positive"
+    r = runner.invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run,
+                                  "--out", str(tmp_path / "ft")])
+    assert r.exit_code == 2 and "cross-fit run" in r.output and "not supported yet" in r.output
+    r = runner.invoke(heads_app, ["train", "--cache", cache, "--folds", "1", "--out", run])
+    assert r.exit_code == 2 and "--folds must be 0" in r.output
+
+
+def test_ensemble_of_crossfit_runs_validates_and_predicts_the_weighted_average(cache, tmp_path):
+    from heads.ensemble import build_ensemble
+    a = train_crossfit(cfg(fusion="concat", folds=2, seed=2), cache, str(tmp_path / "a"))
+    b = train_crossfit(cfg(fusion="film", folds=2, seed=2), cache, str(tmp_path / "b"))
+    ens = str(tmp_path / "ens")
+    m = build_ensemble([a.run_dir, b.run_dir], ens, weighting="val")
+    w = np.array([a.metrics["macro_f1"], b.metrics["macro_f1"]])
+    w = w / w.sum()
+    assert m["validated"] and [x["weight"] for x in m["members"]] == pytest.approx(w.tolist())
+    data = load_cache(cache)
+    oof = w[0] * softmax(a.oof_logits) + w[1] * softmax(b.oof_logits)  # same seed and K: the same rows
+    y = data.labels[a.oof_rows]
+    assert m["macro_f1"] == pytest.approx(compute_metrics(y, oof.argmax(1), data.classes)["macro_f1"], abs=1e-6)
+    out = str(tmp_path / "p.csv")
+    predict(ens, cache, out, split="test", device="cpu", proba=True)
+    rows = [r for r in read_csv(out) if r["p_positive"]]
+    test = data.rows("test")
+    ok = test[data.valid[test]]
+
+    def member(res):
+        return np.mean([softmax(f.model.eval()(data.batch(ok, "cpu", f.model.inputs))["logits"].detach().numpy())
+                        for f in res.folds], axis=0)
+    want = w[0] * member(a) + w[1] * member(b)
+    np.testing.assert_allclose([[float(r[f"p_{c}"]) for c in data.classes] for r in rows], want, atol=2e-5)
+    assert [r["tag"] for r in rows] == [data.classes[k] for k in want.argmax(1)]
+
+
+def test_ensemble_cli_refuses_other_caches_and_says_when_unvalidated(cache, make_synthetic_cache, tmp_path):
+    from cli import heads_app
+    runner = CliRunner()
+    s0 = train(cfg(fusion="concat", seed=0), cache, str(tmp_path / "s0")).run_dir
+    s1 = train(cfg(fusion="concat", seed=1), cache, str(tmp_path / "s1")).run_dir
+    r = runner.invoke(heads_app, ["ensemble", s0, s1, "--out", str(tmp_path / "e")])
+    assert r.exit_code == 0, r.output
+    assert "no validation score" in r.output  # seeds 0 and 1 validated on different rows
+    r = runner.invoke(heads_app, ["show", str(tmp_path / "e")])
+    assert r.exit_code == 0 and "weight 0.500" in r.output
+    r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path / "e"), "--cache", cache, "--out",
+                                  str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    other = make_synthetic_cache("prep.h5", preprocessing={"clean_text": True})  # other features
+    o = train(cfg(fusion="concat", seed=0), other, str(tmp_path / "o")).run_dir
+    r = runner.invoke(heads_app, ["ensemble", s0, o, "--out", str(tmp_path / "e2")])
+    assert r.exit_code == 2 and "an ensemble combines runs of one cache" in r.output
+    r = runner.invoke(heads_app, ["ensemble", s0, "--out", str(tmp_path / "e3")])
+    assert r.exit_code == 2 and "at least two runs" in r.output
