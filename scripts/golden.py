@@ -131,6 +131,20 @@ def _safetensors_diff(a: Path, b: Path) -> list[str]:
 FORMAT_FILES = ("config.json", "cache.json", "ablate.json", "best.json")
 
 
+def _table_diff(fa: Path, fb: Path, rel) -> tuple[list[str], list[str]]:
+    """A CSV compared column by column: a column only one side has is a format change, a differing cell in a
+    shared column a result."""
+    import csv
+
+    ra, rb = (list(csv.DictReader(f.open())) for f in (fa, fb))
+    cols_a, cols_b = (set(r[0]) if r else set() for r in (ra, rb))
+    formats = [f"{rel}: column {c} only in {'base' if c in cols_a else 'new'}" for c in sorted(cols_a ^ cols_b)]
+    shared = sorted(cols_a & cols_b)
+    if len(ra) != len(rb) or any(x[c] != y[c] for x, y in zip(ra, rb) for c in shared):
+        return [f"{rel}: contents differ"], formats
+    return [], formats
+
+
 def compare(base: Path, new: Path) -> tuple[list[str], list[str]]:
     """(result differences, format differences). Results: every cache array, prediction, split, history,
     weight file and metric value. Format: cache metadata, run configs, keys present on one side only."""
@@ -156,7 +170,9 @@ def compare(base: Path, new: Path) -> tuple[list[str], list[str]]:
             if rel.name.startswith("summary") or rel.name.startswith("groupby"):
                 continue  # holds train seconds
             if fa.read_bytes() != fb.read_bytes():
-                results.append(f"{rel}: contents differ")
+                r, f = _table_diff(fa, fb, rel) if fa.suffix == ".csv" else ([f"{rel}: contents differ"], [])
+                results += r
+                formats += f
     return results, formats
 
 
