@@ -12,7 +12,8 @@ from rich.table import Table
 from .cache.manifest import open_cache
 
 
-def _size(nbytes: float) -> str:
+def human_bytes(nbytes: float) -> str:
+    """1536 -> '1.5 KiB' (powers of 1024, so IEC units)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if nbytes < 1024:
             return f"{nbytes:.1f} {unit}"
@@ -73,7 +74,7 @@ def print_info(path: str, console: Console | None = None) -> dict:
         meta, arrays = r.meta, r.datasets()
         nbytes = r.nbytes() if hasattr(r, "nbytes") else os.path.getsize(path)
     d = meta["dataset"]
-    console.print(f"[bold]{path}[/]  ({_size(nbytes)}, schema {meta['schema_version']}, "
+    console.print(f"[bold]{path}[/]  ({human_bytes(nbytes)}, schema {meta['schema_version']}, "
                   f"key {meta['key']}, tool {meta['tool_version']}, created {meta['created']})")
     w = meta["weights"]
     for role in ("text", "image", "caption"):
@@ -91,8 +92,8 @@ def print_info(path: str, console: Console | None = None) -> dict:
         k = prep["image_views"]
         size = sum(_nbytes(*arrays[n]) for n in arrays if n.startswith("image_views/"))
         per_view = meta.get("timings", {}).get("views_s")
-        console.print(f"  image views: {k} x {prep['image_aug']} (seed {prep['aug_seed']}), {_size(size)} "
-                      f"({_size(size / k)} per view)" + (f", {per_view / k:.1f}s of backbone time per view"
+        console.print(f"  image views: {k} x {prep['image_aug']} (seed {prep['aug_seed']}), {human_bytes(size)} "
+                      f"({human_bytes(size / k)} per view)" + (f", {per_view / k:.1f}s of backbone time per view"
                                                           if per_view else ""))
     if meta.get("sharded"):
         console.print(f"  {meta['sharded']['shards']} shards (checked against the manifest), rows "
@@ -102,7 +103,7 @@ def print_info(path: str, console: Console | None = None) -> dict:
     table = Table("array", "shape", "dtype", "size", title="arrays", title_justify="left")
     for name, (shape, dtype) in sorted(arrays.items()):
         nbytes = _nbytes(shape, dtype)
-        table.add_row(name, str(shape), dtype, _size(nbytes) if nbytes else "-")
+        table.add_row(name, str(shape), dtype, human_bytes(nbytes) if nbytes else "-")
     console.print(table)
     return meta
 

@@ -217,8 +217,8 @@ def test_extract_prints_the_planned_size_and_it_matches_the_file(models, tmp_pat
     with h5py.File(cache, "r") as f:
         arrays = sum(f[k].size * f[k].dtype.itemsize for k in ("text/tokens", "text/mask", "text/pooled",
                                                                "image/tokens", "image/pooled"))
-    from featcache.extract.size import human
-    assert human(arrays) in line
+    from featcache.info import human_bytes
+    assert human_bytes(arrays) in line
 
 
 def test_extract_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatch):

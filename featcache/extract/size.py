@@ -14,6 +14,7 @@ from ..backbones.base import budget_grid
 from ..backbones.registry import get_backbone_spec, planned_dims
 from ..backbones.weights import WeightsSource
 from ..errors import UserError
+from ..info import human_bytes
 
 FP16, FP32 = 2, 4
 HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the feature arrays
@@ -45,14 +46,6 @@ def planned_bytes(plan) -> tuple[int, str] | None:
     return n * (text_b + image_b), line
 
 
-def human(nbytes: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TB"
-
-
 def announce(plan, say) -> None:
     """Print the size about to be written; refuse (DiskSpaceError) when the output's disk cannot hold it."""
     planned = planned_bytes(plan)
@@ -60,10 +53,10 @@ def announce(plan, say) -> None:
         say("cache size: known once the backbones load (their widths are not in a config file)")
         return
     nbytes, line = planned
-    say(f"writing {plan.out}: about {human(nbytes)} ({line})")
+    say(f"writing {plan.out}: about {human_bytes(nbytes)} ({line})")
     folder = os.path.dirname(os.path.abspath(plan.out))
     free = shutil.disk_usage(folder).free
     if free < nbytes * HEADROOM:
-        raise DiskSpaceError(f"{plan.out} needs about {human(nbytes * HEADROOM)} but {folder} has {human(free)} "
+        raise DiskSpaceError(f"{plan.out} needs about {human_bytes(nbytes * HEADROOM)} but {folder} has {human_bytes(free)} "
                              "free; free some space, choose another --out, or store fewer tokens "
                              "(--max-image-tokens, --max-text-len)")
