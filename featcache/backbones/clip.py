@@ -21,7 +21,7 @@ import torch
 from ..errors import ConfigError
 from .base import ImageEncoder, TextEncoder
 from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
-from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
+from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, local_source
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
@@ -41,20 +41,11 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
         raise WeightsError(f"open_clip has no pretrained tag '{tag}' for {spec.hub}; tags: "
                            f"{', '.join(open_clip.list_pretrained_tags_by_model(spec.hub))}")
     hf_id = cfg.get("hf_hub", "").rstrip("/")
-    if hf_id:
-        cached = hf_cached(hf_id)
-        if cached:
-            return WeightsSource("hub-cache", f"{spec.hub}@{tag}")
-        looked.append(f"the HF cache for {hf_id} (empty)")
-    if offline():
-        looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
-    elif hub_reachable("https://huggingface.co"):
-        return WeightsSource("hub", f"{spec.hub}@{tag}")
-    else:
-        looked.append("https://huggingface.co (unreachable)")
-    raise missing(spec.name, looked, f"Online: open_clip downloads '{spec.hub}' tag '{tag}' by itself. Offline: "
-                  f"download HF repo {hf_id or 'of the tag'} (open_clip_config.json + open_clip_model.safetensors) "
-                  "to a folder, or any open_clip checkpoint file for ViT-B-32.")
+    return hub_or_missing(
+        spec.name, looked, hf_cached(hf_id) if hf_id else None, f"the HF cache for {hf_id} (empty)" if hf_id else "",
+        f"{spec.hub}@{tag}", f"Online: open_clip downloads '{spec.hub}' tag '{tag}' by itself. Offline: download "
+        f"HF repo {hf_id or 'of the tag'} (open_clip_config.json + open_clip_model.safetensors) to a folder, or any "
+        "open_clip checkpoint file for ViT-B-32.", cached_target=f"{spec.hub}@{tag}")
 
 
 @functools.lru_cache(maxsize=2)

