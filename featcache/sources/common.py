@@ -172,11 +172,15 @@ def is_mvsa_layout(path: str) -> bool:
 
 
 def read_mvsa_release(root: str, fmt: str, annotators: int, resolve, clean_text: bool,
-                      limit: int | None) -> Dataset:
+                      limit: int | None, options: dict) -> Dataset:
     """Read a public MVSA release: labelResultAll.txt (a header line, then `ID<TAB>text,image` once per
     annotator) and data/ID.txt|jpg. `resolve(pairs)` turns the annotators' (text, image) labels into
     (label or None, problem kind, message); a pair it drops stays a row marked invalid, with that problem,
-    so the summary counts every drop by rule. All labelled pairs are split 'train' (the release has no split)."""
+    so the summary counts every drop by rule. All labelled pairs are split 'train' (the release has no split).
+    `limit` keeps the first N label lines (for tests); the releases take no options."""
+    check_options(fmt, options, ())
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"dataset folder {root!r} does not exist")
     path = os.path.join(root, "labelResultAll.txt")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no labelResultAll.txt in {root!r}: the {fmt} layout is DIR/labelResultAll.txt "

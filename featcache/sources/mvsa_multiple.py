@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from .base import READERS, Dataset, DatasetReader
-from .common import MVSA_CLASSES, check_options, is_mvsa_layout, label_result_fields, majority, merge_mvsa, read_mvsa_release
+from .common import MVSA_CLASSES, is_mvsa_layout, label_result_fields, majority, merge_mvsa, read_mvsa_release
 
 FORMAT = "mvsa-multiple"
 LAYOUT = "DIR/labelResultAll.txt (ID<TAB>text,image x 3 annotators) + DIR/data/ID.txt|jpg"
@@ -38,11 +38,8 @@ def resolve(pairs: list[tuple[str, str]]) -> tuple[str | None, str, str]:
 
 
 def read(path: str, clean_text: bool = False, limit: int | None = None, **options) -> Dataset:
-    """Read an MVSA-Multiple release folder. `limit` keeps the first N label lines (for tests)."""
-    check_options(FORMAT, options, ())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset folder {path!r} does not exist")
-    return read_mvsa_release(path, FORMAT, 3, resolve, clean_text, limit)
+    """Read an MVSA-Multiple release folder (featcache.sources.common.read_mvsa_release)."""
+    return read_mvsa_release(path, FORMAT, 3, resolve, clean_text, limit, options)
 
 
 @READERS.register(FORMAT)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 
 from .base import READERS, Dataset, DatasetReader
-from .common import MVSA_CLASSES, check_options, is_mvsa_layout, label_result_fields, merge_mvsa, read_mvsa_release
+from .common import MVSA_CLASSES, is_mvsa_layout, label_result_fields, merge_mvsa, read_mvsa_release
 
 FORMAT = "mvsa-single"
 LAYOUT = "DIR/labelResultAll.txt (ID<TAB>text,image: one annotator) + DIR/data/ID.txt|jpg"
@@ -34,11 +34,8 @@ def resolve(pairs: list[tuple[str, str]]) -> tuple[str | None, str, str]:
 
 
 def read(path: str, clean_text: bool = False, limit: int | None = None, **options) -> Dataset:
-    """Read an MVSA-Single release folder. `limit` keeps the first N label lines (for tests)."""
-    check_options(FORMAT, options, ())
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"dataset folder {path!r} does not exist")
-    return read_mvsa_release(path, FORMAT, 1, resolve, clean_text, limit)
+    """Read an MVSA-Single release folder (featcache.sources.common.read_mvsa_release)."""
+    return read_mvsa_release(path, FORMAT, 1, resolve, clean_text, limit, options)
 
 
 @READERS.register(FORMAT)
