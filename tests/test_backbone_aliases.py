@@ -17,12 +17,12 @@ from featcache.extract.plan import make_plan
 
 # backbone (+ captioner) -> the cache key the code before aliases gave (computed at commit 96716b0)
 PINNED = {
-    ("minilm-l6+efficientnet-lite0", None): None,
-    ("roberta-base+resnet50", None): None,
-    ("minilm-l6+resnet18", "blip-base"): None,
-    ("clip-vit-b32", None): None,
-    ("clip-vit-b32@laion2b_s34b_b79k", None): None,
-    ("roberta-base+clip-vit-b32", None): None,
+    ("minilm-l6+efficientnet-lite0", None): "a970f5c6e6fa67a4",
+    ("roberta-base+resnet50", None): "459c54c992b87858",
+    ("minilm-l6+resnet18", "blip-base"): "eacf9412af97b8bd",
+    ("clip-vit-b32", None): "8eb89c5661927fd6",
+    ("clip-vit-b32@laion2b_s34b_b79k", None): "d690de0b7daa382a",
+    ("roberta-base+clip-vit-b32", None): "6967b3b246ef2e9f",
 }
 NAMES = ("minilm-l6", "roberta-base", "clip-vit-b32", "resnet18", "resnet50", "efficientnet-lite0", "blip-base")
 
