@@ -234,15 +234,6 @@ def test_extract_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatc
     assert not os.path.exists(tmp_path / "big.h5")
 
 
-def test_siglip_style_text_tower_is_refused_by_name(models, tmp_path):
-    from cli import featcache_app
-    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone",
-                                           f"open_clip:tiny-lastpool16@{models['siglip']}", "--out",
-                                           str(tmp_path / "s.h5"), "--no-progress", "--workers", "0"])
-    out = " ".join(r.output.split())
-    assert r.exit_code != 0 and "SigLIP-style" in out and "hf:ID+timm:NAME" in out, out
-
-
 def test_hf_encoder_without_block_table_runs_whole_and_refuses_text_layers(models, tmp_path):
     """A DeBERTa-v2 (relative attention: its blocks take more than (hidden, mask)) runs its own forward."""
     from transformers import BertTokenizerFast, DebertaV2Config, DebertaV2Model

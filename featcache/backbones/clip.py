@@ -1,14 +1,18 @@
-"""open_clip CLIP (ViT-B/32 by default): one model, two towers, loaded once when both are asked for.
+"""open_clip models, both towers of one model loaded once: CLIP (clip-vit-b32) and any `open_clip:<arch>@<tag or path>`,
+SigLIP-style CustomTextCLIP included.
 
-What is stored (documented in the registry too):
-  text : the 77 context positions after ln_final (pre-projection width), mask = positions up to EOT;
-         pooled = the EOT state projected by text_projection (the CLIP text embedding).
-  image: the patch tokens after ln_post, before the projection (class token excluded);
-         pooled = the projected class embedding (the CLIP image embedding).
+What is stored:
+  text : every context position after ln_final (pre-projection width); pooled = the state at the tower's pooling
+         position (EOT for CLIP's argmax, eos, first, or SigLIP's last), projected as encode_text does.
+         mask = positions up to the pooled/last real token when padding cannot influence them (CLIP: causal);
+         every position when it can (SigLIP: bidirectional without a padding mask, pooled at the last position).
+         A transformers text tower (CustomTextCLIP with hf_model_name) stores its last hidden states, mask = not
+         padding, pooled = its pooler + projection; it runs whole (no stage 2).
+  image: open_clip's VisionTransformer: the patch tokens after ln_post, before the projection (class token
+         excluded), pooled = the projected class embedding. A timm tower (TimmModel, SigLIP's): the trunk's
+         forward_features without prefix tokens, pooled = encode_image's output (attention pool, head).
 Weights: an open_clip tag (`openai` by default; `clip-vit-b32@TAG` for others), a checkpoint file, or an
 open_clip model folder (open_clip_config.json + open_clip_model.safetensors, as on the HF hub).
-`open_clip:<arch>@<tag or path>` names any open_clip architecture the same way (OPEN_FAMILIES); the towers must be
-open_clip's own (a timm or HF tower, as SigLIP's, is refused when built).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from .base import ImageEncoder, TextEncoder
+from .base import ImageEncoder, TextEncoder, get_attr_path
 from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily
 from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, local_source
 
@@ -66,58 +70,127 @@ def load_clip(arch: str, location: str):
 
 
 class CLIPText(TextEncoder):
-    layer_table = {"layers": "clip.transformer.resblocks", "post": ("clip.ln_final", "clip.text_projection")}
+    """open_clip's own text transformer, block by block: CLIP's (its attributes on the model) or a CustomTextCLIP's
+    TextTransformer (model.text: SigLIP's), pooled as the tower pools (argmax = EOT, eos, first or last position)
+    and projected as encode_text does."""
 
     def __init__(self, model, tokenizer):
         super().__init__()
         self.clip, self._tokenizer = model, tokenizer
+        custom = not hasattr(model, "transformer")  # CustomTextCLIP: the tower is model.text
+        self._tower = "clip.text" if custom else "clip"  # clip.*: the parameter names stage-2 runs saved
+        t = self.tower
+        self.pool = getattr(t, "pool_type" if custom else "text_pool_type", "argmax")
+        self.eos_id = getattr(t, "eos_id" if custom else "text_eos_id", None)
+        cls_emb = getattr(t, "cls_emb", None) is not None
+        if self.pool not in ("argmax", "eos", "first", "last") or cls_emb:
+            raise ConfigError(f"this open_clip text tower pools '{self.pool}'"
+                              f"{' with an appended class token (CoCa)' if cls_emb else ''}; supported: argmax, eos, "
+                              "first and last pooling without an appended class token")
+        self.pad_id, self.pad_masked = getattr(t, "pad_id", 0), bool(getattr(t, "use_pad_mask", False))
+        # The stored mask. Extraction and stage 2 cut positions that are padding in every row: exact only where the
+        # kept positions never attend to the cut ones (causal, or padding masked as keys) and the pooled one is
+        # kept. Otherwise (SigLIP: bidirectional, pooled at the last position) every position is kept.
+        self.full = not (t.attn_mask is not None or self.pad_masked) or self.pool == "last"
         self.max_len = model.context_length
-        self.token_dim = model.transformer.width
-        proj = model.text_projection
-        self.pooled_dim = proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
-        self.num_layers = len(model.transformer.resblocks)
+        self.token_dim = t.transformer.width
+        proj = t.text_projection
+        self.pooled_dim = self.token_dim if proj is None else \
+            proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
+        self.num_layers = len(t.transformer.resblocks)
+        self.layer_table = {"layers": f"{self._tower}.transformer.resblocks",
+                            "post": (f"{self._tower}.ln_final",) + ((f"{self._tower}.text_projection",) if
+                                                                     proj is not None else ())}
+
+    @property
+    def tower(self):
+        return get_attr_path(self, self._tower)
 
     def tokenize(self, texts):
         ids = self._tokenizer(list(texts))
-        eot = ids.argmax(dim=-1)  # the EOT id is the largest in CLIP's vocabulary
-        mask = torch.arange(ids.shape[1])[None, :] <= eot[:, None]
-        return {"input_ids": ids, "attention_mask": mask}
+        pos = torch.arange(ids.shape[1])[None, :]
+        if self.full:
+            return {"input_ids": ids, "attention_mask": torch.ones_like(ids, dtype=torch.bool)}
+        if self.pool == "argmax":
+            end = ids.argmax(dim=-1)  # the EOT id is the largest in CLIP's vocabulary
+        elif self.pool == "eos":
+            end = (ids == self.eos_id).int().argmax(dim=-1)
+        else:  # first: up to the last non-padding token
+            end = ((ids != self.pad_id) * pos).max(dim=-1).values
+        return {"input_ids": ids, "attention_mask": pos <= end[:, None]}
 
     def embed(self, batch):
         # Sliced to the batch length: stage 2 cuts trailing positions that are padding in every row.
-        ids = batch["input_ids"]
-        return self.clip.token_embedding(ids) + self.clip.positional_embedding[:ids.shape[1]]
+        ids, t = batch["input_ids"], self.tower
+        return t.token_embedding(ids) + t.positional_embedding[:ids.shape[1]]
 
     def run_block(self, block, hidden, batch):
         # Causal attention: positions after EOT never influence the ones we keep (which is also why a batch
         # cut to its longest text, as stage 2 runs it, is exact: the mask is sliced to match).
-        n = hidden.shape[1]
-        attn = self.clip.attn_mask[:n, :n] if self.clip.attn_mask is not None else None
-        if not self.clip.transformer.batch_first:
+        n, t = hidden.shape[1], self.tower
+        attn = t.attn_mask[:n, :n] if t.attn_mask is not None else None
+        if self.pad_masked:  # open_clip's own (B*heads, n, n) padding mask, as TextTransformer._embeds adds it
+            pad = t._build_additive_mask(batch["input_ids"], n, hidden.dtype)
+            attn = pad if attn is None else attn.unsqueeze(0) + pad
+        if not t.transformer.batch_first:
             return block(hidden.transpose(0, 1), attn_mask=attn).transpose(0, 1)
         return block(hidden, attn_mask=attn)
 
     def finish(self, hidden, batch):
-        x = self.clip.ln_final(hidden)
-        eot = x[torch.arange(x.shape[0], device=x.device), batch["input_ids"].argmax(dim=-1)]  # one device
-        proj = self.clip.text_projection
-        pooled = proj(eot) if isinstance(proj, torch.nn.Module) else eot @ proj
+        from open_clip.transformer import text_global_pool  # open_clip is loaded: this object wraps its model
+        t = self.tower
+        x = t.ln_final(hidden)
+        pooled = text_global_pool(x, batch["input_ids"].to(x.device), self.pool, eos_token_id=self.eos_id)
+        proj = t.text_projection
+        if proj is not None:
+            pooled = proj(pooled) if isinstance(proj, torch.nn.Module) else pooled @ proj
         return {"tokens": x, "mask": batch["attention_mask"], "pooled": pooled}
+
+
+class HFTowerText(TextEncoder):
+    """A CustomTextCLIP's transformers text tower (open_clip.hf_model.HFTextEncoder), run whole: tokens = every
+    position's last hidden state (its CLS too), mask = not padding, pooled = its pooler + projection (encode_text).
+    Its blocks are not open_clip's, so --text-layers / stage 2 are refused."""
+    layer_table: dict = {}
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.clip, self._tokenizer = model, tokenizer
+        cfg = model.text.transformer.config
+        self.max_len = getattr(tokenizer, "context_length", model.context_length)
+        self.token_dim, self.pooled_dim = cfg.hidden_size, model.text.output_dim
+        self.num_layers, self.pad_id = cfg.num_hidden_layers, model.text.config.pad_token_id
+
+    def layers(self):
+        raise ConfigError("this open_clip model's text tower is a transformers model run as a whole; --text-layers "
+                          "and stage 2 need open_clip's own text transformer")
+
+    def tokenize(self, texts):
+        ids = self._tokenizer(list(texts))
+        return {"input_ids": ids, "attention_mask": ids != self.pad_id}
+
+    def forward_features(self, batch, start_layer=None):
+        if start_layer is not None:
+            self.layers()
+        t, mask = self.clip.text, batch["attention_mask"].long()
+        out = t.transformer(input_ids=batch["input_ids"], attention_mask=mask)
+        return {"tokens": out.last_hidden_state, "mask": batch["attention_mask"], "pooled": t.proj(t.pooler(out, mask))}
 
 
 class CLIPImage(ImageEncoder):
     def __init__(self, model, preprocess):
         super().__init__()
-        if not hasattr(model.visual, "transformer"):
-            raise ConfigError(f"this open_clip model's image tower is a {type(model.visual).__name__}, not "
-                              "open_clip's VisionTransformer; name its image tower with timm:NAME instead")
-        self.visual, self._preprocess = model.visual, preprocess
-        size = model.visual.image_size
+        v = model.visual
+        if getattr(v, "attn_pool", None) is not None or getattr(v, "pool_type", "tok") not in ("tok", "avg"):
+            raise ConfigError("this open_clip image tower pools with an attention pooler or keeps its class token "
+                              "among the tokens; supported: class-token or average pooling")
+        self.visual, self._preprocess = v, preprocess
+        size = v.image_size
         self.image_size = size[0] if isinstance(size, (tuple, list)) else size
-        grid = model.visual.grid_size
-        self.num_patches = grid[0] * grid[1]
-        self.token_dim = model.visual.transformer.width
-        self.pooled_dim = model.visual.output_dim
+        self.grid = tuple(v.grid_size)
+        self.num_patches = self.grid[0] * self.grid[1]
+        self.token_dim = v.transformer.width
+        self.pooled_dim = v.output_dim
 
     def transform(self, img):
         return self._preprocess(img)
@@ -133,6 +206,31 @@ class CLIPImage(ImageEncoder):
         finally:
             self.visual.output_tokens = False
         return {"tokens": tokens, "pooled": pooled}
+
+
+class TimmTowerImage(CLIPImage):
+    """A CustomTextCLIP's timm image tower (open_clip.timm_model.TimmModel: SigLIP's, attention-pooled): tokens =
+    trunk.forward_features without the prefix (class / register) tokens, or a CNN's map flattened; pooled =
+    head(trunk.forward_head(features)), which is encode_image (TimmModel runs head(trunk(x)))."""
+
+    def __init__(self, model, preprocess):
+        ImageEncoder.__init__(self)
+        self.visual, self._preprocess = model.visual, preprocess
+        size = tuple(model.visual.image_size)
+        self.image_size, self.prefix = size[0], getattr(model.visual.trunk, "num_prefix_tokens", 0)
+        with torch.inference_mode():  # one blank image: the token grid and widths, whatever the trunk
+            feats = model.visual.trunk.forward_features(torch.zeros(1, 3, *size))
+            out = self.forward_features(torch.zeros(1, 3, *size))
+        self.grid = tuple(feats.shape[2:]) if feats.ndim == 4 else \
+            tuple(getattr(getattr(model.visual.trunk, "patch_embed", None), "grid_size", ()) or ())
+        self.num_patches, self.token_dim = out["tokens"].shape[1:]
+        self.pooled_dim = out["pooled"].shape[-1]
+
+    def forward_features(self, pixels):
+        trunk = self.visual.trunk
+        feats = trunk.forward_features(pixels)
+        tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats[:, self.prefix:]
+        return {"tokens": tokens, "pooled": self.visual.head(trunk.forward_head(feats))}
 
 
 def dims(spec, source: WeightsSource, role: str):
@@ -151,20 +249,20 @@ def dims(spec, source: WeightsSource, role: str):
     return (v["image_size"] // v["patch_size"]) ** 2, v["width"], cfg["embed_dim"]
 
 
-def build_text(spec, source: WeightsSource, max_len: int = 77) -> CLIPText:
+def build_text(spec, source: WeightsSource, max_len: int = 77) -> TextEncoder:
     import open_clip  # heavy: open_clip, only when CLIP is built
     model, _, name = load_clip(spec.hub, str(source.location))
-    if not hasattr(model, "transformer") or getattr(model, "text_pool_type", "argmax") != "argmax":
-        # checked before its tokenizer is made: a SigLIP tokenizer would first download its vocabulary
-        raise ConfigError(f"this open_clip model's text tower ({type(model).__name__}, pooling "
-                          f"'{getattr(model, 'text_pool_type', '?')}') is not CLIP's causal EOT-pooled one "
-                          "(SigLIP-style) and is not supported yet; name the towers separately instead, "
-                          "e.g. hf:ID+timm:NAME")
-    return CLIPText(model, open_clip.get_tokenizer(name))
+    hf = type(getattr(model, "text", None)).__name__ == "HFTextEncoder"
+    return (HFTowerText if hf else CLIPText)(model, open_clip.get_tokenizer(name))
 
 
-def build_image(spec, source: WeightsSource) -> CLIPImage:
+def build_image(spec, source: WeightsSource) -> ImageEncoder:
     model, preprocess, _ = load_clip(spec.hub, str(source.location))
+    if type(model.visual).__name__ == "TimmModel":
+        return TimmTowerImage(model, preprocess)
+    if not hasattr(model.visual, "transformer"):
+        raise ConfigError(f"this open_clip model's image tower is a {type(model.visual).__name__}, not open_clip's "
+                          "VisionTransformer or a timm model; name its image tower with timm:NAME instead")
     return CLIPImage(model, preprocess)
 
 
