@@ -150,7 +150,9 @@ def _extract(siglip, backbone, out, *extra):
 def test_cli_siglip_extract_train_and_stage2(siglip, tmp_path):
     arch = "tiny-sl"
     cache = str(tmp_path / "siglip.h5")
-    _extract(siglip, f"open_clip:{arch}@{siglip['files'][arch]}", cache, "--text-layers", "1")
+    r = _extract(siglip, f"open_clip:{arch}@{siglip['files'][arch]}", cache, "--text-layers", "1")
+    line = " ".join(r.output.split())
+    assert f"{N} rows x (text 16 x 32 fp16 x 2 (states) + image 100 x 64 fp16)" in line, line[:300]  # planned size
     model = _model(siglip, arch)
     with h5py.File(cache, "r") as f:
         assert f["text/tokens"].shape == (N, 16, 32) and f["text_hidden/states"].shape == (N, 16, 32)

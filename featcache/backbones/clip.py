@@ -73,6 +73,7 @@ class CLIPText(TextEncoder):
     """open_clip's own text transformer, block by block: CLIP's (its attributes on the model) or a CustomTextCLIP's
     TextTransformer (model.text: SigLIP's), pooled as the tower pools (argmax = EOT, eos, first or last position)
     and projected as encode_text does."""
+    layer_table = {"layers": "clip.transformer.resblocks", "post": ("clip.ln_final", "clip.text_projection")}  # CLIP's
 
     def __init__(self, model, tokenizer):
         super().__init__()
@@ -98,9 +99,10 @@ class CLIPText(TextEncoder):
         self.pooled_dim = self.token_dim if proj is None else \
             proj.shape[1] if isinstance(proj, torch.Tensor) else proj.out_features
         self.num_layers = len(t.transformer.resblocks)
-        self.layer_table = {"layers": f"{self._tower}.transformer.resblocks",
-                            "post": (f"{self._tower}.ln_final",) + ((f"{self._tower}.text_projection",) if
-                                                                     proj is not None else ())}
+        if custom or proj is None:  # another tower's paths (CLIP's table stays the class's)
+            self.layer_table = {"layers": f"{self._tower}.transformer.resblocks",
+                                "post": (f"{self._tower}.ln_final",) + ((f"{self._tower}.text_projection",) if
+                                                                         proj is not None else ())}
 
     @property
     def tower(self):
@@ -246,6 +248,9 @@ def dims(spec, source: WeightsSource, role: str):
         t = cfg["text_cfg"]
         return t.get("context_length", 77), t["width"], cfg["embed_dim"]
     v = cfg["vision_cfg"]
+    if v.get("timm_model_name"):  # a timm tower (SigLIP's): its trunk's tokens; pooled = the embedding
+        from .timm_image import meta_dims  # a sibling family module, only for this estimate
+        return (*meta_dims(v["timm_model_name"], num_classes=0)[:2], cfg["embed_dim"])
     return (v["image_size"] // v["patch_size"]) ** 2, v["width"], cfg["embed_dim"]
 
 

@@ -93,10 +93,15 @@ class TimmImage(ImageEncoder):
 
 
 def dims(spec, source: WeightsSource, role: str):
-    """The model built on the meta device (shapes only, no memory, no weights) and run on a meta image."""
+    return meta_dims(spec.hub)
+
+
+def meta_dims(arch: str, **kwargs) -> tuple[int, int, int]:
+    """(tokens, token width, pooled width): the model built on the meta device (shapes only, no memory, no
+    weights) and run on a meta image; also for open_clip's timm towers (featcache.backbones.clip.dims)."""
     import timm  # heavy: timm, only when a timm backbone's size is estimated
     with torch.device("meta"):
-        net = timm.create_model(spec.hub, pretrained=False)
+        net = timm.create_model(arch, pretrained=False, **kwargs)
         size = timm.data.resolve_data_config({}, model=net)["input_size"]
         feats = net.forward_features(torch.empty(1, *size))
         pooled = net.forward_head(feats, pre_logits=True)
