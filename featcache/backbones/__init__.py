@@ -2,9 +2,8 @@
 
 Importing this package imports every family module, each registering its open family (featcache.backbones.registry),
 then the short names, aliases of open specs (featcache.backbones.aliases); the registry's functions are
-re-exported here as the package's API. A new
-backbone of an existing family is one spec in that family's module; a new family is one module plus its name
-in the import line below. Importing it costs torch and torchvision: light commands (`featcache info`) do not.
+re-exported here as the package's API. Any model of an open family needs no code (`hf:ID`); a new short name is
+one `Alias` line in aliases.py; a new family is one module plus its name in the import line below. Importing it costs torch and torchvision: light commands (`featcache info`) do not.
 """
 from __future__ import annotations
 
