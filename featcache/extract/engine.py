@@ -71,12 +71,13 @@ class _Loop:
 
 
 def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, force: bool = False,
-            console=None, progress: bool = True) -> str:
-    """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused)."""
+            console=None, progress: bool = True, expect_weights: dict | None = None) -> str:
+    """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused).
+    `expect_weights` (role -> sha256): refuse weights with other checksums (plan.check_weights)."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     cfg = replace(cfg, batch_size=auto_batch_size(cfg))  # 0 = the device's default, fixed before the plan
-    plan = make_plan(cfg)
+    plan = make_plan(cfg, expect_weights)
     if not force and already_extracted(plan, console.print):
         return plan.out
     if strict:
