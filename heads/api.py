@@ -45,7 +45,8 @@ class Predictions(list):
 
 
 class RunClassifier:
-    """A finished run directory, checked when loaded; backbones load when raw input is predicted."""
+    """A finished run directory, checked when loaded; the backbones load when raw input is first predicted and
+    stay loaded for the next call (featcache.extract.engine keeps one set)."""
 
     def __init__(self, run_dir: str, device: str = "auto", progress: bool = False):
         run_dir = str(run_dir)
@@ -80,7 +81,8 @@ class RunClassifier:
         with tempfile.TemporaryDirectory(prefix="heads-api-") as tmp:
             manifest, problems = _write_manifest(tmp, texts, images)
             res = predict_data(self.run_dir, manifest, os.path.join(tmp, "p.csv"), split="test", fmt="manifest",
-                               device=self.device, proba=True, progress=self.progress, console=Console(quiet=True))
+                               device=self.device, proba=True, progress=self.progress, console=Console(quiet=True),
+                               keep_models=True)
             ids, labels, proba = _read_csv(res.out, len(self.classes))
         for guid in res.invalid:
             problems[int(guid)] = res.problems.get(guid) or "invalid input"

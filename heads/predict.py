@@ -106,13 +106,14 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
 
 def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
                  reader_options: dict | None = None, keep_cache: str | None = None, device: str = "auto",
-                 proba: bool = False, console=None, progress: bool = True) -> PredictResult:
+                 proba: bool = False, console=None, progress: bool = True, keep_models: bool = False) -> PredictResult:
     """`heads predict --data`: extract the rows of `split` of raw data exactly as the run's cache was extracted
     (extract_for_run), into `keep_cache` or a temporary file, then `predict` on it: one extraction engine, one
-    inference loop, so the result is what `featcache extract` + `heads predict --cache` give."""
+    inference loop, so the result is what `featcache extract` + `heads predict --cache` give. `keep_models`:
+    keep the backbones loaded for the next call (the Python API)."""
     with tempfile.TemporaryDirectory(prefix="heads-predict-") as tmp:
         cache = extract_for_run(run_dir, data, keep_cache or os.path.join(tmp, "features.h5"), split, fmt,
-                                reader_options, device, console, progress)
+                                reader_options, device, console, progress, keep_models)
         res = predict(run_dir, cache, out, split=split, device=device, proba=proba)
         with CacheReader(cache) as r:
             problems = r.meta.get("problems") or []
@@ -126,7 +127,7 @@ def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: st
 
 def extract_for_run(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
                     reader_options: dict | None = None, device: str = "auto", console=None,
-                    progress: bool = True) -> str:
+                    progress: bool = True, keep_models: bool = False) -> str:
     """Extract `split` of `data` into `out` with the backbones, weights (their sha256 checked: other weights
     are refused by name) and preprocessing of the cache the run was trained on (its cache.json), plus the
     text-layer states a stage-2 run reads; returns the cache path (a complete one of the same key is reused)."""
@@ -148,7 +149,8 @@ def extract_for_run(run_dir: str, data: str, out: str, split: str = "test", fmt:
     xcfg = ExtractConfig.like(recorded, str(data), format=fmt, reader_options=options, out=str(out),
                               splits=(split,), text_layers=flat.get("text_layers", 0) if cached_states else 0,
                               device=device, batch_size=0)
-    return extract(xcfg, console=console, progress=progress, expect_weights=recorded_weights(recorded))
+    return extract(xcfg, console=console, progress=progress, expect_weights=recorded_weights(recorded),
+                   keep_models=keep_models)
 
 
 def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> None:

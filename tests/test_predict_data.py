@@ -24,6 +24,7 @@ import tiny_models as tm
 from cli import featcache_app, heads_app
 from featcache.backbones.weights import ENV_DIR
 from featcache.digest import file_sha256
+from featcache.extract import engine
 from featcache.extract.config import ExtractConfig
 from featcache.extract.engine import extract
 from heads import load_run
@@ -187,3 +188,16 @@ def test_input_mistakes_are_user_errors(env):
     code, out = cli("predict", "--run", env["runs"]["stage1"], "--out", "p.csv")
     assert code == 2 and "exactly one of --cache" in out
     assert json.load(open(os.path.join(env["runs"]["stage1"], "config.json")))["classes"] == clf.classes
+
+
+def test_api_loads_the_backbones_once(env, monkeypatch):
+    clf = load_run(env["runs"]["stage1"])
+    _, texts, images = test_pairs(env)
+    first = clf.predict(texts=texts, images=images)
+    loads = []
+    real = engine.create_text
+    monkeypatch.setattr(engine, "create_text", lambda *a, **k: loads.append(a) or real(*a, **k))
+    assert clf.predict(texts=texts[::-1], images=images[::-1]) == first[::-1] and loads == []
+    extract(ExtractConfig(data=env["data"], backbone=BACKBONE, max_text_len=24, splits=("test",), workers=0,
+                          out=str(env["root"] / "plain.h5")), progress=False)
+    assert len(loads) == 1  # an ordinary extraction loads its own (and drops the kept ones)

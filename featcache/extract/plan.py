@@ -45,6 +45,9 @@ class Plan:
     # The dataset has targets (Twitter), each the text backbone's second segment; decided on the whole dataset
     # so that every shard encodes (and stores) them alike.
     targets: bool = False
+    # Keep the loaded backbones in memory for the next extraction with the same ones (engine._towers): the
+    # Python API (heads.load_run) extracts every batch of new posts it is given, and loading dominates small ones.
+    keep_models: bool = False
 
 
 def make_plan(cfg: ExtractConfig, expect_weights: dict | None = None) -> Plan:
