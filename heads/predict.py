@@ -12,6 +12,12 @@ naming both; so does a cache with other class names. The dataset may differ: app
 the point of predict. A stage-2 run (config.json stage "finetune") also rebuilds the cache's text backbone,
 loads the run's text layers onto it and feeds them the cache's stored states, through the same inference
 loop as a head (heads.infer).
+
+Raw data (`heads predict --data`, `predict_data`; the Python API heads.api uses it too): featcache's one
+extraction engine reproduces the run's features on the rows of the split (backbones, preprocessing and the
+weights' sha256 from cache.json; weights with another checksum are refused before anything loads, and a stage-2
+run gets the states entering its text layers) into a temporary cache or `--keep-cache FILE`, and `predict`
+reads that cache as any other: no second extraction loop, no second inference loop.
 """
 from __future__ import annotations
 
