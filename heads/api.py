@@ -149,7 +149,7 @@ def _read_csv(path: str, n_classes: int) -> tuple[list, list, np.ndarray]:
     """(guids, labels, probabilities) of a `--proba` predictions file (empty cells: NaN)."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().splitlines()[1:]
-    cells = [line.split(",") for line in lines]
-    proba = np.array([[float(v) if v else np.nan for v in c[2:2 + n_classes]] for c in cells]).reshape(-1, n_classes)
+    cells = [line.rsplit(",", n_classes + 1) for line in lines]  # from the right: a guid may hold commas
+    proba = np.array([[float(v) if v else np.nan for v in c[2:]] for c in cells]).reshape(-1, n_classes)
     return [c[0] for c in cells], [c[1] for c in cells], proba
 
