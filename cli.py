@@ -126,6 +126,8 @@ def extract_cmd(
                                 "the main one decodes and runs the text backbone, each with half the CPU "
                                 "threads (auto: on for CPU runs without --workers)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
+    split: Optional[str] = typer.Option(None, "--split", help="Only the rows of these splits (comma list, e.g. "
+                                        "test: new posts to predict; default every row)."),
     max_image_pixels: int = typer.Option(40_000_000, help="Images larger than this are refused before "
                                          "decoding (decompression-bomb guard)."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
@@ -158,7 +160,8 @@ def extract_cmd(
                         max_image_pixels=max_image_pixels, device=device,
                         max_image_tokens=max_image_tokens, text_pooling=text_pooling,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
-                        caption_weights=_opt(caption_weights), shard=shard)
+                        caption_weights=_opt(caption_weights), shard=shard,
+                        splits=tuple(s.strip() for s in split.split(",")) if split else ())
     run_extract(cfg, resume=resume, strict=strict, force=force, console=console, progress=progress)
 
 
@@ -289,8 +292,16 @@ def heads_train_cmd(
 
 @command(heads_app, "predict")
 def heads_predict_cmd(
-    run: Path = typer.Option(..., "--run", help="A run directory written by `heads train`."),
-    cache: Path = typer.Option(..., "--cache", help="Feature cache with the same backbone/preprocessing."),
+    run: Path = typer.Option(..., "--run", help="A run directory written by `heads train` / `finetune` / "
+                             "`ensemble`."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache with the same backbone/"
+                                         "preprocessing."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or raw data (any layout of `featcache formats`): "
+                                        "its --split rows are extracted as the run's cache was (backbones, "
+                                        "weights by sha256, preprocessing), then predicted."),
+    fmt: str = typer.Option("auto", "--format", help="With --data: the dataset format (auto: detected)."),
+    keep_cache: Optional[Path] = typer.Option(None, "--keep-cache", help="With --data: keep the extracted "
+                                              "cache in this file (a second run reuses it)."),
     split: str = typer.Option("test", help="Which split of the cache to predict: any of its split names "
                               "(train, test, dev, test_unseen, ...)."),
     out: Path = typer.Option(..., "--out", help="Output file: `guid,tag` lines with a header."),
@@ -299,10 +310,16 @@ def heads_predict_cmd(
                                "columns after guid,tag; empty for invalid samples)."),
 ):
     """Apply a trained head (or a cross-fit run's K heads, probabilities averaged) to every sample of a cache
-    split; invalid samples are listed, not dropped."""
-    from heads.predict import predict
+    split, or of raw data (--data); invalid samples are listed, not dropped."""
+    from heads.predict import predict, predict_data
 
-    res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
+    if (cache is None) == (data is None):
+        fail("give exactly one of --cache (extracted features) or --data (raw data, extracted for the run)")
+    if data is None:
+        res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
+    else:
+        res = predict_data(str(run), str(data), str(out), split=split, fmt=fmt, keep_cache=_opt(keep_cache),
+                           device=device, proba=proba, console=console)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
     console.print(f"wrote {res.written} predictions ({tags}) to {res.out}", highlight=False)
     if res.invalid:

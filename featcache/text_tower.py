@@ -1,6 +1,6 @@
 """The cache's text tower, as stage 2 needs it: the backbone that made the features, its inputs, and the check
-that the two still agree. `heads` import this module (with featcache.cache, registry, env and device), never the
-extraction code.
+that the two still agree. `heads` import this module (with featcache.cache, registry, env and device) to train;
+the extraction code only to predict raw data (heads.predict.extract_for_run, featcache.extract.engine).
 
 Trust: stored hidden states and fine-tuned text layers are only useful with the very model and inputs that made
 the cached features. So the texts are rebuilt exactly as extraction built them (`cache_texts`), the backbone is

@@ -12,15 +12,24 @@ naming both; so does a cache with other class names. The dataset may differ: app
 the point of predict. A stage-2 run (config.json stage "finetune") also rebuilds the cache's text backbone,
 loads the run's text layers onto it and feeds them the cache's stored states, through the same inference
 loop as a head (heads.infer).
+
+Raw data (`heads predict --data`, `predict_data`; the Python API heads.api uses it too): featcache's one
+extraction engine reproduces the run's features on the rows of the split (backbones, preprocessing and the
+weights' sha256 from cache.json; weights with another checksum are refused before anything loads, and a stage-2
+run gets the states entering its text layers) into a temporary cache or `--keep-cache FILE`, and `predict`
+reads that cache as any other: no second extraction loop, no second inference loop.
 """
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from featcache.cache.store import CacheReader
 from featcache.device import resolve_device
 from featcache.errors import ConfigError
 from featcache.text_tower import load_text_backbone
@@ -29,7 +38,7 @@ from .data.cache import CacheData, load_cache
 from .data.text_layers import stage2_keys, with_text_inputs
 from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
 from .infer import infer, load_heads, mean_log_proba, softmax
-from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers
+from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers, read_config
 from .train.bias import apply_bias
 from .train.text_model import FinetuneModel
 
@@ -46,6 +55,7 @@ class PredictResult:
     fallback_tag: str
     invalid: list[str] = field(default_factory=list)  # guids written with fallback_tag
     tags: dict = field(default_factory=dict)  # tag -> count
+    problems: dict = field(default_factory=dict)  # predict_data: guid -> what extraction found wrong with it
 
 
 def fallback_tag(run_dir: str, classes: list[str]) -> str:
@@ -98,6 +108,55 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     _write_tags(out, [data.guids[r] for r in rows], tags, probs if proba else None, classes)
     return PredictResult(out=out, split=split, written=int(rows.size), fallback_tag=fallback,
                          invalid=[data.guids[r] for r in rows[~ok]], tags=dict(Counter(tags.tolist())))
+
+
+def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
+                 reader_options: dict | None = None, keep_cache: str | None = None, device: str = "auto",
+                 proba: bool = False, console=None, progress: bool = True, keep_models: bool = False) -> PredictResult:
+    """`heads predict --data`: extract the rows of `split` of raw data exactly as the run's cache was extracted
+    (extract_for_run), into `keep_cache` or a temporary file, then `predict` on it: one extraction engine, one
+    inference loop, so the result is what `featcache extract` + `heads predict --cache` give. `keep_models`:
+    keep the backbones loaded for the next call (the Python API)."""
+    with tempfile.TemporaryDirectory(prefix="heads-predict-") as tmp:
+        cache = extract_for_run(run_dir, data, keep_cache or os.path.join(tmp, "features.h5"), split, fmt,
+                                reader_options, device, console, progress, keep_models)
+        res = predict(run_dir, cache, out, split=split, device=device, proba=proba)
+        with CacheReader(cache) as r:
+            problems = r.meta.get("problems") or []
+    bad = set(res.invalid)
+    for p in problems:  # "[kind] guid G (file): message -> level" (featcache.sources.base.Problem)
+        m = re.match(r"\[[^]]*\] guid (.*?) \(", p)
+        if m and m[1] in bad:
+            res.problems[m[1]] = "; ".join(filter(None, (res.problems.get(m[1]), p)))
+    return res
+
+
+def extract_for_run(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
+                    reader_options: dict | None = None, device: str = "auto", console=None,
+                    progress: bool = True, keep_models: bool = False) -> str:
+    """Extract `split` of `data` into `out` with the backbones, weights (their sha256 checked: other weights
+    are refused by name) and preprocessing of the cache the run was trained on (its cache.json), plus the
+    text-layer states a stage-2 run reads; returns the cache path (a complete one of the same key is reused)."""
+    # heavy (the backbones' libraries): only predicting from raw data extracts; heads never import them directly
+    from featcache.extract.config import ExtractConfig, recorded_weights
+    from featcache.extract.engine import extract
+    from featcache.sources.base import detect_format
+
+    recorded = load_json(os.path.join(run_dir, "cache.json"))
+    if is_ensemble(run_dir):
+        cfg, flat = load_json(os.path.join(run_dir, "config.json")), {}
+    else:
+        cfg = read_config(run_dir)
+        flat = cfg["train"]
+    cached_states = cfg["stage"] == "finetune" and flat.get("text_forward", "cached") == "cached"
+    options = dict(reader_options or {})
+    if (detect_format(data) if fmt == "auto" else fmt) == "manifest":  # unlabelled rows: the run's classes
+        options.setdefault("classes", list(cfg["classes"]))
+    xcfg = ExtractConfig.like(recorded, str(data), format=fmt, reader_options=options, out=str(out),
+                              splits=(split,), text_layers=flat.get("text_layers", 0) if cached_states else 0,
+                              device=device, batch_size=0)
+    return extract(xcfg, console=console, progress=progress, expect_weights=recorded_weights(recorded),
+                   keep_models=keep_models)
 
 
 def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backbones.registry import DEFAULT_BACKBONE
+from ..errors import ConfigError
 from ..sources.images import DEFAULT_MAX_PIXELS
 
 
@@ -46,6 +47,25 @@ class ExtractConfig:
     caption_weights: str | None = None
     shard: str | None = None  # "I/N": only rows of shard I (zero-based) of N, into their own file (shards.py)
     no_text: bool = False  # the cache keeps features, ids, labels and splits, not the posts' texts
+    # Only the rows of these splits (`--split test`: the 511 unlabelled MVSA pairs, not all 3710); () = every
+    # row. Not in preprocessing(): the dataset fingerprint (over the rows kept) already keys the selection.
+    splits: tuple[str, ...] = ()
+
+    @classmethod
+    def like(cls, recorded: dict, data: str, **options) -> "ExtractConfig":
+        """The extraction that reproduces the features of a cache on other data: backbones and preprocessing
+        from `recorded` (a cache's meta, or the part a heads run keeps of it in cache.json), `options` for the
+        rest (format, splits, out, text_layers, device, ...). Its weights: see `recorded_weights`."""
+        prep, backbone = recorded.get("preprocessing") or {}, recorded.get("backbone") or {}
+        if not backbone.get("name"):
+            raise ConfigError("the features were recorded without their backbone name (cache meta 'backbone'); "
+                              "they cannot be reproduced: extract the data by hand with the same --backbone")
+        same = dict(backbone=backbone["name"], captions=prep.get("captions"),
+                    caption_mode=prep.get("caption_mode") or "store", clean_text=bool(prep.get("clean_text")),
+                    max_text_len=prep.get("max_text_len") or 64,
+                    max_image_pixels=prep.get("max_image_pixels") or DEFAULT_MAX_PIXELS,
+                    max_image_tokens=prep.get("max_image_tokens") or 0, text_pooling=prep.get("text_pooling") or "")
+        return cls(data=data, **same, **options)
 
 
     def precision(self) -> str:
@@ -69,6 +89,14 @@ class ExtractConfig:
                 **({"max_image_tokens": self.max_image_tokens} if self.max_image_tokens else {}),
                 **({"text_pooling": self.text_pooling} if self.text_pooling else {}),
                 **({"precision": precision} if precision != "fp32" else {})}
+
+
+def recorded_weights(recorded: dict) -> dict[str, str]:
+    """role -> the sha256 of the weights that made the features (`extract(..., expect_weights=...)`), from a
+    cache's meta (weights.ROLE.sha256) or a heads run's cache.json (signature.weights)."""
+    weights = (recorded.get("signature") or {}).get("weights") or {
+        role: w.get("sha256") for role, w in (recorded.get("weights") or {}).items()}
+    return {role: sha for role, sha in weights.items() if sha}
 
 
 CPU_BATCH, CUDA_BATCH = 32, 128

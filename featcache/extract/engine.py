@@ -11,6 +11,7 @@ the arrays are identical.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -71,12 +72,14 @@ class _Loop:
 
 
 def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, force: bool = False,
-            console=None, progress: bool = True) -> str:
-    """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused)."""
+            console=None, progress: bool = True, expect_weights: dict | None = None, keep_models: bool = False) -> str:
+    """Write the cache for `cfg` and return its path (an existing complete cache of the same key is reused).
+    `expect_weights` (role -> sha256): refuse weights with other checksums (plan.check_weights); `keep_models`:
+    keep the backbones loaded for the next call with the same ones (Plan.keep_models)."""
     console = console or Console(stderr=True)
     t_start = time.perf_counter()
     cfg = replace(cfg, batch_size=auto_batch_size(cfg))  # 0 = the device's default, fixed before the plan
-    plan = make_plan(cfg)
+    plan = replace(make_plan(cfg, expect_weights), keep_models=keep_models)
     if not force and already_extracted(plan, console.print):
         return plan.out
     if strict:
@@ -155,6 +158,26 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     cfg, weights = plan.cfg, plan.weights
     device = resolve_device(cfg.device)
     t0 = time.perf_counter()
+    text, image, captioner = _towers(plan, device)
+    load_s = time.perf_counter() - t0
+    if not 0 <= cfg.text_layers <= text.num_layers:
+        raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
+    if cfg.text_layers:
+        text.layers()  # an encoder that runs only as a whole (hf: DeBERTa, ...) says so before any file is made
+    start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
+    return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
+
+
+_KEPT: dict = {}  # Plan.keep_models: the last towers loaded, under what built them
+
+
+def _towers(plan: Plan, device) -> tuple:
+    """(text, image, captioner or None) in eval mode on `device`: loaded, or kept from the previous call."""
+    cfg, weights = plan.cfg, plan.weights
+    key = json.dumps([weights, cfg.max_text_len, cfg.text_pooling, cfg.max_image_tokens, cfg.captions,
+                      str(device)], sort_keys=True)
+    if plan.keep_models and key in _KEPT:
+        return _KEPT[key]
     text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len,
                        pooling=cfg.text_pooling)
     image = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]))
@@ -164,13 +187,10 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     for m in (text, image, captioner):
         if m is not None:
             m.to(device).eval()
-    load_s = time.perf_counter() - t0
-    if not 0 <= cfg.text_layers <= text.num_layers:
-        raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
-    if cfg.text_layers:
-        text.layers()  # an encoder that runs only as a whole (hf: DeBERTa, ...) says so before any file is made
-    start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
-    return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
+    _KEPT.clear()  # one set at most: backbones are large
+    if plan.keep_models:
+        _KEPT[key] = (text, image, captioner)
+    return text, image, captioner
 
 
 def _shapes(plan: Plan, m: Models) -> dict[str, tuple[int, ...]]:

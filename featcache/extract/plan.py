@@ -15,11 +15,13 @@ import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from rich.markup import escape
 
 from ..backbones import get_backbone_spec, locate, parse_backbone
+from ..backbones.weights import ENV_DIR, WeightsError
 from ..cache.store import CacheError, CacheReader, partial_path, problems_path
 from ..digest import file_sha256
 from ..errors import ConfigError
@@ -43,9 +45,14 @@ class Plan:
     # The dataset has targets (Twitter), each the text backbone's second segment; decided on the whole dataset
     # so that every shard encodes (and stores) them alike.
     targets: bool = False
+    # Keep the loaded backbones in memory for the next extraction with the same ones (engine._towers): the
+    # Python API (heads.load_run) extracts every batch of new posts it is given, and loading dominates small ones.
+    keep_models: bool = False
 
 
-def make_plan(cfg: ExtractConfig) -> Plan:
+def make_plan(cfg: ExtractConfig, expect_weights: dict | None = None) -> Plan:
+    """`expect_weights` (role -> sha256, config.recorded_weights): refuse weights found with another checksum
+    (reproducing a cache's features for a heads run: other weights would give other features)."""
     if cfg.caption_mode not in ("store", "append"):
         raise ConfigError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
     if cfg.max_image_tokens < 0:
@@ -54,8 +61,11 @@ def make_plan(cfg: ExtractConfig) -> Plan:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     get_aug_spec(cfg.image_aug)
     ds = read_dataset(cfg.format, cfg.data, clean_text=cfg.clean_text, limit=cfg.limit, **cfg.reader_options)
+    if cfg.splits:
+        ds = only_splits(ds, cfg.splits, cfg.data)
     text_name, image_name = parse_backbone(cfg.backbone)
     weights = _weights(cfg, text_name, image_name)
+    check_weights(weights, expect_weights or {})
     fingerprint, targets = ds.fingerprint(), any(s.target for s in ds.samples)
     keys = [cache_key(fingerprint, (text_name, image_name), weights, cfg, schema)
             for schema in (None, KEYED_SCHEMA)]
@@ -64,6 +74,30 @@ def make_plan(cfg: ExtractConfig) -> Plan:
         ds, out = select_shard(ds, cfg.shard, cfg.batch_size, keys[0], out)
         keys = [shard_key(k, ds.shard) for k in keys]
     return Plan(cfg, ds, weights, fingerprint, keys[0], out, tuple(keys[1:]), targets)
+
+
+def only_splits(ds: Dataset, splits, data: str) -> Dataset:
+    """The rows of `splits` as a dataset of their own, with their problems and counts (`--split`)."""
+    samples = [s for s in ds.samples if s.split in splits]
+    if not samples:
+        have = ", ".join(dict.fromkeys(s.split for s in ds.samples)) or "none"
+        raise ConfigError(f"{data} has no rows in split(s) {', '.join(splits)} (its splits: {have})")
+    guids = {s.guid for s in samples}
+    return replace(ds, samples=samples, problems=[p for p in ds.problems if p.guid in guids or p.guid == "-"],
+                   encodings=Counter(s.encoding for s in samples if s.encoding),
+                   empty_texts=sum(s.empty_text for s in samples))
+
+
+def check_weights(weights: dict, expect: dict) -> None:
+    """WeightsError naming the backbone, where its weights were found and both checksums, for each role whose
+    weights differ from the expected ones."""
+    bad = [f"{role} backbone {weights[role]['name']}: the weights found at {weights[role]['location']} have "
+           f"sha256 {weights[role]['sha256']}, the features were made with sha256 {sha}"
+           for role, sha in expect.items() if role in weights and weights[role]["sha256"] != sha]
+    if bad:
+        raise WeightsError("refusing to extract with other weights than the recorded ones (" + "; ".join(bad)
+                           + "). Other weights give other features, which the trained head cannot read. Provide "
+                           f"the original weights (${ENV_DIR}/<backbone name>, or where they were found before).")
 
 
 def cache_key(ds_fingerprint: str, backbone: tuple[str, str], weights: dict, cfg: ExtractConfig,
