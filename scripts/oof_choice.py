@@ -17,7 +17,8 @@ val` does) and prints three tables:
   2. the deployed-model proxy: each row's probabilities averaged over the seeds (every head out of fold for
      that row), with row-bootstrap differences against film. A K=5 run predicts with the average of its K
      heads, so one OOF prediction per row understates it (see docs/default_choice.md).
-`logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text || pooled image
+`curve NAME --seeds 0,1,2,3,4`: metrics of n of NAME's seeds averaged per row, n = 1..5 (how much averaging
+more heads buys). `logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text || pooled image
 (the README's hidden-set reference), as OUT/lr-C{C}-s{seed}/val_predictions.csv.
 """
 from __future__ import annotations
@@ -149,16 +150,32 @@ def table(runs: str, candidates: list[str], reference: str = "film", boot: int =
         print(f"| {c} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")
 
 
+def curve(runs: str, name: str, seeds) -> None:
+    """Metrics of n heads averaged per row (n = 1..len(seeds)): mean ± std over every n-subset of the seeds."""
+    print(f"| {name}: heads averaged per row | subsets | accuracy | macro-F1 | weighted-F1 |\n|---|---|---|---|---|")
+    for n in range(1, len(seeds) + 1):
+        rows = []
+        for subset in itertools.combinations(seeds, n):
+            y, p, classes = combined(runs, name, subset)
+            rows.append(scores(y, p.argmax(1), classes))
+        cells = mean_std(rows) if len(rows) > 1 else " | ".join(f"{v:.4f}" for v in rows[0])
+        print(f"| {n} | {len(rows)} | {cells} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("train", "table", "logreg"))
+    ap.add_argument("command", choices=("train", "table", "logreg", "curve"))
     ap.add_argument("items", nargs="*", help="train: NAME:flat=value,...; table: candidates")
     ap.add_argument("--cache", default="/work/shared-cache/mvsa-default.h5")
     ap.add_argument("--out", "--runs", dest="out", default="/tmp/q/runs")
     ap.add_argument("--C", default="0.3,1")
-    a = ap.parse_args()
+    ap.add_argument("--seeds", default="0,1,2,3,4", help="curve: the seeds of the candidate's runs")
+    a = ap.parse_intermixed_args()
     if a.command == "train":
         train(a.cache, a.out, a.items)
+    elif a.command == "curve":
+        for name in a.items:
+            curve(a.out, name, [int(x) for x in a.seeds.split(",")])
     elif a.command == "logreg":
         logreg(a.cache, a.out, [float(c) for c in a.C.split(",")])
     else:
