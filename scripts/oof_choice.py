@@ -18,8 +18,8 @@ val` does) and prints three tables:
      that row), with row-bootstrap differences against film. A K=5 run predicts with the average of its K
      heads, so one OOF prediction per row understates it (see docs/default_choice.md).
 `curve NAME --seeds 0,1,2,3,4`: metrics of n of NAME's seeds averaged per row, n = 1..5 (how much averaging
-more heads buys). `logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text || pooled image
-(the README's hidden-set reference), as OUT/lr-C{C}-s{seed}/val_predictions.csv.
+more heads buys). `logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text ||
+pooled image (the README's hidden-set reference), as OUT/lr-C{C}-s{seed}/val_predictions.csv.
 """
 from __future__ import annotations
 
