@@ -1,15 +1,19 @@
 """Any transformers encoder split at a block (issue 16): the block list is found from the model, and the top N
 blocks run on stored states give the model's own forward, for a BERT, a DeBERTa-v2 (relative attention, its
 ConvLayer after block 0) and an MPNet (relative position bias), each with 5 layers (more than 2N for N = 1, 2).
-Also: lock(N) unfreezes exactly the top N blocks.
+Also: lock(N) unfreezes exactly the top N blocks, and the sentence-transformers pooling config of a hub id is
+read from the HF cache (a fake one: no network).
 """
 from __future__ import annotations
+
+import json
+import socket
 
 import pytest
 import torch
 
 import tiny_models as tm
-from featcache.backbones.hf_text import HFTextEncoder
+from featcache.backbones.hf_text import HFTextEncoder, st_pooling
 from featcache.errors import ConfigError
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -91,3 +95,43 @@ def test_an_encoder_without_a_block_list_says_so(tmp_path):
         enc.layers()
     with pytest.raises(ConfigError, match="albert encoder"):
         enc.forward_features(batch, start_layer=2)
+
+
+def _fake_hub_repo(cache, repo: str, pooling: dict | None) -> None:
+    """The HF cache layout: models--org--name/refs/main -> snapshots/<rev>/ (files there)."""
+    base = cache / f"models--{repo.replace('/', '--')}"
+    snap = base / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (base / "refs").mkdir()
+    (base / "refs" / "main").write_text("0" * 40)
+    (snap / "config.json").write_text("{}")
+    if pooling is not None:
+        (snap / "1_Pooling").mkdir()
+        (snap / "1_Pooling" / "config.json").write_text(json.dumps(pooling))
+
+
+def test_pooling_config_of_a_hub_id_comes_from_the_hf_cache(tmp_path, monkeypatch):
+    import huggingface_hub
+    import huggingface_hub.constants as hfc
+    cache = tmp_path / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hfc, "HF_HUB_CACHE", str(cache))  # read once at import
+
+    def no_network(*a, **k):
+        raise AssertionError(f"network connection attempted: {a}")
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    _fake_hub_repo(cache, "org/cls-model", {"pooling_mode_cls_token": True, "pooling_mode_mean_tokens": False})
+    _fake_hub_repo(cache, "org/mean-model", {"pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True})
+    _fake_hub_repo(cache, "org/plain", None)
+    for offline in ("1", "0"):  # a cached config is used online too, without asking the hub
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        assert st_pooling("org/cls-model") == "cls"
+        assert st_pooling("org/mean-model") == "mean"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert st_pooling("org/plain") == "mean"  # offline and not cached: the masked mean
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # online and not cached: the hub is asked for that file
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda repo, name: asked.append((repo, name)) or str(
+        cache / "models--org--cls-model" / "snapshots" / ("0" * 40) / "1_Pooling" / "config.json"))
+    assert st_pooling("org/plain") == "cls" and asked == [("org/plain", "1_Pooling/config.json")]
+    assert st_pooling(str(cache / "models--org--cls-model" / "snapshots" / ("0" * 40))) == "cls"  # a local folder

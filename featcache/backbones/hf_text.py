@@ -8,8 +8,8 @@ text_hidden/states), and running the top blocks on stored states slices the list
 swaps the stored states in as block k's input. Tests check both against the plain forward for BERT, DeBERTa-v2
 and MPNet.
 
-Pooling follows a sentence-transformers `1_Pooling/config.json` when the folder has one, else the masked mean
-(`--text-pooling` overrides).
+Pooling follows a sentence-transformers `1_Pooling/config.json` (the folder's, else the HF cache's or the hub's
+for a model id), else the masked mean (`--text-pooling` overrides).
 """
 from __future__ import annotations
 
@@ -54,16 +54,36 @@ def locate(spec, tag: str, override: str | None) -> WeightsSource:
                      "(config.json, tokenizer files, model.safetensors) to a folder.")
 
 
+POOLING_FILE = "1_Pooling/config.json"  # where sentence-transformers saves its Pooling module
 # Modules of the block list's parent that run after block 0 only (DeBERTa-v2's ConvLayer: an `i == 0` check in
 # its encoder loop, which would fire on the first block of a sliced list). States entering block k >= 1 hold
 # their output already, so they are left out with the blocks below k.
 FIRST_BLOCK_ONLY = ("conv",)
 
 
+def pooling_file(location: str) -> str | None:
+    """A sentence-transformers pooling config: a local folder's, or for a hub id the HF cache's, else the hub's
+    (unless offline); None when the model has none."""
+    if os.path.isdir(location):
+        path = os.path.join(location, *POOLING_FILE.split("/"))
+        return path if os.path.isfile(path) else None
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache  # network client: hub ids only
+    from huggingface_hub.errors import RemoteEntryNotFoundError
+    found = try_to_load_from_cache(location, POOLING_FILE)
+    if isinstance(found, str):
+        return found
+    if found is not None or offline():  # the cache knows the repo has none, or there is no hub to ask
+        return None
+    try:
+        return hf_hub_download(location, POOLING_FILE)
+    except RemoteEntryNotFoundError:  # a plain transformers repo
+        return None
+
+
 def st_pooling(location: str) -> str:
-    """'cls' or 'mean' from a sentence-transformers folder's 1_Pooling/config.json; 'mean' without one."""
-    path = os.path.join(location, "1_Pooling", "config.json")
-    if not os.path.isfile(path):
+    """'cls' or 'mean' from the model's sentence-transformers pooling config (pooling_file); 'mean' without one."""
+    path = pooling_file(location)
+    if path is None:
         return "mean"
     with open(path) as f:
         cfg = json.load(f)
