@@ -125,7 +125,8 @@ class HFTextEncoder(TextEncoder):
         self.num_layers = cfg.num_hidden_layers
         self.pooling = st_pooling(location) if pooling == "auto" else pooling
         blocks = find_blocks(self.model)
-        # post: () -- the encoders found so far end with their last block (post-LN inside each block)
+        # post: () -- BERT-style blocks end in their own LayerNorm; a norm after the last block (ModernBERT's
+        # final_norm) is not found by this search and stays frozen under lock(N)
         self.layer_table = {"layers": f"model.{blocks}", "post": ()} if blocks else {}
 
     def layers(self):
@@ -175,7 +176,7 @@ class HFTextEncoder(TextEncoder):
         layers = self.layers() if states is not None or keep is not None or stop is not None else None
         if states is not None:
             hooks.append(layers[first].register_forward_pre_hook(swap, with_kwargs=True))
-        for k in {keep, stop} - {None} - set(kept):  # after `swap`: block `first` is kept as swapped in
+        for k in {keep, stop} - {None} - set(kept):  # (keep == first with states given: they are `states`)
             hooks.append(layers[k].register_forward_pre_hook(take(k), with_kwargs=True))
         try:
             with self._from_block(first):
