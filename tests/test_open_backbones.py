@@ -2,7 +2,7 @@
 
 Tiny random models of each family are saved locally and loaded back through the code users run (hub offline):
 `featcache extract` end to end, then `heads train`, and stage 2 on the hf one (recomputed top-layer tokens must
-equal the cached ones, checked by `heads finetune` itself, and the blockwise forward must equal the model's own).
+equal the cached ones, checked by `heads finetune` itself, and the split forward must equal the model's own).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 from typer.testing import CliRunner
 
 from featcache.backbones import create_image, create_text, get_backbone_spec, locate, parse_backbone
@@ -98,10 +99,10 @@ def test_weights_are_located_as_the_registry_does(models, tmp_path):
         locate(f"timm:test_vit@{tmp_path / 'missing.pth'}")
 
 
-def test_hf_blockwise_equals_model_forward_and_pooling_follows_config(models):
+def test_hf_forward_equals_model_forward_and_pooling_follows_config(models):
     name = f"hf:{models['bert']}"
     enc = create_text(name, locate(name), max_len=16).eval()
-    assert enc.pooling == "cls" and enc.blockwise
+    assert enc.pooling == "cls" and enc.layer_table["layers"] == "model.encoder.layer"
     batch = enc.tokenize(["a great day", "rain again today, staying home"])
     with torch.inference_mode():
         out = enc.forward_features(batch)
@@ -234,33 +235,44 @@ def test_extract_refuses_when_the_disk_is_too_small(models, tmp_path, monkeypatc
     assert not os.path.exists(tmp_path / "big.h5")
 
 
-def test_hf_encoder_without_block_table_runs_whole_and_refuses_text_layers(models, tmp_path):
-    """A DeBERTa-v2 (relative attention: its blocks take more than (hidden, mask)) runs its own forward."""
-    from transformers import BertTokenizerFast, DebertaV2Config, DebertaV2Model
-    folder = str(tmp_path / "deberta")
-    tok = BertTokenizerFast.from_pretrained(tm.minilm_path())
-    torch.manual_seed(0)
-    DebertaV2Model(DebertaV2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                   intermediate_size=64, max_position_embeddings=66)).eval().save_pretrained(folder)
-    tok.save_pretrained(folder)
-    name = f"hf:{folder}"
-    enc = create_text(name, locate(name), max_len=16).eval()
-    assert not enc.blockwise and enc.pooling == "mean"
-    batch = enc.tokenize(["a great day", "rain again"])
-    with torch.inference_mode():
-        out = enc.forward_features(batch)
-        ref = enc.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"].long())
-    torch.testing.assert_close(out["tokens"], ref.last_hidden_state)
-    cache = str(tmp_path / "deb.h5")
-    _extract(models, f"{name}+timm:test_resnet@{models['cnn']}", cache)
-    _train(cache, str(tmp_path / "run"))
+def test_hf_mpnet_extract_text_layers_and_stage2(models, tmp_path):
+    """MPNet (all-mpnet-base-v2's architecture: relative position bias in its encoder) end to end: the hidden
+    states entering layer L-2, then stage 2 on the top layer (one frozen layer run once over the stored states,
+    the recomputed tokens checked against the cached ones by `heads finetune` itself)."""
+    from cli import heads_app
+    name = f"hf:{tm.make_tiny_encoder(str(tmp_path / 'mpnet'), 'mpnet', num_layers=3)}"
+    cache = str(tmp_path / "mpnet.h5")
+    _extract(models, f"{name}+efficientnet-lite0", cache, "--text-layers", "2")
+    with h5py.File(cache, "r") as f:
+        assert f["text_hidden/states"].shape == (24, 16, 32) and json.loads(f.attrs["meta"])["text"]["start_layer"] == 1
+    ft = str(tmp_path / "ft")
+    r = CliRunner().invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "1", "--epochs", "1",
+                                       "--batch-size", "4", "--out", ft])
+    assert r.exit_code == 0, r.output
+    assert "running frozen text layers 1..1" in " ".join(r.output.split()), r.output
+    with safe_open(os.path.join(ft, "text_layers.safetensors"), "pt") as f:
+        assert f.keys() and all(k.startswith("model.encoder.layer.2.") for k in f.keys())
+
+
+def test_hf_encoder_without_block_list_runs_whole_and_refuses_text_layers(models, tmp_path):
+    """ALBERT (one block shared by its layers, no list of them) runs its own forward; --text-layers is refused
+    before a file is made."""
+    from transformers import AlbertConfig, AlbertModel, BertTokenizerFast
     from cli import featcache_app
-    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone",
-                                           f"{name}+timm:test_resnet@{models['cnn']}", "--text-layers", "1",
-                                           "--out", str(tmp_path / "deb2.h5"), "--no-progress", "--workers", "0"])
+    folder = str(tmp_path / "albert")
+    tok = BertTokenizerFast.from_pretrained(tm.minilm_path())
+    AlbertModel(AlbertConfig(vocab_size=len(tok), embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64, max_position_embeddings=66)
+                ).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    backbone = f"hf:{folder}+timm:test_resnet@{models['cnn']}"
+    _extract(models, backbone, str(tmp_path / "albert.h5"))
+    r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone", backbone,
+                                           "--text-layers", "1", "--out", str(tmp_path / "alb2.h5"), "--no-progress",
+                                           "--workers", "0"])
     out = " ".join(r.output.split())
-    assert r.exit_code != 0 and "deberta-v2 encoders run as a whole" in out, out
-    assert not any(p.name.startswith("deb2") for p in tmp_path.iterdir())  # refused before a file is made
+    assert r.exit_code != 0 and "albert encoder was found" in out and "--text-layers" in out, out
+    assert not any(p.name.startswith("alb2") for p in tmp_path.iterdir())  # refused before a file is made
 
 
 def test_extract_with_budget_stores_the_pooled_full_grid(models, tmp_path):

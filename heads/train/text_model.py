@@ -43,9 +43,7 @@ class FinetuneModel(nn.Module):
         hidden = batch.get("text_states")
         if hidden is None:
             with torch.no_grad():  # frozen: no graph, no activations kept
-                hidden = self.text.embed(tb)
-                for block in list(self.text.layers())[:self.start_layer]:
-                    hidden = self.text.run_block(block, hidden, tb)
+                hidden = self.text.run_blocks(self.text.embed(tb), tb, 0, self.start_layer)
         out = self.text.forward_layers(hidden, tb, self.start_layer)
         hb = {k: batch[k] for k in IMAGE_KEYS if k in batch}
         hb.update(text_tokens=out["tokens"], text_mask=out["mask"], text_pooled=out["pooled"])
