@@ -62,18 +62,13 @@ def models(tmp_path_factory):
     cfg_dir = root / "configs"
     cfg_dir.mkdir()
     (cfg_dir / "tiny-clip16.json").write_text(json.dumps(tm.TINY_CLIP_CFG["model_cfg"]))
-    siglip = json.loads(json.dumps(tm.TINY_CLIP_CFG["model_cfg"]))  # SigLIP-style text: bidirectional, last token
-    siglip["text_cfg"].update(pool_type="last", no_causal_mask=True)
-    (cfg_dir / "tiny-lastpool16.json").write_text(json.dumps(siglip))
     open_clip.add_model_config(str(cfg_dir))  # what a user does for an architecture open_clip does not ship
     clip_file = str(root / "tiny_clip.pt")
     torch.save(tm.tiny_clip_model().state_dict(), clip_file)
-    siglip_file = str(root / "tiny_siglip.pt")
-    torch.save(open_clip.create_model("tiny-lastpool16").state_dict(), siglip_file)
     return {"bert": make_tiny_bert(str(root / "bert"), pooling="cls"),
             "vit": save_timm("test_vit", str(root / "test_vit.pth")),
             "cnn": save_timm("test_resnet", str(root / "test_resnet.pth")),
-            "clip": clip_file, "siglip": siglip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4), "root": root}
+            "clip": clip_file, "data": tm.make_mvsa(str(root / "mvsa"), n=24, n_test=4), "root": root}
 
 
 def test_names_resolve_to_specs_and_unknown_ones_are_refused(models):
