@@ -22,6 +22,8 @@ ROWS = [
      "speedup", ">= 100x", lambda r: r >= 100),
     ("heads.json", "one epoch of that film head vs one end-to-end epoch", "head_epoch_s", "e2e_epoch_s",
      "epoch_speedup", "-", None),
+    ("epochs.json", "slower attention head's epoch vs film's epoch (fixed epochs)", "attention_epoch_s",
+     "film_epoch_s", "attention_vs_film", "<= 1.0x", lambda r: r <= 1.0),
     ("finetune.json", "finetune epoch (cached states, N=1) vs full text forward epoch", "cached_epoch_s",
      "full_text_epoch_s", "speedup_vs_full_text", ">= 4x", lambda r: r >= 4),
     ("finetune.json", "finetune epoch (cached states, N=1) vs end-to-end epoch", "cached_epoch_s",

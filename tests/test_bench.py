@@ -33,6 +33,7 @@ def figures(tmp_path_factory):
     runs = {  # script -> arguments that make it small
         "bench_extract.py": ["--data", root, "--per-file", "8", "--rounds", "1", "--batch-size", "8"],
         "bench_heads.py": ["--cache", cache],
+        "bench_epochs.py": ["--cache", cache, "--epochs", "1", "--repeats", "1"],
         "bench_finetune.py": ["--cache", cache, "--samples", "8", "--batch-size", "4"],
         "bench_ablate.py": ["--cache", cache, "--seeds", "0"],
         "bench_views.py": ["--data", root, "--per-file", "8", "--rounds", "1", "--views", "1"],

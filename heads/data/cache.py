@@ -47,6 +47,9 @@ TEXT_STATES = ("text_states", "text_hidden/states")  # optional (--text-layers /
 TEXT_SEQUENCES = ("text_tokens", "text_mask", "text_states", "input_ids")
 
 
+LN_EPS = 1e-5  # nn.LayerNorm's default, which every head's projector uses
+
+
 class DataError(ConfigError):
     """A cache that cannot be trained on (no labelled samples, a class too small to split, ...)."""
 
@@ -70,6 +73,20 @@ class CacheData:
     targets: list[str] | None = None  # samples/target (Twitter: the texts' second segment), None without
     device: torch.device | None = None  # set by to_device: features and views live there
     lengths: torch.Tensor | None = None  # (N,) on the host, with `device`: each row's used text positions
+    normed: dict = field(default_factory=dict, repr=False)  # (key, dtype) -> normalized(key, dtype), memoised
+
+    def normalized(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """features[key] LayerNorm-normalised over its last dim without affine (eps as nn.LayerNorm's), stored
+        as `dtype`; computed once per load, so that training steps skip the heads' projector LayerNorm
+        (heads.fusions.base.Projector.normed). Padded text positions are normalised too: they stay finite."""
+        if (key, dtype) not in self.normed:
+            x = self.features[key]
+            out = torch.empty(x.shape, dtype=dtype)
+            for s in range(0, len(x), 512):  # in row chunks: no full-size fp32 copy
+                chunk = x[s:s + 512].float()
+                out[s:s + 512] = torch.nn.functional.layer_norm(chunk, chunk.shape[-1:], eps=LN_EPS)
+            self.normed[(key, dtype)] = out
+        return self.normed[(key, dtype)]
 
     def to_device(self, device: torch.device) -> "CacheData":
         """Move every array to a CUDA `device` (in place: an ablation shares one load; arrays added since, e.g.
@@ -98,9 +115,12 @@ class CacheData:
         return {"text_dim": f["text_tokens"][-1], "text_pooled_dim": f["text_pooled"][-1],
                 "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
 
-    def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None) -> dict[str, torch.Tensor]:
+    def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None, normed=(),
+              normed_dtype=torch.float16) -> dict[str, torch.Tensor]:
         """Rows `idx` as a batch dict (only `keys`, default FEATURES): floating arrays in fp32, masks bool, token
         ids as stored. `views` (one int per row, 0 = clean, k = augmented view k) picks the image features.
+        Keys in `normed` (host only, without views) come as key + "_normed" from normalized(key, normed_dtype)
+        instead: bf16 as stored (bf16 training reads nothing else), fp16 in fp32.
 
         Text positions that are padding in every row of the batch are cut off. That is exact (heads and text
         layers ignore padding) and it is the cheapest speed-up there is: tweets are much shorter than
@@ -117,6 +137,11 @@ class CacheData:
             length = int(used[-1]) + 1 if used.numel() else 1
         out = {}
         for k in keys:
+            if k in normed:
+                x = self.normalized(k, normed_dtype).index_select(0, idx)
+                x = x[:, :length] if k in TEXT_SEQUENCES else x
+                out[k + "_normed"] = x if x.dtype == torch.bfloat16 else x.float()
+                continue
             x = mask if k == "text_mask" else self.features[k].index_select(0, idx)
             if views is not None and k in self.views:
                 aug = torch.as_tensor(views) > 0

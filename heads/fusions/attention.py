@@ -35,10 +35,33 @@ class CrossAttention(nn.Module):
         Lk, nh = ctx.shape[1], self.heads
         q = self.q(self.norm_q(x)).view(B, Lq, nh, H // nh).transpose(1, 2)
         k, v = self.kv(self.norm_kv(ctx)).view(B, Lk, 2, nh, H // nh).permute(2, 0, 3, 1, 4)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * (H // nh) ** -0.5  # (B, nh, Lq, Lk)
+        scores = torch.matmul(q * (H // nh) ** -0.5, k.transpose(-1, -2))  # (B, nh, Lq, Lk); q is the smaller
         if ctx_mask is not None:
             # Zero the padded values too: weights are exactly 0 there, but 0 * inf would still be NaN.
             v = v.masked_fill(~ctx_mask[:, None, :, None], 0.0)
             scores = scores.masked_fill(~ctx_mask[:, None, None, :], float("-inf"))  # callers pass safe_mask
-        att = torch.matmul(F.softmax(scores.float(), dim=-1).to(v.dtype), v)
+        # Softmax in the scores' dtype: the CPU kernel accumulates bf16 in fp32 anyway, and the weights were
+        # rounded to bf16 for the next matmul before; the fp32 round trip was two copies of the largest tensor.
+        att = torch.matmul(F.softmax(scores, dim=-1).to(v.dtype), v)
         return x + self.out(att.transpose(1, 2).reshape(B, Lq, H))
+
+
+def by_length(fn, mask: torch.Tensor, text: torch.Tensor, image: torch.Tensor, groups: int = 4) -> torch.Tensor:
+    """fn(mask, text, image) -> (B, W), computed on `groups` sets of rows of similar text length, each cut to its own
+    longest text, and put back in the original order.
+
+    A batch is padded to its longest tweet (often the 64-token maximum; the median is ~30), and every text
+    position costs the attention its scores, softmax and outputs. Rows are independent in every head (no
+    batch statistics; dropout comes after fn), so grouping changes nothing but float rounding, and it removes
+    most of the padding: text (B, L, H) is cut per group, image (B, P, H) only split.
+    On a GPU it runs once on the whole batch: the group lengths would be a host sync per step."""
+    B, L = mask.shape
+    if mask.is_cuda or B < 2 * groups:
+        return fn(mask, text, image)
+    last = (torch.arange(1, L + 1, device=mask.device) * mask).amax(1)  # used positions per row
+    order = last.argsort()
+    parts = []
+    for rows in order.tensor_split(groups):
+        n = int(last[rows[-1]])  # sorted: the group's last row is its longest
+        parts.append(fn(mask[rows, :n], text[rows, :n], image[rows]))
+    return torch.cat(parts).index_select(0, order.argsort())

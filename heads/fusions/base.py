@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from featcache.errors import ConfigError
 from featcache.registry import Registry
@@ -100,10 +101,31 @@ def project_tokens(proj: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) ->
     return out
 
 
-def projector(in_dim: int, hidden: int) -> nn.Sequential:
+class Projector(nn.Sequential):
+    """LayerNorm then Linear (state-dict keys 0.* and 1.*, as the plain Sequential of older runs).
+
+    `normed(x_hat)` is the same map on features that are already normalised without the affine (what
+    CacheData.normalized stores once per load): LN's gain and shift are folded into the Linear,
+    W (g * x_hat + s) + b = (W * g) x_hat + (W s + b), so a training step skips the LayerNorm forward and
+    backward over every (B, L, D) token array, the largest tensors of a step. The fold is exact in real
+    arithmetic; in floating point it rounds differently from LN then Linear."""
+
+    def normed(self, x_hat: torch.Tensor) -> torch.Tensor:
+        norm, lin = self[0], self[1]
+        return F.linear(x_hat, lin.weight * norm.weight, torch.addmv(lin.bias, lin.weight, norm.bias))
+
+
+def projector(in_dim: int, hidden: int) -> Projector:
     # LayerNorm on the raw features first: backbones differ wildly in scale (normalised sentence
     # embeddings vs. unnormalised CNN activations), and the head should not have to learn that.
-    return nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
+    return Projector(nn.LayerNorm(in_dim), nn.Linear(in_dim, hidden))
+
+
+def project(proj: Projector, batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """proj on batch[key], or proj.normed on batch[key + NORMED] when the loader put the normalised features
+    there instead (FusionHead.prenorm; training on the CPU)."""
+    x_hat = batch.get(key + NORMED)
+    return proj(batch[key]) if x_hat is None else proj.normed(x_hat)
 
 
 def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn.Sequential:
@@ -112,6 +134,7 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
                          nn.Linear(hidden, num_classes))
 
 
+NORMED = "_normed"  # batch key suffix: the features LayerNorm-normalised without affine (CacheData.normalized)
 INPUTS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
 
 
@@ -125,6 +148,9 @@ class FusionHead(nn.Module):
     # Batch keys the head reads. The data loader gathers only these: a pooled-only head then never pays for
     # copying and converting (B, L, D) token arrays.
     inputs: tuple[str, ...] = INPUTS
+    # Inputs that enter a Projector (its LayerNorm) unchanged and nothing else: a training batch may carry them
+    # pre-normalised as key + NORMED instead (heads.train.stage1). Token arrays only: pooled vectors are small.
+    prenorm: tuple[str, ...] = ()
 
     def __init__(self, cfg: HeadConfig, dims: HeadDims):
         super().__init__()
@@ -170,12 +196,15 @@ class FusionHead(nn.Module):
         """(text (B,L,H), image (B,P,H)) through self.proj_t / self.proj_i, for the token-level heads: real
         text tokens only, each modality times its keep factor, and a switched-off modality as zeros without
         computing its projection."""
-        tokens, img = batch["text_tokens"], batch["image_tokens"]
-        keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
-        t = project_tokens(self.proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
-            tokens.new_zeros(*mask.shape, self.cfg.hidden)
-        i = self.proj_i(img) * keep_i[:, None, None] if self.active("image") else \
-            img.new_zeros(*img.shape[:2], self.cfg.hidden)
+        tokens, proj_t = batch.get("text_tokens" + NORMED), self.proj_t.normed
+        if tokens is None:
+            tokens, proj_t = batch["text_tokens"], self.proj_t
+        img = batch.get("image_tokens" + NORMED, batch.get("image_tokens"))
+        keep_t, keep_i = self.modality_keep(mask.shape[0], mask.device)
+        t = project_tokens(proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
+            mask.new_zeros(*mask.shape, self.cfg.hidden, dtype=torch.float)
+        i = project(self.proj_i, batch, "image_tokens") * keep_i[:, None, None] if self.active("image") else \
+            img.new_zeros(*img.shape[:2], self.cfg.hidden, dtype=torch.float)
         return t, i
 
     def modality_keep(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

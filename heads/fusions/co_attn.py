@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttention
+from .attention import CrossAttention, by_length
 from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
 
 
@@ -20,6 +20,7 @@ class CoAttnHead(FusionHead):
     """text->image and image->text attention (masked), pooled and fused"""
 
     inputs = ("text_tokens", "text_mask", "image_tokens")
+    prenorm = ("text_tokens", "image_tokens")
 
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
         self.proj_t = projector(dims.text_dim, cfg.hidden)
@@ -32,8 +33,11 @@ class CoAttnHead(FusionHead):
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         mask = safe_mask(batch["text_mask"])
         t, i = self.project_both(batch, mask)
+        return by_length(self._pooled, mask, t, i), {}
+
+    def _pooled(self, mask: torch.Tensor, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         t2 = self.text_to_image(t, i)
         i2 = self.image_to_text(i, t, mask)
         ht = mean_unpadded(self.norm_t(t2), mask)
         hi = self.norm_i(i2).mean(1)
-        return torch.cat([ht, hi, ht * hi], dim=-1), {}
+        return torch.cat([ht, hi, ht * hi], dim=-1)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttention
+from .attention import CrossAttention, by_length
 from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
 
 
@@ -20,6 +20,7 @@ class CrossAttnHead(FusionHead):
     """text tokens attend over image patches; masked text pooling"""
 
     inputs = ("text_tokens", "text_mask", "image_tokens")
+    prenorm = ("text_tokens", "image_tokens")
 
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
         self.proj_t = projector(dims.text_dim, cfg.hidden)
@@ -31,5 +32,8 @@ class CrossAttnHead(FusionHead):
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         mask = safe_mask(batch["text_mask"])
         t, i = self.project_both(batch, mask)
+        return by_length(self._pooled, mask, t, i), {}
+
+    def _pooled(self, mask: torch.Tensor, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
         x = self.block(t, i)  # image patches are all valid: no key mask
-        return mean_unpadded(self.norm(x), mask), {}
+        return mean_unpadded(self.norm(x), mask)

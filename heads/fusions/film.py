@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, projector
+from .base import FUSIONS, NORMED, FusionHead, HeadConfig, HeadDims, project, projector
 
 
 @FUSIONS.register("film")
@@ -24,6 +24,7 @@ class FiLMHead(FusionHead):
     """pooled text -> FiLM scale/shift of the image patch tokens, then pool"""
 
     inputs = ("text_pooled", "image_tokens")
+    prenorm = ("image_tokens",)
 
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
         self.proj_t = projector(dims.text_pooled_dim, cfg.hidden)
@@ -35,12 +36,12 @@ class FiLMHead(FusionHead):
         return cfg.hidden
 
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        tokens = batch["image_tokens"]
+        tokens = batch.get("image_tokens" + NORMED, batch.get("image_tokens"))
         keep_t, keep_i = self.modality_keep(tokens.shape[0], tokens.device)
         t = F.gelu(self.proj_t(batch["text_pooled"])) * keep_t[:, None]
         gamma, beta = self.film(t).unsqueeze(1).chunk(2, dim=-1)
-        x = self.norm_i(self.proj_i(tokens)) * keep_i[:, None, None] if self.active("image") else \
-            tokens.new_zeros(*tokens.shape[:2], self.cfg.hidden)
+        x = self.norm_i(project(self.proj_i, batch, "image_tokens")) * keep_i[:, None, None] if self.active("image") else \
+            tokens.new_zeros(*tokens.shape[:2], self.cfg.hidden, dtype=torch.float)
         # GELU, not ReLU: with the image off x = 0 and the zero-initialised FiLM gives beta = 0, where ReLU's
         # gradient is 0 and the text-only model would never learn; GELU'(0) = 0.5.
         return F.gelu(x * (1 + gamma) + beta).mean(1), {}  # image tokens have no padding: a plain mean

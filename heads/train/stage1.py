@@ -98,11 +98,18 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
     train_rows = torch.from_numpy(split.train)
     y_val = data.labels[split.val]
     view_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: views do not shift the batch order
+    # Training steps read the token arrays pre-normalised (once per load; Projector.normed folds the LayerNorm's
+    # affine into its Linear): no LayerNorm forward and backward over (B, L, D) per step. On the CPU without
+    # image views (a GPU batch is gathered on the device; a view is a different array). Validation and
+    # predict keep the plain path, so predictions of older runs do not move.
+    normed = model.prenorm if device.type == "cpu" and not n_views else ()
+    normed_dtype = torch.bfloat16 if bf16 else torch.float16
 
     def loss_fn(model, idx):
         rows = train_rows[idx]
         views = torch.randint(0, n_views + 1, (len(rows),), generator=view_gen) if n_views else None
-        batch, y = data.batch(rows, device, model.inputs, views=views), labels[rows].to(device)
+        batch = data.batch(rows, device, model.inputs, views=views, normed=normed, normed_dtype=normed_dtype)
+        y = labels[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch)["logits"]
             logits2 = model(batch)["logits"] if cfg.rdrop > 0 else None  # second pass, other dropout masks
