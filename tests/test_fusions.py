@@ -150,3 +150,25 @@ def test_single_modality_mode_learns(name, modality):
     # Every head must be trainable with one modality switched off (a zero-initialised or dead path that
     # blocks gradients would leave it at chance: film text-only once predicted one class forever).
     assert fit_accuracy(name, modality=modality, task=modality) > 0.9
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if FUSIONS.get(n).prenorm])
+def test_prenormalised_inputs_give_the_plain_logits(name):
+    """Training reads the `prenorm` token arrays LayerNorm-normalised once per load (key + "_normed", without
+    the raw key) and folds the projector's affine into its Linear: the same logits as LayerNorm then Linear."""
+    m = head(name)
+    with torch.no_grad():  # a non-trivial LayerNorm affine, so that the fold is really exercised
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.uniform_(-0.5, 0.5)
+        for mod in m.modules():  # FiLM starts at zero (ignores the text): make it count
+            if isinstance(mod, torch.nn.Linear) and not mod.weight.any():
+                mod.weight.normal_(0, 0.3)
+    batch = make_batch()
+    pre = {k: v for k, v in batch.items() if k not in m.prenorm}
+    for k in m.prenorm:
+        x = batch[k]
+        pre[k + "_normed"] = torch.nn.functional.layer_norm(x, x.shape[-1:], eps=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(m(pre)["logits"], m(batch)["logits"], atol=1e-5, rtol=1e-5)
