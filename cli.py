@@ -374,11 +374,13 @@ def heads_ablate_cmd(
     seeds: str = typer.Option("0,1,2", help="Comma list of seeds (each split and initialisation)."),
     set_: Optional[list[str]] = typer.Option(None, "--set", help="key=v1,v2: any `heads train` option as a "
                                              "grid axis (repeatable), e.g. --set label_smoothing=0,0.1"),
-    folds: int = typer.Option(0, help="Stratified K-fold cross-validation (K runs per config and seed) "
-                              "instead of one validation split (0)."),
+    folds: int = typer.Option(0, help="K >= 2: each config and seed is one cross-fit run (`heads train --folds "
+                              "K`: K fold heads, scored on out-of-fold predictions) instead of one validation "
+                              "split (0)."),
     baseline: str = typer.Option("concat", help="What every configuration is compared against (paired): a "
                                  "fusion, or KEY=VALUE of any axis, e.g. cache=raw-none or rdrop=0."),
-    probe: bool = typer.Option(False, help="Add a logistic-regression probe per seed/fold (logreg-probe)."),
+    probe: bool = typer.Option(False, help="Add a logistic-regression probe per seed (cross-fitted with --folds) "
+                               "(logreg-probe)."),
     metric: str = typer.Option("macro_f1", help=METRIC_HELP),
     val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP),
     split_file: str = typer.Option("", "--split-file", help=SPLIT_FILE_HELP),

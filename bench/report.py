@@ -34,6 +34,8 @@ ROWS = [
      "clean_extract_s", "per_view_vs_clean", "-", None),
     ("views.json", "load time of one stored view vs the clean image arrays", "load_s_per_view",
      "clean_image_load_s", "load_per_view_vs_clean_image", "~1x", None),
+    ("crossfit.json", "`heads train --fusion film --folds 5` vs the single `heads train`", "folds_s", "single_s",
+     "ratio", "<= 3x", lambda r: r <= 3),
 ]
 
 

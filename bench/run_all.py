@@ -8,7 +8,8 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHES = ["bench_extract.py", "bench_heads.py", "bench_epochs.py", "bench_finetune.py", "bench_ablate.py", "bench_views.py"]
+BENCHES = ["bench_extract.py", "bench_heads.py", "bench_epochs.py", "bench_finetune.py", "bench_ablate.py",
+           "bench_views.py", "bench_crossfit.py"]
 
 if __name__ == "__main__":
     only = sys.argv[1:] or BENCHES

@@ -4,7 +4,7 @@
     result = ablate(cfg)          # trains every missing run, then writes the summaries (heads.report.build)
 
 A grid maps TrainConfig fields, by their flat names (heads.config: fusion, lr, label_smoothing, ...), to
-lists of values; the runs are the cartesian product (in grid order, then seeds, then folds), each a
+lists of values; the runs are the cartesian product (in grid order, then seeds), each a
 TrainConfig built with `with_flat` (dataclasses.replace underneath) — configs are data, never command
 strings. Each run gets its own directory named after its grid values (`runs/fusion=film,modality=both,
 seed=0`), so a re-run finds the finished ones (metrics.json present and config.json equal to the config) and
@@ -14,6 +14,12 @@ Axes come from the command line (`--fusion a,b`, `--set key=v1,v2` for any field
 field's type) or a TOML file (keys = flat TrainConfig names, values = lists; a scalar is a one-value axis).
 Without any axis the default grid is every fusion x {both, text, image}; `seeds` is the seed axis unless
 the grid has its own `seed` key.
+
+`folds=K` (`--folds K`) makes each grid point a cross-fit run, the very code of `heads train --folds K`
+(heads.train.crossfit): K fold heads in one run directory (`...,seed=0,folds=5`), its metrics on the
+out-of-fold predictions of every labelled row. The summaries therefore average cross-fit runs over seeds,
+and the paired comparison pairs two configurations' OOF predictions of the same seed (the same folds). The
+probe (--probe) is cross-fitted on the same folds.
 
 Several caches (`cache="a.h5,b.h5"`, e.g. with/without --clean-text, or other backbones) are one more axis,
 the first: run names start with `cache=<file stem>`. All caches are loaded once and must hold the same
@@ -42,8 +48,7 @@ from .fusions import get_fusion, list_fusions
 from .report.build import write_reports
 from .report.compare import parse_baseline
 from .rundir import is_finished, load_json, save_json
-from .train import stage1
-from .train.crossfit import fold_configs
+from .train import crossfit, stage1
 from .train.metrics import check_metric_classes
 from .train.probe import probe_done, probe_specs, run_probe
 
@@ -66,9 +71,9 @@ class AblateConfig:
     grid: dict = field(default_factory=dict)  # TrainConfig field -> list of values; {} = default_grid()
     seeds: list = field(default_factory=lambda: list(DEFAULT_SEEDS))
     base: dict = field(default_factory=lambda: dict(ABLATION_BASE))  # overrides applied to every run
-    folds: int = 0  # 0: one val_ratio split per seed; K >= 2: stratified K-fold, K runs per config and seed
+    folds: int = 0  # 0: one val_ratio split per seed; K >= 2: one cross-fit run (K folds) per config and seed
     baseline: str = "concat"  # paired comparison against: a fusion, or KEY=VALUE of any axis (cache=raw-none)
-    probe: bool = False  # add a logistic-regression probe per seed/fold (configuration "logreg-probe")
+    probe: bool = False  # add a logistic-regression probe per seed (configuration "logreg-probe")
     progress: bool = True
     n_boot: int = 2000  # bootstrap resamples of the paired comparison
     # Runs in parallel, one CPU thread each (0 = one worker per core; 1 = one run at a time with every
@@ -206,7 +211,7 @@ def _fmt(v) -> str:
 
 
 def expand(cfg: AblateConfig) -> list[RunSpec]:
-    """Every run of the ablation, in a fixed order (grid axes, then seed, then fold)."""
+    """Every run of the ablation, in a fixed order (grid axes, then seed)."""
     grid = dict(cfg.grid or default_grid())
     grid.setdefault("seed", list(cfg.seeds))
     base = TrainConfig.from_flat(cfg.base)
@@ -219,11 +224,8 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
             name = prefix + ",".join(f"{k}={_fmt(v)}" for k, v in point.items())
             if not cfg.folds:
                 runs.append(RunSpec(name, base.with_flat(**point), path))
-                continue
-            # The K fold heads of `heads train --folds K` (one definition of the folds), one run directory each
-            # so that reports pair them by (seed, fold).
-            for fold_cfg in fold_configs(base.with_flat(**point), cfg.folds):
-                runs.append(RunSpec(f"{name},fold={fold_cfg.split.fold}", fold_cfg, path))
+            else:  # one cross-fit run, exactly `heads train --folds K` (train_unit): its OOF predictions are scored
+                runs.append(RunSpec(f"{name},folds={cfg.folds}", base.with_flat(**point, folds=cfg.folds), path))
     names = [r.name for r in runs]
     assert len(set(names)) == len(names), "run names must be unique"  # holds: grid values are unique
     return runs
@@ -303,7 +305,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 bar.advance(task)
             else:
                 todo.append((spec, run_dir))  # rundir.write_run removes a stale metrics.json first
-        for name in _run_all(todo, datas, workers, stage1.train):  # looked up now: tests replace it
+        for name in _run_all(todo, datas, workers, train_unit(cfg.folds)):
             trained += 1
             bar.update(task, advance=1, description=name)
         for name, probe_cfg, path in probes:
@@ -320,6 +322,13 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     metric = "roc_auc" if all(r.train.optim.metric == "auroc" for r in runs) else "macro_f1"
     report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot, metric=metric)
     return AblateResult(cfg.out, run_dirs, trained, skipped, report, workers)
+
+
+def train_unit(folds: int):
+    """What one run of the grid is: `heads train` (stage1.train), or with --folds K `heads train --folds K`
+    (crossfit.train_crossfit: K fold heads, one run directory, metrics on the OOF predictions). Looked up at
+    call time: tests replace them."""
+    return crossfit.train_crossfit if folds else stage1.train
 
 
 def _workers(cfg: AblateConfig, runs: list) -> int:

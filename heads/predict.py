@@ -21,6 +21,7 @@ reads that cache as any other: no second extraction loop, no second inference lo
 """
 from __future__ import annotations
 
+import copy
 import os
 import re
 import tempfile
@@ -38,7 +39,7 @@ from .data.cache import CacheData, load_cache
 from .data.text_layers import stage2_keys, with_text_inputs
 from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
 from .infer import infer, load_heads, mean_log_proba, softmax
-from .rundir import TEXT_LAYERS_FILE, check_cache, load_json, load_text_layers, read_config
+from .rundir import check_cache, load_json, load_text_layers, read_config, text_layer_files
 from .train.bias import apply_bias
 from .train.text_model import FinetuneModel
 
@@ -95,7 +96,7 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     probs = np.full((rows.size, len(classes)), np.nan)  # invalid samples: no probabilities (empty cells)
     if ok.any():
         if n:
-            models[0], data = _with_text_layers(run_dir, models[0], data, n, text_forward, dev)
+            models, data = _with_text_layers(run_dir, cfg, models, data, n, text_forward, dev)
         size = batch_size or BATCH.get(cfg["stage"], BATCH["train"])
         if not models:
             logits = ensemble_log_proba(run_dir, data, rows[ok], dev, size)
@@ -169,13 +170,18 @@ def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> 
             f.write(f"{guid},{tag}{extra}\n")
 
 
-def _with_text_layers(run_dir: str, head, data: CacheData, n: int, text_forward: str, device):
-    """(stage-2 model, data with its text inputs): the cache's text backbone with the run's top `n` layers."""
+def _with_text_layers(run_dir: str, cfg: dict, heads: list, data: CacheData, n: int, text_forward: str, device):
+    """(stage-2 models, data with their text inputs): per head, the cache's text backbone with the run's top
+    `n` layers for it (a cross-fit run has one text-layer file per fold head: rundir.text_layer_files)."""
     text = load_text_backbone(data.meta)
     text.lock(n)
     text.to(device)
     # before loading the run's layers: the stored states are checked against the cache with the original weights
     data = with_text_inputs(data, text, n, text_forward, device, say=lambda m: None)
-    model = FinetuneModel(head, text, n, cached="text_states" in data.features).to(device)
-    model.load_text_params(load_text_layers(run_dir), os.path.join(run_dir, TEXT_LAYERS_FILE))
-    return model, data
+    models = []
+    for head, name in zip(heads, text_layer_files(cfg)):
+        own = text if len(heads) == 1 else copy.deepcopy(text)  # fold k's layers on its own copy
+        model = FinetuneModel(head, own, n, cached="text_states" in data.features).to(device)
+        model.load_text_params(load_text_layers(run_dir, name), os.path.join(run_dir, name))
+        models.append(model)
+    return models, data

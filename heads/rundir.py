@@ -9,7 +9,8 @@
     head.fold<k>.safetensors a cross-fit run (`heads train --folds K`): the K fold heads instead of
                              head.safetensors, listed in config.json "heads"; predict averages their
                              probabilities (heads.train.crossfit)
-    text_layers.safetensors  stage 2: the unfrozen text-layer parameters only
+    text_layers.safetensors  stage 2: the unfrozen text-layer parameters only (from a cross-fit --init:
+                             text_layers.fold<k>.safetensors beside each head.fold<k>.safetensors)
     cache.json               cache key, backbone, preprocessing, dataset of the cache it was trained on
     split.json               seed, split settings, training class counts, train/val/test guids (+ init);
                              "validation": the data's split that validated or "carved"; "heldout": guids
@@ -45,6 +46,7 @@ FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
 HEAD_FILE, TEXT_LAYERS_FILE = "head.safetensors", "text_layers.safetensors"
 FOLD_FILE = "head.fold{}.safetensors"  # a cross-fit run's k-th head
+TEXT_FOLD_FILE = "text_layers.fold{}.safetensors"  # stage 2 from a cross-fit run: fold k's text layers
 # Format 1 stage 2: the head and loss of a run came from its "train" section (the --init run's, or the fresh
 # head's), its optimisation and text layers from "finetune", under older names.
 _FT1_FROM_TRAIN = ("fusion", "modality", "hidden", "dropout", "attn_heads", "modality_dropout", "loss",
@@ -151,11 +153,17 @@ def _show(value) -> str:
     return json.dumps(value, sort_keys=True) if isinstance(value, (dict, list)) else str(value)
 
 
-def load_text_layers(run_dir: str) -> dict[str, torch.Tensor]:
-    """The unfrozen text-layer parameters a stage-2 run saved."""
-    path = os.path.join(run_dir, TEXT_LAYERS_FILE)
+def text_layer_files(cfg: dict) -> list[str]:
+    """A stage-2 run's text-layer files, one per head (head_files order): fold k's beside head.fold<k>."""
+    files = head_files(cfg)
+    return [TEXT_LAYERS_FILE] if files == [HEAD_FILE] else [TEXT_FOLD_FILE.format(k) for k in range(len(files))]
+
+
+def load_text_layers(run_dir: str, name: str = TEXT_LAYERS_FILE) -> dict[str, torch.Tensor]:
+    """The unfrozen text-layer parameters a stage-2 run saved (`name`: one of its text_layer_files)."""
+    path = os.path.join(run_dir, name)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{run_dir} is a finetune run without {TEXT_LAYERS_FILE}; it is incomplete")
+        raise FileNotFoundError(f"{run_dir} is a finetune run without {name}; it is incomplete")
     return load_file(path)
 
 

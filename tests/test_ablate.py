@@ -225,18 +225,37 @@ def test_cli_grid_errors(cache, tmp_path):
     assert not os.path.exists(tmp_path / "x" / "runs")  # refused before anything ran
 
 
-def test_folds_partition_the_labelled_samples(cache, tmp_path):
+def test_folds_make_each_config_one_crossfit_run(cache, tmp_path):
+    """--folds K: each configuration and seed is ONE cross-fit run, the code and result of `heads train
+    --folds K` (its folds partition the labelled rows); summaries and the paired comparison use its
+    out-of-fold predictions, and the probe is cross-fitted on the same folds. (Before, --folds K trained the K
+    folds as K separate runs, each scored on its own fold only.)"""
+    from heads.config import TrainConfig
     from heads.data.cache import load_cache
-    cfg = AblateConfig(cache=cache, out=str(tmp_path / "f"), grid={"fusion": ["concat"]}, seeds=[0], folds=3,
-                       base=FAST_BASE, progress=False)
+    from heads.train.crossfit import train_crossfit
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "f"), grid={"fusion": ["concat", "gmu"]}, seeds=[0], folds=3,
+                       base=FAST_BASE, progress=False, probe=True, workers=1, n_boot=50)
     res = ablate(cfg)
-    assert res.trained == 3 and [os.path.basename(d)[-6:] for d in res.run_dirs] == ["fold=0", "fold=1", "fold=2"]
-    splits = [load(os.path.join(d, "split.json")) for d in res.run_dirs]
-    vals = [set(s["val"]) for s in splits]
-    assert all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1:])
+    names = sorted(os.path.basename(d) for d in res.run_dirs)
+    assert res.trained == 3 and names == ["fusion=concat,seed=0,folds=3", "fusion=gmu,seed=0,folds=3",
+                                          "probe=logreg,seed=0,folds=3"]
+    run = os.path.join(cfg.out, "runs", "fusion=gmu,seed=0,folds=3")
+    s = load(os.path.join(run, "split.json"))
+    vals = [set(v) for v in s["fold_val"]]
+    assert len(vals) == 3 and all(not (a & b) for i, a in enumerate(vals) for b in vals[i + 1:])
     data = load_cache(cache)
     usable = {g for g, y, v in zip(data.guids, data.labels, data.valid) if y >= 0 and v}
-    assert set().union(*vals) == usable
-    for s, v in zip(splits, vals):
-        assert set(s["train"]) == usable - v and s["folds"] == 3
-    assert read_csv(os.path.join(cfg.out, "summary.csv"))[0]["n"] == "3"
+    assert set().union(*vals) == usable and s["folds"] == 3
+    same = train_crossfit(TrainConfig.from_flat(**FAST_BASE, fusion="gmu", seed=0, folds=3), cache,
+                          str(tmp_path / "cv"))  # `heads train --folds 3` with the same settings
+    assert read_csv(os.path.join(run, "val_predictions.csv")) == read_csv(os.path.join(same.run_dir,
+                                                                                      "val_predictions.csv"))
+    assert load(os.path.join(run, "metrics.json"))["macro_f1"] == same.metrics["macro_f1"]
+    probe = load(os.path.join(cfg.out, "runs", "probe=logreg,seed=0,folds=3", "metrics.json"))
+    assert probe["crossfit"] == 3 and probe["counts"]["val"] == len(usable)
+    rows = {r["config"]: r for r in read_csv(os.path.join(cfg.out, "summary.csv"))}
+    assert rows["fusion=gmu"]["n"] == "1" and float(rows["fusion=gmu"]["macro_f1_mean"]) == \
+        pytest.approx(same.metrics["macro_f1"])
+    paired = read_csv(os.path.join(cfg.out, "paired.csv"))
+    assert len(paired) == 1 and paired[0]["pairs"] == "1" and paired[0]["samples"] == str(len(usable))
+    assert ablate(cfg).trained == 0  # resumes: the cross-fit runs are found finished

@@ -37,6 +37,7 @@ def figures(tmp_path_factory):
         "bench_finetune.py": ["--cache", cache, "--samples", "8", "--batch-size", "4"],
         "bench_ablate.py": ["--cache", cache, "--seeds", "0"],
         "bench_views.py": ["--data", root, "--per-file", "8", "--rounds", "1", "--views", "1"],
+        "bench_crossfit.py": ["--cache", cache, "--folds", "2", "--repeats", "1"],
     }
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     for script, args in runs.items():

@@ -35,12 +35,12 @@ def cache(make_synthetic_cache):
     return make_synthetic_cache(noise=3.0)
 
 
-def test_folds_cover_every_labelled_row_once_and_match_ablate_folds(cache, tmp_path):
+def test_folds_cover_every_labelled_row_once_and_match_fold_configs(cache, tmp_path):
     res = train_crossfit(cfg(fusion="concat", folds=3, seed=1), cache, str(tmp_path / "cv"))
     data = load_cache(cache)
     usable = np.flatnonzero((data.labels >= 0) & data.valid)
     assert res.oof_rows.tolist() == usable.tolist()
-    for k, fold in enumerate(res.folds):  # fold k is the split `heads ablate --folds 3` trains as run k
+    for k, fold in enumerate(res.folds):  # fold k is split_labelled's fold k (fold_configs)
         same = split_labelled(data, fold_configs(cfg(folds=3), 3)[k].split, 1)
         assert fold.split.val.tolist() == same.val.tolist() and fold.split.train.tolist() == same.train.tolist()
         assert not set(fold.split.val) & set(fold.split.train)
@@ -92,7 +92,7 @@ def test_reproducible_and_single_head_unchanged(cache, tmp_path):
     assert list(read_csv(out)[0]) == ["guid", "tag"]  # without --proba the label-file format, unchanged
 
 
-def test_cli_train_folds_show_predict_and_finetune_refuses(cache, tmp_path):
+def test_cli_train_folds_show_predict_and_finetune(cache, tmp_path):
     from cli import heads_app
     runner = CliRunner()
     run = str(tmp_path / "cv")
@@ -106,9 +106,17 @@ def test_cli_train_folds_show_predict_and_finetune_refuses(cache, tmp_path):
     r = runner.invoke(heads_app, ["predict", "--run", run, "--cache", cache, "--out", preds, "--proba"])
     assert r.exit_code == 0, r.output
     assert open(preds).readline().strip() == "guid,tag,p_negative,p_neutral,p_positive"
-    r = runner.invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run,
-                                  "--out", str(tmp_path / "ft")])
-    assert r.exit_code == 2 and "cross-fit run" in r.output and "not supported yet" in r.output
+    ft = str(tmp_path / "ft")  # stage 2 fold by fold (text layers: tests/test_finetune.py)
+    r = runner.invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run, "--epochs", "1",
+                                  "--no-plots", "--out", ft])
+    assert r.exit_code == 0, r.output
+    assert "2 fold heads" in r.output and json.load(open(os.path.join(ft, "config.json")))["stage"] == "finetune"
+    assert sorted(f for f in os.listdir(ft) if f.startswith("head.")) == ["head.fold0.safetensors",
+                                                                          "head.fold1.safetensors"]
+    r = runner.invoke(heads_app, ["show", ft])
+    assert r.exit_code == 0 and "2 fold heads" in r.output and "out-of-fold" in r.output
+    r = runner.invoke(heads_app, ["predict", "--run", ft, "--cache", cache, "--out", preds])
+    assert r.exit_code == 0, r.output
     r = runner.invoke(heads_app, ["train", "--cache", cache, "--folds", "1", "--out", run])
     assert r.exit_code == 2 and "--folds must be 0" in r.output
 

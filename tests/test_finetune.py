@@ -7,6 +7,7 @@ the CLI runs end to end with predict, the fallback without states says so, and w
 """
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import tiny_models as tm
@@ -235,3 +237,66 @@ def test_cached_and_full_forward_agree_and_lower_start(caches):
     add_text_layers(lower, 2, progress=False)  # states entering block 0
     c = finetune(ft_cfg(text_layers=1, **zero), lower)
     np.testing.assert_allclose(c.val_logits, a.val_logits, atol=1e-3, rtol=1e-3)
+
+
+def _fold_as_single_run(run: str, k: int, dest) -> str:
+    """Fold k of a cross-fit stage-2 run as a one-model stage-2 run directory (what predict would see had
+    fold k been trained alone): its head and text-layer files under the single-run names."""
+    shutil.copytree(run, dest)
+    for f in os.listdir(dest):
+        if ".fold" in f:
+            os.remove(os.path.join(dest, f))
+    shutil.copyfile(os.path.join(run, f"head.fold{k}.safetensors"), os.path.join(dest, "head.safetensors"))
+    shutil.copyfile(os.path.join(run, f"text_layers.fold{k}.safetensors"),
+                    os.path.join(dest, "text_layers.safetensors"))
+    cfg = json.load(open(os.path.join(dest, "config.json")))
+    del cfg["heads"]
+    json.dump(cfg, open(os.path.join(dest, "config.json"), "w"))
+    return str(dest)
+
+
+def test_finetune_from_crossfit_run_fold_by_fold(caches, tmp_path):
+    """--init a cross-fit run: fold k's head and its own text layers train on fold k's training rows and stop
+    on fold k; metrics on the out-of-fold predictions; predict averages the K stage-2 models."""
+    from heads.predict import predict
+    from heads.rundir import load_text_layers
+    from heads.train.crossfit import train_crossfit
+    from heads.train.metrics import compute_metrics
+    path = caches["roberta-base"]["extracted"]  # 2 text layers, states entering the top one
+    # a barely trained init (one epoch at a tiny rate), so that stage 2 has something to improve on
+    cv = train_crossfit(TrainConfig.from_flat(**{**FAST, "epochs": 1}, lr=1e-5, fusion="concat", folds=2,
+                                              precision="fp32"), path, str(tmp_path / "cv"))
+    # zero learning rates: each fold keeps its init head, so the OOF predictions are the init run's
+    zero = finetune(ft_cfg(text_layers=1, init=cv.run_dir, lr=0.0, lr_text=0.0, epochs=1, plots=False), path)
+    np.testing.assert_allclose(zero.oof_logits, cv.oof_logits, atol=1e-3, rtol=1e-3)
+    run = str(tmp_path / "ft")
+    ft = finetune(ft_cfg(text_layers=1, init=cv.run_dir, lr=1e-3, lr_text=1e-3, epochs=2, patience=0,
+                         batch_size=4, plots=False), path, run)
+    for a, b in zip(ft.folds, cv.folds):  # the init run's folds, row for row
+        assert a.split.val.tolist() == b.split.val.tolist() and a.split.train.tolist() == b.split.train.tolist()
+    assert ft.oof_rows.tolist() == cv.oof_rows.tolist()
+    files = sorted(f for f in os.listdir(run) if f.endswith(".safetensors"))
+    assert files == ["head.fold0.safetensors", "head.fold1.safetensors", "text_layers.fold0.safetensors",
+                     "text_layers.fold1.safetensors"]
+    assert [len(f.history) for f in ft.folds] == [2, 2]
+    # On 20 rows of random features no epoch may beat the init head (then its weights are kept); make fold 1's
+    # text layers differ so that predict must pair each head with its own text-layer file.
+    t1 = load_text_layers(run, "text_layers.fold1.safetensors")
+    assert t1.keys() == load_text_layers(run, "text_layers.fold0.safetensors").keys() and t1
+    save_file({k: v * 1.5 for k, v in t1.items()}, os.path.join(run, "text_layers.fold1.safetensors"))
+    cfg = json.load(open(os.path.join(run, "config.json")))
+    assert cfg["stage"] == "finetune" and cfg["train"]["folds"] == 2 and len(cfg["heads"]) == 2
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    data = load_cache(path)
+    want = compute_metrics(data.labels[ft.oof_rows], ft.oof_logits.argmax(1), data.classes)
+    assert m["macro_f1"] == pytest.approx(want["macro_f1"]) and m["crossfit"] == 2 and m["stage"] == "finetune"
+    assert m["counts"]["val"] == len(ft.oof_rows) and m["text_forward"] == "cached"
+    # predict: the average of the two folds' probabilities, each fold as if it were a run of its own
+    probs = lambda out: np.array([[float(r[f"p_{c}"]) for c in data.classes]  # noqa: E731
+                                  for r in csv.DictReader(open(out)) if r["p_" + data.classes[0]]])
+    predict(run, path, str(tmp_path / "p.csv"), device="cpu", proba=True)
+    each = [predict(_fold_as_single_run(run, k, tmp_path / f"f{k}"), path, str(tmp_path / f"p{k}.csv"),
+                    device="cpu", proba=True) for k in range(2)]
+    assert all(r.written == len(probs(str(tmp_path / "p.csv"))) for r in each)
+    np.testing.assert_allclose(probs(str(tmp_path / "p.csv")),
+                               np.mean([probs(str(tmp_path / f"p{k}.csv")) for k in range(2)], axis=0), atol=2e-5)

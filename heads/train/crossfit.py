@@ -5,8 +5,7 @@
 
 Why: a single head trains on 80% of the labelled rows and is early-stopped on a 20% split, so a fifth of the
 labels never reach the weights and its scores move with the seed. Here the labelled rows are split into K
-stratified folds (seeded: `split_labelled` with folds=K, fold=k, exactly the folds `heads ablate --folds K`
-trains as K separate runs), head k trains on the other K-1 folds and is early-stopped on fold k, so every
+stratified folds (seeded: `split_labelled` with folds=K, fold=k: fold_configs), head k trains on the other K-1 folds and is early-stopped on fold k, so every
 labelled row gets one out-of-fold (OOF) prediction from a head that never saw it. metrics.json scores those
 OOF predictions of every labelled row (plus per-fold mean and std); `--tune-bias` tunes the offsets on the
 OOF logits, so the offsets are not fitted on rows they are scored on by the same head's selection alone.
@@ -14,7 +13,9 @@ OOF logits, so the offsets are not fitted on rows they are scored on by the same
 
 The cache is loaded once and the K heads train one after the other in this process (stage1.train with
 out_dir=None). A --test-ratio share (and the data's other labelled splits) is set aside before the folds and
-scored once with the averaged heads.
+scored once with the averaged heads. The same code is the unit of `heads ablate --folds K` (one cross-fit run
+per configuration and seed), and its scoring and writing (finish_crossfit, write_crossfit) end stage 2 from a
+cross-fit run (`heads finetune --init`, fold by fold: heads.train.stage2.finetune_folds).
 """
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ from ..fusions import get_fusion
 from ..infer import mean_log_proba, softmax
 from ..report import figures
 from ..report.console import print_summary
-from ..rundir import FOLD_FILE, RunRecord, cache_info, write_run
+from ..rundir import FOLD_FILE, TEXT_FOLD_FILE, RunRecord, cache_info, write_run
 from .bias import apply_bias, tune_bias
 from .metrics import compute_metrics
 from .stage1 import TrainResult, train
@@ -49,10 +50,13 @@ class CrossfitResult:
     folds: list[TrainResult]  # one per fold, in fold order
     oof_rows: np.ndarray  # every cross-fitted row, sorted
     oof_logits: np.ndarray  # (len(oof_rows), C): each row's logits from the head that did not train on it
+    bias: np.ndarray | None = None  # --tune-bias offsets, tuned on the OOF logits
 
 
-def fold_configs(cfg: TrainConfig, folds: int) -> list[TrainConfig]:
-    """The K fold configs of a cross-fit (the same as `heads ablate --folds K` trains one run each)."""
+def fold_configs(cfg, folds: int) -> list:
+    """The K fold configs of a cross-fit: fold k validates on the k-th of `folds` stratified folds
+    (split_labelled). Any config with a SplitConfig: TrainConfig, FinetuneConfig, ProbeConfig (the probe of
+    `heads ablate --probe --folds K`)."""
     return [cfg.with_flat(folds=folds, fold=k) for k in range(folds)]
 
 
@@ -69,35 +73,63 @@ def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_di
     # Each fold head is early-stopped on its own fold; bias and plots belong to the whole run.
     results = [train(fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio), data)
                for fc in fold_configs(cfg, folds)]
-    rows = np.concatenate([r.split.val for r in results])
-    order = np.argsort(rows)
-    rows, logits = rows[order], np.concatenate([r.val_logits for r in results])[order]
-    if np.unique(rows).size != rows.size:  # a fold split bug would silently double-count rows
-        raise AssertionError("cross-fit folds overlap")
-    metrics, bias = _score(cfg, data, results, rows, logits)
+    result = finish_crossfit(cfg, data, results, t_start)
+    if out_dir is not None:
+        result.run_dir = write_crossfit(out_dir, cfg, data, result)
+    if console is not None:
+        print_summary(result.metrics, result.run_dir, console)
+    return result
+
+
+def finish_crossfit(cfg, data: CacheData, results: list[TrainResult], t_start: float) -> CrossfitResult:
+    """The K trained folds -> their OOF predictions and metrics (and bias). Shared by stage 1 (here) and stage
+    2 from a cross-fit run (heads.train.stage2.finetune_folds, whose folds are TrainResults too)."""
+    rows, logits = gather_oof([r.split.val for r in results], [r.val_logits for r in results])
+    metrics, bias = score_oof(cfg, data, results, rows, logits)
+    timing = results[0].metrics["timing"]
     metrics["timing"] = {"total_s": time.perf_counter() - t_start,
                          "train_s": sum(r.metrics["timing"]["train_s"] for r in results),
-                         **{k: results[0].metrics["timing"][k] for k in ("device", "threads", "precision")}}
-    run_dir = None
-    if out_dir is not None:
-        run_dir = _write(out_dir, cfg, data, results, rows, logits, metrics, bias)
-    if console is not None:
-        print_summary(metrics, run_dir, console)
-    return CrossfitResult(run_dir, metrics, results, rows, logits)
+                         **{k: timing[k] for k in ("device", "threads", "precision") if k in timing}}
+    return CrossfitResult(None, metrics, results, rows, logits, bias)
 
 
-def _score(cfg: TrainConfig, data: CacheData, results: list[TrainResult], rows, logits):
-    """(metrics, bias): the OOF metrics (tuned and untuned with --tune-bias), per-fold summary, held-out."""
+def gather_oof(vals: list[np.ndarray], outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, outputs) of every fold's validation rows, in row order: the out-of-fold predictions (also the
+    probe's, heads.train.probe)."""
+    rows = np.concatenate(vals)
+    order = np.argsort(rows)
+    if np.unique(rows).size != rows.size:  # a fold split bug would silently double-count rows
+        raise AssertionError("cross-fit folds overlap")
+    return rows[order], np.concatenate(outputs)[order]
+
+
+def fold_summary(per_fold: list[dict]) -> dict:
+    """metrics.json "folds": each FOLD_KEYS number per fold, with its mean and std over the folds."""
+    return {k: {"per_fold": [m[k] for m in per_fold], "mean": float(np.mean([m[k] for m in per_fold])),
+                "std": float(np.std([m[k] for m in per_fold]))} for k in FOLD_KEYS}
+
+
+def oof_counts(split, rows: np.ndarray, classes, folds: int, labels: np.ndarray) -> dict:
+    """metrics.json "counts" of a cross-fit run: every OOF row both trains (in K-1 folds) and validates once."""
+    counts = dict(split.counts)
+    y = labels[rows]
+    counts.update(train=int(rows.size), val=int(rows.size), folds=folds,
+                  train_per_class={c: int((y == k).sum()) for k, c in enumerate(classes)})
+    counts["val_per_class"] = counts["train_per_class"]
+    return counts
+
+
+def score_oof(cfg, data: CacheData, results: list[TrainResult], rows, logits):
+    """(metrics, bias): the OOF metrics (tuned and untuned with --tune-bias), per-fold summary, held-out.
+    `cfg` is the run's TrainConfig, or a FinetuneConfig (no bias tuning in stage 2)."""
     classes, y = data.classes, data.labels[rows]
     metrics = compute_metrics(y, logits.argmax(1), classes, logits)
     bias = None
-    if cfg.tune_bias:
+    if getattr(cfg, "tune_bias", False):
         bias = tune_bias(logits, y)  # on the OOF logits: each row scored by a head that did not train on it
         metrics = {**compute_metrics(y, apply_bias(logits, bias).argmax(1), classes, logits),
                    "untuned": metrics, "bias": {c: float(b) for c, b in zip(classes, bias)}}
-    per_fold = [r.metrics for r in results]
-    metrics["folds"] = {k: {"per_fold": [m[k] for m in per_fold], "mean": float(np.mean([m[k] for m in per_fold])),
-                            "std": float(np.std([m[k] for m in per_fold]))} for k in FOLD_KEYS}
+    metrics["folds"] = fold_summary([r.metrics for r in results])
     metrics["folds"]["best_epoch"] = [r.metrics["best_epoch"] for r in results]
     models, first = [r.model for r in results], results[0]
     device = next(first.model.parameters()).device
@@ -113,20 +145,19 @@ def _score(cfg: TrainConfig, data: CacheData, results: list[TrainResult], rows, 
         metrics["test"] = held(first.split.test)
     if first.split.heldout:
         metrics["heldout"] = {name: held(r) for name, r in first.split.heldout.items()}
-    counts = dict(first.split.counts)
-    counts.update(train=int(rows.size), val=int(rows.size), folds=len(results),
-                  train_per_class={c: int((y == k).sum()) for k, c in enumerate(classes)})
-    counts["val_per_class"] = counts["train_per_class"]
-    metrics.update(counts=counts, classes=list(classes), fusion=cfg.head.fusion, modality=cfg.head.modality,
+    metrics.update(counts=oof_counts(first.split, rows, classes, len(results), data.labels), classes=list(classes), fusion=cfg.head.fusion, modality=cfg.head.modality,
                    metric=cfg.optim.metric, best_epoch=max(r.metrics["best_epoch"] for r in results),
                    epochs_run=sum(r.metrics["epochs_run"] for r in results),
                    head_params=sum(r.metrics["head_params"] for r in results),
-                   image_views_used=first.metrics["image_views_used"], crossfit=len(results))
+                   image_views_used=first.metrics.get("image_views_used", 0), crossfit=len(results))
     return metrics, bias
 
 
-def _write(out_dir, cfg: TrainConfig, data: CacheData, results, rows, logits, metrics, bias) -> str:
-    """One run directory: K fold heads, one config (folds=K), split.json with every fold's rows by guid."""
+def write_crossfit(out_dir, cfg, data: CacheData, result: CrossfitResult, stage: str = "train") -> str:
+    """One run directory: K fold heads (stage 2: and K text-layer files), one config (folds=K), split.json with
+    every fold's rows by guid."""
+    results, rows, logits, metrics, bias = result.folds, result.oof_rows, result.oof_logits, result.metrics, \
+        result.bias
     guids = lambda idx: [data.guids[i] for i in idx]  # noqa: E731
     pred = apply_bias(logits, bias).argmax(1)
     predictions = {"guids": guids(rows), "labels": data.labels[rows], "probs": softmax(logits), "pred": pred}
@@ -140,12 +171,16 @@ def _write(out_dir, cfg: TrainConfig, data: CacheData, results, rows, logits, me
         split["heldout"] = {name: guids(r) for name, r in first.heldout.items()}
     files = [FOLD_FILE.format(k) for k in range(len(results))]
     device = next(results[0].model.parameters()).device
+    heads = [getattr(r.model, "head", r.model) for r in results]  # stage 2: the FinetuneModel's head
+    weights = {f: h.state_dict() for f, h in zip(files, heads)}
+    if stage == "finetune":  # the init run it started from, and each fold's unfrozen text layers
+        split["init"] = cfg.init
+        weights.update({TEXT_FOLD_FILE.format(k): r.model.text_params() for k, r in enumerate(results)})
     record = RunRecord(
-        stage="train", config=cfg.flat(), classes=data.classes, env=environment(str(device), torch.get_num_threads()),
+        stage=stage, config=cfg.flat(), classes=data.classes, env=environment(str(device), torch.get_num_threads()),
         cache=cache_info(data.meta, data.path), split=split, metrics=metrics, predictions=predictions,
-        dims=asdict(results[0].model.dims), history=[{"fold": k, **h} for k, r in enumerate(results) for h in r.history],
-        bias=None if bias is None else bias.tolist(), weights={f: r.model.state_dict() for f, r in zip(files, results)},
-        heads=files)
+        dims=asdict(heads[0].dims), history=[{"fold": k, **h} for k, r in enumerate(results) for h in r.history],
+        bias=None if bias is None else bias.tolist(), weights=weights, heads=files)
     return write_run(out_dir, record, _draw(cfg, data, metrics) if cfg.plots else None)
 
 

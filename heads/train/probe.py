@@ -12,7 +12,7 @@ from __future__ import annotations
 import inspect
 import os
 import time
-from dataclasses import asdict, astuple, replace
+from dataclasses import asdict, astuple, dataclass, replace
 
 import numpy as np
 
@@ -20,8 +20,9 @@ from featcache.env import environment
 
 from ..config import ProbeConfig
 from ..data.cache import CacheData
-from ..data.splits import split_labelled
+from ..data.splits import Split, split_labelled
 from ..rundir import PROBE_NAME, RunRecord, cache_info, is_finished, write_run
+from .crossfit import fold_configs, fold_summary, gather_oof, oof_counts
 from .metrics import compute_metrics
 
 
@@ -35,7 +36,7 @@ def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
         if key in seen:
             continue
         seen.add(key)
-        name = f"probe=logreg,seed={seed}" + (f",fold={s.fold}" if s.folds else "")
+        name = f"probe=logreg,seed={seed}" + (f",folds={s.folds}" if s.folds else "")  # cross-fitted
         if s.val_ratio != 0.2:
             name += f",val_ratio={s.val_ratio}"
         if s.test_ratio:
@@ -59,14 +60,61 @@ def pooled_features(data: CacheData, rows) -> np.ndarray:
 
 def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> dict:
     """Fit the probe on the split's training rows, score its validation rows; returns metrics (and writes the
-    run directory when out_dir is given)."""
+    run directory when out_dir is given). With split.folds = K (`heads ablate --folds K`, whose unit is a
+    cross-fit run): K probes on crossfit's folds, scored on their out-of-fold predictions like a cross-fit
+    head run, probabilities averaged on the test and held-out splits."""
+    fits = [_fit(c, data) for c in (fold_configs(cfg, cfg.split.folds) if cfg.split.folds else [cfg])]
+    split = fits[0].split
+    if cfg.split.folds:
+        rows, full = gather_oof([f.split.val for f in fits], [f.predict(f.split.val) for f in fits])
+    else:
+        rows, full = split.val, fits[0].predict(split.val)
+    pred = full.argmax(1)
+    metrics = compute_metrics(data.labels[rows], pred, data.classes, full)
+
+    def held(held_rows):
+        probs = np.mean([f.predict(held_rows) for f in fits], axis=0) if len(fits) > 1 else fits[0].predict(held_rows)
+        return compute_metrics(data.labels[held_rows], probs.argmax(1), data.classes, probs)
+
+    if cfg.split.test_ratio:
+        metrics["test"] = held(split.test)
+    if split.heldout:
+        metrics["heldout"] = {name: held(r) for name, r in split.heldout.items()}
+    metrics["classes"] = list(data.classes)
+    metrics["counts"] = split.counts
+    if cfg.split.folds:
+        per_fold = [compute_metrics(data.labels[f.split.val], f.predict(f.split.val).argmax(1), data.classes)
+                    for f in fits]
+        metrics.update(folds=fold_summary(per_fold), crossfit=len(fits),
+                       counts=oof_counts(split, rows, data.classes, len(fits), data.labels))
+    metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
+    metrics["C"] = fits[0].C
+    metrics["image_views_used"] = 0  # the probe always fits the clean pooled features
+    metrics["head_params"] = sum(f.params for f in fits)  # the probe's linear "head"
+    metrics["timing"] = {"train_s": sum(f.train_s for f in fits)}
+    if out_dir is not None:
+        _write_run(out_dir, cfg, data, [f.split for f in fits], rows, full, pred, metrics)
+    return metrics
+
+
+@dataclass
+class _Fit:
+    split: Split
+    predict: object  # rows -> (n, C) probabilities over every class
+    C: float
+    params: int
+    train_s: float
+
+
+def _fit(cfg: ProbeConfig, data: CacheData) -> _Fit:
+    """The probe fitted on the training rows of cfg's split."""
     from sklearn.linear_model import LogisticRegressionCV  # heavy (with scipy): only probe runs pay for it
     from sklearn.model_selection import StratifiedKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     split = split_labelled(data, cfg.split, cfg.seed)
-    y_train, y_val = data.labels[split.train], data.labels[split.val]
+    y_train = data.labels[split.train]
     t0 = time.perf_counter()
     inner = StratifiedKFold(n_splits=cfg.cv, shuffle=True, random_state=cfg.seed)
     # Newer scikit-learn warns unless these are explicit (plain L2, new attribute layout); older lacks them.
@@ -85,28 +133,8 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
         full[:, model.classes_] = model.predict_proba(pooled_features(data, rows))
         return full
 
-    full = predict(split.val)
-    pred = full.argmax(1)
-    metrics = compute_metrics(y_val, pred, data.classes, full)
-
-    def held(rows):
-        probs = predict(rows)
-        return compute_metrics(data.labels[rows], probs.argmax(1), data.classes, probs)
-
-    if cfg.split.test_ratio:
-        metrics["test"] = held(split.test)
-    if split.heldout:
-        metrics["heldout"] = {name: held(rows) for name, rows in split.heldout.items()}
-    metrics["classes"] = list(data.classes)
-    metrics["counts"] = split.counts
-    metrics["fusion"], metrics["modality"], metrics["metric"] = PROBE_NAME, "both", "macro_f1"
-    metrics["C"] = float(np.ravel(model[-1].C_)[0])
-    metrics["image_views_used"] = 0  # the probe always fits the clean pooled features
-    metrics["head_params"] = int(model[-1].coef_.size + model[-1].intercept_.size)  # the probe's linear "head"
-    metrics["timing"] = {"train_s": train_s}
-    if out_dir is not None:
-        _write_run(out_dir, cfg, data, split, full, pred, metrics)
-    return metrics
+    return _Fit(split, predict, float(np.ravel(model[-1].C_)[0]),
+                int(model[-1].coef_.size + model[-1].intercept_.size), train_s)
 
 
 def _binary_macro_f1(estimator, X, y) -> float:
@@ -114,9 +142,14 @@ def _binary_macro_f1(estimator, X, y) -> float:
     return compute_metrics(y, estimator.predict(X), ["0", "1"])["macro_f1"]
 
 
-def _write_run(out_dir, cfg: ProbeConfig, data: CacheData, split, probs, pred, metrics) -> None:
+def _write_run(out_dir, cfg: ProbeConfig, data: CacheData, splits: list, rows, probs, pred, metrics) -> None:
+    record = splits[0].record(data, seed=cfg.seed, **asdict(cfg.split))
+    if len(splits) > 1:  # cross-fitted: every fold's validation rows (as `heads train --folds` records them)
+        guids = [data.guids[i] for i in rows]
+        record.update(fold=None, train=guids, val=guids,
+                      fold_val=[[data.guids[i] for i in s.val] for s in splits])
     write_run(out_dir, RunRecord(
         stage="probe", config=cfg.flat(), classes=data.classes, env=environment("cpu"),
-        cache=cache_info(data.meta, data.path), split=split.record(data, seed=cfg.seed, **asdict(cfg.split)),
-        metrics=metrics, predictions={"guids": [data.guids[i] for i in split.val], "labels": data.labels[split.val],
-                                      "probs": probs, "pred": pred}))
+        cache=cache_info(data.meta, data.path), split=record, metrics=metrics,
+        predictions={"guids": [data.guids[i] for i in rows], "labels": data.labels[rows], "probs": probs,
+                     "pred": pred}))
