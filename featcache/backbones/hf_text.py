@@ -158,6 +158,8 @@ class HFTextEncoder(TextEncoder):
         """The model's own forward with `states` (None: its embeddings) entering block `first`, the blocks below
         it left out. Returns (last hidden state, the states entering block `keep`); with `stop`, the forward ends
         at block `stop`'s input, which is returned as the first item."""
+        if states is not None and first == self.num_layers:  # no block left to run: they are the last states
+            return states, states if keep == first else None
         kept, hooks = {}, []
         if states is not None and keep == first:
             kept[keep] = states
@@ -176,8 +178,16 @@ class HFTextEncoder(TextEncoder):
         layers = self.layers() if states is not None or keep is not None or stop is not None else None
         if states is not None:
             hooks.append(layers[first].register_forward_pre_hook(swap, with_kwargs=True))
+        def take_output(k):  # "the states entering block L" = the last block's output (before any final norm)
+            def hook(module, args, kwargs, output):
+                kept[k] = output[0] if isinstance(output, tuple) else output
+                if k == stop:
+                    raise _Stop
+            return hook
+
         for k in {keep, stop} - {None} - set(kept):  # (keep == first with states given: they are `states`)
-            hooks.append(layers[k].register_forward_pre_hook(take(k), with_kwargs=True))
+            hooks.append(layers[k].register_forward_pre_hook(take(k), with_kwargs=True) if k < len(layers) else
+                         layers[-1].register_forward_hook(take_output(k), with_kwargs=True))
         try:
             with self._from_block(first):
                 last = self.model(input_ids=batch["input_ids"],
