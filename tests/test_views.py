@@ -123,8 +123,8 @@ def test_training_draws_views_and_evaluation_uses_clean(tmp_path, monkeypatch):
     seen = []  # (views given?, rows, image_pooled) of every batch
     real = type(data).batch
 
-    def spy(self, idx, device="cpu", keys=None, views=None):
-        out = real(self, idx, device, keys, views)
+    def spy(self, idx, device="cpu", keys=None, views=None, **kw):
+        out = real(self, idx, device, keys, views, **kw)
         seen.append((views is not None, np.asarray(idx).copy(), out["image_pooled"].clone()))
         return out
     monkeypatch.setattr(type(data), "batch", spy)

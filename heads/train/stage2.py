@@ -204,10 +204,11 @@ def _trainer(cfg: FinetuneConfig, model, data: CacheData, split: Split, device, 
     train_rows = torch.from_numpy(split.train)
     y_val = data.labels[split.val]
     bf16 = device.type == "cuda" and native_bf16(device)  # never on the CPU, as before; emulated bf16 is slow
+    normed = model.prenorm if device.type == "cpu" else ()  # the pre-normalised inputs stage 1 trains on
 
     def loss_fn(model, idx):
         rows = train_rows[idx]
-        batch, y = data.batch(rows, device, model.inputs), labels[rows].to(device)
+        batch, y = data.batch(rows, device, model.inputs, normed=normed), labels[rows].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             logits = model(batch)["logits"]
         return loss(logits.float() if logits.dtype != torch.float32 else logits, y)

@@ -19,6 +19,7 @@ from torch import nn
 from featcache.errors import ConfigError
 
 from ..data.text_layers import IMAGE_KEYS, text_batch
+from ..fusions.base import NORMED
 
 
 class FinetuneModel(nn.Module):
@@ -31,6 +32,9 @@ class FinetuneModel(nn.Module):
         self.inputs = head.inputs if self.text is None else (
             *[k for k in head.inputs if k in IMAGE_KEYS], "input_ids", "text_mask",
             *(("text_states",) if cached else ()))
+        # what a training batch may carry pre-normalised (FusionHead.prenorm, as in stage 1): the head's own list,
+        # less the text tokens, which the unfrozen layers recompute
+        self.prenorm = head.prenorm if self.text is None else tuple(k for k in head.prenorm if k in IMAGE_KEYS)
 
     @property
     def num_classes(self) -> int:
@@ -45,7 +49,7 @@ class FinetuneModel(nn.Module):
             with torch.no_grad():  # frozen: no graph, no activations kept
                 hidden = self.text.run_blocks(self.text.embed(tb), tb, 0, self.start_layer)
         out = self.text.forward_layers(hidden, tb, self.start_layer)
-        hb = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+        hb = {k: v for k, v in batch.items() if k.removesuffix(NORMED) in IMAGE_KEYS}
         hb.update(text_tokens=out["tokens"], text_mask=out["mask"], text_pooled=out["pooled"])
         return self.head(hb)
 
