@@ -13,8 +13,9 @@ model those libraries can build. The family module registers a factory for its p
 Short names (featcache.backbones.aliases) are `Alias`es: `minilm-l6` is `hf:sentence-transformers/all-MiniLM-L6-v2`
 with its wheel, resolved by the hf factory, under its short name. The short name stays the backbone's name
 (`$FEATCACHE_WEIGHTS/<name>`, the name recorded in a cache's key and signature), so caches made before aliases
-keep their keys. An alias whose features differ from its nearest open spec says so (`differs`) and names the
-family spec that builds it (`own`).
+keep their keys. The CNN short names are timm specs with a `Recipe` (data the timm factory reads: what they
+stored before they were aliases), and say how they differ from the plain open spec (`differs`); a captioner has
+no open family and names the family spec that builds it (`own`).
 """
 from __future__ import annotations
 
