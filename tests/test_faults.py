@@ -1,0 +1,117 @@
+"""Faults of the machine and of the files around a run end in one paragraph (exit 2, no traceback) that names
+the file, and lose nothing already done: damaged run directories, unwritable output folders, a disk that fails
+while a cache is written, SIGINT / SIGTERM during extraction and ablation (issue 19)."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from typer.testing import CliRunner
+
+import cli
+
+FAST = ["--epochs", "1", "--hidden", "8", "--no-plots", "--device", "cpu"]
+
+
+def _run(app, args):
+    r = CliRunner().invoke(app, args)
+    return r.exit_code, " ".join(r.output.split())  # rich wraps long paths: compare on one line
+
+
+def _one_paragraph(code, out, *names, exit_code=2):
+    assert code == exit_code, out
+    assert "Traceback" not in out and "This is a bug" not in out, out
+    for name in names:
+        assert name in out, (name, out)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A cache and a finished one-epoch run on it (shared: each test damages its own copy)."""
+    from tests.conftest import build_synthetic_cache
+    base = tmp_path_factory.mktemp("faults")
+    cache = build_synthetic_cache(str(base / "cache.h5"), n_train=60, n_test=10)
+    run = str(base / "run")
+    code, out = _run(cli.heads_app, ["train", "--cache", cache, "--out", run, "--fusion", "concat", *FAST])
+    assert code == 0, out
+    return cache, run
+
+
+def _copy(run, tmp_path) -> str:
+    dst = str(tmp_path / "damaged")
+    shutil.copytree(run, dst)
+    return dst
+
+
+def _truncate(path, keep=None):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[:len(data) // 2 if keep is None else keep])
+
+
+# ------------------------------------------------------------------------------------------ damaged runs
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_damaged_weights_are_named_by_predict_and_finetune(trained, tmp_path, damage):
+    cache, run = trained
+    run = _copy(run, tmp_path)
+    head = os.path.join(run, "head.safetensors")
+    if damage == "garbage":
+        open(head, "wb").write(os.urandom(300))
+    else:
+        _truncate(head, keep=0 if damage == "empty" else None)
+    out = str(tmp_path / "p.csv")
+    code, text = _run(cli.heads_app, ["predict", "--run", run, "--cache", cache, "--out", out])
+    _one_paragraph(code, text, "head.safetensors is truncated or not a safetensors file")
+    assert not os.path.exists(out)
+    code, text = _run(cli.heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run,
+                                      "--out", str(tmp_path / "ft"), "--epochs", "1", "--no-plots"])
+    _one_paragraph(code, text, "head.safetensors is truncated or not a safetensors file")
+
+
+def test_weights_of_another_head_are_named(trained, tmp_path):
+    from safetensors.torch import save_file
+    import torch
+    cache, run = trained
+    run = _copy(run, tmp_path)
+    save_file({"w": torch.zeros(3)}, os.path.join(run, "head.safetensors"))
+    code, text = _run(cli.heads_app, ["predict", "--run", run, "--cache", cache, "--out", str(tmp_path / "p.csv")])
+    _one_paragraph(code, text, "head.safetensors does not hold the head config.json describes")
+
+
+@pytest.mark.parametrize("name", ["config.json", "cache.json", "split.json", "metrics.json"])
+def test_broken_json_is_named_with_its_line(trained, tmp_path, name):
+    cache, run = trained
+    run = _copy(run, tmp_path)
+    path = os.path.join(run, name)
+    text = open(path).read()
+    open(path, "w").write('{"format": 2, "stage": "tr\x01ain"' if name == "config.json" else text[:len(text) // 2])
+    code, out = _run(cli.heads_app, ["predict", "--run", run, "--cache", cache, "--out", str(tmp_path / "p.csv")])
+    if name != "metrics.json":  # predict does not read metrics.json
+        _one_paragraph(code, out, f"{name} line ")
+    code, out = _run(cli.heads_app, ["report", run, "--out", str(tmp_path / "rep")])
+    if name in ("config.json", "metrics.json"):  # what the report reads of every run
+        _one_paragraph(code, out, f"{name} line ")
+    if name == "metrics.json":
+        _one_paragraph(*_run(cli.heads_app, ["show", run]), "metrics.json line ")
+    code, out = _run(cli.heads_app, ["ensemble", run, trained[1], "--out", str(tmp_path / "ens")])
+    _one_paragraph(code, out, f"{name} line ")
+    assert os.path.exists(os.path.join(trained[1], "metrics.json"))  # the healthy member is untouched
+
+
+def test_a_config_of_the_wrong_shape_is_named(trained, tmp_path):
+    cache, run = trained
+    run = _copy(run, tmp_path)
+    open(os.path.join(run, "config.json"), "w").write('{"format": 2, "stage": "train"}')
+    code, out = _run(cli.heads_app, ["predict", "--run", run, "--cache", cache, "--out", str(tmp_path / "p.csv")])
+    _one_paragraph(code, out, "config.json is not a run's config.json")
+
+
+def test_a_cut_predictions_file_is_named(trained, tmp_path):
+    _, run = trained
+    run = _copy(run, tmp_path)
+    path = os.path.join(run, "val_predictions.csv")
+    lines = open(path).read().splitlines()
+    open(path, "w").write("\n".join(lines[:3] + [lines[3].split(",")[0]]) + "\n")
+    code, out = _run(cli.heads_app, ["ensemble", run, trained[1], "--out", str(tmp_path / "ens")])
+    _one_paragraph(code, out, "val_predictions.csv line 4 has fewer cells")
