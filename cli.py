@@ -70,6 +70,13 @@ def command(app: typer.Typer, name: str):
     return wrap
 
 
+def _writable(path, what: str) -> None:
+    """Stop with one paragraph naming the folder before any training or model loading when `path` (a file or
+    directory to create) cannot be written there (featcache.outdir)."""
+    from featcache.outdir import check_writable  # light: os and tempfile only
+    check_writable(str(path), what)
+
+
 def _opt(path: Optional[Path]) -> Optional[str]:
     return str(path) if path else None
 
@@ -287,6 +294,7 @@ def heads_train_cmd(
         patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio, val_split=val_split,
         split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
         precision=precision, device=device, plots=plots)
+    _writable(out, "the run directory")
     (train_crossfit if folds else train)(cfg.validate(), str(cache), str(out), console=Console())
 
 
@@ -316,8 +324,12 @@ def heads_predict_cmd(
     if (cache is None) == (data is None):
         fail("give exactly one of --cache (extracted features) or --data (raw data, extracted for the run)")
     if data is None:
+        _writable(out, "the predictions")
         res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
     else:
+        for path, what in ((out, "the predictions"), (keep_cache, "the cache")):
+            if path:
+                _writable(path, what)
         res = predict_data(str(run), str(data), str(out), split=split, fmt=fmt, keep_cache=_opt(keep_cache),
                            device=device, proba=proba, console=console)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
@@ -337,6 +349,7 @@ def heads_ensemble_cmd(
     """Combine finished runs of one cache into one run that averages their class probabilities."""
     from heads.ensemble import build_ensemble
 
+    _writable(out, "the ensemble's run directory")
     m = build_ensemble([str(r) for r in runs], str(out), weighting)
     if m["validated"]:
         console.print(f"{m['fusion']}: validation accuracy {m['accuracy']:.4f} · macro_f1 {m['macro_f1']:.4f} · "
@@ -391,6 +404,7 @@ def heads_ablate_cmd(
     from heads.ablate import ABLATION_BASE, AblateConfig, ablate, grid_from_options, parse_seeds
 
     spec = grid_from_options(_opt(grid), {"fusion": fusion, "modality": modality, "loss": loss}, set_ or [])
+    _writable(out, "the ablation")
     cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
                        folds=folds, progress=progress, seeds=parse_seeds(seeds),
                        base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
@@ -421,6 +435,7 @@ def heads_report_cmd(
 
     from heads.report.build import write_reports
 
+    _writable(out or dirs[0], "the report")
     report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
                            group_by=group_by or "", top=top or 0, export=export or "")
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
@@ -478,6 +493,7 @@ def heads_finetune_cmd(
         text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
         val_split=val_split, split_file=split_file, text_forward=text_forward, device=device, plots=plots)
+    _writable(out, "the run directory")
     finetune(cfg, str(cache), str(out), console=console)
 
 

@@ -115,3 +115,55 @@ def test_a_cut_predictions_file_is_named(trained, tmp_path):
     open(path, "w").write("\n".join(lines[:3] + [lines[3].split(",")[0]]) + "\n")
     code, out = _run(cli.heads_app, ["ensemble", run, trained[1], "--out", str(tmp_path / "ens")])
     _one_paragraph(code, out, "val_predictions.csv line 4 has fewer cells")
+
+
+# ------------------------------------------------------------------------------------------ unwritable output
+@pytest.fixture
+def readonly_dir(tmp_path, monkeypatch):
+    """A read-only folder: a real read-only tmpfs where this process may mount one (root), else a folder whose
+    write probe fails with EROFS (the boundary featcache.outdir checks; root ignores chmod)."""
+    import errno
+    import subprocess
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    if not mounted:
+        import featcache.outdir
+
+        def refuse(*a, **k):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+        monkeypatch.setattr(featcache.outdir.tempfile, "mkstemp", refuse)
+    yield str(folder)
+    if mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+def test_heads_commands_name_an_unwritable_folder_before_training(trained, readonly_dir, tmp_path):
+    cache, run = trained
+    before = sorted(os.listdir(run))
+    for args in (["train", "--cache", cache, "--out", f"{readonly_dir}/new/run", *FAST],
+                 ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run, "--out",
+                  f"{readonly_dir}/ft", "--epochs", "1", "--no-plots"],
+                 ["ablate", "--cache", cache, "--out", f"{readonly_dir}/abl", "--fusion", "concat"],
+                 ["ensemble", run, run, "--out", f"{readonly_dir}/ens"],
+                 ["report", run, "--out", f"{readonly_dir}/rep"],
+                 ["predict", "--run", run, "--cache", cache, "--out", f"{readonly_dir}/p.csv"]):
+        code, out = _run(cli.heads_app, args)
+        _one_paragraph(code, out, f"the folder {readonly_dir} is not writable", "read-only")
+        assert "epoch" not in out, args  # stopped before training
+    assert sorted(os.listdir(run)) == before
+
+
+def test_featcache_commands_name_an_unwritable_folder_before_models_load(trained, readonly_dir, tmp_path,
+                                                                        monkeypatch):
+    import featcache.extract.engine as fx
+    from tests.tiny_models import make_mvsa
+    monkeypatch.setattr(fx, "create_text", lambda *a, **k: pytest.fail("a backbone was loaded"))
+    data = make_mvsa(str(tmp_path / "mvsa"), n=6)
+    code, out = _run(cli.featcache_app, ["extract", "--data", data, "--out", f"{readonly_dir}/c.h5",
+                                         "--no-progress"])
+    _one_paragraph(code, out, f"the folder {readonly_dir} is not writable")
+    cache, _ = trained
+    code, out = _run(cli.featcache_app, ["merge", cache, "--out", f"{readonly_dir}/m.h5"])
+    _one_paragraph(code, out, f"the folder {readonly_dir} is not writable")

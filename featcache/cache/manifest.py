@@ -23,6 +23,7 @@ import numpy as np
 
 from ..digest import file_sha256
 from ..errors import ConfigError
+from ..outdir import check_writable
 from ..sources.base import Sample
 from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView
 
@@ -198,6 +199,7 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
     """Write the shards of `manifest` as one ordinary cache file (the arrays a single-process run writes)."""
     if os.path.exists(out) and not force:
         raise CacheError(f"{out} exists; choose another --out or pass --force")
+    check_writable(out, "the merged cache")
     with ShardedReader(manifest) as r:
         texts = r.has("samples/text")  # shards of a --no-text run have none
         cols = {k: r.strings(f"samples/{k}") if r.has(f"samples/{k}") else [""] * len(r)

@@ -32,6 +32,7 @@ from rich.console import Console
 from ..cache.store import CacheError, CacheReader, cache_precision, row_chunk
 from ..device import precision_autocast, resolve_device
 from ..errors import ConfigError
+from ..outdir import check_writable, write_failed
 from ..text_tower import check_tokens, load_text_backbone, require_texts, tokenize_cache
 from .forward import TEXT_CHUNK, text_features
 
@@ -74,11 +75,17 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
         if r.has("text_hidden/states") and r.start_layer == start_layer:
             say(f"{path} already holds the hidden states entering layer {start_layer}; nothing to do")
             return path
+        check_writable(path, "the cache")  # it is rewritten beside itself (a .addon.partial copy)
         lock = FileLock(path + ".lock")
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise CacheError(f"another featcache command is writing {path} ({path}.lock is held)") from None
+        except OSError as exc:  # the folder turned read-only since check_writable: name the lock file
+            err = write_failed(exc, path + ".lock", "make the folder writable")
+            if err is None:
+                raise
+            raise err from exc
         try:
             dev, precision = resolve_device(device), cache_precision(meta)
             precision_autocast(precision, dev)  # an fp16 cache on the CPU: refused before the model loads
