@@ -5,15 +5,20 @@ unusable caches) end with a one-paragraph message and exit code 2, never a trace
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
 
 console = Console(stderr=True)
 
@@ -40,7 +45,6 @@ heads_app.callback()(_debug_option)
 
 
 def fail(message: str, code: int = 2):
-    from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -49,12 +53,17 @@ def command(app: typer.Typer, name: str):
     """`app.command(name)` with the one error policy of both apps: a user's mistake (featcache.errors.UserError,
     or a path that does not exist) is one paragraph and its exit code (2; --strict: 1), with the traceback under
     --debug; anything else is a bug: its traceback, a line saying so, exit 1. Nothing is swallowed."""
+    prog = "featcache" if app is featcache_app else "heads"
+
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             from featcache.errors import UserError  # light: featcache's errors import nothing
             try:
-                return fn(*args, **kwargs)
+                with _sigterm_interrupts():
+                    return fn(*args, **kwargs)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (featcache.errors.Interrupted)
+                _interrupted(prog, exc)
             except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
                 if _State.debug:
                     console.print_exception()
@@ -75,6 +84,54 @@ def _writable(path, what: str) -> None:
     directory to create) cannot be written there (featcache.outdir)."""
     from featcache.outdir import check_writable  # light: os and tempfile only
     check_writable(str(path), what)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM raises featcache.errors.Interrupted in the main thread, so it ends like
+    Ctrl-C: cleanup runs, the command says what it kept, exit 143. A forked child (an ablation worker, a
+    DataLoader worker) that receives it dies as SIGTERM would: only the command's own process reports."""
+    from featcache.errors import Interrupted  # light: featcache's errors import nothing
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(prog: str, exc: KeyboardInterrupt):
+    """One line: which signal, what the command kept, and the exact command that continues; exit 130 / 143."""
+    code = getattr(exc, "exit_code", 130)
+    kept = getattr(exc, "kept", None)
+    args = list(sys.argv[1:])
+    flag = getattr(exc, "again_flag", "")
+    if flag and flag not in args:
+        args.append(flag)
+    again = f"; continue with: {prog} {shlex.join(args)}" if kept else "; nothing was kept"
+    console.print(f"[bold yellow]interrupted ({'SIGTERM' if code == 143 else 'SIGINT'})[/]"
+                  f"{escape(': ' + kept if kept else '')}{escape(again)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _finished_runs(out: str) -> str:
+    """What an interrupted ablation keeps: its finished runs (metrics.json is written last)."""
+    runs = os.path.join(out, "runs")
+    done = [d for d in (os.listdir(runs) if os.path.isdir(runs) else [])
+            if os.path.exists(os.path.join(runs, d, "metrics.json"))]
+    return (f"{len(done)} finished run(s) are kept in {runs}; rerunning the same command skips them and trains "
+            "the rest (an unfinished run starts over)")
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:
@@ -409,7 +466,11 @@ def heads_ablate_cmd(
                        folds=folds, progress=progress, seeds=parse_seeds(seeds),
                        base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
                              "split_file": split_file})
-    res = ablate(cfg, console=console)
+    try:
+        res = ablate(cfg, console=console)
+    except KeyboardInterrupt as exc:  # finished runs survive any interruption (metrics.json comes last)
+        exc.kept = _finished_runs(str(out))
+        raise
     console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
                   highlight=False)
     typer.echo(open(res.report.files[1]).read(), nl=False)

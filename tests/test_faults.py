@@ -167,3 +167,137 @@ def test_featcache_commands_name_an_unwritable_folder_before_models_load(trained
     cache, _ = trained
     code, out = _run(cli.featcache_app, ["merge", cache, "--out", f"{readonly_dir}/m.h5"])
     _one_paragraph(code, out, f"the folder {readonly_dir} is not writable")
+
+
+# ------------------------------------------------------------------------------------------ the disk fails
+@pytest.fixture(scope="module")
+def mvsa(tmp_path_factory):
+    from tests.tiny_models import make_mvsa
+    return make_mvsa(str(tmp_path_factory.mktemp("mvsa")), n=12, n_test=3)
+
+
+EXTRACT = ["--batch-size", "4", "--workers", "0", "--no-progress", "--overlap", "off"]
+
+
+def _done(path) -> list[bool]:
+    import h5py
+    with h5py.File(path, "r") as f:
+        return f["samples/done"][:].tolist()
+
+
+def test_a_disk_that_fills_while_writing_keeps_the_rows_and_says_resume(mvsa, tmp_path, monkeypatch):
+    """ENOSPC injected at the writer's boundary (h5py's dataset write) in the second batch."""
+    import errno
+    import h5py
+    from featcache.cache.store import partial_path
+    out = str(tmp_path / "c.h5")
+    real = h5py.Dataset.__setitem__
+
+    def full(ds, key, value):
+        if ds.name == "/text/tokens" and isinstance(key, slice) and key.start == 4:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(ds, key, value)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", out, *EXTRACT])
+    _one_paragraph(code, text, f"writing {partial_path(out)} failed: the disk is full", "the rows before 4 are kept",
+                   "--resume")
+    assert _done(partial_path(out)) == [True] * 4 + [False] * 8  # the first batch is not lost
+    assert not os.path.exists(out + ".lock")
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", out, *EXTRACT, "--resume"])
+    assert code == 0 and "resuming" in text and "at row 4" in text, text
+    assert _done(out) == [True] * 12
+
+
+def test_a_disk_full_when_the_file_is_laid_down_leaves_nothing_half_made(mvsa, tmp_path, monkeypatch):
+    """h5py's own message (no errno) when creating a dataset on a full disk: the file is closed in order (no
+    deallocation errors, no segfault), the half-made partial is removed, the message names it."""
+    import h5py
+    from featcache.cache.store import partial_path
+    out = str(tmp_path / "c.h5")
+    real = h5py.Group.create_dataset
+
+    def full(group, name, *a, **k):
+        if name == "text/tokens":
+            raise OSError("Unable to synchronously create dataset (file write failed: time = now, filename = "
+                          f"'{out}.partial', errno = 28, error message = 'No space left on device')")
+        return real(group, name, *a, **k)
+    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", out, *EXTRACT])
+    _one_paragraph(code, text, f"writing {partial_path(out)} failed: the disk is full", "nothing was written")
+    assert not os.path.exists(partial_path(out)) and not os.path.exists(out)
+
+
+def test_an_unknown_os_error_while_writing_stays_a_bug(mvsa, tmp_path, monkeypatch):
+    import errno
+    import h5py
+    real = h5py.Dataset.__setitem__
+
+    def odd(ds, key, value):
+        if ds.name == "/text/tokens":
+            raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+        real(ds, key, value)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", odd)
+    code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", str(tmp_path / "c.h5"), *EXTRACT])
+    assert code == 1 and "Traceback" in text and "This is a bug" in text, text
+
+
+# ------------------------------------------------------------------------------------------ signals
+CHILD = os.path.join(os.path.dirname(__file__), "fault_child.py")
+
+
+def _child(point: str, arg, app: str, args: list[str]):
+    import subprocess
+    import sys
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join(
+        [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.environ.get("PYTHONPATH", "")])}
+    p = subprocess.Popen([sys.executable, CHILD, point, str(arg), app, *args], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    for line in p.stdout:
+        if line.strip() == "paused":
+            return p
+    p.wait()
+    raise AssertionError(f"the child ended (exit {p.returncode}) before pausing")
+
+
+def _signal(p, sig) -> tuple[int, str]:
+    p.send_signal(sig)
+    out, _ = p.communicate(timeout=60)
+    return p.returncode, " ".join(out.split())
+
+
+@pytest.mark.parametrize("sig, code", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_during_extraction_says_what_is_kept_and_how_to_resume(mvsa, tmp_path, sig, code):
+    import shlex
+    import signal
+    from featcache.cache.store import partial_path
+    out = str(tmp_path / "c.h5")
+    args = ["extract", "--data", mvsa, "--out", out, *EXTRACT]
+    got, text = _signal(_child("extract-batch", 2, "featcache", args), getattr(signal, sig))
+    _one_paragraph(got, text, f"interrupted ({sig})", f"the first 8 of 12 rows are kept in {partial_path(out)}",
+                   "continue with: featcache " + shlex.join(args + ["--resume"]), exit_code=code)
+    assert _done(partial_path(out)) == [True] * 8 + [False] * 4 and not os.path.exists(out + ".lock")
+    if sig == "SIGINT":  # the command it printed continues it (SIGTERM leaves the same file: checked above)
+        code, text = _run(cli.featcache_app, args + ["--resume"])
+        assert code == 0 and "at row 8" in text and _done(out) == [True] * 12, text
+
+
+def test_sigterm_during_an_ablation_keeps_finished_runs_and_says_rerun(trained, tmp_path):
+    import shlex
+    import signal
+    cache, _ = trained
+    out = str(tmp_path / "abl")
+    args = ["ablate", "--cache", cache, "--out", out, "--fusion", "concat,gmu", "--modality", "both", "--seeds",
+            "0", "--set", "epochs=1", "--set", "hidden=8", "--no-progress"]
+    p = _child("ablate-run", "gmu", "heads", args)
+    finished = os.path.join(out, "runs", "fusion=concat,modality=both,epochs=1,hidden=8,seed=0", "metrics.json")
+    import time
+    for _ in range(600):  # the concat run trains meanwhile (before gmu, or beside it in a forked worker)
+        if os.path.exists(finished):
+            break
+        time.sleep(0.1)
+    code, text = _signal(p, signal.SIGTERM)
+    _one_paragraph(code, text, "interrupted (SIGTERM): 1 finished run(s) are kept",
+                   "continue with: heads " + shlex.join(args), exit_code=143)
+    code, text = _run(cli.heads_app, args)
+    assert code == 0 and "1 run(s) trained, 1 already finished" in text, text

@@ -209,7 +209,7 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
                           image_path="", valid=bool(valid[i]), target=cols["target"][i]) for i in range(len(r))]
         copied = [k for k in r.datasets() if not k.startswith("samples/")] + ["samples/caption", "samples/done"]
         shapes = {k: shape for k, (shape, _) in r.datasets().items() if not k.startswith("samples/")}
-        writer = CacheWriter(out, r.meta, samples, shapes, texts=texts)
+        writer = CacheWriter(out, r.meta, samples, shapes, texts=texts, again="run `featcache merge` again")
         try:
             at = 0
             for shard in r.readers:  # one shard's array in memory at a time

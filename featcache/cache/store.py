@@ -129,8 +129,8 @@ class CacheWriter:
     """Create (or reopen, for resume) FILE.partial and fill it batch by batch."""
 
     def __init__(self, path: str, meta: dict, samples, shapes: dict[str, tuple[int, ...]], resume: bool = False,
-                 texts: bool = True, targets: bool | None = None):
-        self.path, self.tmp, self.meta = path, partial_path(path), meta
+                 texts: bool = True, targets: bool | None = None, again: str = "run the same command with --resume"):
+        self.path, self.tmp, self.meta, self.again, self.f = path, partial_path(path), meta, again, None
         n = len(samples)
         if resume and os.path.exists(self.tmp):
             try:
@@ -154,6 +154,17 @@ class CacheWriter:
         for stale in (self.tmp, problems_path(path)):
             if os.path.exists(stale):
                 os.remove(stale)
+        try:
+            self._create(meta, samples, shapes, texts, targets)
+        except OSError as exc:  # a full or failing disk while laying the file down: nothing computed yet
+            self._drop()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)  # half a structure: --resume could not use it
+            raise self._failed(exc, "nothing was written; free some space (or fix the disk) or choose another "
+                               "--out, then run the command again")
+
+    def _create(self, meta: dict, samples, shapes: dict, texts: bool, targets: bool | None) -> None:
+        n = len(samples)
         self.f = f = h5py.File(self.tmp, "w", libver=LIBVER)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["complete"] = False
@@ -185,17 +196,22 @@ class CacheWriter:
         """Write rows [start, start+B). `invalid` are absolute row indices found bad while decoding;
         `problems`, when given, is the whole image-problem log so far (saved beside the file first)."""
         stop = start + next(iter(arrays.values())).shape[0]
-        if problems is not None:
-            save_json_atomic(problems_path(self.path), problems)
-        for name, value in arrays.items():
-            self.f[name][start:stop] = value
-        if captions is not None:
-            self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
-        for i in invalid:
-            self.f["samples/valid"][i] = False
-        self.f.flush()  # the rows reach the file before the flags that claim them
-        self.f["samples/done"][start:stop] = True
-        self.f.flush()
+        try:
+            if problems is not None:
+                save_json_atomic(problems_path(self.path), problems)
+            for name, value in arrays.items():
+                self.f[name][start:stop] = value
+            if captions is not None:
+                self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
+            for i in invalid:
+                self.f["samples/valid"][i] = False
+            self.f.flush()  # the rows reach the file before the flags that claim them
+            self.f["samples/done"][start:stop] = True
+            self.f.flush()
+        except OSError as exc:  # the rows before `start` are flagged done and flushed: they stay usable
+            self._drop()
+            raise self._failed(exc, f"the rows before {start} are kept in {self.tmp}; free some space (or fix "
+                               f"the disk), then {self.again}")
 
     def problems(self) -> list:
         """The image-problem log saved by earlier `write` calls (for a resumed run)."""
@@ -209,11 +225,16 @@ class CacheWriter:
         """Record final metadata, close, and atomically move the finished file into place."""
         if not self.f["samples/done"][:].all():
             raise CacheError(f"{self.tmp}: not every row was written; run again with --resume")
-        self.f.attrs["meta"] = json.dumps(meta)
-        self.f.attrs["complete"] = True
-        self.f.close()
-        self.f = None
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.attrs["meta"] = json.dumps(meta)
+            self.f.attrs["complete"] = True
+            self.f.close()
+            self.f = None
+            os.replace(self.tmp, self.path)
+        except OSError as exc:  # every row is done: only the metadata and the rename are left
+            self._drop()
+            raise self._failed(exc, f"every row is kept in {self.tmp}; free some space (or fix the disk), then "
+                               f"{self.again}")
         if os.path.exists(problems_path(self.path)):  # now recorded in meta; a kill before this is harmless
             os.remove(problems_path(self.path))
         return self.path
@@ -221,6 +242,24 @@ class CacheWriter:
     def close(self) -> None:
         if self.f:
             self.f.close()
+            self.f = None
+
+    def _drop(self) -> None:
+        """Close the file after the disk failed. h5py objects left to the garbage collector after a failed
+        write printed screens of deallocation errors and could segfault; closing the file closes every object
+        in it, in order. Its own flush may fail the same way: the bytes already flushed are what counts."""
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:  # the same disk fault again, while closing: nothing more to save
+                pass
+
+    def _failed(self, exc: OSError, advice: str) -> Exception:
+        """The one paragraph for a disk fault (featcache.outdir), raised inside the `except` so --debug shows
+        the OSError behind it; any other OSError is returned as is: it stays the bug it is."""
+        from ..outdir import write_failed  # light (os, tempfile); store keeps its import list to h5py/numpy
+        return write_failed(exc, self.tmp, advice) or exc
 
 
 def writer_running(path: str) -> bool:

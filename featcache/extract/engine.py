@@ -91,7 +91,12 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         if not resume and os.path.exists(partial_path(plan.out)):
             raise CacheError(f"{partial_path(plan.out)} is left from an interrupted extraction; pass --resume to "
                              "continue it, or delete it to start over")
-        return _run(plan, resume, console, progress, t_start)
+        try:
+            return _run(plan, resume, console, progress, t_start)
+        except KeyboardInterrupt as exc:  # before the batch loop (models loading): a resumed partial is intact
+            if not hasattr(exc, "kept") and os.path.exists(partial_path(plan.out)):
+                exc.kept, exc.again_flag = f"{partial_path(plan.out)} is kept", "--resume"
+            raise
 
 
 @contextlib.contextmanager
@@ -151,7 +156,11 @@ def _run_threads(plan: Plan, resume: bool, console, progress: bool, t_start: flo
     try:
         _extract_rows(loop, _batches(loop, lane, workers), console, progress)
         path = _finish(loop, meta, load_s, t_start)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C / SIGTERM: cli.py says this and how to continue
+            done = loop.writer.first_undone()  # the flags on disk: a signal may land inside a batch's write
+            exc.kept = f"the first {done} of {len(plan.ds.samples)} rows are kept in {partial_path(plan.out)}"
+            exc.again_flag = "--resume"
         loop.writer.close()  # the partial file stays, flushed up to the last batch: --resume continues it
         raise
     finally:
