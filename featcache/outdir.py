@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 
 from .errors import UserError
@@ -27,6 +28,29 @@ class NotWritableError(UserError):
 
 class WriteFailedError(UserError):
     """The disk failed while an output was being written (full, read-only, I/O error)."""
+
+
+class DiskSpaceError(UserError):
+    """The disk holding the output has less free space than the output needs."""
+
+
+def check_room(path: str, nbytes: float, advice: str) -> None:
+    """Raise DiskSpaceError naming the folder, the bytes needed and the bytes free when `path`'s disk has less
+    than `nbytes` free."""
+    folder = existing_folder(path)
+    free = shutil.disk_usage(folder).free
+    if free < nbytes:
+        raise DiskSpaceError(f"{path} needs about {human_bytes(nbytes)} but {folder} has {human_bytes(free)} "
+                             f"free; {advice}")
+
+
+def human_bytes(nbytes: float) -> str:
+    """1536 -> '1.5 KiB' (powers of 1024, so IEC units)."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} TiB"
 
 
 def existing_folder(path: str) -> str:
@@ -68,12 +92,12 @@ def write_failed(exc: OSError, path: str, advice: str) -> WriteFailedError | Non
 
 
 def fault_errno(exc: BaseException) -> int | None:
-    """The WRITE_FAULTS errno behind `exc`, else None. h5py often raises OSError without an errno and the C
-    library's text inside its message ("Unable to synchronously create dataset (... No space left on
-    device ...)"), so the message is searched for those texts too."""
-    if not isinstance(exc, OSError):
-        return None
-    if exc.errno in WRITE_FAULTS:
+    """The WRITE_FAULTS errno behind `exc`, else None. h5py raises OSError, ValueError or RuntimeError without
+    an errno and the C library's text inside its message ("Unable to synchronously create dataset (... No
+    space left on device ...)"), so the message is searched for those texts too."""
+    if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
         return exc.errno
+    if not isinstance(exc, (OSError, ValueError, RuntimeError)):  # what h5py raises for HDF5's errors
+        return None
     text = str(exc)
     return next((code for code in WRITE_FAULTS if os.strerror(code) in text), None)

@@ -118,16 +118,29 @@ def test_a_cut_predictions_file_is_named(trained, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ unwritable output
+def _mount_tmpfs(folder, options: str) -> bool:
+    """Mount a tmpfs with `options` on `folder` where this process may (root, mount available): a real full
+    or read-only disk. False elsewhere: the tests then inject the same fault at the boundary."""
+    import subprocess
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        return False
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)],
+                          capture_output=True).returncode == 0
+
+
+def _umount(folder):
+    import subprocess
+    subprocess.run(["umount", str(folder)], check=True)
+
+
 @pytest.fixture
 def readonly_dir(tmp_path, monkeypatch):
-    """A read-only folder: a real read-only tmpfs where this process may mount one (root), else a folder whose
-    write probe fails with EROFS (the boundary featcache.outdir checks; root ignores chmod)."""
+    """A read-only folder: a real read-only tmpfs where one can be mounted, else a folder whose write probe
+    fails with EROFS (the boundary featcache.outdir checks; root ignores chmod)."""
     import errno
-    import subprocess
     folder = tmp_path / "ro"
     folder.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(folder)],
-                             capture_output=True).returncode == 0 if os.geteuid() == 0 else False
+    mounted = _mount_tmpfs(folder, "size=1m,ro")
     if not mounted:
         import featcache.outdir
 
@@ -136,7 +149,7 @@ def readonly_dir(tmp_path, monkeypatch):
         monkeypatch.setattr(featcache.outdir.tempfile, "mkstemp", refuse)
     yield str(folder)
     if mounted:
-        subprocess.run(["umount", str(folder)], check=True)
+        _umount(folder)
 
 
 def test_heads_commands_name_an_unwritable_folder_before_training(trained, readonly_dir, tmp_path):
@@ -210,22 +223,50 @@ def test_a_disk_that_fills_while_writing_keeps_the_rows_and_says_resume(mvsa, tm
 
 
 def test_a_disk_full_when_the_file_is_laid_down_leaves_nothing_half_made(mvsa, tmp_path, monkeypatch):
-    """h5py's own message (no errno) when creating a dataset on a full disk: the file is closed in order (no
-    deallocation errors, no segfault), the half-made partial is removed, the message names it."""
+    """The disk fills between the free-space checks and the file's creation: a real 300 KiB tmpfs where one can
+    be mounted, else h5py's own error (a ValueError without errno) injected. The file is closed in order (no
+    deallocation errors, no segfault: the issue's exit 139), the half-made partial removed, the file named."""
+    import featcache.cache.store as fs
+    import featcache.extract.size
     import h5py
-    from featcache.cache.store import partial_path
-    out = str(tmp_path / "c.h5")
-    real = h5py.Group.create_dataset
+    folder = tmp_path / "small"
+    folder.mkdir()
+    out = str(folder / "c.h5")
+    monkeypatch.setattr(featcache.extract.size, "planned_bytes", lambda plan: None)  # size unknown up front
+    monkeypatch.setattr(fs, "check_room", lambda *a, **k: None)  # and the disk filled after that check
+    mounted = _mount_tmpfs(folder, "size=300k")
+    if not mounted:
+        real = h5py.Group.create_dataset
 
-    def full(group, name, *a, **k):
-        if name == "text/tokens":
-            raise OSError("Unable to synchronously create dataset (file write failed: time = now, filename = "
-                          f"'{out}.partial', errno = 28, error message = 'No space left on device')")
-        return real(group, name, *a, **k)
-    monkeypatch.setattr(h5py.Group, "create_dataset", full)
+        def full(group, name, *a, **k):
+            if name == "text/tokens":
+                raise ValueError("Unable to synchronously create dataset (file write failed: time = now, filename = "
+                                 f"'{out}.partial', errno = 28, error message = 'No space left on device')")
+            return real(group, name, *a, **k)
+        monkeypatch.setattr(h5py.Group, "create_dataset", full)
+    try:
+        code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", out, *EXTRACT])
+        _one_paragraph(code, text, f"writing {fs.partial_path(out)} failed: the disk is full", "nothing was written")
+        assert "Exception ignored" not in text
+        assert os.listdir(folder) == []  # no half-made partial, no lock file
+    finally:
+        if mounted:
+            _umount(folder)
+
+
+def test_a_disk_without_room_for_the_exact_shapes_is_said_before_writing(mvsa, tmp_path, monkeypatch):
+    """A backbone whose widths no config file gives (featcache.extract.size cannot plan it): the writer checks
+    the exact array shapes against the free space before laying the file down."""
+    import collections
+    import featcache.extract.size
+    import featcache.outdir
+    out = str(tmp_path / "c.h5")
+    monkeypatch.setattr(featcache.extract.size, "planned_bytes", lambda plan: None)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(featcache.outdir.shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 300_000, 300_000))
     code, text = _run(cli.featcache_app, ["extract", "--data", mvsa, "--out", out, *EXTRACT])
-    _one_paragraph(code, text, f"writing {partial_path(out)} failed: the disk is full", "nothing was written")
-    assert not os.path.exists(partial_path(out)) and not os.path.exists(out)
+    _one_paragraph(code, text, "c.h5.partial needs about 1.0 MiB but", "has 293.0 KiB free")
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_unknown_os_error_while_writing_stays_a_bug(mvsa, tmp_path, monkeypatch):

@@ -54,8 +54,10 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from ..outdir import check_room, fault_errno, write_failed
 
 SCHEMA_VERSION = 1
+_HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the arrays (as featcache.extract.size)
 # Caches written before class names were recorded (meta["classes"]) hold MVSA's three tags in this order.
 LEGACY_CLASSES = ("negative", "neutral", "positive")
 NEWER = "was written by a newer featcache-heads; upgrade (pip install -U featcache-heads) to read it"
@@ -154,9 +156,12 @@ class CacheWriter:
         for stale in (self.tmp, problems_path(path)):
             if os.path.exists(stale):
                 os.remove(stale)
+        check_room(self.tmp, _HEADROOM * sum(np.prod(s, dtype=np.int64) * (4 if k.endswith("pooled") else 2)
+                                             for k, s in shapes.items()),
+                   "free some space or choose another --out (the file is laid down at full size at once)")
         try:
             self._create(meta, samples, shapes, texts, targets)
-        except OSError as exc:  # a full or failing disk while laying the file down: nothing computed yet
+        except (OSError, ValueError, RuntimeError) as exc:  # h5py's classes for a full or failing disk
             self._drop()
             if os.path.exists(self.tmp):
                 os.remove(self.tmp)  # half a structure: --resume could not use it
@@ -208,7 +213,7 @@ class CacheWriter:
             self.f.flush()  # the rows reach the file before the flags that claim them
             self.f["samples/done"][start:stop] = True
             self.f.flush()
-        except OSError as exc:  # the rows before `start` are flagged done and flushed: they stay usable
+        except (OSError, ValueError, RuntimeError) as exc:  # the rows before `start` are flagged done: kept
             self._drop()
             raise self._failed(exc, f"the rows before {start} are kept in {self.tmp}; free some space (or fix "
                                f"the disk), then {self.again}")
@@ -231,7 +236,7 @@ class CacheWriter:
             self.f.close()
             self.f = None
             os.replace(self.tmp, self.path)
-        except OSError as exc:  # every row is done: only the metadata and the rename are left
+        except (OSError, ValueError, RuntimeError) as exc:  # every row is done: only metadata and rename left
             self._drop()
             raise self._failed(exc, f"every row is kept in {self.tmp}; free some space (or fix the disk), then "
                                f"{self.again}")
@@ -252,13 +257,13 @@ class CacheWriter:
         if f is not None:
             try:
                 f.close()
-            except OSError:  # the same disk fault again, while closing: nothing more to save
-                pass
+            except (OSError, ValueError, RuntimeError) as exc:  # the same disk fault again: nothing to save
+                if fault_errno(exc) is None:
+                    raise
 
-    def _failed(self, exc: OSError, advice: str) -> Exception:
+    def _failed(self, exc: Exception, advice: str) -> Exception:
         """The one paragraph for a disk fault (featcache.outdir), raised inside the `except` so --debug shows
         the OSError behind it; any other OSError is returned as is: it stays the bug it is."""
-        from ..outdir import write_failed  # light (os, tempfile); store keeps its import list to h5py/numpy
         return write_failed(exc, self.tmp, advice) or exc
 
 
