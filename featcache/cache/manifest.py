@@ -23,9 +23,9 @@ import numpy as np
 
 from ..digest import file_sha256
 from ..errors import ConfigError
-from ..outdir import check_writable
+from ..outdir import check_writable, write_failed
 from ..sources.base import Sample
-from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView
+from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView, partial_path
 
 FORMAT, VERSION = "featcache-shards", 1
 
@@ -218,6 +218,10 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
                 at += len(shard)
             writer.f.flush()
             return writer.finish(r.meta)
-        except BaseException:
+        except BaseException as exc:
             writer.close()
-            raise
+            err = write_failed(exc, partial_path(out), "the shards are unchanged; free some space (or fix the "
+                               "disk) and run `featcache merge` again")
+            if err is None:  # not a disk's fault (or Ctrl-C): as it is
+                raise
+            raise err from exc

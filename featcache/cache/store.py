@@ -245,12 +245,11 @@ class CacheWriter:
         return self.path
 
     def close(self) -> None:
-        if self.f:
-            self.f.close()
-            self.f = None
+        """Close the file (after an error too: what was flushed stays for --resume)."""
+        self._drop()
 
     def _drop(self) -> None:
-        """Close the file after the disk failed. h5py objects left to the garbage collector after a failed
+        """Close the file, also after the disk failed. h5py objects left to the garbage collector after a failed
         write printed screens of deallocation errors and could segfault; closing the file closes every object
         in it, in order. Its own flush may fail the same way: the bytes already flushed are what counts."""
         f, self.f = self.f, None
