@@ -5,15 +5,20 @@ unusable caches) end with a one-paragraph message and exit code 2, never a trace
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import shlex
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
 
 console = Console(stderr=True)
 
@@ -40,7 +45,6 @@ heads_app.callback()(_debug_option)
 
 
 def fail(message: str, code: int = 2):
-    from rich.markup import escape  # messages quote user data and "[kind]" tags: print them literally
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
@@ -49,12 +53,17 @@ def command(app: typer.Typer, name: str):
     """`app.command(name)` with the one error policy of both apps: a user's mistake (featcache.errors.UserError,
     or a path that does not exist) is one paragraph and its exit code (2; --strict: 1), with the traceback under
     --debug; anything else is a bug: its traceback, a line saying so, exit 1. Nothing is swallowed."""
+    prog = "featcache" if app is featcache_app else "heads"
+
     def wrap(fn):
         @functools.wraps(fn)
         def run(*args, **kwargs):
             from featcache.errors import UserError  # light: featcache's errors import nothing
             try:
-                return fn(*args, **kwargs)
+                with _sigterm_interrupts():
+                    return fn(*args, **kwargs)
+            except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (featcache.errors.Interrupted)
+                _interrupted(prog, exc)
             except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
                 if _State.debug:
                     console.print_exception()
@@ -68,6 +77,61 @@ def command(app: typer.Typer, name: str):
                 raise typer.Exit(1) from None
         return app.command(name)(run)
     return wrap
+
+
+def _writable(path, what: str) -> None:
+    """Stop with one paragraph naming the folder before any training or model loading when `path` (a file or
+    directory to create) cannot be written there (featcache.outdir)."""
+    from featcache.outdir import check_writable  # light: os and tempfile only
+    check_writable(str(path), what)
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts():
+    """While a command runs, SIGTERM raises featcache.errors.Interrupted in the main thread, so it ends like
+    Ctrl-C: cleanup runs, the command says what it kept, exit 143. A forked child (an ablation worker, a
+    DataLoader worker) that receives it dies as SIGTERM would: only the command's own process reports."""
+    from featcache.errors import Interrupted  # light: featcache's errors import nothing
+    if threading.current_thread() is not threading.main_thread():  # signal handlers: main thread only
+        yield
+        return
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        raise Interrupted()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupted(prog: str, exc: KeyboardInterrupt):
+    """One line: which signal, what the command kept, and the exact command that continues; exit 130 / 143."""
+    code = getattr(exc, "exit_code", 130)
+    kept = getattr(exc, "kept", None)
+    args = list(sys.argv[1:])
+    flag = getattr(exc, "again_flag", "")
+    if flag and flag not in args:
+        args.append(flag)
+    again = f"; continue with: {prog} {shlex.join(args)}" if kept else "; nothing was kept"
+    console.print(f"[bold yellow]interrupted ({'SIGTERM' if code == 143 else 'SIGINT'})[/]"
+                  f"{escape(': ' + kept if kept else '')}{escape(again)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _finished_runs(out: str) -> str:
+    """What an interrupted ablation keeps: its finished runs (metrics.json is written last)."""
+    runs = os.path.join(out, "runs")
+    done = [d for d in (os.listdir(runs) if os.path.isdir(runs) else [])
+            if os.path.exists(os.path.join(runs, d, "metrics.json"))]
+    return (f"{len(done)} finished run(s) are kept in {runs}; rerunning the same command skips them and trains "
+            "the rest (an unfinished run starts over)")
 
 
 def _opt(path: Optional[Path]) -> Optional[str]:
@@ -287,6 +351,7 @@ def heads_train_cmd(
         patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio, val_split=val_split,
         split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
         precision=precision, device=device, plots=plots)
+    _writable(out, "the run directory")
     (train_crossfit if folds else train)(cfg.validate(), str(cache), str(out), console=Console())
 
 
@@ -316,8 +381,12 @@ def heads_predict_cmd(
     if (cache is None) == (data is None):
         fail("give exactly one of --cache (extracted features) or --data (raw data, extracted for the run)")
     if data is None:
+        _writable(out, "the predictions")
         res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
     else:
+        for path, what in ((out, "the predictions"), (keep_cache, "the cache")):
+            if path:
+                _writable(path, what)
         res = predict_data(str(run), str(data), str(out), split=split, fmt=fmt, keep_cache=_opt(keep_cache),
                            device=device, proba=proba, console=console)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
@@ -337,6 +406,7 @@ def heads_ensemble_cmd(
     """Combine finished runs of one cache into one run that averages their class probabilities."""
     from heads.ensemble import build_ensemble
 
+    _writable(out, "the ensemble's run directory")
     m = build_ensemble([str(r) for r in runs], str(out), weighting)
     if m["validated"]:
         console.print(f"{m['fusion']}: validation accuracy {m['accuracy']:.4f} · macro_f1 {m['macro_f1']:.4f} · "
@@ -391,11 +461,16 @@ def heads_ablate_cmd(
     from heads.ablate import ABLATION_BASE, AblateConfig, ablate, grid_from_options, parse_seeds
 
     spec = grid_from_options(_opt(grid), {"fusion": fusion, "modality": modality, "loss": loss}, set_ or [])
+    _writable(out, "the ablation")
     cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
                        folds=folds, progress=progress, seeds=parse_seeds(seeds),
                        base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
                              "split_file": split_file})
-    res = ablate(cfg, console=console)
+    try:
+        res = ablate(cfg, console=console)
+    except KeyboardInterrupt as exc:  # finished runs survive any interruption (metrics.json comes last)
+        exc.kept = _finished_runs(str(out))
+        raise
     console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
                   highlight=False)
     typer.echo(open(res.report.files[1]).read(), nl=False)
@@ -421,6 +496,7 @@ def heads_report_cmd(
 
     from heads.report.build import write_reports
 
+    _writable(out or dirs[0], "the report")
     report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
                            group_by=group_by or "", top=top or 0, export=export or "")
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
@@ -478,6 +554,7 @@ def heads_finetune_cmd(
         text_layers=text_layers, init=_opt(init), fusion=fusion, lr=lr_head, lr_text=lr_text, epochs=epochs,
         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
         val_split=val_split, split_file=split_file, text_forward=text_forward, device=device, plots=plots)
+    _writable(out, "the run directory")
     finetune(cfg, str(cache), str(out), console=console)
 
 

@@ -17,3 +17,14 @@ class UserError(Exception):
 
 class ConfigError(UserError, ValueError):
     """An option or config value that is not valid (unknown name, out of range, contradictory)."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM (a scheduler's time limit, `kill`) while a command runs, raised in the main thread like Ctrl-C's
+    KeyboardInterrupt so that every `finally` and cleanup runs the same way; exit code 143 (128 + 15).
+
+    A command that keeps work across an interruption sets `kept` (what is kept, one clause) and `again_flag`
+    (the option that continues it, e.g. "--resume"; empty: rerun the same command) on the KeyboardInterrupt
+    it lets through; cli.py prints them with the exact command to run."""
+
+    exit_code = 143

@@ -10,15 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cache.manifest import open_cache
+from .outdir import human_bytes  # beside the disk checks that print sizes; featcache.extract.size imports it here
 
-
-def human_bytes(nbytes: float) -> str:
-    """1536 -> '1.5 KiB' (powers of 1024, so IEC units)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} TiB"
 
 
 def _nbytes(shape, dtype: str) -> int:

@@ -84,6 +84,7 @@ def _member_config(run: str) -> dict:
                           "--folds)")
     if not os.path.exists(os.path.join(run, "metrics.json")):
         raise ConfigError(f"{run} has no metrics.json: it did not finish; train it again")
+    load_json(os.path.join(run, "split.json"))  # copied into the ensemble: a damaged one stops it before writing
     return cfg
 
 

@@ -13,13 +13,11 @@ from dataclasses import fields
 import numpy as np
 import torch
 
-from safetensors.torch import load_file
-
 from featcache.errors import ConfigError
 
 from .data.cache import CacheData
 from .fusions import HeadConfig, HeadDims, create_fusion
-from .rundir import head_files, read_config
+from .rundir import DamagedRunError, head_files, load_weights, read_config
 
 
 @torch.inference_mode()
@@ -61,7 +59,12 @@ def load_heads(run_dir: str, device="cpu") -> tuple[list[torch.nn.Module], dict]
     models = []
     for name in head_files(cfg):
         model = create_fusion(head, HeadDims(**cfg["dims"]))
-        model.load_state_dict(load_file(os.path.join(run_dir, name)))
+        path = os.path.join(run_dir, name)
+        try:
+            model.load_state_dict(load_weights(path))
+        except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or other shapes than config.json's
+            raise DamagedRunError(f"{path} does not hold the head config.json describes ({str(exc).splitlines()[0]}"
+                                  f"); restore the file from a copy, or train the run again") from exc
         models.append(model.to(device).eval())
     return models, cfg
 

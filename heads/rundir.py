@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from featcache.cache.store import LEGACY_CLASSES, CacheError, feature_signature
-from featcache.errors import ConfigError
+from featcache.errors import ConfigError, UserError
 
 FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
@@ -54,6 +55,15 @@ _FT1_FROM_TRAIN = ("fusion", "modality", "hidden", "dropout", "attn_heads", "mod
 _FT1_RENAMED = {"unfreeze_text": "text_layers", "lr_head": "lr"}
 
 
+class DamagedRunError(UserError, ValueError):
+    """A file of a run directory that is there but cannot be read (truncated, garbage, edited by hand): the
+    message names the file. Also a ValueError, so checks that treat an unreadable run as "not finished"
+    (is_finished, the report's optional fields) keep working."""
+
+
+_DAMAGED_HELP = "restore the file from a copy, or train the run again (`heads ablate` reruns a damaged run)"
+
+
 def save_json(path: str, obj) -> None:
     with open(path, "w") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
@@ -61,8 +71,24 @@ def save_json(path: str, obj) -> None:
 
 
 def load_json(path: str):
-    with open(path) as f:
-        return json.load(f)
+    """A JSON file of a run; DamagedRunError naming the file and the line when it is not valid JSON."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise DamagedRunError(f"{path} line {exc.lineno}: {exc.msg} (column {exc.colno}): the file is damaged; "
+                              f"{_DAMAGED_HELP}") from exc
+    except UnicodeDecodeError as exc:
+        raise DamagedRunError(f"{path} is not a text file (byte {exc.start}); the file is damaged; "
+                              f"{_DAMAGED_HELP}") from exc
+
+
+def load_weights(path: str) -> dict[str, torch.Tensor]:
+    """A safetensors file of a run; DamagedRunError naming it when it is truncated or not safetensors."""
+    try:
+        return load_file(path)
+    except SafetensorError as exc:
+        raise DamagedRunError(f"{path} is truncated or not a safetensors file ({exc}); {_DAMAGED_HELP}") from exc
 
 
 def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
@@ -116,7 +142,17 @@ def read_config(run_dir: str) -> dict:
 
     need("config.json")
     need("cache.json")
-    cfg = upgrade_config(load_json(os.path.join(run_dir, "config.json")))
+    path = os.path.join(run_dir, "config.json")
+    raw = load_json(path)
+    try:
+        cfg = upgrade_config(raw)
+        section = "probe" if cfg["stage"] == "probe" else "train"
+        if not (isinstance(cfg[section], dict) and isinstance(cfg["classes"], list)
+                and (section == "probe" or isinstance(cfg["dims"], dict))):
+            raise TypeError(section)
+    except (KeyError, TypeError, AttributeError) as exc:  # valid JSON, but not what `heads train` writes
+        raise DamagedRunError(f"{path} is not a run's config.json (missing or malformed: {exc}); "
+                              f"{_DAMAGED_HELP}") from exc
     for name in head_files(cfg):
         need(name)
     return cfg
@@ -164,7 +200,7 @@ def load_text_layers(run_dir: str, name: str = TEXT_LAYERS_FILE) -> dict[str, to
     path = os.path.join(run_dir, name)
     if not os.path.exists(path):
         raise FileNotFoundError(f"{run_dir} is a finetune run without {name}; it is incomplete")
-    return load_file(path)
+    return load_weights(path)
 
 
 def head_params(run_dir: str, metrics: dict) -> int | None:
@@ -177,13 +213,27 @@ def head_params(run_dir: str, metrics: dict) -> int | None:
     if not os.path.exists(path):
         return None
     with open(path, "rb") as f:  # safetensors: u64 little-endian header size, then a JSON header
-        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
-    return int(sum(np.prod(t["shape"], dtype=np.int64) for k, t in header.items() if k != "__metadata__"))
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            header = json.loads(f.read(min(size, 100_000_000)))
+            shapes = [t["shape"] for k, t in header.items() if k != "__metadata__"]
+        except (ValueError, AttributeError, KeyError, TypeError) as exc:
+            raise DamagedRunError(f"{path} is truncated or not a safetensors file; {_DAMAGED_HELP}") from exc
+    return int(sum(np.prod(shape, dtype=np.int64) for shape in shapes))
 
 
 def read_predictions(path: str) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
+    """val_predictions.csv; DamagedRunError naming the line when a row is cut short or has extra cells."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise DamagedRunError(f"{path} is not a CSV file ({exc}); {_DAMAGED_HELP}") from exc
+    for k, row in enumerate(rows):
+        if None in row or None in row.values():  # DictReader: restkey None / restval None
+            raise DamagedRunError(f"{path} line {k + 2} has {'more' if None in row else 'fewer'} cells than its "
+                                  f"header: the file is damaged; {_DAMAGED_HELP}")
+    return rows
 
 
 # ------------------------------------------------------------------------------------------ writing

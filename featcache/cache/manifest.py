@@ -23,8 +23,9 @@ import numpy as np
 
 from ..digest import file_sha256
 from ..errors import ConfigError
+from ..outdir import check_writable, write_failed
 from ..sources.base import Sample
-from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView
+from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView, partial_path
 
 FORMAT, VERSION = "featcache-shards", 1
 
@@ -198,6 +199,7 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
     """Write the shards of `manifest` as one ordinary cache file (the arrays a single-process run writes)."""
     if os.path.exists(out) and not force:
         raise CacheError(f"{out} exists; choose another --out or pass --force")
+    check_writable(out, "the merged cache")
     with ShardedReader(manifest) as r:
         texts = r.has("samples/text")  # shards of a --no-text run have none
         cols = {k: r.strings(f"samples/{k}") if r.has(f"samples/{k}") else [""] * len(r)
@@ -207,7 +209,7 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
                           image_path="", valid=bool(valid[i]), target=cols["target"][i]) for i in range(len(r))]
         copied = [k for k in r.datasets() if not k.startswith("samples/")] + ["samples/caption", "samples/done"]
         shapes = {k: shape for k, (shape, _) in r.datasets().items() if not k.startswith("samples/")}
-        writer = CacheWriter(out, r.meta, samples, shapes, texts=texts)
+        writer = CacheWriter(out, r.meta, samples, shapes, texts=texts, again="run `featcache merge` again")
         try:
             at = 0
             for shard in r.readers:  # one shard's array in memory at a time
@@ -216,6 +218,10 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
                 at += len(shard)
             writer.f.flush()
             return writer.finish(r.meta)
-        except BaseException:
+        except BaseException as exc:
             writer.close()
-            raise
+            err = write_failed(exc, partial_path(out), "the shards are unchanged; free some space (or fix the "
+                               "disk) and run `featcache merge` again")
+            if err is None:  # not a disk's fault (or Ctrl-C): as it is
+                raise
+            raise err from exc

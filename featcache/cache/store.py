@@ -54,8 +54,10 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
+from ..outdir import check_room, fault_errno, write_failed
 
 SCHEMA_VERSION = 1
+_HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the arrays (as featcache.extract.size)
 # Caches written before class names were recorded (meta["classes"]) hold MVSA's three tags in this order.
 LEGACY_CLASSES = ("negative", "neutral", "positive")
 NEWER = "was written by a newer featcache-heads; upgrade (pip install -U featcache-heads) to read it"
@@ -129,8 +131,8 @@ class CacheWriter:
     """Create (or reopen, for resume) FILE.partial and fill it batch by batch."""
 
     def __init__(self, path: str, meta: dict, samples, shapes: dict[str, tuple[int, ...]], resume: bool = False,
-                 texts: bool = True, targets: bool | None = None):
-        self.path, self.tmp, self.meta = path, partial_path(path), meta
+                 texts: bool = True, targets: bool | None = None, again: str = "run the same command with --resume"):
+        self.path, self.tmp, self.meta, self.again, self.f = path, partial_path(path), meta, again, None
         n = len(samples)
         if resume and os.path.exists(self.tmp):
             try:
@@ -154,6 +156,20 @@ class CacheWriter:
         for stale in (self.tmp, problems_path(path)):
             if os.path.exists(stale):
                 os.remove(stale)
+        check_room(self.tmp, _HEADROOM * sum(np.prod(s, dtype=np.int64) * (4 if k.endswith("pooled") else 2)
+                                             for k, s in shapes.items()),
+                   "free some space or choose another --out (the file is laid down at full size at once)")
+        try:
+            self._create(meta, samples, shapes, texts, targets)
+        except (OSError, ValueError, RuntimeError) as exc:  # h5py's classes for a full or failing disk
+            self._drop()
+            if os.path.exists(self.tmp):
+                os.remove(self.tmp)  # half a structure: --resume could not use it
+            raise self._failed(exc, "nothing was written; free some space (or fix the disk) or choose another "
+                               "--out, then run the command again")
+
+    def _create(self, meta: dict, samples, shapes: dict, texts: bool, targets: bool | None) -> None:
+        n = len(samples)
         self.f = f = h5py.File(self.tmp, "w", libver=LIBVER)
         f.attrs["schema_version"] = SCHEMA_VERSION
         f.attrs["complete"] = False
@@ -185,17 +201,22 @@ class CacheWriter:
         """Write rows [start, start+B). `invalid` are absolute row indices found bad while decoding;
         `problems`, when given, is the whole image-problem log so far (saved beside the file first)."""
         stop = start + next(iter(arrays.values())).shape[0]
-        if problems is not None:
-            save_json_atomic(problems_path(self.path), problems)
-        for name, value in arrays.items():
-            self.f[name][start:stop] = value
-        if captions is not None:
-            self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
-        for i in invalid:
-            self.f["samples/valid"][i] = False
-        self.f.flush()  # the rows reach the file before the flags that claim them
-        self.f["samples/done"][start:stop] = True
-        self.f.flush()
+        try:
+            if problems is not None:
+                save_json_atomic(problems_path(self.path), problems)
+            for name, value in arrays.items():
+                self.f[name][start:stop] = value
+            if captions is not None:
+                self.f["samples/caption"][start:stop] = [c.encode("utf-8")[:CAPTION_BYTES] for c in captions]
+            for i in invalid:
+                self.f["samples/valid"][i] = False
+            self.f.flush()  # the rows reach the file before the flags that claim them
+            self.f["samples/done"][start:stop] = True
+            self.f.flush()
+        except (OSError, ValueError, RuntimeError) as exc:  # the rows before `start` are flagged done: kept
+            self._drop()
+            raise self._failed(exc, f"the rows before {start} are kept in {self.tmp}; free some space (or fix "
+                               f"the disk), then {self.again}")
 
     def problems(self) -> list:
         """The image-problem log saved by earlier `write` calls (for a resumed run)."""
@@ -209,18 +230,40 @@ class CacheWriter:
         """Record final metadata, close, and atomically move the finished file into place."""
         if not self.f["samples/done"][:].all():
             raise CacheError(f"{self.tmp}: not every row was written; run again with --resume")
-        self.f.attrs["meta"] = json.dumps(meta)
-        self.f.attrs["complete"] = True
-        self.f.close()
-        self.f = None
-        os.replace(self.tmp, self.path)
+        try:
+            self.f.attrs["meta"] = json.dumps(meta)
+            self.f.attrs["complete"] = True
+            self.f.close()
+            self.f = None
+            os.replace(self.tmp, self.path)
+        except (OSError, ValueError, RuntimeError) as exc:  # every row is done: only metadata and rename left
+            self._drop()
+            raise self._failed(exc, f"every row is kept in {self.tmp}; free some space (or fix the disk), then "
+                               f"{self.again}")
         if os.path.exists(problems_path(self.path)):  # now recorded in meta; a kill before this is harmless
             os.remove(problems_path(self.path))
         return self.path
 
     def close(self) -> None:
-        if self.f:
-            self.f.close()
+        """Close the file (after an error too: what was flushed stays for --resume)."""
+        self._drop()
+
+    def _drop(self) -> None:
+        """Close the file, also after the disk failed. h5py objects left to the garbage collector after a failed
+        write printed screens of deallocation errors and could segfault; closing the file closes every object
+        in it, in order. Its own flush may fail the same way: the bytes already flushed are what counts."""
+        f, self.f = self.f, None
+        if f is not None:
+            try:
+                f.close()
+            except (OSError, ValueError, RuntimeError) as exc:  # the same disk fault again: nothing to save
+                if fault_errno(exc) is None:
+                    raise
+
+    def _failed(self, exc: Exception, advice: str) -> Exception:
+        """The one paragraph for a disk fault (featcache.outdir), raised inside the `except` so --debug shows
+        the OSError behind it; any other OSError is returned as is: it stays the bug it is."""
+        return write_failed(exc, self.tmp, advice) or exc
 
 
 def writer_running(path: str) -> bool:

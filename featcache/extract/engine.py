@@ -33,6 +33,7 @@ from ..sources.augment import ViewMaker
 from ..sources.base import Dataset, note_image_problems, scan_images, summarize
 from ..sources.images import ImageNote
 from .config import ExtractConfig, auto_batch_size
+from ..outdir import check_writable, write_failed
 from .size import announce
 from .decode import ImageRows, auto_workers, lane_batches, loader_batches
 from .forward import ImageLane, Models, forward_batch, nonfinite_rows, use_lane
@@ -84,24 +85,35 @@ def extract(cfg: ExtractConfig, resume: bool = False, strict: bool = False, forc
         return plan.out
     if strict:
         _strict_check(plan.ds, cfg, console, progress)
+    check_writable(plan.out, "the cache")  # a read-only or foreign folder: said now, not after the model loads
     announce(plan, console.print)  # the size, and whether the disk holds it, before any model loads
     with _output_lock(plan.out):
         if not resume and os.path.exists(partial_path(plan.out)):
             raise CacheError(f"{partial_path(plan.out)} is left from an interrupted extraction; pass --resume to "
                              "continue it, or delete it to start over")
-        return _run(plan, resume, console, progress, t_start)
+        try:
+            return _run(plan, resume, console, progress, t_start)
+        except KeyboardInterrupt as exc:  # before the batch loop (models loading): a resumed partial is intact
+            if not hasattr(exc, "kept") and os.path.exists(partial_path(plan.out)):
+                exc.kept, exc.again_flag = f"{partial_path(plan.out)} is kept", "--resume"
+            raise
 
 
 @contextlib.contextmanager
 def _output_lock(out: str):
     """Hold OUT.lock while writing OUT (fails at once if another extraction holds it); remove it after."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     lock = FileLock(out + ".lock")
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         raise CacheError(f"another `featcache extract` is writing {out} (lock {out}.lock is held); "
                          "wait for it or choose another --out") from None
+    except OSError as exc:  # the folder turned read-only (or full) since check_writable: name the lock file
+        err = write_failed(exc, out + ".lock", "choose another --out or make the folder writable")
+        if err is None:
+            raise
+        raise err from exc
     try:
         yield
     finally:
@@ -144,7 +156,11 @@ def _run_threads(plan: Plan, resume: bool, console, progress: bool, t_start: flo
     try:
         _extract_rows(loop, _batches(loop, lane, workers), console, progress)
         path = _finish(loop, meta, load_s, t_start)
-    except BaseException:
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C / SIGTERM: cli.py says this and how to continue
+            done = loop.writer.first_undone()  # the flags on disk: a signal may land inside a batch's write
+            exc.kept = f"the first {done} of {len(plan.ds.samples)} rows are kept in {partial_path(plan.out)}"
+            exc.again_flag = "--resume"
         loop.writer.close()  # the partial file stays, flushed up to the last batch: --resume continues it
         raise
     finally:

@@ -13,15 +13,11 @@ import shutil
 from ..backbones.base import budget_grid
 from ..backbones.registry import get_backbone_spec, planned_dims
 from ..backbones.weights import WeightsSource
-from ..errors import UserError
 from ..info import human_bytes
+from ..outdir import DiskSpaceError  # the check before any model loads; CacheWriter checks the exact shapes
 
 FP16, FP32 = 2, 4
 HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the feature arrays
-
-
-class DiskSpaceError(UserError):
-    """The disk holding the output has less free space than the cache needs."""
 
 
 def planned_bytes(plan) -> tuple[int, str] | None:

@@ -32,6 +32,7 @@ from rich.console import Console
 from ..cache.store import CacheError, CacheReader, cache_precision, row_chunk
 from ..device import precision_autocast, resolve_device
 from ..errors import ConfigError
+from ..outdir import check_room, check_writable, write_failed
 from ..text_tower import check_tokens, load_text_backbone, require_texts, tokenize_cache
 from .forward import TEXT_CHUNK, text_features
 
@@ -74,11 +75,20 @@ def add_text_layers(path: str, text_layers: int, batch_size: int = 64, device: s
         if r.has("text_hidden/states") and r.start_layer == start_layer:
             say(f"{path} already holds the hidden states entering layer {start_layer}; nothing to do")
             return path
+        check_writable(path, "the cache")  # it is rewritten beside itself (a .addon.partial copy)
+        states = np.prod(r.datasets()["text/tokens"][0], dtype=np.int64) * 2  # fp16, the tokens' shape
+        check_room(path + ".addon.partial", 1.05 * (os.path.getsize(path) + states),
+                   "free some space (the cache is copied with the states added, then replaces it)")
         lock = FileLock(path + ".lock")
         try:
             lock.acquire(timeout=0)
         except Timeout:
             raise CacheError(f"another featcache command is writing {path} ({path}.lock is held)") from None
+        except OSError as exc:  # the folder turned read-only since check_writable: name the lock file
+            err = write_failed(exc, path + ".lock", "make the folder writable")
+            if err is None:
+                raise
+            raise err from exc
         try:
             dev, precision = resolve_device(device), cache_precision(meta)
             precision_autocast(precision, dev)  # an fp16 cache on the CPU: refused before the model loads
@@ -114,8 +124,8 @@ def _unlock(lock, path: str) -> None:
 
 def _write(path: str, hidden: np.ndarray, start_layer: int, text_layers: int, meta: dict, compute_s: float) -> None:
     tmp = path + ".addon.partial"
-    shutil.copyfile(path, tmp)
     try:
+        shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
             if "text_hidden/states" in f:
                 del f["text_hidden/states"]
@@ -129,7 +139,11 @@ def _write(path: str, hidden: np.ndarray, start_layer: int, text_layers: int, me
                                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "compute_s": round(compute_s, 2)}
             f.attrs["meta"] = json.dumps(meta)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise
+        err = write_failed(exc, tmp, f"{path} is unchanged; free some space (or fix the disk) and run the "
+                           "command again")
+        if err is None:  # not a disk's fault (or Ctrl-C): as it is
+            raise
+        raise err from exc
