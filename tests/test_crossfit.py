@@ -101,7 +101,7 @@ def test_cli_train_folds_show_predict_and_finetune(cache, tmp_path):
     assert r.exit_code == 0, r.output
     assert "out-of-fold" in r.output and "per fold macro_f1" in r.output
     r = runner.invoke(heads_app, ["show", run])
-    assert r.exit_code == 0 and "2 fold heads" in r.output and "out-of-fold" in r.output
+    assert r.exit_code == 0 and "2-fold cross-fit" in r.output and "out-of-fold" in r.output
     preds = str(tmp_path / "p.csv")
     r = runner.invoke(heads_app, ["predict", "--run", run, "--cache", cache, "--out", preds, "--proba"])
     assert r.exit_code == 0, r.output
@@ -110,11 +110,11 @@ def test_cli_train_folds_show_predict_and_finetune(cache, tmp_path):
     r = runner.invoke(heads_app, ["finetune", "--cache", cache, "--unfreeze-text", "0", "--init", run, "--epochs", "1",
                                   "--no-plots", "--out", ft])
     assert r.exit_code == 0, r.output
-    assert "2 fold heads" in r.output and json.load(open(os.path.join(ft, "config.json")))["stage"] == "finetune"
+    assert "2-fold cross-fit" in r.output and json.load(open(os.path.join(ft, "config.json")))["stage"] == "finetune"
     assert sorted(f for f in os.listdir(ft) if f.startswith("head.")) == ["head.fold0.safetensors",
                                                                           "head.fold1.safetensors"]
     r = runner.invoke(heads_app, ["show", ft])
-    assert r.exit_code == 0 and "2 fold heads" in r.output and "out-of-fold" in r.output
+    assert r.exit_code == 0 and "2-fold cross-fit" in r.output and "out-of-fold" in r.output
     r = runner.invoke(heads_app, ["predict", "--run", ft, "--cache", cache, "--out", preds])
     assert r.exit_code == 0, r.output
     r = runner.invoke(heads_app, ["train", "--cache", cache, "--folds", "1", "--out", run])
@@ -157,7 +157,9 @@ def test_ensemble_cli_refuses_other_caches_and_says_when_unvalidated(cache, make
     assert r.exit_code == 0, r.output
     assert "no validation score" in r.output  # seeds 0 and 1 validated on different rows
     r = runner.invoke(heads_app, ["show", str(tmp_path / "e")])
-    assert r.exit_code == 0 and "weight 0.500" in r.output
+    out = " ".join(r.output.split())
+    assert r.exit_code == 0 and "weight 0.500" in out and "2 members" in out and "no metrics of its own" in out
+    assert "None" not in out and "accuracy" not in out, out  # no table and no training line of its own
     r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path / "e"), "--cache", cache, "--out",
                                   str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output

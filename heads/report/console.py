@@ -15,7 +15,7 @@ def summary_table(metrics: dict) -> Table:
     t = Table()
     t.add_column("")
     cols = [("untuned", metrics["untuned"]), ("tuned bias", metrics)] if "untuned" in metrics \
-        else [("val", metrics)]
+        else [("out of fold" if "crossfit" in metrics else "val", metrics)]
     if "test" in metrics:  # --test-ratio: the held-out split, never used for selection
         cols.append(("internal test", metrics["test"]))
     if "init_test" in metrics:  # stage 2 from an init run with a test split: that head on the same rows
@@ -32,24 +32,49 @@ def summary_table(metrics: dict) -> Table:
     return t
 
 
-def print_summary(metrics: dict, run_dir: str | None, console) -> None:
-    # The title goes on its own line: a table title wraps to the (narrow) table width.
-    console.print(f"[bold]{metrics.get('fusion', '?')} · {metrics.get('modality', '?')}[/] · best epoch "
-                  f"{metrics.get('best_epoch')} of {metrics.get('epochs_run')} · validation metrics"
-                  + (f" · trained on {metrics['image_views_used']} augmented image views"
-                     if metrics.get("image_views_used") else ""))
-    console.print(summary_table(metrics))
-    n = metrics.get("counts", {})
-    timing = metrics.get("timing", {})
+def _title(metrics: dict) -> str:
+    """What the table scores: one head's validation rows, every labelled row out of fold, or an ensemble."""
+    head = f"[bold]{metrics.get('fusion', '?')} · {metrics.get('modality', '?')}[/]"
+    views = f" · trained on {metrics['image_views_used']} augmented image views" \
+        if metrics.get("image_views_used") else ""
+    if "members" in metrics:  # heads ensemble: no training of its own
+        what = "validation metrics of the averaged probabilities" if metrics.get("validated", True) else \
+            "members validated on different rows: no metrics of its own"
+        return f"{head} · {len(metrics['members'])} members · {what}"
+    if "crossfit" in metrics:  # heads train --folds K: each fold head stops at its own epoch
+        epochs = ", ".join(str(e) for e in metrics["folds"].get("best_epoch", []))
+        return f"{head} · {metrics['crossfit']}-fold cross-fit · best epochs {epochs} · out-of-fold metrics{views}"
+    return f"{head} · best epoch {metrics.get('best_epoch')} of {metrics.get('epochs_run')} · validation " \
+           f"metrics{views}"
+
+
+def _counts_line(metrics: dict) -> str:
+    n, timing = metrics.get("counts", {}), metrics.get("timing", {})
     test = f" · internal test {n['test']}" if "test" in n else ""
     test += "".join(f" · {name} {count}" for name, count in n.get("heldout", {}).items())
-    val = f"{n.get('val')} (split {n['val_split']})" if "val_split" in n else n.get("val")
-    console.print(f"train {n.get('train')} · val {val}{test} · invalid excluded {n.get('invalid_excluded')}"
-                  f" · unlabelled {n.get('unlabelled')} · trained in {timing.get('train_s', 0):.1f}s on "
-                  f"{timing.get('device')} ({timing.get('threads')} threads)", highlight=False)
-    if "crossfit" in metrics:  # heads train --folds K: the table scores every labelled row out of fold
+    rest = f" · invalid excluded {n.get('invalid_excluded')} · unlabelled {n.get('unlabelled')}"
+    if "crossfit" in metrics:
+        rows = f"{n.get('train')} labelled rows, each scored by the head that did not train on it{test}"
+    else:
+        val = f"{n.get('val')} (split {n['val_split']})" if "val_split" in n else n.get("val")
+        rows = f"train {n.get('train')} · val {val}{test}"
+    trained = f" · trained in {timing['train_s']:.1f}s on {timing.get('device')} ({timing.get('threads')} threads)" \
+        if "train_s" in timing else ""
+    return rows + rest + trained
+
+
+def print_summary(metrics: dict, run_dir: str | None, console) -> None:
+    # The title goes on its own line: a table title wraps to the (narrow) table width.
+    console.print(_title(metrics))
+    if "members" not in metrics or metrics.get("validated", True):
+        console.print(summary_table(metrics))
+    for m in metrics.get("members", []):
+        f1 = "-" if m.get("macro_f1") is None else f"{m['macro_f1']:.4f}"
+        console.print(f"member {m['run']} · weight {m['weight']:.3f} · its macro_f1 {f1}", highlight=False)
+    if "members" not in metrics:
+        console.print(_counts_line(metrics), highlight=False)
+    if "crossfit" in metrics:
         f = metrics["folds"]["macro_f1"]
-        console.print(f"cross-fit: {metrics['crossfit']} fold heads, metrics on the out-of-fold predictions of every "
-                      f"labelled row · per fold macro_f1 {f['mean']:.4f} ± {f['std']:.4f}", highlight=False)
+        console.print(f"per fold macro_f1 {f['mean']:.4f} ± {f['std']:.4f}", highlight=False)
     if run_dir:
         console.print(f"run directory: {run_dir}", highlight=False)
