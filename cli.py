@@ -559,20 +559,15 @@ def heads_finetune_cmd(
 
 
 @command(heads_app, "show")
-def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune).")):
-    """Print a run's validation metrics table."""
+def heads_show_cmd(run: Path = typer.Argument(..., help="A run directory (heads train / finetune / ensemble).")):
+    """Print a run's metrics table: validation rows, out-of-fold rows of a cross-fit run, or an ensemble's."""
     from heads.report.console import print_summary
     from heads.rundir import load_json
 
     path = run / "metrics.json"
     if not path.exists():
         fail(f"{run} has no metrics.json: not a finished run directory of `heads train` or `heads finetune`")
-    metrics = load_json(str(path))
-    if metrics.get("validated") is False:  # an ensemble of runs validated on different rows: members only
-        for m in metrics["members"]:
-            console.print(f"{m['run']}: weight {m['weight']:.3f}, macro_f1 {m['macro_f1']:.4f}", highlight=False)
-        return
-    print_summary(metrics, str(run), Console())
+    print_summary(load_json(str(path)), str(run), Console())  # single, cross-fit, stage 2 or ensemble
 
 
 def main():  # pragma: no cover - `python cli.py featcache ...` convenience
