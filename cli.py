@@ -86,6 +86,21 @@ def _writable(path, what: str) -> None:
     check_writable(str(path), what)
 
 
+_HANDLER_PID: list = []  # the process whose SIGTERM handler _sigterm_interrupts installed
+
+
+def _default_sigterm_in_child() -> None:
+    """A forked child (an ablation Pool worker, a DataLoader worker) gets SIGTERM's default action back at once.
+    Pool.terminate() kills workers with SIGTERM; a Python handler runs only in the main thread between bytecodes,
+    so a worker waiting in C on a queue lock while the signal lands on one of torch's threads never died, and the
+    pool's join hung the command."""
+    if _HANDLER_PID and os.getpid() != _HANDLER_PID[-1]:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+os.register_at_fork(after_in_child=_default_sigterm_in_child)
+
+
 @contextlib.contextmanager
 def _sigterm_interrupts():
     """While a command runs, SIGTERM raises featcache.errors.Interrupted in the main thread, so it ends like
@@ -105,9 +120,11 @@ def _sigterm_interrupts():
         raise Interrupted()
 
     previous = signal.signal(signal.SIGTERM, handler)
+    _HANDLER_PID.append(pid)
     try:
         yield
     finally:
+        _HANDLER_PID.pop()
         signal.signal(signal.SIGTERM, previous)
 
 
