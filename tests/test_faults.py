@@ -342,3 +342,18 @@ def test_sigterm_during_an_ablation_keeps_finished_runs_and_says_rerun(trained, 
                    "continue with: heads " + shlex.join(args), exit_code=143)
     code, text = _run(cli.heads_app, args)
     assert code == 0 and "1 run(s) trained, 1 already finished" in text, text
+
+
+def test_forked_workers_get_the_default_sigterm_back():
+    """Pool.terminate() kills workers with SIGTERM: a forked child must not keep the command's Python handler (it
+    runs only in the main thread between bytecodes, so a worker blocked in C never died and the pool hung)."""
+    import signal
+
+    import cli
+    with cli._sigterm_interrupts():
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # the command's own handler
+        pid = os.fork()
+        if pid == 0:  # the child: exit 0 only if SIGTERM is back to its default
+            os._exit(0 if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL else 1)
+        _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
