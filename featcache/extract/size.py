@@ -7,14 +7,11 @@ of loading and running the model. The arrays are those of featcache.cache.store 
 """
 from __future__ import annotations
 
-import os
-import shutil
-
 from ..backbones.base import budget_grid
 from ..backbones.registry import get_backbone_spec, planned_dims
 from ..backbones.weights import WeightsSource
 from ..info import human_bytes
-from ..outdir import DiskSpaceError  # the check before any model loads; CacheWriter checks the exact shapes
+from ..outdir import check_room  # the check before any model loads; CacheWriter checks the exact shapes
 
 FP16, FP32 = 2, 4
 HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the feature arrays
@@ -43,16 +40,12 @@ def planned_bytes(plan) -> tuple[int, str] | None:
 
 
 def announce(plan, say) -> None:
-    """Print the size about to be written; refuse (DiskSpaceError) when the output's disk cannot hold it."""
+    """Print the size about to be written; refuse (outdir.DiskSpaceError) when the output's disk cannot hold it."""
     planned = planned_bytes(plan)
     if planned is None:
         say("cache size: known once the backbones load (their widths are not in a config file)")
         return
     nbytes, line = planned
     say(f"writing {plan.out}: about {human_bytes(nbytes)} ({line})")
-    folder = os.path.dirname(os.path.abspath(plan.out))
-    free = shutil.disk_usage(folder).free
-    if free < nbytes * HEADROOM:
-        raise DiskSpaceError(f"{plan.out} needs about {human_bytes(nbytes * HEADROOM)} but {folder} has {human_bytes(free)} "
-                             "free; free some space, choose another --out, or store fewer tokens "
-                             "(--max-image-tokens, --max-text-len)")
+    check_room(plan.out, nbytes * HEADROOM, "free some space, choose another --out, or store fewer tokens "
+               "(--max-image-tokens, --max-text-len)")
