@@ -129,24 +129,46 @@ def _sigterm_interrupts():
 
 
 def _interrupted(prog: str, exc: KeyboardInterrupt):
-    """One line: which signal, what the command kept, and the exact command that continues; exit 130 / 143."""
+    """One line: which signal, what the command kept, and the exact command that continues (or starts over:
+    `again`, e.g. "run it again with"; empty: no command); exit 130 / 143."""
     code = getattr(exc, "exit_code", 130)
     kept = getattr(exc, "kept", None)
+    lead = getattr(exc, "again", "continue with" if kept else "")
     args = list(sys.argv[1:])
     flag = getattr(exc, "again_flag", "")
     if flag and flag not in args:
         args.append(flag)
-    again = f"; continue with: {prog} {shlex.join(args)}" if kept else "; nothing was kept"
+    again = f"; {lead}: {prog} {shlex.join(args)}" if lead else ""
     console.print(f"[bold yellow]interrupted ({'SIGTERM' if code == 143 else 'SIGINT'})[/]"
-                  f"{escape(': ' + kept if kept else '')}{escape(again)}", highlight=False, soft_wrap=True)
+                  f"{escape(': ' + (kept or 'nothing was kept') + again)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def _run_interrupts(out: Path):
+    """An interrupted `heads train` / `heads finetune` says what it kept: its run directory appears whole at the
+    end (heads.rundir.write_run), so nothing of this run unless the signal came after that rename."""
+    import time
+    started = time.time()
+    try:
+        yield
+    except KeyboardInterrupt as exc:
+        metrics = out / "metrics.json"
+        written = metrics.exists() and metrics.stat().st_mtime >= started - 1  # mtime: coarse on some disks
+        if written:
+            exc.kept, exc.again = f"the run finished before the signal; {out} is complete", ""
+        else:
+            earlier = " (the earlier run there is unchanged)" if metrics.exists() else ""
+            exc.kept = f"nothing of this run was kept: {out} is written only when training ends{earlier}"
+            exc.again = "run it again with"
+        raise
 
 
 def _finished_runs(out: str) -> str:
     """What an interrupted ablation keeps: its finished runs (metrics.json is written last)."""
     runs = os.path.join(out, "runs")
     done = [d for d in (os.listdir(runs) if os.path.isdir(runs) else [])
-            if os.path.exists(os.path.join(runs, d, "metrics.json"))]
+            if not d.startswith(".") and os.path.exists(os.path.join(runs, d, "metrics.json"))]  # .tmp-*: unfinished
     return (f"{len(done)} finished run(s) are kept in {runs}; rerunning the same command skips them and trains "
             "the rest (an unfinished run starts over)")
 
@@ -354,6 +376,7 @@ def heads_train_cmd(
 
     from heads.config import TrainConfig
     from heads.fusions import DEFAULT_FUSION
+    from heads.rundir import check_out_dir
     from heads.train.crossfit import train_crossfit
     from heads.train.stage1 import train
 
@@ -369,7 +392,9 @@ def heads_train_cmd(
         split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
         precision=precision, device=device, plots=plots)
     _writable(out, "the run directory")
-    (train_crossfit if folds else train)(cfg.validate(), str(cache), str(out), console=Console())
+    check_out_dir(str(out))
+    with _run_interrupts(out):
+        (train_crossfit if folds else train)(cfg.validate(), str(cache), str(out), console=Console())
 
 
 @command(heads_app, "predict")
@@ -563,6 +588,7 @@ def heads_finetune_cmd(
 
     from heads.config import FinetuneConfig
     from heads.fusions import DEFAULT_FUSION
+    from heads.rundir import check_out_dir
     from heads.train.stage2 import finetune
 
     fusion = fusion or DEFAULT_FUSION
@@ -572,7 +598,9 @@ def heads_finetune_cmd(
         batch_size=batch_size, grad_accum=grad_accum, patience=patience, metric=metric, seed=seed,
         val_split=val_split, split_file=split_file, text_forward=text_forward, device=device, plots=plots)
     _writable(out, "the run directory")
-    finetune(cfg, str(cache), str(out), console=console)
+    check_out_dir(str(out))
+    with _run_interrupts(out):
+        finetune(cfg, str(cache), str(out), console=console)
 
 
 @command(heads_app, "show")

@@ -6,12 +6,20 @@ traceback from deep inside h5py or filelock, after minutes of model loading. `ch
 removes) a probe file in the folder that will receive the output, which is the only test that tells the truth
 for read-only mounts, ACLs and root alike (os.access does not). Only the errno values of a machine's fault
 (full disk, read-only, permission, I/O error, quota) become a message: any other OSError stays a bug.
+
+Every output that is not a cache (run directories, reports, predictions, JSON beside a cache) is written
+through `atomic_file` / `atomic_dir`: into a hidden sibling (.NAME.tmp-HOST-PID, same folder, so same file
+system) renamed into place when complete. A reader, a scanner or a kill -9 never meets half a file or half a
+run directory; what a killed writer leaves is hidden (scanners skip dot names) and removed by the next write
+of the same name on the same machine (`clean_stale`).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import shutil
+import socket
 import tempfile
 
 from .errors import UserError
@@ -97,7 +105,117 @@ def fault_errno(exc: BaseException) -> int | None:
     space left on device ...)"), so the message is searched for those texts too."""
     if isinstance(exc, OSError) and exc.errno in WRITE_FAULTS:
         return exc.errno
-    if not isinstance(exc, (OSError, ValueError, RuntimeError)):  # what h5py raises for HDF5's errors
+    # h5py raises these for HDF5's errors; safetensors' save_file its own SafetensorError (a plain Exception,
+    # "... I/O error: No space left on device (os error 28)"), matched by name: featcache does not import it
+    if not isinstance(exc, (OSError, ValueError, RuntimeError)) and type(exc).__name__ != "SafetensorError":
         return None
     text = str(exc)
     return next((code for code in WRITE_FAULTS if os.strerror(code) in text), None)
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+REWRITE = "the earlier file, if any, is unchanged; free some space (or fix the disk) and run the command again"
+_HOST = socket.gethostname().replace("/", "_")
+
+
+def temp_sibling(path: str, kind: str = "tmp") -> str:
+    """.NAME.<kind>-<host>-<pid> beside `path`: hidden, on the same file system (the rename is atomic), owned by
+    one process of one machine (writers on other hosts of a shared disk never touch each other's)."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(folder, f".{name}.{kind}-{_HOST}-{os.getpid()}")
+
+
+def clean_stale(path: str) -> None:
+    """Remove the .tmp- / .old- siblings of `path` that a killed process of this machine left."""
+    folder, name = os.path.split(os.path.abspath(path))
+    prefix = f".{name}."
+    with contextlib.suppress(OSError):
+        for entry in os.listdir(folder):
+            kind, _, owner = entry[len(prefix):].partition("-")
+            host, _, pid = owner.rpartition("-")
+            if entry.startswith(prefix) and kind in ("tmp", "old") and host == _HOST and pid.isdigit() \
+                    and not _alive(int(pid)):
+                _remove(os.path.join(folder, entry))
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        pass
+    return True
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        with contextlib.suppress(OSError):
+            os.remove(path)
+
+
+def commit(tmp: str, path: str) -> None:
+    """Move the finished `tmp` to `path` in one rename. A directory cannot be renamed over a full one: the earlier
+    `path` is renamed away first (put back if the second rename fails) and deleted after, so at every moment
+    `path` is the old complete directory, the new complete one, or (between two renames) absent."""
+    if not os.path.isdir(tmp) or not os.path.lexists(path):
+        os.replace(tmp, path)
+        return
+    old = temp_sibling(path, "old")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    _remove(old)
+
+
+def _fault(exc: BaseException, path: str, advice: str | None) -> None:
+    """Raise the paragraph for a disk's fault met writing `path` (advice None: the caller translates). A file
+    of a directory being written already became WriteFailedError naming its hidden temporary path: the
+    directory's message names `path` instead."""
+    cause = exc.__cause__ if isinstance(exc, WriteFailedError) else exc
+    err = write_failed(cause, path, advice) if advice is not None and isinstance(cause, Exception) else None
+    if err is not None:
+        raise err from cause
+
+
+@contextlib.contextmanager
+def atomic_file(path: str, mode: str = "w", advice: str | None = REWRITE, **open_kw):
+    """`open(path, mode)` whose content appears at `path` only when the block ends without an error (written to
+    temp_sibling(path), then renamed over it). A disk's fault becomes WriteFailedError naming `path` with
+    `advice` (None: the OSError as it is, for a caller with its own message)."""
+    tmp = temp_sibling(path)
+    try:
+        clean_stale(path)
+        with open(tmp, mode, **open_kw) as f:
+            yield f
+        commit(tmp, path)
+    except BaseException as exc:
+        _remove(tmp)
+        _fault(exc, path, advice)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str, advice: str):
+    """A hidden empty sibling folder to fill; it becomes `path` (replacing an earlier directory there) only when
+    the block ends without an error, else it is deleted. A symlinked `path` keeps its link: the target is
+    replaced. A disk's fault becomes WriteFailedError naming `path` with `advice`."""
+    real = os.path.realpath(path)
+    tmp = temp_sibling(real)
+    try:
+        os.makedirs(os.path.dirname(real), exist_ok=True)
+        clean_stale(real)
+        os.mkdir(tmp)
+        yield tmp
+        commit(tmp, real)
+    except BaseException as exc:
+        _remove(tmp)
+        _fault(exc, path, advice)
+        raise

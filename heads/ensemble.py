@@ -29,10 +29,12 @@ import shutil
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.outdir import atomic_dir
 
 from .data.cache import CacheData
 from .infer import infer, load_heads, mean_log_proba
-from .rundir import FORMAT, load_json, read_config, read_predictions, save_json, write_predictions
+from .rundir import (FORMAT, check_out_dir, load_json, read_config, read_predictions, save_json,
+                     write_predictions)
 from .train.metrics import compute_metrics
 
 STAGE = "ensemble"
@@ -50,6 +52,8 @@ def build_ensemble(runs: list[str], out: str, weighting: str = "equal") -> dict:
         raise ConfigError(f"unknown weighting {weighting!r}; valid: {', '.join(WEIGHTINGS)}")
     if len(runs) < 2:
         raise ConfigError(f"an ensemble needs at least two runs, got {len(runs)}")
+    if any(os.path.realpath(r) == os.path.realpath(out) for r in runs):
+        raise ConfigError(f"--out {out} is one of the runs; the ensemble needs a directory of its own")
     cfgs = [_member_config(r) for r in runs]
     sigs = [load_json(os.path.join(r, "cache.json")).get("signature") for r in runs]
     for r, cfg, sig in zip(runs[1:], cfgs[1:], sigs[1:]):
@@ -59,21 +63,21 @@ def build_ensemble(runs: list[str], out: str, weighting: str = "equal") -> dict:
     classes, metrics = cfgs[0]["classes"], [load_json(os.path.join(r, "metrics.json")) for r in runs]
     raw = [m.get("untuned", m)["macro_f1"] for m in metrics] if weighting == "val" else [1.0] * len(runs)
     weights = (np.asarray(raw, dtype=np.float64) / np.sum(raw)).tolist()
-    os.makedirs(out, exist_ok=True)
-    for name in ("metrics.json", "val_predictions.csv"):  # stale files of an earlier ensemble here
-        if os.path.exists(os.path.join(out, name)):
-            os.remove(os.path.join(out, name))
-    save_json(os.path.join(out, "config.json"), {
-        "format": FORMAT, "stage": STAGE, "classes": classes,
-        "ensemble": {"members": [os.path.abspath(r) for r in runs], "weights": weights, "weighting": weighting}})
-    for name in ("cache.json", "split.json"):
-        shutil.copyfile(os.path.join(runs[0], name), os.path.join(out, name))
-    result = {"fusion": "ensemble(" + "+".join(c["train"]["fusion"] for c in cfgs) + ")", "modality": "both",
-              "members": [{"run": os.path.abspath(r), "weight": w, "macro_f1": m.get("macro_f1")}
-                          for r, w, m in zip(runs, weights, metrics)], "classes": classes}
-    result.update(_validate(runs, weights, classes, out))
-    result["counts"] = metrics[0].get("counts", {})
-    save_json(os.path.join(out, "metrics.json"), result)
+    check_out_dir(out)
+    with atomic_dir(out, "nothing was kept (an earlier run there is unchanged); free some space (or fix the "
+                    "disk) and run `heads ensemble` again") as tmp:  # whole or not at all, as write_run
+        save_json(os.path.join(tmp, "config.json"), {
+            "format": FORMAT, "stage": STAGE, "classes": classes,
+            "ensemble": {"members": [os.path.abspath(r) for r in runs], "weights": weights,
+                         "weighting": weighting}})
+        for name in ("cache.json", "split.json"):
+            shutil.copyfile(os.path.join(runs[0], name), os.path.join(tmp, name))
+        result = {"fusion": "ensemble(" + "+".join(c["train"]["fusion"] for c in cfgs) + ")", "modality": "both",
+                  "members": [{"run": os.path.abspath(r), "weight": w, "macro_f1": m.get("macro_f1")}
+                              for r, w, m in zip(runs, weights, metrics)], "classes": classes}
+        result.update(_validate(runs, weights, classes, tmp))
+        result["counts"] = metrics[0].get("counts", {})
+        save_json(os.path.join(tmp, "metrics.json"), result)
     return result
 
 

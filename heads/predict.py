@@ -33,6 +33,7 @@ import numpy as np
 from featcache.cache.store import CacheReader
 from featcache.device import resolve_device
 from featcache.errors import ConfigError
+from featcache.outdir import atomic_file
 from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
@@ -163,7 +164,7 @@ def extract_for_run(run_dir: str, data: str, out: str, split: str = "test", fmt:
 def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> None:
     """The label-file format (`guid,tag`); with probabilities, one p_<class> column per class after it."""
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w", newline="\n") as f:
+    with atomic_file(out, newline="\n", encoding="utf-8") as f:  # whole or not at all; an earlier file stays till then
         f.write("guid,tag" + ("".join(f",p_{c}" for c in classes) if probs is not None else "") + "\n")
         for k, (guid, tag) in enumerate(zip(guids, tags)):
             extra = "".join("," if np.isnan(p) else f",{p:.6f}" for p in probs[k]) if probs is not None else ""

@@ -24,6 +24,10 @@
     val_predictions.csv      guid,label,pred,p_<class>... (+ pred_untuned with --tune-bias)
     *.png                    plots (drawn by the caller before metrics.json)
 
+Written whole or not at all: write_run fills a hidden sibling folder (featcache.outdir.atomic_dir) renamed into
+place at the end, so a run killed at any moment (even with -9) leaves no half directory, and a rerun into a
+finished one replaces it only once the new one is complete (no stale file of the old run survives in it).
+
 Older run directories keep loading: `read_config` upgrades their config.json (format 1: {"train": TrainConfig,
 "head": HeadConfig}, stage 2 with a "finetune" section, probes {"probe": ...}; no class names, so MVSA's
 three, featcache.cache.store.LEGACY_CLASSES).
@@ -42,6 +46,7 @@ from safetensors.torch import load_file, save_file
 
 from featcache.cache.store import LEGACY_CLASSES, CacheError, feature_signature
 from featcache.errors import ConfigError, UserError
+from featcache.outdir import atomic_dir, atomic_file
 
 FORMAT = 2
 CACHE_FIELDS = ("key", "backbone", "preprocessing")  # recorded with every run
@@ -65,7 +70,8 @@ _DAMAGED_HELP = "restore the file from a copy, or train the run again (`heads ab
 
 
 def save_json(path: str, obj) -> None:
-    with open(path, "w") as f:
+    """`obj` as indented JSON, written atomically (featcache.outdir.atomic_file)."""
+    with atomic_file(path, encoding="utf-8") as f:
         json.dump(obj, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
@@ -255,38 +261,56 @@ class RunRecord:
     heads: list | None = None  # cross-fit runs: the fold heads' weight files (config.json "heads")
 
 
+RUN_FILES = ("config.json", "cache.json", "split.json", "metrics.json", "bias.json", "history.json",
+             "val_predictions.csv")  # with *.safetensors and *.png: everything a run directory holds
+
+
+def check_out_dir(out_dir: str) -> None:
+    """ConfigError when `out_dir` exists and is not a run directory (a file, or a folder holding other files):
+    a run replaces its directory as a whole, which must never delete what a user keeps there. Called before
+    training (cli.py) and again by write_run."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ConfigError(f"{out_dir} is a file, not a run directory; choose another --out")
+    foreign = [n for n in sorted(os.listdir(out_dir)) if n not in RUN_FILES and not n.startswith(".")
+               and not n.endswith((".safetensors", ".png"))] if os.path.isdir(out_dir) else []
+    if foreign:
+        raise ConfigError(f"{out_dir} holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, which "
+                          "no run directory holds; a run replaces its whole directory, so choose another --out "
+                          "(or move those files away)")
+
+
 def write_run(out_dir: str, rec: RunRecord, draw=None) -> str:
-    """Write the run directory; `draw(out_dir)` (plots) runs before metrics.json, which comes last."""
-    os.makedirs(out_dir, exist_ok=True)
-    stale = os.path.join(out_dir, "metrics.json")  # with a new config.json it would look finished
-    if os.path.exists(stale):
-        os.remove(stale)
-    section = "probe" if rec.stage == "probe" else "train"
-    config = {"format": FORMAT, "stage": rec.stage, section: rec.config, "classes": list(rec.classes),
-              "env": rec.env}
-    if rec.dims is not None:
-        config["dims"] = rec.dims
-    if rec.heads is not None:
-        config["heads"] = list(rec.heads)
-    save_json(os.path.join(out_dir, "config.json"), config)
-    for name, state in rec.weights.items():
-        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(out_dir, name))
-    save_json(os.path.join(out_dir, "cache.json"), rec.cache)
-    save_json(os.path.join(out_dir, "split.json"), rec.split)
-    if rec.bias is not None:
-        save_json(os.path.join(out_dir, "bias.json"), {"labels": list(rec.classes), "offsets": list(rec.bias)})
-    if rec.history is not None:
-        save_json(os.path.join(out_dir, "history.json"), rec.history)
-    write_predictions(os.path.join(out_dir, "val_predictions.csv"), classes=rec.classes, **rec.predictions)
-    if draw is not None:
-        draw(out_dir)
-    save_json(os.path.join(out_dir, "metrics.json"), rec.metrics)
+    """Write the run directory, whole or not at all (atomic_dir); `draw(folder)` (plots) draws into the folder
+    being filled, before metrics.json, which comes last."""
+    check_out_dir(out_dir)
+    with atomic_dir(out_dir, "nothing of this run was kept (an earlier run there is unchanged); free some "
+                    "space (or fix the disk) and train again") as tmp:
+        section = "probe" if rec.stage == "probe" else "train"
+        config = {"format": FORMAT, "stage": rec.stage, section: rec.config, "classes": list(rec.classes),
+                  "env": rec.env}
+        if rec.dims is not None:
+            config["dims"] = rec.dims
+        if rec.heads is not None:
+            config["heads"] = list(rec.heads)
+        save_json(os.path.join(tmp, "config.json"), config)
+        for name, state in rec.weights.items():
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, name))
+        save_json(os.path.join(tmp, "cache.json"), rec.cache)
+        save_json(os.path.join(tmp, "split.json"), rec.split)
+        if rec.bias is not None:
+            save_json(os.path.join(tmp, "bias.json"), {"labels": list(rec.classes), "offsets": list(rec.bias)})
+        if rec.history is not None:
+            save_json(os.path.join(tmp, "history.json"), rec.history)
+        write_predictions(os.path.join(tmp, "val_predictions.csv"), classes=rec.classes, **rec.predictions)
+        if draw is not None:
+            draw(tmp)
+        save_json(os.path.join(tmp, "metrics.json"), rec.metrics)
     return out_dir
 
 
 def write_predictions(path: str, guids, labels, probs: np.ndarray, pred, classes, pred_untuned=None) -> None:
     """Validation predictions; label and pred are class names, p_<class> the softmax of the raw logits."""
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(["guid", "label", "pred", *[f"p_{c}" for c in classes]]
                    + (["pred_untuned"] if pred_untuned is not None else []))

@@ -23,7 +23,7 @@ import numpy as np
 
 from ..digest import file_sha256
 from ..errors import ConfigError
-from ..outdir import check_writable, write_failed
+from ..outdir import atomic_file, check_writable, write_failed
 from ..sources.base import Sample
 from .store import NEWER, CacheError, CacheReader, CacheWriter, MetaView, partial_path
 
@@ -62,10 +62,9 @@ def write_manifest(path: str, shard_paths: list[str]) -> str:
                         "start": info["start"], "stop": info["stop"], "rows": rows, "sha256": file_sha256(p)})
     doc = {"format": FORMAT, "version": VERSION, "key": key, "rows": total, "shards": entries}
     _check_coverage(path, doc)
-    tmp = path + ".partial"
-    with open(tmp, "w") as f:
+    # concurrent writers (the last SLURM tasks) write the same content atomically, each from its own temp file
+    with atomic_file(path, advice=None) as f:
         json.dump(doc, f, indent=1)
-    os.replace(tmp, path)  # concurrent writers (the last SLURM tasks) write the same content atomically
     return path
 
 

@@ -54,7 +54,7 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
-from ..outdir import check_room, fault_errno, write_failed
+from ..outdir import atomic_file, check_room, fault_errno, write_failed
 
 SCHEMA_VERSION = 1
 _HEADROOM = 1.05  # strings, HDF5 metadata and chunk padding on top of the arrays (as featcache.extract.size)
@@ -281,10 +281,8 @@ def writer_running(path: str) -> bool:
 
 
 def save_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
+    with atomic_file(path, advice=None) as fh:  # advice None: CacheWriter.write says what is kept and --resume
         json.dump(obj, fh)
-    os.replace(tmp, path)
 
 
 class MetaView:

@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.outdir import atomic_file
 
 from ..rundir import read_predictions
 from .tables import write_csv
@@ -188,7 +189,7 @@ def write_paired(rows: list[dict], csv_path: str, md_path: str, baseline: str) -
     survive = sum(r.get("survives_holm", False) for r in rows)
     lines += ["", "\\* the CI excludes 0 (this comparison alone). † Holm-adjusted p < 0.05: survives the "
               f"correction for {len(rows)} comparisons ({survive} of {len(rows)} do)."]
-    with open(md_path, "w") as f:
+    with atomic_file(md_path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -244,5 +245,5 @@ def write_modality_md(rows: list[dict], path: str) -> None:
                      f"{r['fused_right_image_only_right']:.3f} | {r['both_wrong_fused_right']:.3f} |")
     if not rows:
         lines.append("| (no configuration has text, image and both runs on the same splits) |" + " |" * 11)
-    with open(path, "w") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

@@ -16,6 +16,8 @@ import io
 
 import numpy as np
 
+from featcache.outdir import atomic_file
+
 from .runs import PROBE_NAME, TITLES
 
 TOP = 5  # configurations drawn in colour on the page's radar and curves
@@ -46,7 +48,7 @@ def plot_history(history: list[dict], path: str, metric: str = "macro_f1") -> No
     ax2.set_ylim(0, 1)
     ax2.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -63,7 +65,7 @@ def plot_confusion(cm: np.ndarray, labels, path: str) -> None:
             ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                     color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -86,7 +88,7 @@ def plot_gate(gate: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, labels, 
     for ax in axes[1:]:
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
 
 
@@ -114,8 +116,14 @@ def plot_comparison(rows: list[dict], path: str) -> None:
     fig, ax = plt.subplots(figsize=(_width(rows), 4.5))
     comparison_bars(ax, rows)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    _save(fig, path)
     plt.close(fig)
+
+
+def _save(fig, path: str) -> None:
+    """A figure as PNG at `path`, written atomically (a report read meanwhile never meets half a picture)."""
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=90)
 
 
 def _png(fig) -> bytes:
@@ -204,4 +212,5 @@ def tile(rows_of_pngs: list[list[bytes]], path: str) -> None:
             canvas.paste(im, (x, y))
             x += im.width
         y += max(im.height for im in row)
-    canvas.save(path)
+    with atomic_file(path, "wb") as f:
+        canvas.save(f, format="PNG")

@@ -19,6 +19,7 @@ import os
 import numpy as np
 
 from featcache.errors import ConfigError
+from featcache.outdir import atomic_file
 
 from .runs import IGNORED, LOWER_IS_BETTER, PROBE_NAME, STATS, TITLES
 from .tables import fmt, md_table, write_csv
@@ -94,7 +95,7 @@ def write_groupby(rows: list[dict], keys: list[str], metric: str, out: str) -> l
              "configuration by its mean over its own runs; best single run.", "",
              *md_table([*keys, "runs", "configs", f"{title} mean", "std", "best configuration", "best run"], body,
                        "l" * len(keys) + "rrrrlr")]
-    with open(base + ".md", "w") as f:
+    with atomic_file(base + ".md", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return [base + ".csv", base + ".md"]
 
@@ -144,6 +145,6 @@ def write_correlation(rows: list[dict], metric: str, out: str) -> list[str]:
                            for r in rows])
     else:
         lines.append("(no numeric hyperparameter varies across these runs)")
-    with open(md_path, "w") as f:
+    with atomic_file(md_path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return [csv_path, md_path]

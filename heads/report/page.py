@@ -21,6 +21,8 @@ import os
 
 import numpy as np
 
+from featcache.outdir import atomic_file
+
 from ..rundir import load_json
 from .figures import fig_comparison, fig_cost, fig_curves, fig_radar, tile
 from .runs import TITLES, params_by_config, ranked, report_classes
@@ -107,7 +109,7 @@ def write_page(rows, runs, out: str, metric: str = "macro_f1", correlation: list
                   _table(["hyperparameter", "n", "values", "Pearson r", "Spearman ρ"],
                          [[c["key"], c["n"], c["values"], f"{c['pearson']:+.3f}", f"{c['spearman']:+.3f}"]
                           for c in correlation], left=0)]
-    with open(html_path, "w", encoding="utf-8") as f:
+    with atomic_file(html_path, encoding="utf-8") as f:
         f.write(f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Ablation summary</title>'
                 f'<style>{CSS}</style></head><body>\n' + "\n".join(parts) + "\n</body></html>\n")
     return [html_path, png_path]

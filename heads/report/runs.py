@@ -119,12 +119,14 @@ def _flatten(tree: dict, out: dict) -> None:
 
 
 def find_run_dirs(paths) -> list[str]:
-    """Run directories under each path (a path may itself be one), sorted, without duplicates."""
+    """Run directories under each path (a path may itself be one), sorted, without duplicates. Hidden folders
+    are skipped: a run being written, or left by a killed writer, is a .NAME.tmp-* sibling (featcache.outdir)."""
     found = set()
     for p in paths:
         if not os.path.isdir(p):
             raise FileNotFoundError(f"{p} is not a directory")
-        for root, _, files in os.walk(p):
+        for root, dirs, files in os.walk(p):
+            dirs[:] = [d for d in dirs if not d.startswith(".")]
             if "metrics.json" in files and "config.json" in files:
                 found.add(os.path.normpath(root))
     return sorted(found)

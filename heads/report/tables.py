@@ -16,6 +16,7 @@ import csv
 import os
 
 from featcache.errors import ConfigError
+from featcache.outdir import atomic_file
 
 from .runs import PROBE_NAME, TITLES, params_by_config, ranked, summary_stats, varying_keys
 
@@ -37,7 +38,7 @@ def fmt(metric: str, value: float) -> str:
 
 def write_csv(path: str, cols: list[str], rows: list[dict]) -> None:
     """rows (dicts) as CSV with the given columns; floats as repr (exact, so files can be compared)."""
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in rows:
@@ -58,7 +59,7 @@ def write_summary_csv(rows: list[dict], path: str) -> None:
     """Every summary number as mean/std columns; a configuration without one (runs with and without
     --test-ratio reported together) leaves its cells empty."""
     cols = ["config", "n"] + [f"{s}_{k}" for s in summary_stats(rows) for k in ("mean", "std")]
-    with open(path, "w", newline="") as f:
+    with atomic_file(path, newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(cols)
         for row in rows:  # repr: exact floats
@@ -95,7 +96,7 @@ def write_summary_md(rows: list[dict], path: str) -> None:
         cells = [cell(row, s) for s in stats]
         lines.append(f"| {row['config']} | {' | '.join(cells)} | {row['train_s_mean']:.1f} ± "
                      f"{row['train_s_std']:.1f} | {row['n']} |")
-    with open(path, "w") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -136,7 +137,7 @@ def write_top_md(rows, runs, k: int, metric: str, path: str) -> None:
     lines = [f"# Top {len(body)} configurations by {TITLES[metric]}", "",
              "Mean ± std over each configuration's runs (seeds/folds); params = head parameters.", "",
              *md_table(header, body, "r" + "l" * n_keys + "r" * (len(stats) + 2))]
-    with open(path, "w") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
@@ -171,7 +172,7 @@ def write_top_latex(rows, runs, k: int, metric: str, path: str) -> None:
              f"\\begin{{tabular}}{{r{'l' * n_keys}{'r' * (len(stats) + 2)}}}", r"\toprule",
              " & ".join(latex_escape(h) for h in header) + r" \\", r"\midrule", *body, r"\bottomrule",
              r"\end{tabular}", r"\end{table}"]
-    with open(path, "w") as f:
+    with atomic_file(path, encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
 
 
