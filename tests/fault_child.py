@@ -6,10 +6,13 @@ POINT, ARG:
   extract-batch K   after the K-th batch of `featcache extract` is written, print "paused" and sleep
   ablate-run NAME   when the ablation starts training a run whose name contains NAME, print "paused" and sleep
                     (the other runs train normally, in this process or in the ablation's forked workers)
+  commit NAME       when a finished temporary file or folder is about to be renamed to a path named NAME
+                    (featcache.outdir.commit: run directories, reports, predictions), print "paused" and sleep
 The signal then arrives in a real process at a known moment. sys.argv is set to APP ARGS..., as the entry
 point would have it, so the "continue with" line the command prints can be compared. SIGINT is restored to
 Python's KeyboardInterrupt: a child of a background shell job inherits it ignored.
 """
+import os
 import signal
 import sys
 import time
@@ -46,6 +49,15 @@ def main():
                 return train(cfg, data, out_dir, **kw)
             return paused_train
         ha.train_unit = train_unit
+    elif point == "commit":
+        import featcache.outdir as od
+        real_commit = od.commit
+
+        def commit(tmp, path):
+            if os.path.basename(path) == arg:
+                pause()
+            real_commit(tmp, path)
+        od.commit = commit
     import cli
     sys.argv = [app, *args]
     {"featcache": cli.featcache_app, "heads": cli.heads_app}[app](args)

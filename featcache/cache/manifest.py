@@ -219,6 +219,8 @@ def merge(manifest: str, out: str, force: bool = False) -> str:
             return writer.finish(r.meta)
         except BaseException as exc:
             writer.close()
+            if os.path.exists(partial_path(out)):  # a merge does not resume: a full-size partial only takes space
+                os.remove(partial_path(out))
             err = write_failed(exc, partial_path(out), "the shards are unchanged; free some space (or fix the "
                                "disk) and run `featcache merge` again")
             if err is None:  # not a disk's fault (or Ctrl-C): as it is
