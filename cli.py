@@ -63,6 +63,8 @@ def command(app: typer.Typer, name: str):
                 with _sigterm_interrupts():
                     return fn(*args, **kwargs)
             except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (featcache.errors.Interrupted)
+                if _State.debug:  # where it was interrupted: what a hang or a slow step needs
+                    console.print_exception()
                 _interrupted(prog, exc)
             except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
                 if _State.debug:
@@ -165,7 +167,7 @@ def _run_interrupts(out: Path):
 
 
 def _finished_runs(out: str) -> str:
-    """What an interrupted ablation keeps: its finished runs (metrics.json is written last)."""
+    """What an interrupted ablation keeps: its finished runs (each run directory appears whole: rundir.write_run)."""
     runs = os.path.join(out, "runs")
     done = [d for d in (os.listdir(runs) if os.path.isdir(runs) else [])
             if not d.startswith(".") and os.path.exists(os.path.join(runs, d, "metrics.json"))]  # .tmp-*: unfinished
@@ -510,7 +512,7 @@ def heads_ablate_cmd(
                              "split_file": split_file})
     try:
         res = ablate(cfg, console=console)
-    except KeyboardInterrupt as exc:  # finished runs survive any interruption (metrics.json comes last)
+    except KeyboardInterrupt as exc:  # finished runs survive any interruption (each appears whole, at its end)
         exc.kept = _finished_runs(str(out))
         raise
     console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
@@ -539,8 +541,14 @@ def heads_report_cmd(
     from heads.report.build import write_reports
 
     _writable(out or dirs[0], "the report")
-    report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
-                           group_by=group_by or "", top=top or 0, export=export or "")
+    try:
+        report = write_reports([str(d) for d in dirs], str(out or dirs[0]), baseline=baseline, metric=metric,
+                               group_by=group_by or "", top=top or 0, export=export or "")
+    except KeyboardInterrupt as exc:  # each summary file is replaced whole (featcache.outdir.atomic_file)
+        exc.kept = (f"every summary file in {out or dirs[0]} is whole: those already rewritten are new, the others "
+                    "as they were")
+        exc.again = "run it again with"
+        raise
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
                   f"{', '.join(os.path.basename(f) for f in report.files)} to {out or dirs[0]}", highlight=False)
     typer.echo("\n".join(open(f).read() for f in report.printed), nl=False)

@@ -304,7 +304,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 skipped += 1
                 bar.advance(task)
             else:
-                todo.append((spec, run_dir))  # rundir.write_run removes a stale metrics.json first
+                todo.append((spec, run_dir))  # rundir.write_run replaces it whole once done
         for name in _run_all(todo, datas, workers, train_unit(cfg.folds)):
             trained += 1
             bar.update(task, advance=1, description=name)

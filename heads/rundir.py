@@ -98,8 +98,9 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
-    """A finished run of exactly this config: metrics.json is written last, so its presence means complete,
-    and config.json[section] (a flat view) must equal `config` (a changed config is a different run).
+    """A finished run of exactly this config: a run directory appears whole (write_run) with metrics.json last
+    in it, so its presence means complete, and config.json[section] (a flat view) must equal `config` (a
+    changed config is a different run).
     `upgrade(saved)` (a config class's `from_flat(...).flat()`) first gives fields added since the run was
     written their defaults: a newer version resumes an older ablation instead of retraining it."""
     try:

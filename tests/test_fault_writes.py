@@ -81,6 +81,27 @@ def test_a_disk_failing_while_a_run_is_written_keeps_the_earlier_run(trained, tm
     code, text = _run(cli.heads_app, ["train", "--cache", cache, "--out", out, "--seed", "1", *FAST])
     _one_paragraph(code, text, f"writing {out} failed: the disk is full", "an earlier run there is unchanged")
     assert {n: file_sha256(os.path.join(out, n)) for n in os.listdir(out)} == before and _hidden(tmp_path) == []
+    monkeypatch.setattr(cli._State, "debug", False)  # --debug sets it for the process: restored after the test
+    code, text = _run(cli.heads_app, ["--debug", "train", "--cache", cache, "--out", out, *FAST])
+    assert code == 2 and "Traceback" in text and "SafetensorError" in text and "the disk is full" in text, text
+
+
+def test_debug_shows_where_a_command_was_interrupted(trained, tmp_path, monkeypatch):
+    import sys
+
+    import heads.report.build
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    _, run = trained
+    args = ["--debug", "report", run, "--out", str(tmp_path / "rep")]
+    monkeypatch.setattr(heads.report.build, "write_reports", interrupted)
+    monkeypatch.setattr(sys, "argv", ["heads", *args])
+    monkeypatch.setattr(cli._State, "debug", False)
+    code, text = _run(cli.heads_app, args)
+    assert code == 130 and "Traceback" in text and "in interrupted" in text, text
+    assert f"interrupted (SIGINT): every summary file in {tmp_path / 'rep'} is whole" in text, text
+    assert "run it again with: heads " + shlex.join(args) in text, text
 
 
 def test_a_run_killed_while_it_is_written_leaves_no_half_directory(trained, tmp_path):
@@ -190,6 +211,17 @@ def test_a_disk_failing_during_merge_names_the_file_and_keeps_the_shards(shards,
     assert {n: file_sha256(os.path.join(folder, n)) for n in before} == before
     monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
     assert _run(cli.featcache_app, ["merge", shards, "--out", out])[0] == 0
+
+
+def test_merge_says_when_the_disk_has_no_room_before_writing(shards, tmp_path, monkeypatch):
+    import collections
+
+    import featcache.outdir
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(featcache.outdir.shutil, "disk_usage", lambda p: usage(10 ** 6, 10 ** 6 - 2048, 2048))
+    code, text = _run(cli.featcache_app, ["merge", shards, "--out", str(tmp_path / "m.h5")])
+    _one_paragraph(code, text, f"{tmp_path / 'm.h5.partial'} needs about", f"{tmp_path} has 2.0 KiB free")
+    assert os.listdir(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
