@@ -25,7 +25,7 @@ from cli import featcache_app, heads_app  # noqa: E402  (run as a script too)
 # option is tested some other way.
 ALLOWED_UNTESTED = {
 }
-PROGRAMS = ("featcache", "heads")  # subprocess command lines: the program name comes before the command
+PROGRAMS = ("featcache", "heads", "featcache_app", "heads_app")  # program names (or apps) before the command
 
 
 def cli_options() -> dict[tuple[str, str], list[str]]:

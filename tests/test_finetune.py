@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tiny_models as tm
@@ -341,3 +341,31 @@ def test_finetune_from_crossfit_run_fold_by_fold(caches, tmp_path):
     assert all(r.written == len(probs(str(tmp_path / "p.csv"))) for r in each)
     np.testing.assert_allclose(probs(str(tmp_path / "p.csv")),
                                np.mean([probs(str(tmp_path / f"p{k}.csv")) for k in range(2)], axis=0), atol=2e-5)
+
+
+def test_cli_finetune_options_are_recorded_and_act(roberta5, tmp_path):
+    """--lr-head, --patience, --seed, --text-forward and --device through the CLI: recorded in config.json, and
+    the full text forward is what the run used; the table printed holds metrics.json's numbers."""
+    from cli import heads_app
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(heads_app, ["finetune", "--cache", roberta5, "--unfreeze-text", "2", "--fusion", "concat",
+                                       "--lr-head", "1e-3", "--lr-text", "0", "--patience", "1", "--seed", "3",
+                                       "--text-forward", "full", "--device", "cpu", "--epochs", "1", "--batch-size",
+                                       "8", "--no-plots", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    flat = json.load(open(out / "config.json"))["train"]
+    assert (flat["lr"], flat["lr_text"], flat["patience"], flat["seed"], flat["text_forward"], flat["device"]) == \
+        (1e-3, 0.0, 1, 3, "full", "cpu")
+    m = json.load(open(out / "metrics.json"))
+    assert m["text_forward"] == "full" and m["timing"]["device"] == "cpu"
+    line = next(ln for ln in r.output.splitlines() if " macro_f1 " in ln)
+    assert f"{m['macro_f1']:.4f}" in line
+    # --lr-text 0: the text layers saved are the backbone's own
+    fresh = dict(load_text_backbone(load_cache(roberta5).meta).named_parameters())
+    saved = load_file(str(out / "text_layers.safetensors"))
+    assert saved and all(torch.equal(v, fresh[k]) for k, v in saved.items())
+    split = json.load(open(out / "split.json"))  # --seed 3 draws the same split as stage 1 with seed 3
+    from heads.data.splits import SplitConfig, split_labelled
+    data = load_cache(roberta5)
+    want = split_labelled(data, SplitConfig(), 3)
+    assert split["val"] == [data.guids[i] for i in want.val]
