@@ -61,15 +61,16 @@ def _strings(node: ast.AST) -> list[str]:
 def _invocations(path: Path) -> list[tuple[str, set[str]]]:
     """(command, its strings) of every call and list/tuple literal of a test source whose strings, in source
     order, start with the command's name; and calls of a helper that prepends a fixed command to its *args
-    (`def report(*args): return runner.invoke(heads_app, ["report", *args])`)."""
+    (`def report(*args): return runner.invoke(heads_app, ["report", *args])`, or `cli("extract", ..., *args)`)."""
     tree = ast.parse(path.read_text(), str(path))
     helpers = {}
     for fn in ast.walk(tree):
         if isinstance(fn, ast.FunctionDef):
             for node in ast.walk(fn):
-                if isinstance(node, ast.List) and any(isinstance(e, ast.Starred) for e in node.elts) \
-                        and node.elts and isinstance(node.elts[0], ast.Constant) and isinstance(node.elts[0].value, str):
-                    helpers[fn.name] = node.elts[0].value
+                elts = node.elts if isinstance(node, ast.List) else node.args if isinstance(node, ast.Call) else []
+                if elts and isinstance(elts[0], ast.Constant) and isinstance(elts[0].value, str) \
+                        and any(isinstance(e, ast.Starred) for e in elts):
+                    helpers[fn.name] = elts[0].value
     found = []
     for node in ast.walk(tree):
         if isinstance(node, (ast.Call, ast.List, ast.Tuple)):
@@ -104,13 +105,18 @@ def test_every_command_and_option_is_used_by_a_test():
                          "ALLOWED_UNTESTED entry with the reason):\n" + "\n".join(missing))
 
 
-def test_the_guard_sees_options():
-    """Not vacuous: the apps have their options, and an option used nowhere would be reported."""
+def test_the_guard_sees_options(tmp_path):
+    """Not vacuous: the apps' options are listed, and invocations are read as the command with its options."""
     opts = cli_options()
-    assert "--tune-bias" in opts[("heads", "train")] and "--progress/--no-progress" in opts[("featcache", "extract")]
-    assert ("--debug") in opts[("heads", "")]
-    groups = [{"train", "--cache"}]
-    assert not any("train" in g and "--tune-bias" in g for g in groups)
+    assert "--tune-bias/--no-tune-bias" in opts[("heads", "train")] and "--debug" in opts[("heads", "")]
+    assert "--progress/--no-progress" in opts[("featcache", "extract")] and opts[("heads", "fusions")] == []
+    src = tmp_path / "test_planted.py"
+    src.write_text("def report(*args):\n    return CliRunner().invoke(heads_app, ['report', *args])\n\n"
+                   "def test_x(c, d):\n    CliRunner().invoke(heads_app, ['--debug', 'train', '--cache', c])\n"
+                   "    report(d, '--group-by', 'fusion')\n")
+    calls = _invocations(src)
+    assert ("train", {"--debug", "train", "--cache"}) in calls and ("report", {"--group-by", "fusion"}) in calls
+    assert not any(head == "train" and "--tune-bias" in words for head, words in calls)
 
 
 if __name__ == "__main__":

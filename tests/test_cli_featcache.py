@@ -28,6 +28,13 @@ def flat(text: str) -> str:
     return " ".join(text.split())
 
 
+def extract(env, data, *options):
+    """`featcache extract` of DATA with the tiny RoBERTa + CLIP at explicit paths, on the CPU."""
+    return featcache("extract", "--data", data, "--backbone", "roberta-base+clip-vit-b32", "--text-weights",
+                     env["weights"]["text"], "--image-weights", env["weights"]["image"], "--device", "cpu",
+                     "--batch-size", "4", "--workers", "0", "--no-progress", "--max-text-len", "24", *options)
+
+
 def arrays(path, *names) -> list[np.ndarray]:
     with h5py.File(path, "r") as f:
         return [f[n][:] for n in names]
@@ -39,20 +46,17 @@ def env(tmp_path_factory):
     w = {"text": tm.make_tiny_roberta(str(root / "rob")), "image": tm.make_tiny_clip(str(root / "clip")),
          "caption": tm.make_tiny_blip(str(root / "blip"))}
     data = tm.make_mvsa(str(root / "mvsa"), n=6, n_test=2)
-    base = ["extract", "--data", data, "--backbone", "roberta-base+clip-vit-b32", "--text-weights", w["text"],
-            "--image-weights", w["image"], "--device", "cpu", "--batch-size", "4", "--workers", "0", "--no-progress",
-            "--max-text-len", "24"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.delenv("FEATCACHE_WEIGHTS", raising=False)  # the explicit paths only
-        yield {"root": root, "weights": w, "data": data, "base": base}
+        yield {"root": root, "weights": w, "data": data}
 
 
 @pytest.fixture(scope="module")
 def views(env):
     """A cache with CLS pooling and one strong view per image (seed 3), extracted in image micro-batches of 2."""
     out = env["root"] / "views.h5"
-    r = featcache(*env["base"], "--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong",
+    r = extract(env, env["data"], "--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong",
                   "--aug-seed", "3", "--image-micro-batch", "2", "--out", out)
     assert r.exit_code == 0, r.output
     return out, r.output
@@ -73,7 +77,7 @@ def test_weights_pooling_views_and_device_are_recorded_and_act(env, views):
     assert np.abs(view[:, 0] - clean).mean() > 1e-3  # a strong view is not the clean image
     # another view seed changes the views only; one image per backbone call changes nothing
     other = env["root"] / "seed4.h5"
-    r = featcache(*env["base"], "--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong",
+    r = extract(env, env["data"], "--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong",
                   "--aug-seed", "4", "--image-micro-batch", "1", "--out", other)
     assert r.exit_code == 0, r.output
     clean4, view4 = arrays(other, "image/pooled", "image_views/pooled")
@@ -83,20 +87,20 @@ def test_weights_pooling_views_and_device_are_recorded_and_act(env, views):
 
 def test_force_recomputes_what_is_otherwise_reused(env, views):
     out, _ = views
-    args = [*env["base"], "--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong", "--aug-seed", "3",
+    args = ["--text-pooling", "cls", "--image-views", "1", "--image-aug", "strong", "--aug-seed", "3",
             "--image-micro-batch", "2", "--out", out]
     before = os.stat(out).st_mtime_ns
-    r = featcache(*args)
+    r = extract(env, env["data"], *args)
     assert r.exit_code == 0 and "reusing it (--force recomputes)" in flat(r.output), r.output
     assert os.stat(out).st_mtime_ns == before
-    r = featcache(*args, "--force")
+    r = extract(env, env["data"], *args, "--force")
     assert r.exit_code == 0 and f"wrote {out}" in flat(r.output) and "reusing" not in r.output, r.output
     assert os.stat(out).st_mtime_ns != before
 
 
 def test_captions_are_stored_and_appended_to_the_text(env, views):
     out = env["root"] / "captions.h5"
-    r = featcache(*env["base"], "--captions", "blip-base", "--caption-weights", env["weights"]["caption"],
+    r = extract(env, env["data"], "--captions", "blip-base", "--caption-weights", env["weights"]["caption"],
                   "--caption-mode", "append", "--out", out)
     assert r.exit_code == 0, r.output
     with CacheReader(str(out)) as c:
@@ -116,7 +120,7 @@ def test_manifest_split_column(env, tmp_path):
     manifest = tmp_path / "metadata.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "m.h5"
-    r = featcache(*env["base"][:2], manifest, *env["base"][3:], "--format", "manifest", "--split-column", "part",
+    r = extract(env, manifest, "--format", "manifest", "--split-column", "part",
                   "--out", out)
     assert r.exit_code == 0, r.output
     r = featcache("info", out, "--json")
