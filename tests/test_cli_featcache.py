@@ -139,3 +139,34 @@ def test_add_text_layers_batch_size_and_device(env, views, tmp_path):
         assert c.meta["text"]["start_layer"] == 1 and c.has("text_hidden/states")
     r = featcache("add-text-layers", path, "--layers", "1", "--batch-size", "3", "--device", "cpu")
     assert r.exit_code == 0 and "already holds the hidden states entering layer 1; nothing to do" in flat(r.output)
+
+
+MISTAKES = [  # (args, words of the message); "{data}" / "{tmp}" are filled in
+    (["extract", "--data", "{tmp}/nowhere"], "dataset path '{tmp}/nowhere' does not exist"),
+    (["extract", "--data", "{data}", "--format", "nope"], "unknown dataset format 'nope'; valid: mvsa,"),
+    (["extract", "--data", "{data}", "--image-aug", "medium"], "unknown image augmentation 'medium'; valid: weak, strong"),
+    (["extract", "--data", "{data}", "--captions", "blip-base", "--caption-mode", "prepend"],
+     "--caption-mode must be 'store' or 'append', got 'prepend'"),
+    (["extract", "--data", "{data}", "--overlap", "maybe"], "--overlap must be auto, on or off, got 'maybe'"),
+    (["extract", "--data", "{data}", "--backbone", "nope+resnet18"], "unknown backbone 'nope'; valid: minilm-l6"),
+    (["extract", "--data", "{data}", "--shard", "3/2"], "--shard '3/2': give I/N with 0 <= I < N"),
+    (["extract", "--data", "{data}", "--device", "tpu"], "--device 'tpu': give auto, cpu, cuda or cuda:N"),
+    (["extract", "--data", "{data}", "--text-weights", "{tmp}/none"], "weights path {tmp}/none given for backbone"),
+    (["merge", "{tmp}/m.manifest.json", "--out", "{tmp}/m.h5"], "manifest {tmp}/m.manifest.json does not exist"),
+    (["strip-text", "{tmp}/none.h5"], "cache file {tmp}/none.h5 does not exist"),
+    (["add-text-layers", "{tmp}/none.h5", "--layers", "1"], "cache file {tmp}/none.h5 does not exist"),
+    (["info", "{data}/train.txt"], "train.txt is not a readable HDF5 file"),
+]
+
+
+@pytest.mark.parametrize("args,words", MISTAKES, ids=[" ".join(a[:1] + [w[:24]]) for a, w in MISTAKES])
+def test_user_mistakes_are_one_paragraph_exit_2(env, tmp_path, args, words):
+    """Found before any model loads or any output exists (a mistyped --overlap used to surface only after both,
+    leaving a partial file that the next run called interrupted); the message names the value and what to do."""
+    fill = lambda a: a.replace("{data}", env["data"]).replace("{tmp}", str(tmp_path))  # noqa: E731
+    out = tmp_path / "x.h5"
+    r = featcache(*map(fill, args), *(["--out", out, "--no-progress"] if args[0] == "extract" else []))
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output and flat(r.output).startswith("error:"), r.output  # nothing before it
+    assert fill(words) in flat(r.output), r.output
+    assert not list(tmp_path.glob("x.h5*"))  # no partial file, no lock left behind
