@@ -69,7 +69,7 @@ def command(app: typer.Typer, name: str):
             except (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
                 if _State.debug:
                     console.print_exception()
-                fail(str(exc).strip("'\""), getattr(exc, "exit_code", 2))
+                fail(_unquoted(str(exc)), getattr(exc, "exit_code", 2))
             except (typer.Exit, typer.Abort, click.ClickException):
                 raise
             except Exception:
@@ -79,6 +79,14 @@ def command(app: typer.Typer, name: str):
                 raise typer.Exit(1) from None
         return app.command(name)(run)
     return wrap
+
+
+def _unquoted(message: str) -> str:
+    """A message without the quotes around it as a whole (str of an exception raised with a repr); a quote that
+    only ends it ("got 'prepend'") stays: stripping every trailing quote printed "got 'prepend"."""
+    if len(message) > 1 and message[0] == message[-1] and message[0] in "'\"":
+        return message[1:-1]
+    return message
 
 
 def _writable(path, what: str) -> None:

@@ -15,13 +15,15 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
                           Dt: int = 16, Dtp: int = 16, P: int = 6, Di: int = 12, Dip: int = 20,
                           key: str = "synthetic-key-1", backbone: dict | None = None,
                           preprocessing: dict | None = None, seed: int = 0, noise: float = 1.0,
-                          classes: list[str] | None = None, splits: list[tuple] | None = None) -> str:
+                          classes: list[str] | None = None, splits: list[tuple] | None = None,
+                          extra_invalid: tuple[int, ...] = ()) -> str:
     """Rows: n_train labelled train samples (the last n_invalid of them marked invalid), then n_test unlabelled
     test samples (one of them invalid). `classes`: the class names recorded in the cache's meta, any number
     (default: none recorded, as in caches from before class names, which then read as MVSA's three).
     `splits`: [(name, rows, labelled), ...] instead of that train/test layout (e.g. train/dev/test with labelled
     test rows); the last n_invalid rows of the first split are invalid, and the last row when its split is
-    unlabelled. Class c shifts text features along u_c and image features along v_c; text lengths vary between
+    unlabelled. `extra_invalid`: more rows (absolute indices, e.g. in the middle of the test split) marked invalid;
+    the arrays do not change, so a cache without them is the same file otherwise. Class c shifts text features along u_c and image features along v_c; text lengths vary between
     2 and L, padded positions hold large garbage (heads must ignore it)."""
     rng = np.random.default_rng(seed)
     layout = splits or [("train", n_train, True), ("test", n_test, False)]
@@ -31,7 +33,7 @@ def build_synthetic_cache(path: str, n_train: int = 240, n_test: int = 40, n_inv
     samples = []
     first = layout[0][1]
     for k, (split, labelled) in enumerate((name, lab) for name, rows, lab in layout for _ in range(rows)):
-        valid = not ((first - n_invalid <= k < first) or (not labelled and k == n - 1))
+        valid = not ((first - n_invalid <= k < first) or (not labelled and k == n - 1) or k in extra_invalid)
         samples.append(Sample(guid=str(1000 + k), split=split, label=int(labels[k]) if labelled else -1,
                               raw_text=f"text {k}", text=f"text {k}", image_path=f"/nowhere/{k}.jpg", valid=valid))
     u_tok, u_pool = rng.normal(size=(k_classes, Dt)), rng.normal(size=(k_classes, Dtp))

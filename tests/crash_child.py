@@ -8,6 +8,11 @@ POINT, N:
   mid-write K:J    die inside the K-th batch's write, just before its J-th dataset assignment (the
                    arrays, then captions, then the `done` flags: J past the arrays is "data flushed,
                    flags not yet set")
+  flags K          die inside the K-th batch's write just before its `done` flags are set: its rows are
+                   written and flushed, the flags that would claim them are not (the window the writer's
+                   data-before-flags order exists for; hit whatever the order of the other datasets)
+  flagged K        die inside the K-th batch's write just after the first flush that follows setting its
+                   `done` flags (a writer that flushed flags before data would leave flagged empty rows)
   close 0          die in `finish` after the final metadata is set, before the file is closed
   rename 0         die just before the partial file is renamed onto the final path
   after-rename 0   die just after that rename, before the side files and the lock are cleaned up
@@ -32,7 +37,7 @@ def die():
 def main():
     point, n, args = sys.argv[1], sys.argv[2], sys.argv[3:]
     real_write, real_replace, real_close = fs.CacheWriter.write, os.replace, h5py.File.close
-    real_setitem = h5py.Dataset.__setitem__
+    real_setitem, real_flush = h5py.Dataset.__setitem__, h5py.File.flush
     batches = []
 
     def write(self, start, *a, **k):
@@ -48,6 +53,22 @@ def main():
                     die()
                 real_setitem(ds, key, value)
             h5py.Dataset.__setitem__ = setitem
+        if point in ("flags", "flagged") and len(batches) == int(n):
+            flagged = []
+
+            def setitem(ds, key, value):
+                if ds.name == "/samples/done":
+                    if point == "flags":
+                        die()
+                    flagged.append(True)
+                real_setitem(ds, key, value)
+
+            def flush(f):
+                real_flush(f)
+                if flagged:
+                    die()
+            h5py.Dataset.__setitem__ = setitem
+            h5py.File.flush = flush
         real_write(self, start, *a, **k)
         print(f"wrote {start}", flush=True)
         if point == "pause" and len(batches) == int(n):

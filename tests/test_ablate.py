@@ -95,6 +95,40 @@ def test_summary_equals_run_metrics(cli_ablation):
     assert "| fusion=concat,modality=both | 2 |" in modality and "| fusion=gmu,modality=both | 2 |" in modality
 
 
+def sklearn_summary(out: str) -> dict[str, dict[str, tuple[float, float]]]:
+    """config -> metric -> (mean, std over seeds), recomputed with sklearn from each run's val_predictions.csv:
+    an expectation independent of heads' metrics and summary code."""
+    from sklearn.metrics import accuracy_score, f1_score
+    per: dict[str, dict[str, list]] = {}
+    for name in sorted(os.listdir(os.path.join(out, "runs"))):
+        d = os.path.join(out, "runs", name)
+        if name.startswith("probe"):
+            label = "logreg-probe"
+        else:
+            flat = load(os.path.join(d, "config.json"))["train"]
+            label = f"fusion={flat['fusion']},modality={flat['modality']}"
+        rows = read_csv(os.path.join(d, "val_predictions.csv"))
+        y, p = [r["label"] for r in rows], [r["pred"] for r in rows]
+        scores = {"accuracy": accuracy_score(y, p),
+                  "macro_f1": f1_score(y, p, labels=C, average="macro", zero_division=0),
+                  "weighted_f1": f1_score(y, p, labels=C, average="weighted", zero_division=0)}
+        for k, v in scores.items():
+            per.setdefault(label, {}).setdefault(k, []).append(v)
+    return {c: {k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0) for k, v in m.items()}
+            for c, m in per.items()}
+
+
+def assert_summary_is_sklearns(out: str) -> None:
+    want = sklearn_summary(out)
+    rows = read_csv(os.path.join(out, "summary.csv"))
+    assert {r["config"] for r in rows} == set(want)
+    for r in rows:
+        for key, (mean, std) in want[r["config"]].items():
+            assert float(r[f"{key}_mean"]) == pytest.approx(mean, abs=1e-6), (r["config"], key)
+            if int(r["n"]) > 1:
+                assert float(r[f"{key}_std"]) == pytest.approx(std, abs=1e-6), (r["config"], key)
+
+
 def test_report_rebuilds_identical_summaries(cli_ablation, tmp_path):
     from cli import heads_app
     before = {n: open(os.path.join(cli_ablation, n), "rb").read() for n in ("summary.csv", "summary.md",
@@ -105,6 +139,7 @@ def test_report_rebuilds_identical_summaries(cli_ablation, tmp_path):
     assert r.exit_code == 0, r.output
     for n, content in before.items():
         assert open(os.path.join(cli_ablation, n), "rb").read() == content, n
+    assert_summary_is_sklearns(cli_ablation)  # and what it rebuilt is right, not only the same
     r = CliRunner().invoke(heads_app, ["report", str(tmp_path)])
     assert r.exit_code == 2 and "no finished run directories" in r.output
 
@@ -141,6 +176,10 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
     assert whole.trained == 4
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith("train_s")} for r in rows]  # noqa: E731
     assert strip(read_csv(tmp_path / "a" / "summary.csv")) == strip(read_csv(tmp_path / "b" / "summary.csv"))
+    assert_summary_is_sklearns(str(tmp_path / "a"))
+    for name in os.listdir(tmp_path / "b" / "runs"):  # each resumed run predicts what the uninterrupted one did
+        assert read_csv(tmp_path / "a" / "runs" / name / "val_predictions.csv") == \
+            read_csv(tmp_path / "b" / "runs" / name / "val_predictions.csv"), name
     # A finished run whose config changed is retrained, not silently reused.
     changed = ablate(AblateConfig(**{**cfg.__dict__, "base": {**FAST_BASE, "lr": 5e-3}}))
     assert changed.trained == 4

@@ -4,6 +4,8 @@ Every text backbone (MiniLM from its wheel, tiny RoBERTa and tiny CLIP built in 
 through featcache.extract; the checks: top-N on the cached states equals the full forward (padding included),
 add-text-layers equals extract --text-layers, N=0 reproduces stage 1 exactly, only the top blocks change,
 the CLI runs end to end with predict, the fallback without states says so, and wrong weights are refused.
+Stage 2's layer wiring is checked on a 5-layer RoBERTa (more than 2N layers) with heads whose output depends on
+the text: stored states, the whole tower and the cache's own text features give the same logits.
 """
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import csv
 import json
 import os
 import shutil
+from dataclasses import replace
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import tiny_models as tm
@@ -30,8 +33,10 @@ from featcache.text_tower import load_text_backbone, tokenize_cache
 from heads.config import FinetuneConfig, TrainConfig
 from heads.data.cache import load_cache
 from heads.data.text_layers import with_text_inputs
+from heads.infer import infer
 from heads.train.stage1 import train
 from heads.train.stage2 import finetune
+from heads.train.text_model import FinetuneModel
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 BACKBONES = {"minilm-l6": "minilm-l6+clip-vit-b32", "roberta-base": "roberta-base+clip-vit-b32",  # tiny image tower
@@ -217,26 +222,62 @@ def test_cli_finetune_predict_and_fallback(caches, tmp_path):
     assert r.exit_code == 2 and "has 6 layers" in r.output
 
 
-def test_cached_and_full_forward_agree_and_lower_start(caches):
-    """Same logits (fp16 tolerance) from stored states and from the whole tower; states that start lower
-    than L-N run the frozen blocks once up front (roberta has 2 layers: states entering 0, train the top 1)."""
-    path = caches["roberta-base"]["extracted"]
-    zero = dict(lr=0.0, lr_text=0.0, epochs=1, patience=0, plots=False)
-    a = finetune(ft_cfg(text_layers=1, **zero), path)
-    b = finetune(ft_cfg(text_layers=1, text_forward="full", **zero), path)
+@pytest.fixture(scope="module")
+def roberta5(env):
+    """A 5-layer tiny RoBERTa (more layers than 2N for N = 1, 2, so a wrong layer cannot coincide with the right
+    one) extracted with --text-layers 2: states entering layer 3."""
+    weights = tm.make_tiny_roberta(str(env["root"] / "roberta5"), num_layers=5)
+    return extract(ExtractConfig(data=env["data"], backbone="roberta-base+clip-vit-b32", text_weights=weights,
+                                 text_layers=2, out=str(env["root"] / "roberta5.h5"), workers=0, batch_size=8,
+                                 max_text_len=24), progress=False)
+
+
+@pytest.mark.parametrize("n,fusion", [(1, "cross-attn"), (2, "film")])
+def test_cached_and_full_forward_agree_on_a_text_dependent_head(roberta5, n, fusion):
+    """With zero learning rates, stage 2's logits from the stored states (cached; for N=1 the states enter layer
+    3, so frozen layer 3 runs once up front), from the whole tower (full) and from the head on the cache's own
+    text features (what extraction computed, no stage-2 code involved) agree to fp16 tolerance. The head's output
+    must depend on the text (asserted: noise in place of the states changes the logits), so states fed into the
+    wrong layer cannot go unnoticed."""
+    zero = dict(lr=0.0, lr_text=0.0, epochs=1, patience=0, plots=False, hidden=32, fusion=fusion)
+    a = finetune(ft_cfg(text_layers=n, **zero), roberta5)
+    b = finetune(ft_cfg(text_layers=n, text_forward="full", **zero), roberta5)
     assert a.metrics["text_forward"] == "cached" and b.metrics["text_forward"] == "full"
-    np.testing.assert_allclose(a.val_logits, b.val_logits, atol=1e-3, rtol=1e-3)
-    data = stage2_data(path)
+    np.testing.assert_allclose(a.val_logits, b.val_logits, atol=2e-3, rtol=1e-3)
+    data = stage2_data(roberta5)
+    assert data.start_layer == 3
+    head = a.model.head
+    if fusion == "film":  # a fresh FiLM is the identity (zero-initialised): make it use the text
+        with torch.no_grad():
+            for p in head.parameters():
+                p.add_(0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    rows = np.arange(len(data))
+    stored = infer(head, data, rows)["logits"]  # the head on extraction's text features: the reference
     text = load_text_backbone(data.meta)
-    text.lock(2)
-    inputs = with_text_inputs(data, text, 2)  # states entering layer 1 cover only 1: full fallback
+    text.lock(n)
+    for mode in ("cached", "full"):
+        inputs = with_text_inputs(data, text, n, mode, say=lambda m: None)
+        model = FinetuneModel(head, text, n, cached=mode == "cached")
+        got = infer(model, inputs, rows)["logits"]
+        np.testing.assert_allclose(got, stored, atol=2e-3, rtol=1e-3, err_msg=mode)
+    cached = with_text_inputs(data, text, n, "cached", say=lambda m: None)
+    g = torch.Generator().manual_seed(0)
+    states = cached.features["text_states"]
+    noisy = replace(cached, features={**cached.features,
+                                      "text_states": (3 * torch.randn(states.shape, generator=g)).to(states.dtype)})
+    model = FinetuneModel(head, text, n, cached=True)
+    moved = np.abs(infer(model, noisy, rows)["logits"] - stored).max(1)
+    assert (moved > 1e-2).all(), f"{fusion}: the logits ignore the text; the test would be vacuous"
+
+
+def test_states_that_start_too_high_fall_back_to_the_full_forward(roberta5):
+    data = stage2_data(roberta5)
+    text = load_text_backbone(data.meta)
+    said = []
+    text.lock(3)
+    inputs = with_text_inputs(data, text, 3, say=said.append)  # states entering layer 3 cover only 2
     assert "text_states" not in inputs.features and "input_ids" in inputs.features
-    text.lock(1)
-    lower = str(caches["roberta-base"]["added"]).replace("added", "all")
-    shutil.copyfile(caches["roberta-base"]["plain"], lower)
-    add_text_layers(lower, 2, progress=False)  # states entering block 0
-    c = finetune(ft_cfg(text_layers=1, **zero), lower)
-    np.testing.assert_allclose(c.val_logits, a.val_logits, atol=1e-3, rtol=1e-3)
+    assert "they enter layer 3, above 2" in said[0]
 
 
 def _fold_as_single_run(run: str, k: int, dest) -> str:
@@ -300,3 +341,31 @@ def test_finetune_from_crossfit_run_fold_by_fold(caches, tmp_path):
     assert all(r.written == len(probs(str(tmp_path / "p.csv"))) for r in each)
     np.testing.assert_allclose(probs(str(tmp_path / "p.csv")),
                                np.mean([probs(str(tmp_path / f"p{k}.csv")) for k in range(2)], axis=0), atol=2e-5)
+
+
+def test_cli_finetune_options_are_recorded_and_act(roberta5, tmp_path):
+    """--lr-head, --patience, --seed, --text-forward and --device through the CLI: recorded in config.json, and
+    the full text forward is what the run used; the table printed holds metrics.json's numbers."""
+    from cli import heads_app
+    out = tmp_path / "ft"
+    r = CliRunner().invoke(heads_app, ["finetune", "--cache", roberta5, "--unfreeze-text", "2", "--fusion", "concat",
+                                       "--lr-head", "1e-3", "--lr-text", "0", "--patience", "1", "--seed", "3",
+                                       "--text-forward", "full", "--device", "cpu", "--epochs", "1", "--batch-size",
+                                       "8", "--no-plots", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    flat = json.load(open(out / "config.json"))["train"]
+    assert (flat["lr"], flat["lr_text"], flat["patience"], flat["seed"], flat["text_forward"], flat["device"]) == \
+        (1e-3, 0.0, 1, 3, "full", "cpu")
+    m = json.load(open(out / "metrics.json"))
+    assert m["text_forward"] == "full" and m["timing"]["device"] == "cpu"
+    line = next(ln for ln in r.output.splitlines() if " macro_f1 " in ln)
+    assert f"{m['macro_f1']:.4f}" in line
+    # --lr-text 0: the text layers saved are the backbone's own
+    fresh = dict(load_text_backbone(load_cache(roberta5).meta).named_parameters())
+    saved = load_file(str(out / "text_layers.safetensors"))
+    assert saved and all(torch.equal(v, fresh[k]) for k, v in saved.items())
+    split = json.load(open(out / "split.json"))  # --seed 3 draws the same split as stage 1 with seed 3
+    from heads.data.splits import SplitConfig, split_labelled
+    data = load_cache(roberta5)
+    want = split_labelled(data, SplitConfig(), 3)
+    assert split["val"] == [data.guids[i] for i in want.val]

@@ -1,5 +1,6 @@
 """Kill safety (issue 6): `featcache extract` is SIGKILLed again and again (before a batch, in the middle of
-a write, from outside at a random moment, while finishing, around the final rename) and resumed each time;
+a write, between a batch's rows and its done flags, from outside at a random moment, while finishing, around
+the final rename) and resumed each time;
 the cache it finally leaves equals an uninterrupted run array for array, and at no moment is there an
 incomplete file at the final path. Also: a live writer's output is refused by name.
 
@@ -72,6 +73,27 @@ def _assert_same_cache(got, want, why):
             assert x.meta[k] == y.meta[k], f"meta {k} differs; {why}"
 
 
+def _done(out: Path) -> np.ndarray | None:
+    """The done flags of the partial file (None before it exists)."""
+    if not os.path.exists(partial_path(str(out))):
+        return None
+    with h5py.File(partial_path(str(out)), "r") as f:
+        return f["samples/done"][:]
+
+
+def _check_flag_window(point: str, n: int, before, out: Path, reference: Path, why: str) -> None:
+    """After a kill at "flags K" the K-th batch's rows are on disk unflagged; after "flagged K" they are flagged
+    AND hold the uninterrupted run's values (a writer flushing flags before data leaves them empty)."""
+    done = _done(out)
+    before = np.zeros_like(done) if before is None else before
+    fresh = np.flatnonzero(done & ~before)
+    assert fresh.size == (n - 1 + (point == "flagged")) * BATCH, f"{why}: {fresh.size} rows newly flagged"
+    rows = fresh[-BATCH:] if point == "flagged" else np.flatnonzero(~done)[:BATCH]
+    with h5py.File(partial_path(str(out)), "r") as f, h5py.File(reference, "r") as ref:
+        for name in ("text/tokens", "text/pooled", "image/pooled"):
+            assert np.array_equal(f[name][rows], ref[name][rows]), f"{why}: {name} of rows {rows} not written"
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return bad_corpus(tmp_path_factory.mktemp("kill-data"), n_good=20)
@@ -93,14 +115,19 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(corpus, reference, tmp_pa
     with h5py.File(reference, "r") as f:
         n_batches = -(-f["samples/guid"].shape[0] // BATCH)
     # Each resumed run counts its batches from 1; kills early in each run leave work for the next ones.
+    # "flagged" and "flags" are in every chain, whatever the seed: a kill just after a batch's done flags are
+    # flushed (its rows must be there already; it follows "batch", which leaves the next rows empty, so stale
+    # rows of an earlier kill cannot stand in for them), and one after its rows are flushed but not its flags.
     steps = [("batch", rng.randint(2, 3)),
-             ("mid-write", f"{rng.randint(1, 2)}:{rng.randint(1, 7)}"),
-             ("mid-write", f"{rng.randint(1, 2)}:{rng.randint(1, 7)}"),
+             ("flagged", rng.randint(1, 2)),
+             ("flags", rng.randint(1, 2)),
+             ("mid-write", f"{rng.randint(1, 2)}:{rng.randint(1, 7)}"),  # anywhere else in a write
              ("pause", rng.randint(1, 2)),
              ("outside", rng.randint(2, 3)),
              ("close", 0), ("rename", 0), ("after-rename", 0)]
     for k, (point, n) in enumerate(steps):
         why = f"KILL_SEED={SEED}, step {k}: {point} {n}; steps {steps}"
+        done_before = _done(out)
         p = _start("none" if point == "outside" else point, n, corpus.root, out, resume=k > 0)
         if point == "pause":  # a live writer: its output is refused by name, not read half-written
             _wait_for(p, "paused")
@@ -116,6 +143,8 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(corpus, reference, tmp_pa
         code, log = _finish(p)
         assert code == -signal.SIGKILL, f"{why}: the child was not killed (exit {code}):\n{log}"
         assert "Traceback" not in log, f"{why}:\n{log}"
+        if point in ("flags", "flagged"):
+            _check_flag_window(point, n, done_before, out, reference, why)
         if point == "after-rename":  # the rename happened: the final file is complete
             with CacheReader(str(out)) as r:
                 assert r.meta["key"]

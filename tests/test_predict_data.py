@@ -124,7 +124,8 @@ def test_featcache_extract_in_python_then_predict_cache(env, tmp_path):
                                            splits=("test",), progress=False).report["key"] == res.report["key"]
     run = env["runs"]["stage1"]
     assert cli("predict", "--run", run, "--cache", res.path, "--out", tmp_path / "a.csv", "--proba")[0] == 0
-    assert cli("predict", "--run", run, "--data", env["data"], "--out", tmp_path / "b.csv", "--proba")[0] == 0
+    assert cli("predict", "--run", run, "--data", env["data"], "--format", "mvsa", "--out", tmp_path / "b.csv",
+               "--proba")[0] == 0  # the format named instead of detected: the same rows
     (ga, ta, pa), (gb, tb, pb) = read_preds(tmp_path / "a.csv"), read_preds(tmp_path / "b.csv")
     assert ga == gb and ta == tb
     np.testing.assert_allclose(pa, pb, atol=PROBA_ATOL)

@@ -158,6 +158,10 @@ def test_torchrun_two_cpu_ranks_equal_single_process(mvsa, reference, tmp_path):
     _assert_same_cache(str(merged), reference)
     res = _cli("featcache_app", "merge", tmp_path / "m.manifest.json", "--out", merged)
     assert res.exit_code == 2 and "exists" in res.output
+    merged.write_bytes(b"an older file")
+    res = _cli("featcache_app", "merge", tmp_path / "m.manifest.json", "--out", merged, "--force")
+    assert res.exit_code == 0 and f"wrote {merged}" in res.output, res.output
+    _assert_same_cache(str(merged), reference)  # --force: replaced by the merge
 
 
 def test_slurm_shards_manifest_merge_info_train(slurm_shards, reference, tmp_path):

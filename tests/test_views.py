@@ -87,7 +87,8 @@ def test_views_stored_next_to_unchanged_clean_features(views_cache, clean_cache,
     with CacheReader(views_cache) as r:
         meta = r.meta
     assert meta["preprocessing"]["image_views"] == 2 and meta["preprocessing"]["image_aug"] == "weak"
-    assert meta["timings"]["views_s"] > 0
+    # the views were timed; the value is rounded to 0.01 s, so on a fast machine it may well read 0.0
+    assert 0.0 <= meta["timings"]["views_s"] <= meta["timings"]["total_s"]
     # ... and a head trained with views applies to caches without them (same features, same signature).
     no_views = _extract(tmp_path / "nv.h5", limit=24, batch_size=16)
     with CacheReader(no_views) as r:

@@ -59,6 +59,8 @@ def make_plan(cfg: ExtractConfig, expect_weights: dict | None = None) -> Plan:
         raise ConfigError(f"--max-image-tokens must be >= 0 (0 keeps every patch), got {cfg.max_image_tokens}")
     if cfg.image_views < 0:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
+    if cfg.overlap not in ("auto", "on", "off"):  # else found only once the models load and the output exists
+        raise ConfigError(f"--overlap must be auto, on or off, got {cfg.overlap!r}")
     get_aug_spec(cfg.image_aug)
     ds = read_dataset(cfg.format, cfg.data, clean_text=cfg.clean_text, limit=cfg.limit, **cfg.reader_options)
     if cfg.splits:
