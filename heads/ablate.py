@@ -305,7 +305,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 bar.advance(task)
             else:
                 todo.append((spec, run_dir))  # rundir.write_run removes a stale metrics.json first
-        for name in _run_all(todo, datas, workers, train_unit(cfg.folds)):
+        for name in _run_all(longest_first(todo) if workers > 1 else todo, datas, workers, train_unit(cfg.folds)):
             trained += 1
             bar.update(task, advance=1, description=name)
         for name, probe_cfg, path in probes:
@@ -329,6 +329,18 @@ def train_unit(folds: int):
     (crossfit.train_crossfit: K fold heads, one run directory, metrics on the OOF predictions). Looked up at
     call time: tests replace them."""
     return crossfit.train_crossfit if folds else stage1.train
+
+
+def longest_first(todo: list) -> list:
+    """The (spec, run_dir) jobs, the costliest first. Workers take jobs in order; a long run taken last keeps one
+    worker busy while the others idle (the default grid lists the attention heads last). Cost proxy: the token
+    arrays a run projects, i.e. its head's token inputs that its modality keeps (attention with both: 2, film
+    with both: 1, pooled-only heads: 0). Stable: equal runs keep the grid's order."""
+    def token_arrays(job) -> int:
+        head = job[0].train.head
+        reads = get_fusion(head.fusion).inputs
+        return sum(f"{m}_tokens" in reads and head.modality in ("both", m) for m in ("text", "image"))
+    return sorted(todo, key=token_arrays, reverse=True)
 
 
 def _workers(cfg: AblateConfig, runs: list) -> int:
