@@ -263,7 +263,7 @@ def test_folds_make_each_config_one_crossfit_run(cache, tmp_path):
 def test_longest_runs_start_first(tmp_path):
     """With several workers the token-level runs go first (a long run taken last idles the other workers), the
     cost proxy follows each run's modality, and equal runs keep the grid's order."""
-    from heads.ablate import longest_first
+    from heads.parallel import longest_first
     cfg = AblateConfig(cache="c.h5", out=str(tmp_path), seeds=[0, 1],
                        grid={"fusion": ["concat", "film", "cross-attn"], "modality": ["both", "text", "image"]})
     jobs = [(spec, spec.name) for spec in expand(cfg)]
