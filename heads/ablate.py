@@ -3,12 +3,11 @@
     cfg = AblateConfig(cache="cache/mvsa.h5", out="ablations/a", grid={"fusion": ["concat", "film"]})
     result = ablate(cfg)          # trains every missing run, then writes the summaries (heads.report.build)
 
-A grid maps TrainConfig fields, by their flat names (heads.config: fusion, lr, label_smoothing, ...), to
-lists of values; the runs are the cartesian product (in grid order, then seeds), each a
-TrainConfig built with `with_flat` (dataclasses.replace underneath) — configs are data, never command
-strings. Each run gets its own directory named after its grid values (`runs/fusion=film,modality=both,
-seed=0`), so a re-run finds the finished ones (metrics.json present and config.json equal to the config) and
-skips them: an interrupted ablation resumes where it stopped.
+A grid maps TrainConfig fields, by their flat names (heads.config: fusion, lr, ...), to lists of values; the
+runs are the cartesian product (grid order, then seeds), each a TrainConfig built with `with_flat`
+(dataclasses.replace underneath): configs are data, never command strings. Each run has its own directory
+named after its grid values (`runs/fusion=film,modality=both,seed=0`); a re-run skips the finished ones
+(metrics.json present, config.json equal): an interrupted ablation resumes where it stopped.
 
 Axes come from the command line (`--fusion a,b`, `--set key=v1,v2` for any field, values parsed to the
 field's type) or a TOML file (keys = flat TrainConfig names, values = lists; a scalar is a one-value axis).
@@ -16,35 +15,33 @@ Without any axis the default grid is every fusion x {both, text, image}; `seeds`
 the grid has its own `seed` key.
 
 `folds=K` (`--folds K`) makes each grid point a cross-fit run, the very code of `heads train --folds K`
-(heads.train.crossfit): K fold heads in one run directory (`...,seed=0,folds=5`), its metrics on the
-out-of-fold predictions of every labelled row. The summaries therefore average cross-fit runs over seeds,
-and the paired comparison pairs two configurations' OOF predictions of the same seed (the same folds). The
-probe (--probe) is cross-fitted on the same folds.
+(heads.train.crossfit): K fold heads in one run directory (`...,seed=0,folds=5`), scored on the out-of-fold
+predictions of every labelled row; the paired comparison pairs two configurations' OOF predictions of the
+same seed (same folds), and the probe (--probe) is cross-fitted on the same folds.
 
-Several caches (`cache="a.h5,b.h5"`, e.g. with/without --clean-text, or other backbones) are one more axis,
-the first: run names start with `cache=<file stem>`. All caches are loaded once and must hold the same
-dataset (same guids, order and labels); a sample invalid in any of them is left out of all of them, so every
-cache is trained and validated on exactly the same split of guids.
+Several caches (`cache="a.h5,b.h5"`: other backbones, --clean-text) are one more axis, the first (run names
+start with `cache=<file stem>`); loaded once, they must hold the same dataset (guids, order, labels), and a
+sample invalid in any is left out of all, so every cache is trained and validated on the same split.
+
+The runs of one call train side by side (heads.parallel: forked workers sharing the loaded cache).
 """
 from __future__ import annotations
 
 import itertools
-import multiprocessing
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from featcache.env import cpu_threads
 from featcache.errors import ConfigError
 
 from .config import TrainConfig
 from .data.cache import DataError, load_cache
 from .data.split_file import read_split_file
 from .fusions import get_fusion, list_fusions
+from .parallel import count_workers, run_all
 from .report.build import write_reports
 from .report.compare import parse_baseline
 from .rundir import is_finished, load_json, save_json
@@ -293,7 +290,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not cfg.progress, transient=False) as bar:
         task = bar.add_task("ablation", total=len(runs) + len(probes))
-        workers = _workers(cfg, runs)
+        workers = count_workers(cfg.workers, [r.train for r in runs])
         if workers > 1:  # decided before the resume check: threads is part of each run's recorded config
             runs = [RunSpec(r.name, r.train.with_flat(threads=1), r.cache) for r in runs]
         todo = []
@@ -305,7 +302,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 bar.advance(task)
             else:
                 todo.append((spec, run_dir))  # rundir.write_run replaces it whole once done
-        for name in _run_all(todo, datas, workers, train_unit(cfg.folds)):
+        for name in run_all(todo, datas, workers, train_unit(cfg.folds)):
             trained += 1
             bar.update(task, advance=1, description=name)
         for name, probe_cfg, path in probes:
@@ -329,42 +326,6 @@ def train_unit(folds: int):
     (crossfit.train_crossfit: K fold heads, one run directory, metrics on the OOF predictions). Looked up at
     call time: tests replace them."""
     return crossfit.train_crossfit if folds else stage1.train
-
-
-def _workers(cfg: AblateConfig, runs: list) -> int:
-    # On a GPU (cuda, cuda:N, or auto where there is one) runs go one after another on it, the cache moved to
-    # the GPU once (heads.data.cache.CacheData.to_device); bench/gpu_smoke.sh times that against `--device cpu`
-    # (the CPU pool) so a GPU user can pick the faster with --device.
-    if len(runs) < 2 or any(r.train.device.startswith("cuda") for r in runs) or \
-            (torch.cuda.is_available() and any(r.train.device == "auto" for r in runs)):
-        return 1
-    return min(cfg.workers or cpu_threads(), len(runs))
-
-
-_SHARED: dict = {}  # what forked workers inherit: the loaded cache (copy-on-write, never pickled)
-
-
-def _train_in_worker(job) -> str:
-    spec, run_dir = job
-    _SHARED["train"](spec.train, _SHARED["datas"][spec.cache], run_dir)
-    return spec.name
-
-
-def _run_all(todo: list, datas: dict, workers: int, train):
-    """Yield run names as they finish (in parallel: in any order; each run then has threads=1)."""
-    if workers <= 1:
-        for spec, run_dir in todo:
-            train(spec.train, datas[spec.cache], run_dir)
-            yield spec.name
-        return
-    _SHARED.update(datas=datas, train=train)
-    jobs = todo
-    try:
-        # fork: workers share the parent's in-memory cache instead of loading or unpickling it again.
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
-            yield from pool.imap_unordered(_train_in_worker, jobs)
-    finally:
-        _SHARED.clear()
 
 
 __all__ = ["AblateConfig", "AblateResult", "RunSpec", "ablate", "check_axis", "default_grid", "expand",

@@ -298,3 +298,20 @@ def test_folds_make_each_config_one_crossfit_run(cache, tmp_path):
     paired = read_csv(os.path.join(cfg.out, "paired.csv"))
     assert len(paired) == 1 and paired[0]["pairs"] == "1" and paired[0]["samples"] == str(len(usable))
     assert ablate(cfg).trained == 0  # resumes: the cross-fit runs are found finished
+
+def test_longest_runs_start_first(tmp_path):
+    """With several workers the token-level runs go first (a long run taken last idles the other workers), the
+    cost proxy follows each run's modality, and equal runs keep the grid's order."""
+    from heads.parallel import longest_first
+    cfg = AblateConfig(cache="c.h5", out=str(tmp_path), seeds=[0, 1],
+                       grid={"fusion": ["concat", "film", "cross-attn"], "modality": ["both", "text", "image"]})
+    jobs = [(spec, spec.name) for spec in expand(cfg)]
+    order = [name for _, name in longest_first(jobs)]
+    assert sorted(order) == sorted(name for _, name in jobs)
+    first = [n for n in order if n.startswith("fusion=cross-attn,modality=both")]
+    assert order[:2] == first == ["fusion=cross-attn,modality=both,seed=0", "fusion=cross-attn,modality=both,seed=1"]
+    # one token array: film on images, cross-attn with one modality; then the rest (film on text reads none)
+    assert set(order[2:10]) == {f"fusion={f},modality={m},seed={s}" for f, m in
+                                [("film", "both"), ("film", "image"), ("cross-attn", "text"), ("cross-attn", "image")]
+                                for s in (0, 1)}
+    assert order[10:] == [n for _, n in jobs if n not in order[:10]]  # stable: the grid's own order

@@ -46,22 +46,25 @@ class CrossAttention(nn.Module):
         return x + self.out(att.transpose(1, 2).reshape(B, Lq, H))
 
 
-def by_length(fn, mask: torch.Tensor, text: torch.Tensor, image: torch.Tensor, groups: int = 4) -> torch.Tensor:
-    """fn(mask, text, image) -> (B, W), computed on `groups` sets of rows of similar text length, each cut to its own
-    longest text, and put back in the original order.
+def by_length(fn, mask: torch.Tensor, text: torch.Tensor, image: torch.Tensor, keep: torch.Tensor | None,
+              groups: int = 4) -> torch.Tensor:
+    """fn(mask, text, image, keep) -> (B, W), computed on `groups` sets of rows of similar text length, each cut to
+    its own longest text, and put back in the original order.
 
     A batch is padded to its longest tweet (often the 64-token maximum; the median is ~30), and every text
-    position costs the attention its scores, softmax and outputs. Rows are independent in every head (no
-    batch statistics; dropout comes after fn), so grouping changes nothing but float rounding, and it removes
-    most of the padding: text (B, L, H) is cut per group, image (B, P, H) only split.
+    position costs the projection, the attention's scores, softmax and outputs. Rows are independent in every
+    head (no batch statistics; dropout comes after fn), so grouping changes nothing but float rounding, and it
+    removes most of the padding before anything is computed: text (B, L, D) is cut per group, image (B, P, D)
+    and keep (B, 2) only split. Cutting beats packing the real tokens (boolean indexing): the gather, the zero
+    fill and the scatter back cost more than the few padded positions left in a group.
     On a GPU it runs once on the whole batch: the group lengths would be a host sync per step."""
     B, L = mask.shape
     if mask.is_cuda or B < 2 * groups:
-        return fn(mask, text, image)
+        return fn(mask, text, image, keep)
     last = (torch.arange(1, L + 1, device=mask.device) * mask).amax(1)  # used positions per row
     order = last.argsort()
     parts = []
     for rows in order.tensor_split(groups):
         n = int(last[rows[-1]])  # sorted: the group's last row is its longest
-        parts.append(fn(mask[rows, :n], text[rows, :n], image[rows]))
+        parts.append(fn(mask[rows, :n], text[rows, :n], image[rows], None if keep is None else keep[rows]))
     return torch.cat(parts).index_select(0, order.argsort())

@@ -84,23 +84,6 @@ def safe_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask
 
 
-def project_tokens(proj: nn.Module, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """proj applied to the real tokens only (B,L,D) -> (B,L,H), zeros at padded positions.
-
-    Exact for every head that never lets padding reach its output (masked pooling, masked keys), and about
-    twice as cheap on tweets: the median is ~30 of 64 tokens, and a random batch nearly always contains one
-    long tweet, so cutting the batch to its longest row saves little while packing saves the rest.
-    On a GPU the padding is projected too and zeroed: boolean indexing waits for the GPU (nonzero) every call,
-    which costs more there than the extra rows."""
-    if tokens.is_cuda:
-        out = proj(tokens)
-        return torch.where(mask.unsqueeze(-1), out, out.new_zeros(()))
-    flat = proj(tokens[mask])  # (n_real, H)
-    out = flat.new_zeros(*mask.shape, flat.shape[-1])
-    out[mask] = flat
-    return out
-
-
 class Projector(nn.Sequential):
     """LayerNorm then Linear (state-dict keys 0.* and 1.*, as the plain Sequential of older runs).
 
@@ -192,19 +175,34 @@ class FusionHead(nn.Module):
         skip projecting them (a third of the work of single-modality runs in an ablation)."""
         return self.cfg.modality in ("both", modality)
 
-    def project_both(self, batch: dict[str, torch.Tensor], mask: torch.Tensor):
-        """(text (B,L,H), image (B,P,H)) through self.proj_t / self.proj_i, for the token-level heads: real
-        text tokens only, each modality times its keep factor, and a switched-off modality as zeros without
-        computing its projection."""
-        tokens, proj_t = batch.get("text_tokens" + NORMED), self.proj_t.normed
-        if tokens is None:
-            tokens, proj_t = batch["text_tokens"], self.proj_t
-        img = batch.get("image_tokens" + NORMED, batch.get("image_tokens"))
-        keep_t, keep_i = self.modality_keep(mask.shape[0], mask.device)
-        t = project_tokens(proj_t, tokens, mask) * keep_t[:, None, None] if self.active("text") else \
-            mask.new_zeros(*mask.shape, self.cfg.hidden, dtype=torch.float)
-        i = project(self.proj_i, batch, "image_tokens") * keep_i[:, None, None] if self.active("image") else \
-            img.new_zeros(*img.shape[:2], self.cfg.hidden, dtype=torch.float)
+    def token_inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
+        """(text (B,L,Dt), image (B,P,Di), keep, normed): the token-level heads' inputs before projection, for
+        `by_length` to cut into groups of rows; keep is (B, 2) float (text, image) or None when every sample keeps
+        both modalities (no multiply over every token then). The arrays are the pre-normalised ones when the
+        loader put them in the batch (key + NORMED), and normed says which, so that `project_tokens` picks the
+        matching projector."""
+        text = batch.get("text_tokens" + NORMED, batch.get("text_tokens"))
+        image = batch.get("image_tokens" + NORMED, batch.get("image_tokens"))
+        normed = ("text_tokens" + NORMED in batch, "image_tokens" + NORMED in batch)
+        dropping = self.training and self.cfg.modality_dropout > 0 and self.cfg.modality == "both"
+        keep = torch.stack(self.modality_keep(text.shape[0], text.device), 1) if dropping else None
+        return text, image, keep, normed
+
+    def project_tokens(self, text: torch.Tensor, image: torch.Tensor, keep: torch.Tensor | None,
+                       normed: tuple[bool, bool]):
+        """(text (B,L,H), image (B,P,H)) of one group of rows from `token_inputs`: each modality through its
+        projector (times its keep factor), a switched-off modality as zeros without computing its projection.
+        Padded text positions are projected too (a group is cut to its longest row, so there are few): the heads
+        drop them by masked pooling and masked keys, and their values are finite (the cache stores real
+        backbone states there and CacheData.normalized keeps them finite)."""
+        normed_t, normed_i = normed
+        shape = lambda x: (*x.shape[:2], self.cfg.hidden)  # noqa: E731
+        t = (self.proj_t.normed if normed_t else self.proj_t)(text) if self.active("text") else \
+            text.new_zeros(shape(text), dtype=torch.float)
+        i = (self.proj_i.normed if normed_i else self.proj_i)(image) if self.active("image") else \
+            image.new_zeros(shape(image), dtype=torch.float)
+        if keep is not None:
+            t, i = t * keep[:, 0, None, None], i * keep[:, 1, None, None]
         return t, i
 
     def modality_keep(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,6 +8,8 @@ constant and the head reduces to the remaining modality's self-contained path.
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -31,11 +33,11 @@ class CoAttnHead(FusionHead):
         return 3 * cfg.hidden
 
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        mask = safe_mask(batch["text_mask"])
-        t, i = self.project_both(batch, mask)
-        return by_length(self._pooled, mask, t, i), {}
+        text, image, keep, normed = self.token_inputs(batch)
+        return by_length(partial(self._pooled, normed=normed), safe_mask(batch["text_mask"]), text, image, keep), {}
 
-    def _pooled(self, mask: torch.Tensor, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, mask, text, image, keep, normed) -> torch.Tensor:
+        t, i = self.project_tokens(text, image, keep, normed)
         t2 = self.text_to_image(t, i)
         i2 = self.image_to_text(i, t, mask)
         ht = mean_unpadded(self.norm_t(t2), mask)

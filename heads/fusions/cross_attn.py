@@ -8,6 +8,8 @@ all queries are equal and the result is an attention-weighted pool of the image 
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn as nn
 
@@ -30,10 +32,10 @@ class CrossAttnHead(FusionHead):
         return cfg.hidden
 
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        mask = safe_mask(batch["text_mask"])
-        t, i = self.project_both(batch, mask)
-        return by_length(self._pooled, mask, t, i), {}
+        text, image, keep, normed = self.token_inputs(batch)
+        return by_length(partial(self._pooled, normed=normed), safe_mask(batch["text_mask"]), text, image, keep), {}
 
-    def _pooled(self, mask: torch.Tensor, t: torch.Tensor, i: torch.Tensor) -> torch.Tensor:
+    def _pooled(self, mask, text, image, keep, normed) -> torch.Tensor:
+        t, i = self.project_tokens(text, image, keep, normed)
         x = self.block(t, i)  # image patches are all valid: no key mask
         return mean_unpadded(self.norm(x), mask)
