@@ -3,6 +3,7 @@
     python tests/fault_child.py POINT ARG APP ARGS...
 
 POINT, ARG:
+  extract-models -  when `featcache extract` has loaded its models, before the cache file exists
   extract-batch K   after the K-th batch of `featcache extract` is written, print "paused" and sleep
   ablate-run NAME   when the ablation starts training a run whose name contains NAME, print "paused" and sleep
                     (the other runs train normally, in this process or in the ablation's forked workers)
@@ -36,6 +37,15 @@ def main():
             if len(seen) == int(arg):
                 pause()
         fs.CacheWriter.write = write
+    elif point == "extract-models":
+        import featcache.extract.engine as fe
+        real_load = fe._load_models
+
+        def load(plan):
+            loaded = real_load(plan)
+            pause()
+            return loaded
+        fe._load_models = load
     elif point == "ablate-run":
         import heads.ablate as ha
         real_unit = ha.train_unit

@@ -323,6 +323,21 @@ def test_a_signal_during_extraction_says_what_is_kept_and_how_to_resume(mvsa, tm
         assert code == 0 and "at row 8" in text and _done(out) == [True] * 12, text
 
 
+def test_a_signal_while_models_load_keeps_nothing_and_leaves_nothing(mvsa, tmp_path):
+    """Before the cache file exists there is nothing to resume: the message says so, no .partial or .lock stays
+    behind, and the same command (without --resume) then extracts."""
+    import signal
+    from featcache.cache.store import partial_path
+    out = str(tmp_path / "c.h5")
+    args = ["extract", "--data", mvsa, "--out", out, *EXTRACT]
+    got, text = _signal(_child("extract-models", "-", "featcache", args), signal.SIGINT)
+    _one_paragraph(got, text, "interrupted (SIGINT)", "nothing was kept", exit_code=130)
+    assert "--resume" not in text
+    assert not any(os.path.exists(p) for p in (out, partial_path(out), out + ".lock")), os.listdir(tmp_path)
+    code, text = _run(cli.featcache_app, args)
+    assert code == 0 and _done(out) == [True] * 12, text
+
+
 def test_sigterm_during_an_ablation_keeps_finished_runs_and_says_rerun(trained, tmp_path):
     import shlex
     import signal
