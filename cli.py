@@ -286,7 +286,11 @@ def merge_cmd(
 ):
     """Check every shard of MANIFEST and write them as one ordinary cache file."""
     from featcache.cache.manifest import merge
-    path = merge(str(manifest), str(out), force=force)
+    try:
+        path = merge(str(manifest), str(out), force=force)
+    except KeyboardInterrupt as exc:  # merge removes its partial file on any exit; the shards are only read
+        exc.kept, exc.again = f"the shards of {manifest} are unchanged and no {out} was written", "run it again with"
+        raise
     console.print(f"wrote {path}", highlight=False)
 
 
@@ -572,7 +576,12 @@ def add_text_layers_cmd(
     """Add text_hidden/states for `heads finetune --unfreeze-text N` to an existing cache, running only the
     text backbone (checked against the cached tokens); the features and the cache key do not change."""
     from featcache.extract.text_layers import add_text_layers
-    add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
+    try:
+        add_text_layers(str(file), text_layers=layers, batch_size=batch_size, device=device, console=console)
+    except KeyboardInterrupt as exc:  # the work is on a copy renamed over FILE at the end (text_layers.py)
+        exc.kept = f"{file} is unchanged (the states are added to a copy that replaces it only when complete)"
+        exc.again = "run it again with"
+        raise
 
 
 @command(heads_app, "finetune")

@@ -276,3 +276,41 @@ def test_a_disk_failing_during_add_text_layers_leaves_the_cache_unchanged(text_c
     monkeypatch.setattr(h5py.Group, "create_dataset", real)
     code, text = _run(cli.featcache_app, ["add-text-layers", path, "--layers", "1"])
     assert code == 0 and "added text_hidden/states" in text, text
+
+
+def test_ctrl_c_during_add_text_layers_says_the_cache_is_unchanged(text_cache, tmp_path, monkeypatch):
+    """Ctrl-C while the states are written into the copy: the cache is byte-identical, no copy or lock stays,
+    and the message says so and gives the command to run again (not --resume: there is nothing to continue)."""
+    import h5py
+    path = shutil.copy(text_cache, tmp_path)
+    digest = file_sha256(path)
+    real = h5py.Group.create_dataset
+
+    def interrupted(group, name, *a, **k):
+        if name == "text_hidden/states":
+            raise KeyboardInterrupt
+        return real(group, name, *a, **k)
+    monkeypatch.setattr(h5py.Group, "create_dataset", interrupted)
+    code, text = _run(cli.featcache_app, ["add-text-layers", path, "--layers", "1"])
+    _one_paragraph(code, text, "interrupted (SIGINT)", f"{path} is unchanged", "run it again with: featcache",
+                   exit_code=130)
+    assert "--resume" not in text
+    assert file_sha256(path) == digest and os.listdir(tmp_path) == ["c.h5"]
+
+
+def test_ctrl_c_during_merge_keeps_the_shards_and_leaves_no_partial(shards, tmp_path, monkeypatch):
+    import h5py
+    folder = os.path.dirname(shards)
+    before = {n: file_sha256(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith((".h5", ".json"))}
+    out = str(tmp_path / "m.h5")
+    real = h5py.Dataset.__setitem__
+
+    def interrupted(ds, key, value):
+        if ds.name == "/text/tokens" and isinstance(key, slice) and key.start:  # the second shard's rows
+            raise KeyboardInterrupt
+        real(ds, key, value)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", interrupted)
+    code, text = _run(cli.featcache_app, ["merge", shards, "--out", out])
+    _one_paragraph(code, text, "interrupted (SIGINT)", f"the shards of {shards} are unchanged",
+                   "run it again with: featcache", exit_code=130)
+    assert os.listdir(tmp_path) == [] and {n: file_sha256(os.path.join(folder, n)) for n in before} == before
