@@ -19,18 +19,7 @@ from featcache.cache.store import partial_path
 from featcache.digest import file_sha256
 from heads.report.runs import find_run_dirs
 from tests.test_faults import EXTRACT, FAST, _child, _mount_tmpfs, _one_paragraph, _run, _signal, _umount
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A cache and a finished one-epoch run on it (each test copies what it changes)."""
-    from tests.conftest import build_synthetic_cache
-    base = tmp_path_factory.mktemp("writes")
-    cache = build_synthetic_cache(str(base / "cache.h5"), n_train=60, n_test=10)
-    run = str(base / "run")
-    code, out = _run(cli.heads_app, ["train", "--cache", cache, "--out", run, "--fusion", "concat", *FAST])
-    assert code == 0, out
-    return cache, run
+from tests.test_faults import trained  # noqa: F401  (the module fixture: a cache and a finished run)
 
 
 def _hidden(folder) -> list[str]:
@@ -191,25 +180,31 @@ def shards(tiny):
     return str(root / "m.manifest.json")
 
 
-def test_a_disk_failing_during_merge_names_the_file_and_keeps_the_shards(shards, tmp_path, monkeypatch):
-    import errno
-
+def _merge_failing_at_the_second_shard(shards, tmp_path, monkeypatch, exc: BaseException):
+    """`featcache merge` with `exc` raised when the second shard's rows are written; (code, text, out) and a check
+    that the shards are byte-identical and tmp_path is left empty (no full-size partial, no lock)."""
     import h5py
     folder = os.path.dirname(shards)
     before = {n: file_sha256(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith((".h5", ".json"))}
     out = str(tmp_path / "m.h5")
     real = h5py.Dataset.__setitem__
 
-    def full(ds, key, value):
+    def failing(ds, key, value):
         if ds.name == "/text/tokens" and isinstance(key, slice) and key.start:  # the second shard's rows
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise exc
         real(ds, key, value)
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", full)
+    monkeypatch.setattr(h5py.Dataset, "__setitem__", failing)
     code, text = _run(cli.featcache_app, ["merge", shards, "--out", out])
-    _one_paragraph(code, text, f"writing {partial_path(out)} failed: the disk is full", "the shards are unchanged")
-    assert os.listdir(tmp_path) == []  # no full-size partial left on the full disk, no lock
-    assert {n: file_sha256(os.path.join(folder, n)) for n in before} == before
     monkeypatch.setattr(h5py.Dataset, "__setitem__", real)
+    assert os.listdir(tmp_path) == [] and {n: file_sha256(os.path.join(folder, n)) for n in before} == before
+    return code, text, out
+
+
+def test_a_disk_failing_during_merge_names_the_file_and_keeps_the_shards(shards, tmp_path, monkeypatch):
+    import errno
+    code, text, out = _merge_failing_at_the_second_shard(shards, tmp_path, monkeypatch,
+                                                         OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    _one_paragraph(code, text, f"writing {partial_path(out)} failed: the disk is full", "the shards are unchanged")
     assert _run(cli.featcache_app, ["merge", shards, "--out", out])[0] == 0
 
 
@@ -299,18 +294,6 @@ def test_ctrl_c_during_add_text_layers_says_the_cache_is_unchanged(text_cache, t
 
 
 def test_ctrl_c_during_merge_keeps_the_shards_and_leaves_no_partial(shards, tmp_path, monkeypatch):
-    import h5py
-    folder = os.path.dirname(shards)
-    before = {n: file_sha256(os.path.join(folder, n)) for n in os.listdir(folder) if n.endswith((".h5", ".json"))}
-    out = str(tmp_path / "m.h5")
-    real = h5py.Dataset.__setitem__
-
-    def interrupted(ds, key, value):
-        if ds.name == "/text/tokens" and isinstance(key, slice) and key.start:  # the second shard's rows
-            raise KeyboardInterrupt
-        real(ds, key, value)
-    monkeypatch.setattr(h5py.Dataset, "__setitem__", interrupted)
-    code, text = _run(cli.featcache_app, ["merge", shards, "--out", out])
+    code, text, _ = _merge_failing_at_the_second_shard(shards, tmp_path, monkeypatch, KeyboardInterrupt())
     _one_paragraph(code, text, "interrupted (SIGINT)", f"the shards of {shards} are unchanged",
                    "run it again with: featcache", exit_code=130)
-    assert os.listdir(tmp_path) == [] and {n: file_sha256(os.path.join(folder, n)) for n in before} == before
