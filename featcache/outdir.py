@@ -186,20 +186,27 @@ def _fault(exc: BaseException, path: str, advice: str | None) -> None:
 
 
 @contextlib.contextmanager
+def _staged(target: str, shown: str, advice: str | None):
+    """The hidden temporary path for `target`: committed over it when the block ends without an error, else
+    removed (a disk's fault then named as `shown`, see _fault)."""
+    tmp = temp_sibling(target)
+    try:
+        clean_stale(target)
+        yield tmp
+        commit(tmp, target)
+    except BaseException as exc:
+        _remove(tmp)
+        _fault(exc, shown, advice)
+        raise
+
+
+@contextlib.contextmanager
 def atomic_file(path: str, mode: str = "w", advice: str | None = REWRITE, **open_kw):
     """`open(path, mode)` whose content appears at `path` only when the block ends without an error (written to
     temp_sibling(path), then renamed over it). A disk's fault becomes WriteFailedError naming `path` with
     `advice` (None: the OSError as it is, for a caller with its own message)."""
-    tmp = temp_sibling(path)
-    try:
-        clean_stale(path)
-        with open(tmp, mode, **open_kw) as f:
-            yield f
-        commit(tmp, path)
-    except BaseException as exc:
-        _remove(tmp)
-        _fault(exc, path, advice)
-        raise
+    with _staged(path, path, advice) as tmp, open(tmp, mode, **open_kw) as f:  # closed before the commit
+        yield f
 
 
 @contextlib.contextmanager
@@ -208,14 +215,7 @@ def atomic_dir(path: str, advice: str):
     the block ends without an error, else it is deleted. A symlinked `path` keeps its link: the target is
     replaced. A disk's fault becomes WriteFailedError naming `path` with `advice`."""
     real = os.path.realpath(path)
-    tmp = temp_sibling(real)
-    try:
+    with _staged(real, path, advice) as tmp:
         os.makedirs(os.path.dirname(real), exist_ok=True)
-        clean_stale(real)
         os.mkdir(tmp)
         yield tmp
-        commit(tmp, real)
-    except BaseException as exc:
-        _remove(tmp)
-        _fault(exc, path, advice)
-        raise
