@@ -1,0 +1,96 @@
+"""The numbers a run reports and selects on, checked against values computed by hand (not against a second
+copy of the same code): metrics, bias tuning, the paired comparison. Written for `make mutate` (TESTING.md)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from heads.report.compare import _macro_f1_batched, _same, holm, paired_bootstrap, parse_baseline
+from heads.train.bias import apply_bias, tune_bias
+from heads.train.metrics import compute_metrics, macro_f1, positive_score, quick_scores, roc_auc
+
+# 3 classes; confusion (rows true, columns predicted): [[2, 1, 0], [0, 1, 1], [1, 0, 0]]
+Y = [0, 0, 0, 1, 1, 2]
+P = [0, 0, 1, 1, 2, 0]
+F1 = [2 * 2 / (3 + 3), 2 * 1 / (2 + 2), 0.0]  # 2TP / (2TP + FP + FN) per class
+
+
+def test_compute_metrics_by_hand():
+    m = compute_metrics(Y, P, ["a", "b", "c"])
+    assert m["confusion_matrix"] == [[2, 1, 0], [0, 1, 1], [1, 0, 0]]
+    assert m["accuracy"] == pytest.approx(3 / 6)
+    assert m["macro_f1"] == pytest.approx(sum(F1) / 3)
+    assert m["weighted_f1"] == pytest.approx((3 * F1[0] + 2 * F1[1] + 1 * F1[2]) / 6)
+    assert m["per_class"]["a"] == pytest.approx({"precision": 2 / 3, "recall": 2 / 3, "f1": F1[0], "support": 3})
+    assert m["per_class"]["b"] == pytest.approx({"precision": 1 / 2, "recall": 1 / 2, "f1": F1[1], "support": 2})
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert "roc_auc" not in m and "roc_auc" not in compute_metrics(Y, P, ["a", "b", "c"], scores=np.eye(3)[P])
+    assert quick_scores(Y, P, 3) == {k: m[k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+    assert macro_f1(Y, P, 3) == pytest.approx(sum(F1) / 3)
+    # a class nobody has and nobody predicts: F1 0 in the average, support 0, no division warning
+    m4 = compute_metrics(Y, P, ["a", "b", "c", "d"])
+    assert m4["macro_f1"] == pytest.approx(sum(F1) / 4) and m4["per_class"]["d"]["support"] == 0
+
+
+def test_roc_auc_by_hand_with_ties():
+    y = [0, 1, 0, 1, 1]
+    s = [0.1, 0.4, 0.4, 0.8, 0.2]
+    # pairs (pos, neg): (0.4,0.1)=1 (0.4,0.4)=.5 (0.8,*)=2 (0.2,0.1)=1 (0.2,0.4)=0 -> 4.5 of 6
+    assert roc_auc(y, s) == pytest.approx(4.5 / 6)
+    assert roc_auc([1, 1], [0.2, 0.3]) is None and roc_auc([0, 0], [0.2, 0.3]) is None
+    logits = np.array([[0.0, 2.0], [1.0, -1.0]])
+    np.testing.assert_allclose(positive_score(logits), [1 / (1 + np.exp(-2.0)), 1 / (1 + np.exp(2.0))])
+    m = compute_metrics([1, 0], [1, 0], ["neg", "pos"], scores=logits)
+    assert m["roc_auc"] == 1.0
+    assert quick_scores([1, 0], [1, 0], 2, logits=logits)["auroc"] == 1.0
+    assert quick_scores([1, 1], [1, 1], 2, logits=logits)["auroc"] == 0.0  # undefined: 0.0, still comparable
+
+
+def test_tune_bias_finds_the_offset_that_fixes_a_shifted_class():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    logits = np.eye(3)[y] * 2 + rng.normal(scale=0.4, size=(300, 3))
+    logits[:, 2] -= 2.5  # class 2 is almost never predicted without an offset
+    b = tune_bias(logits, y)
+    assert b[0] == 0.0 and b.shape == (3,)
+    assert macro_f1(y, (logits + b).argmax(1), 3) > macro_f1(y, logits.argmax(1), 3) + 0.2
+    assert 1.5 <= b[2] <= 3.0
+    np.testing.assert_array_equal(apply_bias(logits, b), logits + b)
+    np.testing.assert_array_equal(apply_bias(logits, None), logits)
+    # nothing to gain: every offset stays 0 (ties go to the smaller offset)
+    assert tune_bias(np.eye(3)[y] * 5, y).tolist() == [0.0, 0.0, 0.0]
+
+
+def test_batched_macro_f1_and_paired_bootstrap_by_hand():
+    y, a, b = np.array(Y), np.array(P), np.array(Y)
+    assert _macro_f1_batched(np.stack([y, y]), np.stack([a, b]), 3) == pytest.approx([sum(F1) / 3, 1.0])
+    res = paired_bootstrap([(y, a, b)], 3, n_boot=300, seed=1)
+    assert res["diff"] == pytest.approx(sum(F1) / 3 - 1.0) and res["n_boot"] == 300
+    assert res["ci_lo"] <= res["diff"] <= res["ci_hi"] < 0 and res["p_le_0"] == 1.0
+    tail = res["p"] * 301 / 2 - 1  # p = 2 (resamples >= 0, + 1) / (n_boot + 1): few resamples tie at 0
+    assert tail == pytest.approx(round(tail)) and 0 <= round(tail) < 20
+    same = paired_bootstrap([(y, a, a)], 3, n_boot=100)
+    assert same["diff"] == 0.0 and same["p"] == 1.0
+    two = paired_bootstrap([(y, a, b), (y, b, b)], 3, n_boot=50)  # mean over the two splits
+    assert two["diff"] == pytest.approx((sum(F1) / 3 - 1.0) / 2)
+
+
+def test_holm_and_baseline_parsing():
+    np.testing.assert_allclose(holm([0.01, 0.04, 0.03]), [0.03, 0.06, 0.06])
+    np.testing.assert_allclose(holm([0.5, 0.01]), [0.5, 0.02])
+    assert parse_baseline("concat") == ("fusion", "concat")
+    assert parse_baseline(" cache = raw-none ") == ("cache", "raw-none")
+    assert parse_baseline("rdrop=0") == ("rdrop", "0")
+    for bad in ("=x", "k=", " "):
+        with pytest.raises(ValueError, match="--baseline"):
+            parse_baseline(bad)
+    assert _same(0.0, "0") and _same(3, "3.0") and not _same(3, "three") and not _same(1, "2")
+    assert _same(False, "off") and _same(True, "on") and not _same(True, "off") and not _same(False, "1")
+    assert _same("film", "film") and not _same("film", "Film")
+
+
+def test_auroc_of_float32_logits_is_computed_in_float64():
+    """Confident float32 logits: in float32 both probabilities round to 1.0 and tie (AUROC 0.5 instead of 1)."""
+    logits = np.array([[0.0, 20.0], [0.0, 25.0], [3.0, 0.0]], dtype=np.float32)
+    assert len(set(positive_score(logits).tolist())) == 3
+    assert quick_scores([0, 1, 0], [1, 1, 0], 2, logits=logits)["auroc"] == 1.0
