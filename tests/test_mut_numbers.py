@@ -2,6 +2,8 @@
 copy of the same code): metrics, bias tuning, the paired comparison. Written for `make mutate` (TESTING.md)."""
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -94,3 +96,34 @@ def test_auroc_of_float32_logits_is_computed_in_float64():
     logits = np.array([[0.0, 20.0], [0.0, 25.0], [3.0, 0.0]], dtype=np.float32)
     assert len(set(positive_score(logits).tolist())) == 3
     assert quick_scores([0, 1, 0], [1, 1, 0], 2, logits=logits)["auroc"] == 1.0
+
+
+def test_bootstrap_draws_every_sample_and_absent_classes_score_zero_quietly():
+    y = np.array([0, 1, 1, 1, 0, 1])
+    a, b = y.copy(), y.copy()
+    b[0] = 1  # the two models differ on the first sample only
+    res = paired_bootstrap([(y, a, b)], 2, n_boot=200, seed=0)
+    assert res["diff"] > 0 and res["ci_hi"] > 0 and res["p_le_0"] < 1.0  # resamples that hold sample 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. numpy's "'where' used without 'out'": uninitialised memory
+        f1 = _macro_f1_batched(np.array([[0, 0, 1]]), np.array([[0, 0, 1]]), 4)
+    assert f1.tolist() == [0.5]  # classes 2 and 3: no true and no predicted sample, F1 0 in the average
+
+
+def test_bootstrap_ci_and_p_equal_the_documented_procedure_with_sklearns_f1():
+    """compare.py's docstring: each resample draws samples with replacement (one draw for both models), the CI
+    is the 2.5 / 97.5 percentile of the resampled differences, p = 2 min(share <= 0, share >= 0) with +1."""
+    from sklearn.metrics import f1_score  # the reference only: heads never import sklearn.metrics
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 40)
+    a = np.where(rng.random(40) < 0.7, y, rng.integers(0, 3, 40))
+    b = np.where(rng.random(40) < 0.6, y, rng.integers(0, 3, 40))
+    n_boot, draws = 150, np.random.default_rng(11).integers(0, 40, size=(150, 40))
+    f1 = lambda t, p: f1_score(t, p, average="macro", labels=[0, 1, 2], zero_division=0)  # noqa: E731
+    boot = np.array([f1(y[i], a[i]) - f1(y[i], b[i]) for i in draws])
+    res = paired_bootstrap([(y, a, b)], 3, n_boot=n_boot, seed=11)
+    assert res["diff"] == pytest.approx(f1(y, a) - f1(y, b))
+    assert [res["ci_lo"], res["ci_hi"]] == pytest.approx(np.percentile(boot, [2.5, 97.5]).tolist())
+    assert res["p_le_0"] == pytest.approx(np.mean(boot <= 0))
+    tail = min((boot <= 0).sum(), (boot >= 0).sum())
+    assert res["p"] == pytest.approx(min(1.0, 2 * (tail + 1) / (n_boot + 1)))

@@ -30,14 +30,14 @@ def run(tmp_path_factory):
     """A concat run on a noisy synthetic cache whose test split has invalid rows in the middle (5, 17) and at
     its end, with large hand-set bias offsets (so that the bias changes many tags)."""
     root = tmp_path_factory.mktemp("mutpredict")
-    cache = build_synthetic_cache(str(root / "cache.h5"), noise=3.0)
+    cache = build_synthetic_cache(str(root / "cache.h5"), n_train=90, n_test=30, noise=3.0)
     data = load_cache(cache)
     test_rows = data.rows("test")
     with h5py.File(cache, "r+") as f:
         for k in (5, 17):
             f["samples/valid"][test_rows[k]] = False
     out = str(root / "run")
-    res = train(TrainConfig.from_flat(fusion="concat", epochs=3, patience=0, hidden=16, plots=False), cache, out)
+    res = train(TrainConfig.from_flat(fusion="concat", epochs=2, patience=0, hidden=8, plots=False), cache, out)
     with open(os.path.join(out, "bias.json"), "w") as f:
         json.dump({"labels": CLASSES, "offsets": [0.0, 1.5, -1.0]}, f)
     return cache, out, res.model
@@ -119,6 +119,7 @@ def test_cache_writer_reader_round_trip_and_resume(tmp_path):
     w = CacheWriter(path, meta, _samples(n), {}, resume=True)  # a killed run, resumed
     assert w.first_undone() == 3 and w.problems() == ["p"]
     w.write(3, {k: a[3:] for k, a in arrays.items()}, invalid=[5])
+    assert w.first_undone() == n  # nothing left: a resume of a complete file extracts no row again
     assert w.finish({**meta, "classes": ["a", "b", "c"]}) == path
     assert not os.path.exists(partial_path(path)) and not os.path.exists(problems_path(path))
     with CacheReader(path) as r:
