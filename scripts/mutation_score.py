@@ -57,6 +57,16 @@ def read_judgements(results: Path) -> dict[str, str]:
     return out
 
 
+def natural(name: str) -> tuple:
+    """mutmut_2 before mutmut_10."""
+    base, _, num = name.rpartition("__mutmut_")
+    return (base, int(num)) if num.isdigit() else (name, 0)
+
+
+def pct_text(pct: float) -> str:
+    return "–" if pct != pct else f"{pct:.1f}%"  # nan: nothing checked
+
+
 def score(counts: Counter) -> tuple[int, float]:
     tested = sum(counts.values()) - counts["skipped"] - counts["not checked"]
     killed = sum(counts[s] for s in KILLED)
@@ -73,8 +83,8 @@ def render(verdicts: dict[str, dict[str, str]], judged: dict[str, str]) -> tuple
         c = Counter(by_name.values())
         total += c
         rows.append(f"| `{module}` | {sum(c.values())} | {c['killed']} | {c['timeout']} | {c['survived']} | "
-                    f"{c['no tests']} | {c['not checked']} | {score(c)[1]:.1f}% |")
-        survivors += [(name, status) for name, status in sorted(by_name.items())
+                    f"{c['no tests']} | {c['not checked']} | {pct_text(score(c)[1])} |")
+        survivors += [(name, status) for name, status in sorted(by_name.items(), key=lambda kv: natural(kv[0]))
                       if status not in KILLED + ("not checked", "skipped")]
     killed, pct = score(total)
     rows.append(f"| **all** | {sum(total.values())} | {total['killed']} | {total['timeout']} | "

@@ -3,10 +3,12 @@ copy of the same code): metrics, bias tuning, the paired comparison. Written for
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
+from heads.data.splits import _holdout
 from heads.report.compare import _macro_f1_batched, _same, holm, paired_bootstrap, parse_baseline
 from heads.train.bias import apply_bias, tune_bias
 from heads.train.metrics import compute_metrics, macro_f1, positive_score, quick_scores, roc_auc
@@ -127,3 +129,22 @@ def test_bootstrap_ci_and_p_equal_the_documented_procedure_with_sklearns_f1():
     assert res["p_le_0"] == pytest.approx(np.mean(boot <= 0))
     tail = min((boot <= 0).sum(), (boot >= 0).sum())
     assert res["p"] == pytest.approx(min(1.0, 2 * (tail + 1) / (n_boot + 1)))
+
+
+def _holdout_of(counts, ratio):
+    """_holdout over rows whose labels have these per-class counts (3 classes known to the data)."""
+    labels = np.repeat(np.arange(len(counts)), counts)
+    data = SimpleNamespace(labels=labels, classes=["a", "b", "c"])
+    return _holdout(data, np.arange(labels.size), ratio, 0, "--val-ratio")
+
+
+def test_holdout_size_rules_at_their_edges():
+    rest, held = _holdout_of([5, 0, 5], 0.2)  # class b absent: two classes, two held rows are enough
+    assert held.size == 2 and rest.size == 8 and sorted(np.r_[rest, held].tolist()) == list(range(10))
+    assert _holdout_of([5, 0, 5], 0.8)[0].size == 2  # and two rows left to train on
+    assert _holdout_of([2, 8], 0.5)[1].size == 5  # a class with two rows can be stratified
+    for counts, ratio in (([5, 0, 5], 0.1), ([5, 0, 5], 0.9), ([1, 5], 0.2)):
+        with pytest.raises(ValueError, match=r"--val-ratio .* leave a split smaller than the 2 classes"):
+            _holdout_of(counts, ratio)
+    with pytest.raises(ValueError, match="fewer than 2 valid labelled samples: --val-ratio cannot stratify"):
+        _holdout_of([1, 9], 0.5)

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from featcache.backbones.base import TextEncoder, masked_mean
+from heads.data.text_layers import stage2_keys, text_batch
 from heads.fusions import HeadConfig, HeadDims, create_fusion
+from heads.fusions.base import NORMED
 from heads.train.text_model import FinetuneModel
 
 L, D, VOCAB, B, T = 7, 16, 50, 6, 9
@@ -58,7 +60,14 @@ def batch() -> dict:
             "image_tokens": torch.randn(B, 4, 5, generator=g), "image_pooled": torch.randn(B, 5, generator=g)}
 
 
-@pytest.mark.parametrize("fusion", ["concat", "film"])
+def reference(head, tower, b) -> torch.Tensor:
+    """The head on the whole tower's output (embed, every block, finish): what stage 2 must compute."""
+    out = tower.forward_features({"input_ids": b["input_ids"], "attention_mask": b["text_mask"]})
+    return head({**{k: v for k, v in b.items() if k.startswith("image")}, "text_tokens": out["tokens"],
+                 "text_mask": out["mask"], "text_pooled": out["pooled"]})["logits"]
+
+
+@pytest.mark.parametrize("fusion", ["concat", "film", "cross-attn"])
 @pytest.mark.parametrize("n", [1, 2, 3])
 def test_cached_states_and_full_forward_agree_and_other_layers_differ(fusion, n):
     tower, head, b = TinyTower().eval(), text_head(fusion), batch()
@@ -69,7 +78,10 @@ def test_cached_states_and_full_forward_agree_and_other_layers_differ(fusion, n)
         full = FinetuneModel(head, tower, n, cached=False).eval()
         cached = FinetuneModel(head, tower, n, cached=True).eval()
         want = full(b)["logits"]
-        assert full.start_layer == L - n and full.inputs[-2:] == ("input_ids", "text_mask")
+        torch.testing.assert_close(want, reference(head, tower, b))
+        assert full.start_layer == L - n
+        image_inputs = {k for k in head.inputs if k.startswith("image")}
+        assert set(full.inputs) == image_inputs | {"input_ids", "text_mask"}  # never the cached text features
         assert cached.inputs[-1] == "text_states" and "text_states" not in full.inputs
         torch.testing.assert_close(cached({**b, "text_states": states[L - n]})["logits"], want)
         for wrong in (L - n - 1, L - n + 1, n):  # the states of another layer give other logits
@@ -95,7 +107,32 @@ def test_train_mode_unfreezes_only_the_top_blocks_and_saves_only_them():
 
 
 def test_n0_is_the_head_alone():
-    head = text_head("concat")
+    head = text_head("cross-attn")
     model = FinetuneModel(head, TinyTower(), 0)
-    assert model.text is None and model.text_params() == {} and model.inputs == head.inputs
-    assert model.num_classes == 3 and model.prenorm == head.prenorm
+    assert model.text is None and model.start_layer is None and model.text_params() == {}
+    assert model.inputs == head.inputs and model.num_classes == 3 and model.prenorm == head.prenorm != ()
+    b = batch()
+    b.update(text_tokens=torch.randn(B, T, D), text_pooled=torch.randn(B, D))
+    torch.testing.assert_close(model(b)["logits"], head(b)["logits"])
+
+
+def test_prenormalised_image_tokens_reach_the_head():
+    """A training batch may carry the image tokens LayerNorm-normalised (key + NORMED, FusionHead.prenorm):
+    stage 2 passes them on, and only image keys are pre-normalised (the text tokens are recomputed)."""
+    tower, head, b = TinyTower().eval(), text_head("cross-attn"), batch()
+    tower.lock(2)
+    model = FinetuneModel(head, tower, 2, cached=False).eval()
+    assert model.prenorm == ("image_tokens",) and head.prenorm == ("text_tokens", "image_tokens")
+    normed = torch.nn.functional.layer_norm(b["image_tokens"], b["image_tokens"].shape[-1:])
+    with torch.no_grad():
+        want = model(b)["logits"]
+        got = model({**b, "image_tokens": torch.full_like(normed, 99.0), "image_tokens" + NORMED: normed})
+    torch.testing.assert_close(got["logits"], want, atol=1e-5, rtol=1e-5)
+
+
+def test_stage2_reads_the_stored_states_only_in_cached_mode():
+    assert stage2_keys("cached") == ("text_tokens", "text_mask", "text_states")
+    assert stage2_keys("full") == ("text_tokens", "text_mask")
+    b = batch()
+    assert text_batch(b).keys() == {"input_ids", "attention_mask"}
+    assert text_batch(b)["attention_mask"] is b["text_mask"] and text_batch(b)["input_ids"] is b["input_ids"]
