@@ -171,3 +171,8 @@ def test_tune_bias_tunes_every_class_after_the_first_and_ends_at_a_coordinate_op
                 trial = b.copy()
                 trial[c] = v
                 assert macro_f1(y, (logits + trial).argmax(1), 4) <= best + 1e-12, (seed, c, v)
+
+
+def test_auroc_only_for_two_classes():
+    assert "auroc" not in quick_scores(Y, P, 3, logits=np.eye(3)[P])
+    assert "auroc" not in quick_scores([0, 1], [0, 1], 2)

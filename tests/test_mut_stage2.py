@@ -106,7 +106,7 @@ def test_train_mode_unfreezes_only_the_top_blocks_and_saves_only_them():
     assert not any(blk.training for blk in tower.blocks) and not model.head.training
 
 
-def test_n0_is_the_head_alone():
+def test_n0_is_the_head_alone_also_in_forward():
     head = text_head("cross-attn")
     model = FinetuneModel(head, TinyTower(), 0)
     assert model.text is None and model.start_layer is None and model.text_params() == {}
