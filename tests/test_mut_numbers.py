@@ -176,3 +176,17 @@ def test_tune_bias_tunes_every_class_after_the_first_and_ends_at_a_coordinate_op
 def test_auroc_only_for_two_classes():
     assert "auroc" not in quick_scores(Y, P, 3, logits=np.eye(3)[P])
     assert "auroc" not in quick_scores([0, 1], [0, 1], 2)
+
+
+def test_metrics_edges_one_sample_unpredicted_and_single_row_classes():
+    one = compute_metrics([1], [1], ["a", "b"])
+    assert one["accuracy"] == 1.0 and one["weighted_f1"] == 1.0 and one["macro_f1"] == 0.5
+    # class a: 1 row, predicted once, right; class c: never predicted; class d: absent everywhere
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no division warning, no uninitialised output
+        m = compute_metrics([0, 1, 1, 2], [0, 1, 1, 1], ["a", "b", "c", "d"])
+        assert macro_f1([0, 1, 1, 2], [0, 1, 1, 1], 4) == m["macro_f1"]
+    assert m["per_class"]["a"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1}
+    assert m["per_class"]["b"] == pytest.approx({"precision": 2 / 3, "recall": 1.0, "f1": 0.8, "support": 2})
+    assert m["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert m["per_class"]["d"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}

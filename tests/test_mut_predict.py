@@ -122,6 +122,7 @@ def test_cache_writer_reader_round_trip_and_resume(tmp_path):
     assert w.first_undone() == n  # nothing left: a resume of a complete file extracts no row again
     assert w.finish({**meta, "classes": ["a", "b", "c"]}) == path
     assert not os.path.exists(partial_path(path)) and not os.path.exists(problems_path(path))
+    w.close()  # as extraction does after an error: harmless once finished
     with CacheReader(path) as r:
         assert len(r) == n and r.classes == ["a", "b", "c"] and r.meta["key"] == "k1"
         for k, a in arrays.items():
