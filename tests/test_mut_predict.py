@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 
 import h5py
 import numpy as np
@@ -20,6 +21,7 @@ from heads.config import TrainConfig
 from heads.data.cache import load_cache
 from heads.infer import infer, softmax
 from heads.predict import fallback_tag, predict
+from heads.train.crossfit import train_crossfit
 from heads.train.stage1 import train
 
 CLASSES = list(LEGACY_CLASSES)
@@ -153,3 +155,31 @@ def test_cache_without_texts_and_an_unfinished_file(tmp_path):
         CacheReader(partial_path(str(tmp_path / "d.h5")))
     with pytest.raises(CacheError, match="interrupted"):
         CacheReader(str(tmp_path / "d.h5"))
+
+
+def test_two_fold_heads_vote_together(run, tmp_path):
+    """K = 2: both fold heads' probabilities are averaged (not the first head's alone)."""
+    cache = run[0]
+    res = train_crossfit(TrainConfig.from_flat(fusion="concat", folds=2, epochs=2, patience=0, hidden=8,
+                                               plots=False), cache, str(tmp_path / "cv"))
+    predict(str(tmp_path / "cv"), cache, str(tmp_path / "p.csv"), proba=True)
+    data = load_cache(cache)
+    ok = data.rows("test")[data.valid[data.rows("test")]]
+    want = np.mean([softmax(infer(fold.model, data, ok)["logits"]) for fold in res.folds], axis=0)
+    got = np.array([[float(r[f"p_{c}"]) for c in CLASSES] for r in read(tmp_path / "p.csv") if r["p_negative"]])
+    np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_a_short_fallback_does_not_cut_longer_tags(run, tmp_path):
+    """The fallback ("neutral", 7 letters) sets no width for the other tags ("negative", "positive")."""
+    cache, out, model = run
+    short = str(tmp_path / "run")
+    shutil.copytree(out, short)
+    os.remove(os.path.join(short, "bias.json"))  # its +1.5 on neutral would make every tag neutral
+    split = json.load(open(os.path.join(short, "split.json")))
+    split["train_per_class"] = {"negative": 1, "neutral": 50, "positive": 1}
+    json.dump(split, open(os.path.join(short, "split.json"), "w"))
+    res = predict(short, cache, str(tmp_path / "p.csv"))
+    assert res.fallback_tag == "neutral"
+    assert {r["tag"] for r in read(tmp_path / "p.csv")} <= set(CLASSES)
+    assert set(res.tags) <= set(CLASSES) and len(res.tags) >= 2
