@@ -70,6 +70,7 @@ def test_tags_are_the_biased_argmax_and_invalid_rows_keep_their_place(run, tmp_p
     assert [r["tag"] for r in lines] == list(want)
     assert res.invalid == [data.guids[rows[k]] for k in np.flatnonzero(~ok)]
     assert res.written == rows.size and res.fallback_tag == fallback and res.split == "test"
+    assert res.out == str(tmp_path / "p.csv")
     assert res.tags == {t: int((want == t).sum()) for t in set(want)}
     proba = np.array([[float(r[f"p_{c}"]) if r[f"p_{c}"] else np.nan for c in CLASSES] for r in lines])
     assert np.isnan(proba[~ok]).all()
@@ -183,3 +184,13 @@ def test_a_short_fallback_does_not_cut_longer_tags(run, tmp_path):
     assert res.fallback_tag == "neutral"
     assert {r["tag"] for r in read(tmp_path / "p.csv")} <= set(CLASSES)
     assert set(res.tags) <= set(CLASSES) and len(res.tags) >= 2
+
+
+def test_refusals_name_the_cache_and_the_splits_it_has(run, tmp_path):
+    cache, out, _ = run
+    with pytest.raises(ValueError, match=r"has no samples in split 'dev' \(splits present: test, train\)"):
+        predict(out, cache, str(tmp_path / "p.csv"), split="dev")
+    other = build_synthetic_cache(str(tmp_path / "other.h5"), n_train=30, n_test=6,
+                                  preprocessing={"clean_text": True})
+    with pytest.raises(CacheError, match=f"differs from {other}"):
+        predict(out, other, str(tmp_path / "p.csv"))
