@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(BIN)/featcache extract --data $(DATA) --out $(CACHE)
 	$(BIN)/heads train --cache $(CACHE) --folds 5 --out $(RUN)
-	$(BIN)/heads predict --run $(RUN) --cache $(CACHE) --split test --out $(RUN)/test_predictions.txt
+	$(BIN)/heads predict --run $(RUN) --cache $(CACHE) --split test --out $(RUN)-test_predictions.txt
 	$(BIN)/heads show $(RUN)
 
 test: setup
