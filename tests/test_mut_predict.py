@@ -1,7 +1,9 @@
 """`heads predict` against the head in memory: every written tag is the argmax of the head's logits plus the
 run's bias offsets, or the run's fallback for an invalid row (also in the middle of the split), in cache order;
-the probabilities are the softmax of the unbiased logits; and the cache rows it reads, written and read back
-by featcache.cache.store (round trip, resume, finish). Written for `make mutate` (TESTING.md)."""
+the probabilities are the softmax of the unbiased logits; with a stage-2 run they come from its text layers on
+the stored states (or the whole text tower) and its head, K fold models averaged; and the cache rows it reads,
+written and read back by featcache.cache.store (round trip, resume, finish). Written for `make mutate`
+(TESTING.md)."""
 from __future__ import annotations
 
 import csv
@@ -13,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+import word_tower as wt
 from conftest import build_synthetic_cache
 from featcache.cache.store import (LEGACY_CLASSES, CacheError, CacheReader, CacheWriter, partial_path,
                                    problems_path)
@@ -194,3 +197,54 @@ def test_refusals_name_the_cache_and_the_splits_it_has(run, tmp_path):
                                   preprocessing={"clean_text": True})
     with pytest.raises(CacheError, match=f"differs from {other}"):
         predict(out, other, str(tmp_path / "p.csv"))
+
+
+# Stage-2 runs (fine-tuned top text layers) on a cache made with tests/word_tower.py's pure-torch text backbone:
+# the stage-2 tests of test_finetune.py / test_predict_data.py extract features with a model, too slow per mutant.
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory):
+    with wt.registered():
+        yield wt.stage2_runs(tmp_path_factory.mktemp("mutstage2"))
+
+
+def check_stage2(runs, kind: str, mode: str, tmp_path):
+    """predict's probabilities are the in-memory models' with `mode`'s text forward, its tags their argmax, the
+    invalid rows (wt.INVALID, also mid-split) the fallback in place."""
+    run_dir, models = runs[kind]
+    rows, want = wt.in_memory(runs, models, mode)
+    other = wt.in_memory(runs, models, "full" if mode == "cached" else "cached")[1]
+    alone = wt.in_memory(runs, models, mode, layers=False)[1]
+    # what a wrong branch would compute (the other text forward, the heads without the fine-tuned layers)
+    # differs beyond the written precision, so the equality below tells them apart
+    assert np.abs(other - want).max() > 10 * wt.ATOL and np.abs(alone - want).max() > 0.05
+    res = predict(run_dir, runs["cache"], str(tmp_path / "p.csv"), proba=True)
+    lines, data = read(tmp_path / "p.csv"), load_cache(runs["cache"], keys=())
+    test = data.rows("test")
+    ok = data.valid[test]
+    assert np.flatnonzero(~ok).tolist() == list(wt.INVALID) and rows.tolist() == test[ok].tolist()
+    assert [r["guid"] for r in lines] == [data.guids[i] for i in test]
+    proba = np.array([[float(r[f"p_{c}"]) if r[f"p_{c}"] else np.nan for c in CLASSES] for r in lines])
+    assert np.isnan(proba[~ok]).all()
+    np.testing.assert_allclose(proba[ok], want, atol=wt.ATOL, rtol=0)
+    tags = np.full(test.size, fallback_tag(run_dir, CLASSES), dtype=object)
+    tags[ok] = np.array(CLASSES)[want.argmax(1)]
+    assert [r["tag"] for r in lines] == tags.tolist() and len(set(tags[ok])) >= 2
+    assert res.invalid == [data.guids[test[k]] for k in wt.INVALID] and res.written == test.size
+    assert res.tags == {t: int((tags == t).sum()) for t in set(tags)}
+
+
+def test_stage2_cached_run_predicts_with_its_text_layers_on_the_stored_states(stage2, tmp_path):
+    check_stage2(stage2, "cached", "cached", tmp_path)
+
+
+def test_stage2_full_run_predicts_with_the_whole_text_tower(stage2, tmp_path):
+    check_stage2(stage2, "full", "full", tmp_path)
+
+
+def test_stage2_crossfit_run_averages_its_fold_models(stage2, tmp_path):
+    """K = 2: each fold head with its own text layers, probabilities averaged (not fold 0's alone)."""
+    check_stage2(stage2, "crossfit", "cached", tmp_path)
+    models = stage2["crossfit"][1]
+    first = wt.in_memory(stage2, models[:1], "cached")[1]
+    assert np.abs(first - wt.in_memory(stage2, models, "cached")[1]).max() > 10 * wt.ATOL
