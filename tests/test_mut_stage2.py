@@ -7,40 +7,26 @@ import pytest
 import torch
 from torch import nn
 
-from featcache.backbones.base import TextEncoder, masked_mean
 from heads.data.text_layers import stage2_keys, text_batch
 from heads.fusions import HeadConfig, HeadDims, create_fusion
 from heads.fusions.base import NORMED
 from heads.train.text_model import FinetuneModel
+from tests.word_tower import BlockTower
 
 L, D, VOCAB, B, T = 7, 16, 50, 6, 9
 
 
-class TinyTower(TextEncoder):
-    """Embedding, L tanh(linear) blocks, a final linear; pooled = masked mean of the tokens."""
+class TinyTower(BlockTower):
+    """tests/word_tower.py's BlockTower with L blocks, seeded by torch.manual_seed(0)."""
 
     token_dim = pooled_dim = D
     max_len = T
     num_layers = L
-    layer_table = {"layers": "blocks", "post": ("post",)}
+    vocab = VOCAB
 
     def __init__(self):
-        super().__init__()
         torch.manual_seed(0)
-        self.emb = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(nn.Linear(D, D) for _ in range(L))
-        self.post = nn.Linear(D, D)
-
-    def embed(self, batch):
-        return self.emb(batch["input_ids"])
-
-    def run_block(self, block, hidden, batch):
-        return torch.tanh(block(hidden)) * batch["attention_mask"][..., None]
-
-    def finish(self, hidden, batch):
-        tokens = self.post(hidden)
-        return {"tokens": tokens, "mask": batch["attention_mask"].bool(),
-                "pooled": masked_mean(tokens, batch["attention_mask"])}
+        super().__init__()
 
 
 def text_head(fusion: str) -> nn.Module:

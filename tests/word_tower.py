@@ -37,19 +37,41 @@ WORDS = [[f"w{c}{k}" for k in range(6)] for c in range(3)] + [[f"any{k}" for k i
 ATOL = 2e-6  # predict writes probabilities with 6 decimals
 
 
-class WordTower(TextEncoder):
-    """Word ids (crc32 of each word) -> embedding, L tanh(linear) blocks, a final linear; pooled = masked mean."""
+class BlockTower(TextEncoder):
+    """Embedding, num_layers tanh(linear) blocks, a final linear; pooled = masked mean of the tokens. A subclass
+    sets token_dim = pooled_dim, max_len, num_layers and vocab (also used by tests/test_mut_stage2.py)."""
+
+    layer_table = {"layers": "blocks", "post": ("post",)}
+    vocab: int
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(self.vocab, self.token_dim)
+        self.blocks = nn.ModuleList(nn.Linear(self.token_dim, self.token_dim) for _ in range(self.num_layers))
+        self.post = nn.Linear(self.token_dim, self.token_dim)
+
+    def embed(self, batch):
+        return self.emb(batch["input_ids"])
+
+    def run_block(self, block, hidden, batch):
+        return torch.tanh(block(hidden)) * batch["attention_mask"][..., None]
+
+    def finish(self, hidden, batch):
+        tokens = self.post(hidden)
+        return {"tokens": tokens, "mask": batch["attention_mask"].bool(),
+                "pooled": masked_mean(tokens, batch["attention_mask"])}
+
+
+class WordTower(BlockTower):
+    """Word ids (crc32 of each word) -> BlockTower, with fixed weights."""
 
     token_dim = pooled_dim = D
     max_len = T
     num_layers = L
-    layer_table = {"layers": "blocks", "post": ("post",)}
+    vocab = VOCAB
 
     def __init__(self):
         super().__init__()
-        self.emb = nn.Embedding(VOCAB, D)
-        self.blocks = nn.ModuleList(nn.Linear(D, D) for _ in range(L))
-        self.post = nn.Linear(D, D)
         g = torch.Generator().manual_seed(0)  # the same weights every time it is built (as a checkpoint)
         with torch.no_grad():
             for p in self.parameters():
@@ -62,17 +84,6 @@ class WordTower(TextEncoder):
             ids[i, :len(words)] = torch.tensor([zlib.crc32(w.encode()) % (VOCAB - 1) + 1 for w in words])
             mask[i, :len(words)] = True
         return {"input_ids": ids, "attention_mask": mask}
-
-    def embed(self, batch):
-        return self.emb(batch["input_ids"])
-
-    def run_block(self, block, hidden, batch):
-        return torch.tanh(block(hidden)) * batch["attention_mask"][..., None]
-
-    def finish(self, hidden, batch):
-        tokens = self.post(hidden)
-        return {"tokens": tokens, "mask": batch["attention_mask"].bool(),
-                "pooled": masked_mean(tokens, batch["attention_mask"])}
 
 
 def write_cache(path: str) -> str:
