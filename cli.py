@@ -344,6 +344,9 @@ VAL_SPLIT_HELP = ("Validation rows: auto = the data's own dev/val/validation spl
 SPLIT_FILE_HELP = ("A published split: `id,split` lines, or a folder of train/dev/val/test.txt id lists. "
                    "Mismatched ids are reported; unlisted rows are not used.")
 METRIC_HELP = "Early-stopping metric: macro_f1 | accuracy | weighted_f1 | auroc (two classes: ROC-AUC of class 1)"
+MEMORY_BUDGET_HELP = ("Feature arrays read into memory at most (auto = RAM/8, 0 = always stream, or 4GB, "
+                      "512MB, ...). A head whose arrays need more reads them from the cache in shuffled blocks "
+                      "(README: Caches larger than memory).")
 
 @command(heads_app, "train")
 def heads_train_cmd(
@@ -381,6 +384,9 @@ def heads_train_cmd(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; "
                                   "auto = bf16 where the CPU/GPU computes it natively."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = every core). 1 is faster when other work "
+                                "shares the cores."),
+    memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP),
     plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<fusion>-<modality>-s<seed>-"
                                        "<time>)."),
@@ -404,7 +410,7 @@ def heads_train_cmd(
         modality_dropout=modality_dropout, epochs=epochs, batch_size=batch_size, lr=lr, hidden=hidden,
         patience=patience, seed=seed, val_ratio=val_ratio, test_ratio=test_ratio, val_split=val_split,
         split_file=split_file, image_aug_views=image_aug_views, metric=metric, tune_bias=tune_bias,
-        precision=precision, device=device, plots=plots)
+        precision=precision, device=device, threads=threads, memory_budget=memory_budget, plots=plots)
     _writable(out, "the run directory")
     check_out_dir(str(out))
     with _run_interrupts(out):
@@ -429,6 +435,7 @@ def heads_predict_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     proba: bool = typer.Option(False, "--proba", help="Also write each class's probability (p_<class> "
                                "columns after guid,tag; empty for invalid samples)."),
+    memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP + " With --cache, stage-1 runs."),
 ):
     """Apply a trained head (or a cross-fit run's K heads, probabilities averaged) to every sample of a cache
     split, or of raw data (--data); invalid samples are listed, not dropped."""
@@ -438,7 +445,8 @@ def heads_predict_cmd(
         fail("give exactly one of --cache (extracted features) or --data (raw data, extracted for the run)")
     if data is None:
         _writable(out, "the predictions")
-        res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba)
+        res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba,
+                      memory_budget=memory_budget)
     else:
         for path, what in ((out, "the predictions"), (keep_cache, "the cache")):
             if path:
@@ -510,6 +518,8 @@ def heads_ablate_cmd(
     metric: str = typer.Option("macro_f1", help=METRIC_HELP),
     val_split: str = typer.Option("auto", help=VAL_SPLIT_HELP),
     split_file: str = typer.Option("", "--split-file", help=SPLIT_FILE_HELP),
+    memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP + " One budget for the whole grid: it "
+                                      "reads every feature array."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
 ):
     """Train a grid of heads from one cache loaded once (resumable), then write summaries and comparisons.
@@ -521,7 +531,7 @@ def heads_ablate_cmd(
     cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
                        folds=folds, progress=progress, seeds=parse_seeds(seeds),
                        base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
-                             "split_file": split_file})
+                             "split_file": split_file, "memory_budget": memory_budget})
     try:
         res = ablate(cfg, console=console)
     except KeyboardInterrupt as exc:  # finished runs survive any interruption (each appears whole, at its end)

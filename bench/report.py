@@ -36,6 +36,12 @@ ROWS = [
      "clean_image_load_s", "load_per_view_vs_clean_image", "~1x", None),
     ("crossfit.json", "`heads train --fusion film --folds 5` vs the single `heads train`", "folds_s", "single_s",
      "ratio", "<= 3x", lambda r: r <= 3),
+    ("stream.json", "streamed vs in-memory epoch throughput, 10x cache, file evicted (slower head)",
+     "memory_10x_epoch_s", "stream_10x_epoch_s", "stream_vs_memory_10x_min", ">= 0.7x", lambda r: r >= 0.7),
+    ("stream.json", "peak RSS at 50x (default budget, worst head) vs 4 GB", "peak_rss_gb_50x", "rss_target_gb",
+     "rss_50x_vs_target", "<= 1.0x", lambda r: r <= 1.0),
+    ("stream.json", "seconds per 1,000 rows at 50x vs 1x (streamed, worst head)", "s_per_1k_rows_50x",
+     "s_per_1k_rows_1x", "per_1k_rows_50x_vs_1x_max", "~1x (linear)", None),
 ]
 
 

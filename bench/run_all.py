@@ -9,7 +9,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHES = ["bench_extract.py", "bench_heads.py", "bench_epochs.py", "bench_finetune.py", "bench_ablate.py",
-           "bench_views.py", "bench_crossfit.py"]
+           "bench_views.py", "bench_crossfit.py", "bench_stream.py"]
 
 if __name__ == "__main__":
     only = sys.argv[1:] or BENCHES

@@ -38,7 +38,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from featcache.errors import ConfigError
 
 from .config import TrainConfig
-from .data.cache import DataError, load_cache
+from .data.cache import DataError
+from .data.stream import load_data
 from .data.split_file import read_split_file
 from .fusions import get_fusion, list_fusions
 from .parallel import count_workers, run_all
@@ -240,9 +241,10 @@ def is_done(run_dir: str, train_cfg: TrainConfig, cache: str | None = None) -> b
         return False
 
 
-def load_caches(paths: list[str]) -> dict:
-    """path -> CacheData, all of one dataset, with validity intersected so that splits agree across caches."""
-    datas = {p: load_cache(p) for p in paths}
+def load_caches(paths: list[str], budget: str = "auto") -> dict:
+    """path -> CacheData (StreamData over `budget`), all of one dataset, with validity intersected so that
+    splits agree across caches."""
+    datas = {p: load_data(p, budget=budget) for p in paths}
     first_path, first = next(iter(datas.items()))
     valid = first.valid.copy()
     for p, d in datas.items():
@@ -273,7 +275,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
     runs = expand(cfg)
     for r in runs:
         r.train.validate()  # every unknown name is reported before the first run
-    datas = load_caches(list(cfg.caches().values()))
+    datas = load_caches(list(cfg.caches().values()), cfg.base.get("memory_budget", "auto"))
     for r in runs:  # --metric auroc on a three-class cache: said before the first run
         check_metric_classes(r.train.optim.metric, datas[r.cache].classes, r.cache)
     say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console else None

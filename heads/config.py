@@ -24,6 +24,7 @@ from featcache.device import check_device_name
 from featcache.errors import ConfigError
 
 from .data.splits import SplitConfig
+from .data.stream import parse_budget
 from .data.text_layers import TEXT_FORWARDS
 from .fusions import FUSIONS, HeadConfig
 from .train.loop import OptimConfig
@@ -123,9 +124,13 @@ class TrainConfig(RunConfig):
     # views (clean or augmented), drawn with the run's seed; evaluation always uses the clean view. No effect
     # on a cache without views (metrics.json records the views actually used).
     image_aug_views: bool = True
+    # Bytes of feature arrays read into memory (auto | 0 | 4GB, 512MB, ...; heads.data.stream): a head whose
+    # arrays need more streams them from the cache file in shuffled blocks instead. auto = RAM / 8.
+    memory_budget: str = "auto"
 
     def validate(self) -> "TrainConfig":
         super().validate()
+        parse_budget(self.memory_budget)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"unknown precision {self.precision!r}; valid: {', '.join(PRECISIONS)}")
         if self.rdrop < 0:

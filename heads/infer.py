@@ -25,6 +25,7 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     """{"logits": (n,C) float32 numpy, and "gate": (n,) when the head exports one}. Leaves the model in eval."""
     model.eval()
     rows = np.asarray(rows, dtype=np.int64)
+    data.schedule(rows)  # a streamed cache reads these rows' blocks ahead (heads.data.stream)
     outs: dict[str, list] = {}
     for start in range(0, len(rows), batch_size):
         out = model(data.batch(rows[start:start + batch_size], device, model.inputs))

@@ -37,6 +37,7 @@ from featcache.outdir import atomic_file
 from featcache.text_tower import load_text_backbone
 
 from .data.cache import CacheData, load_cache
+from .data.stream import load_data
 from .data.text_layers import stage2_keys, with_text_inputs
 from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
 from .infer import infer, load_heads, mean_log_proba, softmax
@@ -66,9 +67,11 @@ def fallback_tag(run_dir: str, classes: list[str]) -> str:
 
 
 def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test", device: str = "auto",
-            batch_size: int | None = None, proba: bool = False) -> PredictResult:
+            batch_size: int | None = None, proba: bool = False, memory_budget: str = "auto") -> PredictResult:
     """Write `guid,tag` lines (with `proba`, also p_<class> per line) for every sample of `split`. A cross-fit
-    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average."""
+    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average.
+    A stage-1 run's cache is streamed from disk when its arrays need more than `memory_budget`
+    (heads.data.stream; the same numbers); stage 2 reads it into memory."""
     dev = resolve_device(device)
     if is_ensemble(run_dir):  # `heads ensemble`: its members' heads, probabilities averaged
         models, cfg = [], load_json(os.path.join(run_dir, "config.json"))
@@ -79,8 +82,10 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
     classes = cfg["classes"]
     n = flat.get("text_layers", 0) if cfg["stage"] == "finetune" else 0
     text_forward = flat.get("text_forward", "cached")
-    if not isinstance(cache, CacheData):
-        cache = load_cache(str(cache), keys=keys + (stage2_keys(text_forward) if n else ()), texts=bool(n))
+    if not isinstance(cache, CacheData) and n:
+        cache = load_cache(str(cache), keys=keys + stage2_keys(text_forward), texts=True)
+    elif not isinstance(cache, CacheData):
+        cache = load_data(str(cache), keys=keys, budget=memory_budget)
     data = cache
     check_cache(run_dir, cfg, data.path, data.meta, data.classes)
 

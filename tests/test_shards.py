@@ -33,6 +33,7 @@ from featcache.digest import file_sha256
 from featcache.extract.config import ExtractConfig
 from featcache.extract.engine import extract
 from heads.data.cache import load_cache
+from heads.data.stream import load_data
 from mvsa_fixtures import require_mvsa
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -181,6 +182,17 @@ def test_slurm_shards_manifest_merge_info_train(slurm_shards, reference, tmp_pat
                "--fusion", "concat", "--out", tmp_path / "run")
     assert res.exit_code == 0, res.output
     assert (tmp_path / "run" / "metrics.json").exists()
+    # a manifest streams too (--memory-budget 0: blocks read across the two shards), with the in-memory numbers
+    preds = []
+    for budget in ("auto", "0"):
+        res = _cli("heads_app", "predict", "--run", tmp_path / "run", "--cache", manifest, "--proba",
+                   "--memory-budget", budget, "--out", tmp_path / f"p{budget}.csv")
+        assert res.exit_code == 0, res.output
+        preds.append((tmp_path / f"p{budget}.csv").read_text())
+    assert preds[0] == preds[1] and len(preds[0].splitlines()) == 9
+    st = load_data(str(manifest), budget="0", block_rows=4)
+    assert st.batch(np.arange(16), keys=("image_tokens",))["image_tokens"].equal(
+        load_cache(reference).batch(np.arange(16), keys=("image_tokens",))["image_tokens"])
 
 
 def test_reader_refuses_missing_changed_and_foreign_shards(slurm_shards, tmp_path):

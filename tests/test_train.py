@@ -301,7 +301,7 @@ OLD_TRAIN = {"fusion": "gmu", "modality": "both", "loss": "ce", "label_smoothing
              "grad_clip": 1.0, "metric": "macro_f1", "val_ratio": 0.2, "test_ratio": 0.0, "seed": 0, "folds": 0,
              "fold": 0, "val_split": "auto", "split_file": "",
              "tune_bias": False, "image_aug_views": True, "device": "auto", "precision": "auto",
-             "threads": 0, "eval_batch_size": 1024, "plots": False}
+             "threads": 0, "eval_batch_size": 1024, "plots": False, "memory_budget": "auto"}
 OLD_HEAD = {"text_dim": 16, "text_pooled_dim": 16, "image_dim": 12, "image_pooled_dim": 20, "num_classes": 3,
             "hidden": 32, "dropout": 0.1, "attn_heads": 4, "modality": "both", "modality_dropout": 0.0}
 OLD_FINETUNE = {"cache": "cache.h5", "unfreeze_text": 0, "init": None, "fusion": "gmu", "modality": "both",

@@ -34,9 +34,10 @@ def is_manifest(path: str) -> bool:
     return str(path).endswith(".json")
 
 
-def open_cache(path: str):
-    """A CacheReader for a cache file, a ShardedReader for a manifest (*.json)."""
-    return ShardedReader(str(path)) if is_manifest(path) else CacheReader(str(path))
+def open_cache(path: str, verify: bool = True):
+    """A CacheReader for a cache file, a ShardedReader for a manifest (*.json). verify=False skips the shards'
+    sha256 (a whole read of every shard): for a process re-opening a manifest that was verified when loaded."""
+    return ShardedReader(str(path), verify) if is_manifest(path) else CacheReader(str(path))
 
 
 def _shard_info(path: str, reader: CacheReader) -> dict:
@@ -105,8 +106,8 @@ def _read_manifest(path: str) -> dict:
 class ShardedReader(MetaView):
     """CacheReader's interface over the shards of a manifest, after checking every one of them."""
 
-    def __init__(self, path: str):
-        self.path, self.readers = path, []
+    def __init__(self, path: str, verify: bool = True):
+        self.path, self.readers, self.verify = path, [], verify
         doc = _read_manifest(path)
         self.key, self.shards = doc["key"], doc["shards"]
         where = os.path.dirname(os.path.abspath(path))
@@ -129,7 +130,7 @@ class ShardedReader(MetaView):
         if not os.path.exists(file):
             raise CacheError(f"{self.path}: shard {s['path']} (rows {s['start']}..{s['stop']}) is missing; "
                              f"{rerun} or restore the file")
-        digest = file_sha256(file)
+        digest = file_sha256(file) if self.verify else s["sha256"]
         if digest != s["sha256"]:
             raise CacheError(f"{self.path}: shard {s['path']} has changed since the manifest was written "
                              f"(sha256 {digest[:16]}, manifest {s['sha256'][:16]}); {rerun}")
@@ -163,7 +164,32 @@ class ShardedReader(MetaView):
         return [s for r in self.readers for s in r.strings(name)]
 
     def array(self, name: str) -> np.ndarray:
-        return np.concatenate([r.array(name) for r in self.readers])
+        """The whole array, each shard read straight into its rows (no per-shard copies to concatenate: a
+        load's peak memory stays the array's size)."""
+        first = self.readers[0].f[name]
+        if first.dtype.kind == "O":  # strings: small
+            return np.concatenate([r.array(name) for r in self.readers])
+        out, start = np.empty((len(self),) + first.shape[1:], dtype=first.dtype), 0
+        for r in self.readers:
+            n = len(r)
+            if n:
+                r.f[name].read_direct(out, dest_sel=np.s_[start:start + n])
+            start += n
+        return out
+
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop across shards (one slice per shard it touches)."""
+        parts, base = [], 0
+        for r in self.readers:
+            n = len(r)
+            lo, hi = max(start, base), min(stop, base + n)
+            if lo < hi:
+                parts.append(r.rows(name, lo - base, hi - base))
+            base += n
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def chunk_rows(self, name: str) -> int:
+        return self.readers[0].chunk_rows(name)
 
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = self.readers[0].datasets()

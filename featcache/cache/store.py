@@ -362,6 +362,16 @@ class CacheReader(MetaView):
         """The whole array in memory, in its stored dtype (fp16 stays fp16)."""
         return self.f[name][:]
 
+    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
+        """Rows start..stop of an array: one contiguous hyperslab, so one run of whole chunks (row_chunk) when
+        start and stop are chunk-aligned. Streaming heads (heads.data.stream) read nothing else."""
+        return self.f[name][start:stop]
+
+    def chunk_rows(self, name: str) -> int:
+        """Rows per HDF5 chunk of an array (all of them for a contiguous one)."""
+        d = self.f[name]
+        return d.chunks[0] if d.chunks else d.shape[0]
+
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = {}
         self.f.visititems(lambda k, v: out.__setitem__(k, (v.shape, str(v.dtype)))

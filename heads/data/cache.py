@@ -73,20 +73,16 @@ class CacheData:
     targets: list[str] | None = None  # samples/target (Twitter: the texts' second segment), None without
     device: torch.device | None = None  # set by to_device: features and views live there
     lengths: torch.Tensor | None = None  # (N,) on the host, with `device`: each row's used text positions
-    normed: dict = field(default_factory=dict, repr=False)  # (key, dtype) -> normalized(key, dtype), memoised
 
-    def normalized(self, key: str, dtype: torch.dtype) -> torch.Tensor:
-        """features[key] LayerNorm-normalised over its last dim without affine (eps as nn.LayerNorm's), stored
-        as `dtype`; computed once per load, so that training steps skip the heads' projector LayerNorm
-        (heads.fusions.base.Projector.normed). Padded text positions are normalised too: they stay finite."""
-        if (key, dtype) not in self.normed:
-            x = self.features[key]
-            out = torch.empty(x.shape, dtype=dtype)
-            for s in range(0, len(x), 512):  # in row chunks: no full-size fp32 copy
-                chunk = x[s:s + 512].float()
-                out[s:s + 512] = torch.nn.functional.layer_norm(chunk, chunk.shape[-1:], eps=LN_EPS)
-            self.normed[(key, dtype)] = out
-        return self.normed[(key, dtype)]
+    def normalize(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows `x` of a token array LayerNorm-normalised over the last dim without affine (eps as nn.LayerNorm's),
+        rounded to `dtype`: what training steps read instead of running the heads' projector LayerNorm
+        (heads.fusions.base.Projector.normed). Per batch, never for the whole array: a normalised copy of the
+        token arrays would double the memory of a load (#21). Padded text positions are normalised too: they
+        stay finite."""
+        if x.dtype == dtype == torch.float16:  # fp16 in and out, fp32 inside: 3x cheaper than through fp32 copies
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=LN_EPS)
+        return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS).to(dtype)
 
     def to_device(self, device: torch.device) -> "CacheData":
         """Move every array to a CUDA `device` (in place: an ablation shares one load; arrays added since, e.g.
@@ -104,6 +100,14 @@ class CacheData:
         self.device = device
         return self
 
+    def epoch_order(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """Positions into `rows` in the order one training epoch visits them: a seeded permutation of all of
+        them (heads.data.stream shuffles by blocks instead)."""
+        return torch.randperm(len(rows), generator=gen)
+
+    def schedule(self, rows) -> None:
+        """Rows the next batches will read, in order: nothing to do in memory (heads.data.stream reads ahead)."""
+
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
 
@@ -119,8 +123,8 @@ class CacheData:
               normed_dtype=torch.float16) -> dict[str, torch.Tensor]:
         """Rows `idx` as a batch dict (only `keys`, default FEATURES): floating arrays in fp32, masks bool, token
         ids as stored. `views` (one int per row, 0 = clean, k = augmented view k) picks the image features.
-        Keys in `normed` (host only, without views) come as key + "_normed" from normalized(key, normed_dtype)
-        instead: bf16 as stored (bf16 training reads nothing else), fp16 in fp32.
+        Keys in `normed` (host only, without views) come as key + "_normed", normalize()d and rounded to
+        normed_dtype: bf16 stays bf16 (bf16 training reads nothing else), fp16 comes in fp32.
 
         Text positions that are padding in every row of the batch are cut off. That is exact (heads and text
         layers ignore padding) and it is the cheapest speed-up there is: tweets are much shorter than
@@ -132,25 +136,32 @@ class CacheData:
             return self._device_batch(idx, keys, views)  # (an array added after to_device: the host path)
         mask, length = None, 1
         if any(k in TEXT_SEQUENCES for k in keys):  # pooled-only heads skip the mask work entirely
-            mask = self.features["text_mask"].index_select(0, idx)
+            mask = self._gather("text_mask", idx)
             used = mask.any(0).nonzero()
             length = int(used[-1]) + 1 if used.numel() else 1
         out = {}
         for k in keys:
-            if k in normed:
-                x = self.normalized(k, normed_dtype).index_select(0, idx)
-                x = x[:, :length] if k in TEXT_SEQUENCES else x
-                out[k + "_normed"] = x if x.dtype == torch.bfloat16 else x.float()
-                continue
-            x = mask if k == "text_mask" else self.features[k].index_select(0, idx)
+            x = mask if k == "text_mask" else self._gather(k, idx)
             if views is not None and k in self.views:
                 aug = torch.as_tensor(views) > 0
                 if aug.any():
-                    x[aug] = self.views[k][idx[aug], torch.as_tensor(views)[aug] - 1]
+                    x[aug] = self._gather_views(k, idx[aug], torch.as_tensor(views)[aug] - 1)
             if k in TEXT_SEQUENCES:
                 x = x[:, :length]
+            if k in normed:
+                x = self.normalize(x, normed_dtype)
+                out[k + "_normed"] = x if x.dtype == torch.bfloat16 else x.float()
+                continue
             out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
         return out
+
+    def _gather(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx of one feature array, as stored (heads.data.stream reads them from disk instead)."""
+        return self.features[key].index_select(0, idx)
+
+    def _gather_views(self, key: str, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Augmented view view[r] of row idx[r] of one feature array."""
+        return self.views[key][idx, view]
 
     def _device_batch(self, idx: torch.Tensor, keys, views) -> dict[str, torch.Tensor]:
         """batch() on arrays already on the GPU: the same values, without a host sync (no boolean indexing, the

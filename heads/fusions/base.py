@@ -88,7 +88,7 @@ class Projector(nn.Sequential):
     """LayerNorm then Linear (state-dict keys 0.* and 1.*, as the plain Sequential of older runs).
 
     `normed(x_hat)` is the same map on features that are already normalised without the affine (what
-    CacheData.normalized stores once per load): LN's gain and shift are folded into the Linear,
+    CacheData.normalize computes per batch): LN's gain and shift are folded into the Linear,
     W (g * x_hat + s) + b = (W * g) x_hat + (W s + b), so a training step skips the LayerNorm forward and
     backward over every (B, L, D) token array, the largest tensors of a step. The fold is exact in real
     arithmetic; in floating point it rounds differently from LN then Linear."""
@@ -117,7 +117,7 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
                          nn.Linear(hidden, num_classes))
 
 
-NORMED = "_normed"  # batch key suffix: the features LayerNorm-normalised without affine (CacheData.normalized)
+NORMED = "_normed"  # batch key suffix: the features LayerNorm-normalised without affine (CacheData.normalize)
 INPUTS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
 
 
@@ -194,7 +194,7 @@ class FusionHead(nn.Module):
         projector (times its keep factor), a switched-off modality as zeros without computing its projection.
         Padded text positions are projected too (a group is cut to its longest row, so there are few): the heads
         drop them by masked pooling and masked keys, and their values are finite (the cache stores real
-        backbone states there and CacheData.normalized keeps them finite)."""
+        backbone states there and CacheData.normalize keeps them finite)."""
         normed_t, normed_i = normed
         shape = lambda x: (*x.shape[:2], self.cfg.hidden)  # noqa: E731
         t = (self.proj_t.normed if normed_t else self.proj_t)(text) if self.active("text") else \

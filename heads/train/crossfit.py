@@ -30,7 +30,8 @@ from featcache.env import environment
 from featcache.errors import ConfigError
 
 from ..config import TrainConfig
-from ..data.cache import CacheData, load_cache
+from ..data.cache import CacheData
+from ..data.stream import data_record, describe_stream, load_data
 from ..fusions import get_fusion
 from ..infer import mean_log_proba, softmax
 from ..report import figures
@@ -69,7 +70,9 @@ def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_di
     cfg.validate()
     t_start = time.perf_counter()
     if not isinstance(data, CacheData):  # once, for all K heads
-        data = load_cache(str(data), keys=get_fusion(cfg.head.fusion).inputs)
+        data = load_data(str(data), keys=get_fusion(cfg.head.fusion).inputs, budget=cfg.memory_budget)
+        if console is not None and data_record(data)["streamed"]:
+            console.print(describe_stream(data), markup=False, highlight=False, soft_wrap=True)
     # Each fold head is early-stopped on its own fold; bias and plots belong to the whole run.
     results = [train(fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio), data)
                for fc in fold_configs(cfg, folds)]

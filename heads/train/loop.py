@@ -3,6 +3,7 @@ on a validation score with the best weights restored at the end.
 
 The Trainer knows nothing about heads, batches or losses. It is given:
     loss_fn(model, idx)  -> scalar loss for training rows idx (positions 0..n_train-1, a LongTensor)
+    order(gen)           -> optional: the epoch's permutation of those positions (default torch.randperm)
     evaluate(model)      -> dict of validation numbers, containing the key `metric` (higher is better)
 and it owns only the optimisation schedule (OptimConfig). Shuffling uses its own seeded generator so that a run is
 repeatable independently of whatever else consumed the global RNG.
@@ -64,7 +65,10 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
 
 class Trainer:
     def __init__(self, model: torch.nn.Module, cfg: OptimConfig, seed: int, n_train: int, loss_fn, evaluate,
-                 on_epoch=None, lr_groups=None, eval_at_start: bool = False, grad_accum: int = 1):
+                 on_epoch=None, lr_groups=None, eval_at_start: bool = False, grad_accum: int = 1, order=None):
+        # order(gen) -> the epoch's permutation of 0..n_train-1 (None: torch.randperm). A cache streamed from
+        # disk visits its rows block by block (heads.data.stream); the Trainer only draws from `gen`.
+        self.order = order
         # eval_at_start: score the model before any step and keep it (best_epoch 0) unless an epoch beats it.
         # Stage 2 starts from a head that was already chosen as best on this validation split; without this,
         # a fine-tune that only overfits would still replace it with its least bad epoch.
@@ -102,7 +106,7 @@ class Trainer:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             model.train()
-            perm = torch.randperm(self.n_train, generator=gen)
+            perm = self.order(gen) if self.order else torch.randperm(self.n_train, generator=gen)
             loss_sum = None  # on the loss's device: summed there, read once per epoch (no sync per step)
             opt.zero_grad()
             for s in range(steps_per_epoch):

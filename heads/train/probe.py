@@ -54,8 +54,8 @@ def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:
-    f = data.features
-    return np.concatenate([f["text_pooled"][rows].float().numpy(), f["image_pooled"][rows].float().numpy()], 1)
+    b = data.batch(rows, keys=("text_pooled", "image_pooled"))  # through the batcher: a streamed cache too
+    return np.concatenate([b["text_pooled"].numpy(), b["image_pooled"].numpy()], 1)
 
 
 def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> dict:

@@ -3,7 +3,7 @@
     cfg = TrainConfig.from_flat(fusion="film", seed=0)
     result = train(cfg, "cache/mvsa.h5", "runs/film")          # or train(cfg, load_cache(...), ...)
 
-`train` accepts an already loaded CacheData so that an ablation loads the cache once and trains many
+`train` accepts an already loaded CacheData (or a StreamData: heads.data.stream) so that an ablation loads the cache once and trains many
 configs from memory; with out_dir=None nothing is written. Runs are repeatable: the seed fixes the split,
 the initialisation, dropout, modality dropout and the batch order.
 """
@@ -20,7 +20,8 @@ from featcache.device import resolve_device
 from featcache.env import environment
 
 from ..config import TrainConfig
-from ..data.cache import CacheData, load_cache
+from ..data.cache import CacheData
+from ..data.stream import data_record, describe_stream, load_data
 from ..data.splits import Split, split_labelled
 from ..fusions import HeadDims, create_fusion, get_fusion
 from ..infer import infer, softmax
@@ -52,10 +53,12 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     cfg.validate()
     t_start = time.perf_counter()
     if not isinstance(data, CacheData):  # read only what this head consumes
-        data = load_cache(str(data), keys=get_fusion(cfg.head.fusion).inputs)
+        data = load_data(str(data), keys=get_fusion(cfg.head.fusion).inputs, budget=cfg.memory_budget)
     t_loaded = time.perf_counter()
     check_metric_classes(cfg.optim.metric, data.classes, data.path)
     say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console is not None else None
+    if say and data_record(data)["streamed"]:
+        say(describe_stream(data))
     split = split_labelled(data, cfg.split, cfg.seed, say)
     device = resolve_device(cfg.device)
     data.to_device(device)  # CUDA: the arrays move to the GPU once (an ablation's later runs find them there)
@@ -75,6 +78,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     metrics, bias = _score(cfg, model, data, split, device, logits)
     metrics["counts"] = split.counts
     metrics["image_views_used"] = n_views
+    metrics["data"] = data_record(data)
     metrics["fusion"], metrics["modality"], metrics["metric"] = cfg.head.fusion, cfg.head.modality, cfg.optim.metric
     metrics["best_epoch"], metrics["epochs_run"] = trainer.best_epoch, len(history)
     metrics["head_params"] = sum(p.numel() for p in model.parameters())  # size axis of the report page
@@ -98,8 +102,8 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
     train_rows = torch.from_numpy(split.train)
     y_val = data.labels[split.val]
     view_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: views do not shift the batch order
-    # Training steps read the token arrays pre-normalised (once per load; Projector.normed folds the LayerNorm's
-    # affine into its Linear): no LayerNorm forward and backward over (B, L, D) per step. On the CPU without
+    # Training steps read the token arrays pre-normalised (by the batcher, without autograd; Projector.normed
+    # folds the LayerNorm's affine into its Linear): no LayerNorm backward over (B, L, D) per step. On the CPU without
     # image views (a GPU batch is gathered on the device; a view is a different array). Validation and
     # predict keep the plain path, so predictions of older runs do not move.
     normed = model.prenorm if device.type == "cpu" and not n_views else ()
@@ -122,7 +126,8 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
         val_loss = float(loss(torch.from_numpy(logits), torch.from_numpy(y_val)))
         return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes), logits)}
 
-    return Trainer(model, cfg.optim, cfg.seed, len(split.train), loss_fn, evaluate)
+    return Trainer(model, cfg.optim, cfg.seed, len(split.train), loss_fn, evaluate,
+                   order=lambda gen: data.epoch_order(split.train, gen))
 
 
 def _score(cfg: TrainConfig, model, data: CacheData, split: Split, device, logits: np.ndarray):

@@ -1,0 +1,267 @@
+"""Caches larger than memory: batches read straight from the cache file, in bounded memory.
+
+    data = load_data("cache/big.h5", keys=fusion.inputs, budget="auto")   # CacheData or StreamData
+
+`load_data` keeps today's in-memory path (heads.data.cache.CacheData) whenever the arrays a head reads fit the
+memory budget, and returns a StreamData otherwise: the same interface (labels, splits, guids in memory; `batch`,
+`rows`, `dims`), but the feature arrays stay on disk and are read in *blocks*: `block_rows` consecutive rows
+of every array a head reads, one contiguous hyperslab each (a run of whole HDF5 chunks: featcache writes
+row-chunked arrays, heads.data.stream never uses HDF5 fancy indexing over scattered rows).
+
+Shuffling (the one thing that differs from the in-memory path): an epoch visits the training rows' blocks in
+a seeded random order and, `buffer_blocks` blocks at a time, the rows inside those blocks in a seeded random
+order. A batch therefore mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from the
+whole split; every row is still seen once per epoch. Validation, test and `predict` read the same values as
+the in-memory path, so their numbers are identical.
+
+A background thread reads the blocks ahead of the batches in the order the epoch (or inference) will need
+them (`schedule`). It opens the file itself, per process: h5py handles are not fork-safe, and the forked
+workers of an ablation each open their own.
+"""
+from __future__ import annotations
+
+import os
+import re
+import threading
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from featcache.cache.manifest import open_cache
+from featcache.errors import ConfigError
+
+from .cache import FEATURES, TEXT_STATES, VIEWS, CacheData, load_cache
+
+RAM_SHARE = 8  # budget "auto": an eighth of the machine's RAM, so that the arrays, the forked workers of an
+# ablation and the page cache of a streamed file fit beside each other (and a 50x MVSA cache trains in 4 GB)
+BLOCK_BYTES = 4 << 20  # a block reads at least this much of the widest array (one of featcache's 4 MiB chunks)
+BUFFER_BLOCKS = 16  # blocks whose rows are shuffled together
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "m": 1 << 20, "mb": 1 << 20, "g": 1 << 30, "gb": 1 << 30,
+          "t": 1 << 40, "tb": 1 << 40}
+
+
+def ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def parse_budget(text: str | int | None) -> int:
+    """Bytes of a memory budget: "auto" (RAM / RAM_SHARE), "0" (always stream), or a size such as 4GB, 512MB."""
+    if text is None or str(text).strip().lower() == "auto":
+        return ram_bytes() // RAM_SHARE
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"memory budget {text!r} is not a size: use auto, 0 (always stream), or a number with "
+                          "a unit such as 512MB, 4GB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def _streamed(reader, keys) -> dict[str, str]:
+    """batch key -> dataset name of every array the head reads (views keyed 'views:' + key)."""
+    names = {k: FEATURES[k] for k in FEATURES if k in keys}
+    if TEXT_STATES[0] in keys and reader.has(TEXT_STATES[1]) and reader.start_layer is not None:
+        names[TEXT_STATES[0]] = TEXT_STATES[1]
+    names.update({"views:" + k: n for k, n in VIEWS.items() if k in keys and reader.has(n)})
+    return names
+
+
+def load_data(path: str, keys=None, texts: bool = False, budget: str | int | None = "auto",
+              block_rows: int | None = None, buffer_blocks: int = BUFFER_BLOCKS) -> CacheData:
+    """The cache in memory (load_cache) when the arrays `keys` name fit `budget` bytes, else a StreamData
+    reading blocks of `block_rows` rows (None: whole chunks, at least BLOCK_BYTES of the widest array)."""
+    keys = list(FEATURES) if keys is None else list(keys)
+    limit = parse_budget(budget)
+    with open_cache(path) as r:  # verifies a manifest's shards once; the streaming readers then skip it
+        stored = r.datasets()
+        names = _streamed(r, keys)
+        need = sum(int(np.prod(stored[n][0], dtype=np.int64)) * np.dtype(stored[n][1]).itemsize
+                   for n in names.values() if n in stored)
+        chunks = {n: r.chunk_rows(n) for n in names.values() if n in stored}
+        start = r.start_layer if TEXT_STATES[0] in names else None
+    if need <= limit:
+        return load_cache(path, keys, texts)
+    meta = load_cache(path, keys=(), texts=texts)  # labels, guids, splits, shapes: everything but the arrays
+    # Blocks are whole chunks of the array with the widest rows (the token arrays, whose chunks are the
+    # fewest rows): one block is one contiguous run of chunks there and a contiguous slice of the others.
+    widest = max(names.values(), key=lambda n: int(np.prod(stored[n][0][1:], dtype=np.int64)) *
+                 np.dtype(stored[n][1]).itemsize)
+    row_bytes = int(np.prod(stored[widest][0][1:], dtype=np.int64)) * np.dtype(stored[widest][1]).itemsize
+    per = chunks[widest]
+    block = block_rows or -(-max(per, -(-BLOCK_BYTES // row_bytes)) // per) * per
+    views = next((stored[n][0][1] for k, n in names.items() if k.startswith("views:")), 0)
+    return StreamData(**{f: getattr(meta, f) for f in CacheData.__dataclass_fields__ if f != "start_layer"},
+                      start_layer=start, names=names, block_rows=block, buffer_blocks=buffer_blocks, budget=limit,
+                      need=need, n_views=views)
+
+
+def data_record(data: CacheData) -> dict:
+    """How a run read its cache (metrics.json "data"): in memory, or streamed with which blocks."""
+    if not isinstance(data, StreamData):
+        return {"streamed": False}
+    return {"streamed": True, "need_bytes": data.need, "budget_bytes": data.budget, "block_rows": data.block_rows,
+            "buffer_blocks": data.buffer_blocks}
+
+
+def describe_stream(data: "StreamData") -> str:
+    return (f"streaming {data.path}: the arrays this head reads need {data.need / 2**30:.2f} GiB, over the memory "
+            f"budget of {data.budget / 2**30:.2f} GiB (--memory-budget); reading blocks of {data.block_rows} rows, "
+            f"{data.buffer_blocks} blocks shuffled together")
+
+
+@dataclass
+class StreamData(CacheData):
+    """A CacheData whose feature arrays are read from disk block by block (module docstring)."""
+    names: dict = field(default_factory=dict)  # batch key -> dataset name (views: 'views:' + key)
+    block_rows: int = 0
+    buffer_blocks: int = BUFFER_BLOCKS
+    budget: int = 0  # what the arrays did not fit, and how much they need: said by `heads train`
+    need: int = 0
+
+    n_views: int = 0
+
+    def __post_init__(self):
+        self._blocks = _Blocks(self.path, self.names, self.block_rows, len(self.guids), 3 * self.buffer_blocks)
+        self.views = {k[len("views:"):]: None for k in self.names if k.startswith("views:")}  # batch() asks `in`
+
+    def num_views(self) -> int:
+        return self.n_views
+
+    def to_device(self, device) -> "StreamData":
+        return self  # batches move to the device one by one (batch(..., device))
+
+    def epoch_order(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
+        """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead."""
+        blk = np.asarray(rows) // self.block_rows
+        order = np.unique(blk)[torch.randperm(len(np.unique(blk)), generator=gen).numpy()]
+        parts = []
+        for g in range(0, len(order), self.buffer_blocks):
+            pos = np.flatnonzero(np.isin(blk, order[g:g + self.buffer_blocks]))
+            parts.append(pos[torch.randperm(len(pos), generator=gen).numpy()])
+        self._blocks.schedule(order)
+        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+
+    def schedule(self, rows) -> None:
+        blk = np.asarray(rows) // self.block_rows
+        _, first = np.unique(blk, return_index=True)
+        self._blocks.schedule(blk[np.sort(first)])
+
+    def _gather(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        return self._rows(key, idx)
+
+    def _gather_views(self, key: str, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        return self._rows("views:" + key, idx)[torch.arange(len(idx)), view]
+
+    def _rows(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+        """Rows idx of one array, from the blocks that hold them (each read once, then kept in the buffer)."""
+        idx = idx.numpy()
+        blk, off = idx // self.block_rows, torch.from_numpy(idx % self.block_rows)
+        ids = np.unique(blk)
+        if len(ids) <= 1:  # one block (or no rows)
+            return self._blocks.get(int(ids[0]) if len(ids) else 0)[key][off]
+        arrays = [self._blocks.get(int(b))[key] for b in ids]
+        out = torch.empty((len(idx),) + tuple(arrays[0].shape[1:]), dtype=arrays[0].dtype)
+        for b, a in zip(ids, arrays):
+            sel = torch.from_numpy(np.flatnonzero(blk == b))
+            out[sel] = a[off[sel]]
+        return out
+
+
+_LIVE = weakref.WeakSet()  # every _Blocks of this process, for the fork guard below
+
+
+def _before_fork() -> None:
+    # A fork while a thread is inside h5py would leave HDF5's lock held forever in the child (an ablation forks
+    # its workers from the process that loaded the cache): hold every reader's I/O lock across the fork.
+    for b in list(_LIVE):
+        b._io.acquire()
+
+
+def _after_fork_parent() -> None:
+    for b in list(_LIVE):
+        b._io.release()
+
+
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
+                    after_in_child=lambda: [setattr(b, "_io", threading.Lock()) for b in list(_LIVE)])
+
+
+class _Blocks:
+    """At most `capacity` blocks in memory, least recently used evicted first; a thread reads scheduled blocks
+    ahead of the reader (up to capacity / 3 ahead), each process with its own file handle."""
+
+    def __init__(self, path: str, names: dict, block_rows: int, n_rows: int, capacity: int):
+        self.path, self.names, self.block_rows, self.n_rows, self.capacity = path, names, block_rows, n_rows, capacity
+        self._pid, self._io = None, threading.Lock()
+        _LIVE.add(self)
+
+    def _fresh(self) -> None:
+        """(Re)open per process: after a fork the parent's handle, lock and thread are not usable."""
+        if self._pid == os.getpid():
+            return
+        self._pid, self._reader = os.getpid(), open_cache(self.path, verify=False)
+        self._cond, self._blocks, self._reading = threading.Condition(), OrderedDict(), set()
+        self._plan, self._next, self._gen = [], 0, 0
+        self._thread = threading.Thread(target=self._ahead, daemon=True, name="featcache-prefetch")
+        self._thread.start()
+
+    def _read(self, b: int) -> dict[str, torch.Tensor]:
+        lo, hi = b * self.block_rows, min(self.n_rows, (b + 1) * self.block_rows)
+        with self._io:  # (the fork guard)
+            return {k: torch.from_numpy(self._reader.rows(n, lo, hi)) for k, n in self.names.items()}
+
+    def _put(self, b: int, arrays) -> None:  # with the lock held
+        self._blocks[b] = arrays
+        self._blocks.move_to_end(b)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+    def schedule(self, blocks) -> None:
+        """The blocks the next reads will need, in order: the thread reads them ahead."""
+        self._fresh()
+        with self._cond:
+            self._plan, self._next, self._gen = [int(b) for b in blocks], 0, self._gen + 1
+            self._cond.notify_all()
+
+    def get(self, b: int) -> dict[str, torch.Tensor]:
+        self._fresh()
+        with self._cond:
+            while b in self._reading:  # the thread is reading it right now
+                self._cond.wait()
+            if b in self._plan[self._next:self._next + self.capacity // 3 + 1]:
+                self._next = self._plan.index(b, self._next) + 1  # the reader has moved on: read further ahead
+                self._cond.notify_all()
+            if b in self._blocks:
+                self._blocks.move_to_end(b)
+                return self._blocks[b]
+            self._reading.add(b)
+        try:
+            arrays = self._read(b)
+        finally:
+            with self._cond:
+                self._reading.discard(b)
+                self._cond.notify_all()
+        with self._cond:
+            self._put(b, arrays)
+        return arrays
+
+    def _ahead(self) -> None:
+        while True:
+            with self._cond:
+                b = None
+                while b is None:
+                    window = self._plan[self._next:self._next + self.capacity // 3]
+                    b = next((x for x in window if x not in self._blocks and x not in self._reading), None)
+                    if b is None:
+                        self._cond.wait()
+                self._reading.add(b)
+            try:
+                arrays = self._read(b)
+            except Exception:  # the reader that needs it reads it again and raises there
+                arrays = None
+            with self._cond:
+                self._reading.discard(b)
+                if arrays is not None:
+                    self._put(b, arrays)
+                self._cond.notify_all()

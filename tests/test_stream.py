@@ -1,0 +1,148 @@
+"""Caches larger than memory (heads.data.stream): a head over the memory budget reads its batches from disk.
+
+What must hold: the streamed batcher returns exactly the in-memory values (so validation, test and predict
+numbers are identical); an epoch still visits every training row once, in block-shuffled order whose batches
+touch a bounded number of blocks, repeatably per seed; training learns as well as in memory; the decision
+follows the budget, and a bad budget is a user mistake (exit 2).
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import heads_app
+from heads.config import TrainConfig
+from heads.data.stream import StreamData, load_data, parse_budget
+from heads.fusions import HeadDims, create_fusion, list_fusions
+from heads.infer import infer
+from heads.train.stage1 import train
+
+KEYS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
+
+
+def _cli(*args):
+    return CliRunner().invoke(heads_app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    from conftest import build_synthetic_cache  # noise 3: not separable, so orders and heads give other numbers
+    return build_synthetic_cache(str(tmp_path_factory.mktemp("stream") / "c.h5"), n_train=300, noise=3.0,
+                                 extra_invalid=(305,))
+
+
+def test_budget_decides_and_parses(cache):
+    assert type(load_data(cache, budget="auto")).__name__ == "CacheData"
+    streamed = load_data(cache, budget="1KB")
+    assert isinstance(streamed, StreamData) and streamed.need > 1024 and streamed.budget == 1024
+    # what a film head reads (text_pooled + image_tokens) fits a budget that all arrays do not
+    film = ("text_pooled", "image_tokens")
+    need = load_data(cache, keys=film, budget="0").need
+    assert not isinstance(load_data(cache, keys=film, budget=need), StreamData)
+    assert isinstance(load_data(cache, keys=film, budget=need - 1), StreamData)
+    assert parse_budget("4GB") == 4 << 30 and parse_budget("1.5 mb") == 3 << 19 and parse_budget("0") == 0
+    for bad in ("lots", "4XB", "-1GB"):
+        with pytest.raises(ValueError, match="not a size"):
+            parse_budget(bad)
+
+
+@pytest.mark.parametrize("block", [1, 7, 64])
+def test_streamed_batches_equal_memory(cache, block):
+    mem, st = load_data(cache), load_data(cache, budget="0", block_rows=block, buffer_blocks=2)
+    rng = np.random.default_rng(block)
+    for rows in (rng.permutation(len(mem))[:50], np.arange(len(mem)), np.array([3])):
+        for normed in ((), ("text_tokens", "image_tokens")):
+            a = mem.batch(rows, keys=KEYS, normed=normed)
+            b = st.batch(rows, keys=KEYS, normed=normed)
+            assert a.keys() == b.keys()
+            for k in a:
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("fusion", list_fusions())
+def test_inference_is_identical(cache, fusion):
+    mem, st = load_data(cache), load_data(cache, budget="0", block_rows=5, buffer_blocks=2)
+    torch.manual_seed(0)
+    model = create_fusion(TrainConfig.from_flat(fusion=fusion).head,
+                          HeadDims(**mem.dims(), num_classes=len(mem.classes)))
+    rows = np.flatnonzero(mem.valid)
+    assert np.array_equal(infer(model, mem, rows, batch_size=37)["logits"],
+                          infer(model, st, rows, batch_size=37)["logits"])
+
+
+def test_epoch_order_is_a_block_shuffle(cache):
+    st = load_data(cache, budget="0", block_rows=10, buffer_blocks=3)
+    rows = np.flatnonzero(st.valid & (st.splits == "train"))[::2]  # a split's rows: gaps, not every block full
+    orders = [st.epoch_order(rows, torch.Generator().manual_seed(s)) for s in (0, 0, 1)]
+    assert torch.equal(orders[0], orders[1]) and not torch.equal(orders[0], orders[2])  # seeded
+    for order in orders:
+        assert sorted(order.tolist()) == list(range(len(rows)))  # every row once
+        blocks = rows[order.numpy()] // 10
+        # bounded buffer: at any point of the epoch at most 3 blocks are open (begun and not yet finished)
+        span = {b: (np.flatnonzero(blocks == b)[0], np.flatnonzero(blocks == b)[-1]) for b in set(blocks)}
+        assert max(sum(lo <= i <= hi for lo, hi in span.values()) for i in range(len(blocks))) == 3
+        assert not np.all(np.diff(rows[order.numpy()]) > 0)  # shuffled inside the buffers
+    assert torch.equal(load_data(cache).epoch_order(rows, torch.Generator().manual_seed(0)),
+                       torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)))  # in memory: as before
+
+
+@pytest.mark.parametrize("fusion", ["film", "cross-attn"])
+def test_streamed_training_learns_like_memory(cache, fusion):
+    cfg = TrainConfig.from_flat(fusion=fusion, epochs=4, patience=0, plots=False, threads=1)
+    mem = train(cfg, load_data(cache))
+    st = train(cfg, load_data(cache, budget="0", block_rows=16, buffer_blocks=4))
+    assert st.metrics["data"]["streamed"] and not mem.metrics["data"]["streamed"]
+    assert np.array_equal(st.split.val, mem.split.val)  # the split does not depend on how rows are read
+    # another batch order, so other weights; the same quality within the noise of this small cache
+    assert not np.array_equal(st.val_logits, mem.val_logits)
+    assert abs(st.metrics["macro_f1"] - mem.metrics["macro_f1"]) < 0.12
+    assert st.metrics["macro_f1"] > 0.5  # three classes: chance is about 0.33
+
+
+def test_cli_train_and_predict_stream(cache, tmp_path):
+    res = _cli("train", "--cache", cache, "--fusion", "film", "--epochs", "2", "--no-plots", "--threads", "1",
+               "--memory-budget", "10KB", "--out", tmp_path / "run")
+    assert res.exit_code == 0, res.output
+    assert "over the memory budget of 0.00 GiB" in " ".join(res.output.split())
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["data"]["streamed"] and metrics["data"]["budget_bytes"] == 10 << 10
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["train"]["memory_budget"] == "10KB"
+    outs = []
+    for budget in ("auto", "0"):  # predictions read through the streamer are the in-memory ones, byte for byte
+        out = tmp_path / f"pred-{budget}.csv"
+        res = _cli("predict", "--run", tmp_path / "run", "--cache", cache, "--proba", "--memory-budget", budget,
+                   "--out", out)
+        assert res.exit_code == 0, res.output
+        outs.append(out.read_text())
+    assert outs[0] == outs[1] and len(outs[0].splitlines()) == 41
+
+
+def test_bad_budget_is_a_user_mistake(cache, tmp_path):
+    res = _cli("train", "--cache", cache, "--memory-budget", "plenty", "--out", tmp_path / "run")
+    assert res.exit_code == 2 and "Traceback" not in res.output
+    assert "memory budget 'plenty' is not a size" in " ".join(res.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_ablation_streams_in_forked_workers(cache, tmp_path):
+    """Two workers side by side, each opening the file itself (h5py handles are not fork-safe): the same runs
+    as one worker, and the probe reads its pooled features through the streamer."""
+    from heads.ablate import AblateConfig, ablate
+    base = {"plots": False, "epochs": 2, "patience": 0, "memory_budget": "0", "threads": 1}
+    results = {}
+    for workers in (2, 1):
+        cfg = AblateConfig(cache=cache, out=str(tmp_path / f"w{workers}"), grid={"fusion": ["film", "gmu"]},
+                           seeds=[0], base=base, probe=True, progress=False, workers=workers, n_boot=50)
+        res = ablate(cfg)
+        assert res.trained == 3 and res.workers == workers
+        results[workers] = {os.path.basename(d): json.load(open(os.path.join(d, "metrics.json")))
+                            for d in res.run_dirs}
+    assert results[1].keys() == results[2].keys()
+    for name, m in results[1].items():
+        assert m["data"]["streamed"] if "probe" not in name else True
+        assert m["macro_f1"] == results[2][name]["macro_f1"], name
