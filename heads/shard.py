@@ -13,7 +13,9 @@ slice computes the same partition, and DIR/ablate.json records it (heads.report.
 
 `auto`: torchrun's RANK and WORLD_SIZE, else SLURM's SLURM_ARRAY_TASK_ID and SLURM_ARRAY_TASK_COUNT, the index
 counted from SLURM_ARRAY_TASK_MIN in steps of SLURM_ARRAY_TASK_STEP, so --array=0-7 and --array=1-8 both give
-slices 0..7. Both sets of variables at once is refused (which one splits the grid?), as is neither.
+slices 0..7. Both sets of variables at once is refused (which one splits the grid?), as is neither. Under
+torchrun (WORLD_SIZE > 1) --shard is required: without it every rank would train the whole grid. A SLURM array
+task without --shard is allowed (arrays also spread other things: one cache per task).
 """
 from __future__ import annotations
 
@@ -52,10 +54,12 @@ def parse_shard(text: str) -> tuple[int, int]:
 def resolve_shard(text: str, environ=None) -> str:
     """The normalised `I/N` of a --shard value ("" stays "": the whole grid); `auto` read from the environment
     (torchrun or a SLURM job array, see the module docstring)."""
-    text = (text or "").strip()
+    text, env = (text or "").strip(), os.environ if environ is None else environ
+    if not text and all(v in env for v in TORCHRUN) and env["WORLD_SIZE"] not in ("", "1"):
+        raise ConfigError(f"started by torchrun (WORLD_SIZE={env['WORLD_SIZE']}) without --shard: every rank would "
+                          "train the whole grid into the same folder; give --shard auto (each rank its slice)")
     if text.lower() != "auto":
         return "" if not text else "{}/{}".format(*parse_shard(text))
-    env = os.environ if environ is None else environ
     torchrun, slurm = all(v in env for v in TORCHRUN), all(v in env for v in SLURM)
     if torchrun and slurm:
         raise ConfigError("--shard auto: both torchrun's RANK/WORLD_SIZE and SLURM's SLURM_ARRAY_TASK_ID/"

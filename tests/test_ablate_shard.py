@@ -92,6 +92,9 @@ def test_shard_values(no_shard_env):
         resolve_shard("auto", {})
     with pytest.raises(ValueError, match="I must be in 0..1 for N=2"):
         resolve_shard("-1/2")
+    with pytest.raises(ValueError, match="WORLD_SIZE=2.* without --shard: every rank would train the whole grid"):
+        resolve_shard("", {"RANK": "0", "WORLD_SIZE": "2"})
+    assert resolve_shard("", {"RANK": "0", "WORLD_SIZE": "1"}) == resolve_shard("", slurm) == ""
 
 
 def test_slices_together_equal_one_ablation(cache, tmp_path):
