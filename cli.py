@@ -521,15 +521,20 @@ def heads_ablate_cmd(
     memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP + " One budget for the whole grid: it "
                                       "reads every feature array."),
     progress: bool = typer.Option(True, help="Show the progress bar."),
+    shard: str = typer.Option("", help="I/N: train only slice I (zero-based, 0..N-1) of N of the grid into the "
+                              "shared --out (runs dealt round-robin, costliest first); auto: I/N from torchrun's "
+                              "RANK/WORLD_SIZE or a SLURM array (counted from SLURM_ARRAY_TASK_MIN). The slice "
+                              "that finishes the grid writes the summaries; `heads report OUT` any time."),
 ):
     """Train a grid of heads from one cache loaded once (resumable), then write summaries and comparisons.
     Without axis options or --grid the grid is every fusion x modality both,text,image."""
     from heads.ablate import ABLATION_BASE, AblateConfig, ablate, grid_from_options, parse_seeds
+    from heads.report.plan import AFTER_SLICE, missing_note
 
     spec = grid_from_options(_opt(grid), {"fusion": fusion, "modality": modality, "loss": loss}, set_ or [])
     _writable(out, "the ablation")
     cfg = AblateConfig(cache=str(cache), out=str(out), grid=spec, baseline=baseline, probe=probe,
-                       folds=folds, progress=progress, seeds=parse_seeds(seeds),
+                       folds=folds, progress=progress, seeds=parse_seeds(seeds), shard=shard,
                        base={**ABLATION_BASE, "metric": metric, "val_split": val_split,
                              "split_file": split_file, "memory_budget": memory_budget})
     try:
@@ -537,8 +542,13 @@ def heads_ablate_cmd(
     except KeyboardInterrupt as exc:  # finished runs survive any interruption (each appears whole, at its end)
         exc.kept = _finished_runs(str(out))
         raise
-    console.print(f"{res.trained} run(s) trained, {res.skipped} already finished; summaries in {res.out}",
-                  highlight=False)
+    done = f"{res.trained} run(s) trained, {res.skipped} already finished"
+    done = f"slice {cfg.shard}: {done}" if cfg.shard else done
+    if res.report is None:  # a slice that ended before the rest of the grid: no summaries yet
+        console.print(f"{done}; {missing_note(str(out), res.missing, res.planned, AFTER_SLICE)}", markup=False,
+                      highlight=False)
+        return
+    console.print(f"{done}; summaries in {res.out}", highlight=False)
     typer.echo(open(res.report.files[1]).read(), nl=False)
 
 
@@ -560,6 +570,7 @@ def heads_report_cmd(
     summary.html/png from finished runs; optionally a group-by table and the top-K table for papers."""
     import os
 
+    from heads.report.plan import AFTER_REPORT, missing_note
     from heads.report.build import write_reports
 
     _writable(out or dirs[0], "the report")
@@ -574,6 +585,8 @@ def heads_report_cmd(
     console.print(f"{len(report.runs)} run(s), {len(report.rows)} configuration(s); wrote "
                   f"{', '.join(os.path.basename(f) for f in report.files)} to {out or dirs[0]}", highlight=False)
     typer.echo("\n".join(open(f).read() for f in report.printed), nl=False)
+    for folder, (names, planned) in report.missing.items():  # a sharded ablation not finished yet
+        console.print(missing_note(folder, names, planned, AFTER_REPORT), markup=False, highlight=False)
 
 # ------------------------------------------------------------------------------------ stage 2 (finetune)
 @command(featcache_app, "add-text-layers")

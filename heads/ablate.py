@@ -23,14 +23,15 @@ Several caches (`cache="a.h5,b.h5"`: other backbones, --clean-text) are one more
 start with `cache=<file stem>`); loaded once, they must hold the same dataset (guids, order, labels), and a
 sample invalid in any is left out of all, so every cache is trained and validated on the same split.
 
-The runs of one call train side by side (heads.parallel: forked workers sharing the loaded cache).
+The runs of one call train side by side (heads.parallel: forked workers sharing the loaded cache). `shard="I/N"`
+(a SLURM array task, a torchrun rank: heads.shard) trains slice I of N of the grid into a shared `out`.
 """
 from __future__ import annotations
 
 import itertools
 import os
 import tomllib
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import numpy as np
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -43,9 +44,11 @@ from .data.stream import load_data
 from .data.split_file import read_split_file
 from .fusions import get_fusion, list_fusions
 from .parallel import count_workers, run_all
+from .report.plan import check_plan, missing_runs, record_plan
 from .report.build import write_reports
 from .report.compare import parse_baseline
-from .rundir import is_finished, load_json, save_json
+from .rundir import is_finished, load_json
+from .shard import grid_plan, resolve_shard, slice_of
 from .train import crossfit, stage1
 from .train.metrics import check_metric_classes
 from .train.probe import probe_done, probe_specs, run_probe
@@ -78,6 +81,9 @@ class AblateConfig:
     # thread). Small heads use 2 threads poorly: on 2 cores, two 1-thread runs side by side finish ~1.4x
     # sooner than the same runs one after another with 2 threads each. Runs on CUDA are never parallel.
     workers: int = 0
+    # "I/N": train only slice I (zero-based) of N of the grid (heads.shard); "auto": I/N from torchrun's
+    # RANK/WORLD_SIZE or a SLURM job array's task id and count; "": the whole grid.
+    shard: str = ""
 
     def caches(self) -> dict[str, str]:
         """label (file stem) -> path, in the order given."""
@@ -97,6 +103,7 @@ class AblateConfig:
             raise ConfigError(f"--folds must be 0 (one split) or at least 2, got {self.folds}")
         if not self.seeds:
             raise ConfigError("at least one seed is needed")
+        self.shard = resolve_shard(self.shard)  # auto becomes the I/N it read, recorded as such
         key, value = parse_baseline(self.baseline)
         if key == "fusion":
             get_fusion(value)  # raises with the valid names
@@ -261,39 +268,44 @@ def load_caches(paths: list[str], budget: str = "auto") -> dict:
 @dataclass
 class AblateResult:
     out: str
-    run_dirs: list[str]
+    run_dirs: list[str]  # this call's runs (with --shard: its slice's)
     trained: int
     skipped: int
-    report: object = None  # heads.report.build.Report
+    report: object = None  # heads.report.build.Report; None: a slice that ended with runs of the grid missing
     workers: int = 1  # runs that were trained at a time
+    missing: list[str] = field(default_factory=list)  # runs of the grid not finished when a slice ended
+    planned: int = 0  # runs in the whole grid (out/ablate.json)
 
 
 def ablate(cfg: AblateConfig, console=None) -> AblateResult:
-    """Train every run that is not already finished, then write the summaries. Raises ValueError/CacheError
-    for user mistakes before any training."""
+    """Train every run of the grid (of its slice: cfg.shard) not already finished, then write the summaries (a slice:
+    once the whole grid is). Raises ValueError/CacheError for user mistakes before any training."""
     cfg.validate()
-    runs = expand(cfg)
-    for r in runs:
+    grid = expand(cfg)
+    for r in grid:
         r.train.validate()  # every unknown name is reported before the first run
     datas = load_caches(list(cfg.caches().values()), cfg.base.get("memory_budget", "auto"))
-    for r in runs:  # --metric auroc on a three-class cache: said before the first run
+    for r in grid:  # --metric auroc on a three-class cache: said before the first run
         check_metric_classes(r.train.optim.metric, datas[r.cache].classes, r.cache)
     say = (lambda m: console.print(m, markup=False, highlight=False, soft_wrap=True)) if console else None
-    for path, cache in {(r.train.split.split_file, r.cache) for r in runs if r.train.split.split_file}:
+    for path, cache in {(r.train.split.split_file, r.cache) for r in grid if r.train.split.split_file}:
         read_split_file(path, datas[cache], say)  # its mismatch report, once per file (runs train silently)
     several = len(datas) > 1
     os.makedirs(os.path.join(cfg.out, "runs"), exist_ok=True)
-    save_json(os.path.join(cfg.out, "ablate.json"), asdict(cfg))
-    specs = probe_specs(runs) if cfg.probe else []
+    specs = probe_specs(grid) if cfg.probe else []
     probes = [(f"cache={_fmt(label)},{name}" if several else name, probe_cfg, path)
               for label, path in cfg.caches().items() for name, probe_cfg in specs]
+    plan = record_plan(cfg.out, grid_plan(cfg, grid, [p[0] for p in probes], datas), bool(cfg.shard))
+    mine = set(slice_of(plan["runs"], cfg.shard))
+    runs, probes = [r for r in grid if r.name in mine], [p for p in probes if p[0] in mine]
 
     run_dirs, trained, skipped = [], 0, 0
     columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
     with Progress(*columns, console=console, disable=not cfg.progress, transient=False) as bar:
-        task = bar.add_task("ablation", total=len(runs) + len(probes))
-        workers = count_workers(cfg.workers, [r.train for r in runs])
-        if workers > 1:  # decided before the resume check: threads is part of each run's recorded config
+        task = bar.add_task(f"ablation slice {cfg.shard}" if cfg.shard else "ablation", total=len(mine))
+        # From the whole grid, before the resume check: threads is in each run's recorded config, whatever the slice.
+        workers = count_workers(cfg.workers, [r.train for r in grid])
+        if workers > 1:
             runs = [RunSpec(r.name, r.train.with_flat(threads=1), r.cache) for r in runs]
         todo = []
         for spec in runs:
@@ -317,10 +329,16 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
                 run_probe(probe_cfg, datas[path], run_dir)
                 trained += 1
             bar.advance(task)
+    result = AblateResult(cfg.out, run_dirs, trained, skipped, None, workers, planned=len(plan["runs"]))
+    if cfg.shard:  # slices share `out`: summaries only of the whole grid, so none overwrites them with fewer runs
+        result.missing = missing_runs(cfg.out, check_plan(cfg.out, plan))  # the plan still this slice's?
+        if result.missing:
+            return result
     # The summaries rank by what the runs selected on when that is ROC-AUC (the binary tasks' metric).
-    metric = "roc_auc" if all(r.train.optim.metric == "auroc" for r in runs) else "macro_f1"
-    report = write_reports(run_dirs, cfg.out, baseline=cfg.baseline, n_boot=cfg.n_boot, metric=metric)
-    return AblateResult(cfg.out, run_dirs, trained, skipped, report, workers)
+    metric = "roc_auc" if all(r.train.optim.metric == "auroc" for r in grid) else "macro_f1"
+    result.report = write_reports([os.path.join(cfg.out, "runs", n) for n in plan["runs"]], cfg.out,
+                                  baseline=cfg.baseline, n_boot=cfg.n_boot, metric=metric)
+    return result
 
 
 def train_unit(folds: int):

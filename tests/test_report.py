@@ -359,7 +359,7 @@ def test_report_modules_stay_in_layers():
 
     import heads.report
     root = os.path.dirname(heads.report.__file__)
-    layer = {"runs": 0, "console": 1, "tables": 1, "figures": 1, "compare": 2, "groupby": 2, "page": 2,
+    layer = {"runs": 0, "plan": 0, "console": 1, "tables": 1, "figures": 1, "compare": 2, "groupby": 2, "page": 2,
              "build": 3}
     assert {f[:-3] for f in os.listdir(root) if f.endswith(".py")} == {*layer, "__init__"}
     for name, level in layer.items():

@@ -3,6 +3,7 @@
 training code, so any run written by any version can be reported.
 
     runs.py     find and load runs, label configurations, mean ± std per configuration (the bottom layer)
+    plan.py     an ablation's grid plan (ablate.json, written by every `heads ablate` slice): which runs are missing
     tables.py   CSV / Markdown / LaTeX: summary.csv/md, top<K>.md/.tex
     figures.py  every PNG: a run's curves / confusion / gate, comparison.png, the page's figures
     compare.py  paired comparison against a baseline, modality analysis (val_predictions.csv)

@@ -12,7 +12,7 @@
     top<K>.md / top<K>.tex     with export: the top-k configurations for papers (tables)
     summary.html / .png        one-page summary with embedded figures (page)
 
-The top of heads.report: the only module that imports the others (runs <- tables, figures <- compare,
+The top of heads.report: the only module that imports the others (runs, plan <- tables, figures <- compare,
 groupby, page <- build).
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 from featcache.errors import ConfigError
 
+from .plan import BEFORE_REPORT, missing_note, unfinished
 from ..rundir import load_json, save_json
 from .compare import modality_analysis, paired_comparison, parse_baseline, write_modality_md, write_paired
 from .figures import plot_comparison
@@ -45,6 +46,8 @@ class Report:
     metric: str = "macro_f1"  # what the group-by, correlation, top-k and page outputs rank by
     correlation: list[dict] = field(default_factory=list)  # groupby.correlations
     groups: list[dict] = field(default_factory=list)  # groupby.group_by (with --group-by)
+    # ablation folder -> (its grid's runs not finished yet, runs planned): from its ablate.json (heads.report.plan)
+    missing: dict[str, tuple[list[str], int]] = field(default_factory=dict)
 
     @property
     def printed(self) -> list[str]:
@@ -61,9 +64,12 @@ def write_reports(paths, out: str, baseline: str | None = None, n_boot: int = 20
     group-by, correlation, top-k and page outputs (summary.csv/md and best.json stay by macro-F1); group_by
     ("fusion,loss") and top + export ("md,latex") add those files."""
     runs = [load_run(d) for d in find_run_dirs(paths)]
+    missing = unfinished(paths)  # an ablation's slices still running, or some never started
     if not runs:
         raise FileNotFoundError(f"no finished run directories (metrics.json + config.json) under "
-                                f"{', '.join(map(str, paths))}")
+                                f"{', '.join(map(str, paths))}" + "".join(
+                                    f"; {missing_note(p, names, planned, BEFORE_REPORT)}"
+                                    for p, (names, planned) in missing.items()))
     baseline = ablation_baseline(paths[0]) if baseline is None else baseline
     # Every option is checked before anything is written.
     report_classes(runs)
@@ -76,6 +82,7 @@ def write_reports(paths, out: str, baseline: str | None = None, n_boot: int = 20
     label_runs(runs)
     os.makedirs(out, exist_ok=True)
     report = _write_summaries(runs, out, baseline, n_boot, seed, metric)
+    report.missing = missing
     if keys:
         report.groups = groups_of(runs, keys, metric)
         report.files += write_groupby(report.groups, keys, metric, out)
