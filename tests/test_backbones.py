@@ -88,9 +88,9 @@ def _close(a, b, atol, rtol=0.0):
 # --------------------------------------------------------------------------- registry and names
 
 def test_registry_names_and_parse_backbone():
-    assert set(list_backbones()) == {"minilm-l6", "roberta-base", "clip-vit-b32", "resnet18", "resnet50",
+    assert set(list_backbones()) == {"minilm-l6", "mpnet-base", "roberta-base", "clip-vit-b32", "resnet18", "resnet50",
                                      "efficientnet-lite0", "blip-base"}
-    assert set(list_backbones("text")) == {"minilm-l6", "roberta-base", "clip-vit-b32"}
+    assert set(list_backbones("text")) == {"minilm-l6", "mpnet-base", "roberta-base", "clip-vit-b32"}
     assert list_backbones("caption") == ["blip-base"]
     for bad in ("bert-large", "clip-vit-b32x@openai"):
         with pytest.raises(ValueError, match="unknown backbone") as e:

