@@ -10,6 +10,7 @@ cross-attn on the default cache tiled 1x, 10x and 50x, in memory vs streamed fro
                   reads the disk
   s_per_1k_rows : epoch_s[0] per 1,000 rows of the cache
   peak_rss_gb   : the run's peak resident set (ru_maxrss of the process that loads the cache and trains)
+extract       : peak RSS of `featcache extract --limit L` (the process, and its decode workers) for two L
 Targets: at 50x every head's peak RSS <= 4 GB with the default budget; at 10x stream / memory throughput >= 0.7;
 seconds per 1,000 rows about flat from 1x to 50x (time linear in rows). Each run is its own process.
 Writes bench/out/stream.json.
@@ -96,6 +97,29 @@ def child(cache: str, fusion: str, budget: str, epochs: int, threads: int) -> No
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
 
 
+def extract_child(data: str, limit: int, out: str) -> None:
+    """`featcache extract --limit` in this process: prints the peak RSS of this process and of its decode workers."""
+    import featcache
+    t0 = time.perf_counter()
+    featcache.extract(data, out, limit=limit, progress=False, force=True)
+    print(json.dumps({"limit": limit, "seconds": time.perf_counter() - t0,
+                      "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+                      "workers_peak_rss_gb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20}))
+
+
+def extract_memory(data: str, limits: list[int], scratch: str) -> dict:
+    """Peak memory of `featcache extract` as the dataset grows (it writes per chunk: should stay flat)."""
+    out = {}
+    for limit in limits:
+        path = os.path.join(scratch, f"extract-{limit}.h5")
+        r = subprocess.run([sys.executable, __file__, "--extract-child", data, str(limit), path],
+                           capture_output=True, text=True, check=True)
+        out[limit] = json.loads(r.stdout.strip().splitlines()[-1])
+        os.remove(path)
+        print(f"extract --limit {limit}: {out[limit]}", flush=True)
+    return out
+
+
 def measure(cache: str, fusion: str, mode: str, epochs: int, threads: int) -> dict:
     if mode != "memory":
         evict(cache)
@@ -113,10 +137,15 @@ def main():
     ap.add_argument("--scratch", default=os.path.join(ROOT, "cache", "tiles"))
     ap.add_argument("--keep", action="store_true", help="keep the tiled caches (default: delete them at the end)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "stream.json"))
+    ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "mvsa"))
+    ap.add_argument("--extract-limits", default="200,1600", help="featcache extract --limit values ('' skips)")
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--extract-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a.child[0], a.child[1], a.child[2], int(a.child[3]), int(a.child[4]))
+    if a.extract_child:
+        return extract_child(a.extract_child[0], int(a.extract_child[1]), a.extract_child[2])
     if not a.cache:
         sys.exit("no cache: run `make run` (or featcache extract --data ../shared/mvsa) first")
     rows, made = {}, []
@@ -130,6 +159,9 @@ def main():
                 r.update(rows_in_cache=n, s_per_1k_rows=round(r["epoch_s"][0] / n * 1000, 4))
                 rows[f"{t}x/{fusion}/{mode}"] = r
                 print(f"{t}x {fusion} {mode}: {r}", flush=True)
+    os.makedirs(a.scratch, exist_ok=True)
+    limits = [int(x) for x in a.extract_limits.split(",") if x]
+    extract = extract_memory(a.data, limits, a.scratch) if limits else {}
     ten = {f: rows.get(f"10x/{f}/stream", {}).get("epoch_s", [None])[0] for f in FUSIONS}
     ratio = {f: round(rows[f"10x/{f}/memory"]["epoch_s"][0] / ten[f], 2) for f in FUSIONS
              if ten[f] and f"10x/{f}/memory" in rows}
@@ -138,7 +170,7 @@ def main():
     # linear in rows: seconds per 1,000 rows at 50x (default budget: streamed) over 1x streamed, worst head
     growth = {f: round(rows[f"50x/{f}/auto"]["s_per_1k_rows"] / rows[f"1x/{f}/stream"]["s_per_1k_rows"], 2)
               for f in FUSIONS if f"50x/{f}/auto" in rows and f"1x/{f}/stream" in rows}
-    res = {"tiles": a.tiles, "epochs": a.epochs, "threads": a.threads, "runs": rows,
+    res = {"tiles": a.tiles, "epochs": a.epochs, "threads": a.threads, "runs": rows, "extract": extract,
            "stream_vs_memory_10x": ratio, "stream_vs_memory_10x_min": ratio.get(worst),
            "memory_10x_epoch_s": rows[f"10x/{worst}/memory"]["epoch_s"][0] if worst else None,
            "stream_10x_epoch_s": ten[worst] if worst else None,

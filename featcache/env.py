@@ -14,6 +14,7 @@ from importlib import metadata
 from pathlib import Path
 
 DISTRIBUTION = "featcache-heads"
+WEIGHTS_DIR = "FEATCACHE_WEIGHTS"  # the environment variable naming the folder of a user's backbone weights
 PACKAGES = ("torch", "transformers", "open_clip_torch", "timm", "numpy", "h5py", "safetensors")
 
 

@@ -19,6 +19,10 @@ class ConfigError(UserError, ValueError):
     """An option or config value that is not valid (unknown name, out of range, contradictory)."""
 
 
+class WeightsError(UserError):
+    """Weights for a backbone cannot be found or used; the message says where we looked and what to do."""
+
+
 class Interrupted(KeyboardInterrupt):
     """SIGTERM (a scheduler's time limit, `kill`) while a command runs, raised in the main thread like Ctrl-C's
     KeyboardInterrupt so that every `finally` and cleanup runs the same way; exit code 143 (128 + 15).

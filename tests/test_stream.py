@@ -146,3 +146,13 @@ def test_ablation_streams_in_forked_workers(cache, tmp_path):
     for name, m in results[1].items():
         assert m["data"]["streamed"] if "probe" not in name else True
         assert m["macro_f1"] == results[2][name]["macro_f1"], name
+
+
+def test_cli_ablate_memory_budget(cache, tmp_path):
+    res = _cli("ablate", "--cache", cache, "--out", tmp_path / "abl", "--fusion", "concat", "--seeds", "0",
+               "--set", "epochs=1", "--memory-budget", "0", "--no-progress")
+    assert res.exit_code == 0, res.output
+    runs = sorted((tmp_path / "abl" / "runs").iterdir())
+    assert [r.name for r in runs] == ["fusion=concat,epochs=1,seed=0"]
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert metrics["data"]["streamed"] and metrics["data"]["budget_bytes"] == 0

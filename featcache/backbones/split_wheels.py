@@ -30,7 +30,8 @@ from importlib import metadata
 
 from ..digest import file_sha256
 from ..outdir import atomic_dir
-from .weights import ENV_DIR, WeightsError
+from ..env import WEIGHTS_DIR as ENV_DIR
+from ..errors import WeightsError
 
 PIECE = re.compile(r"\.zip\.(\d{3})$")
 

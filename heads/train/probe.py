@@ -20,6 +20,7 @@ from featcache.env import environment
 
 from ..config import ProbeConfig
 from ..data.cache import CacheData
+from ..data.stream import data_record
 from ..data.splits import Split, split_labelled
 from ..rundir import PROBE_NAME, RunRecord, cache_info, is_finished, write_run
 from .crossfit import fold_configs, fold_summary, gather_oof, oof_counts
@@ -92,6 +93,7 @@ def run_probe(cfg: ProbeConfig, data: CacheData, out_dir: str | None = None) -> 
     metrics["image_views_used"] = 0  # the probe always fits the clean pooled features
     metrics["head_params"] = sum(f.params for f in fits)  # the probe's linear "head"
     metrics["timing"] = {"train_s": sum(f.train_s for f in fits)}
+    metrics["data"] = data_record(data)  # how its pooled features were read (in memory or streamed)
     if out_dir is not None:
         _write_run(out_dir, cfg, data, [f.split for f in fits], rows, full, pred, metrics)
     return metrics
