@@ -159,12 +159,14 @@ class StreamData(CacheData):
         blk, off = idx // self.block_rows, torch.from_numpy(idx % self.block_rows)
         ids = np.unique(blk)
         if len(ids) <= 1:  # one block (or no rows)
-            return self._blocks.get(int(ids[0]) if len(ids) else 0)[key][off]
+            return self._blocks.get(int(ids[0]) if len(ids) else 0)[key].index_select(0, off)
         arrays = [self._blocks.get(int(b))[key] for b in ids]
         out = torch.empty((len(idx),) + tuple(arrays[0].shape[1:]), dtype=arrays[0].dtype)
-        for b, a in zip(ids, arrays):
-            sel = torch.from_numpy(np.flatnonzero(blk == b))
-            out[sel] = a[off[sel]]
+        order = np.argsort(blk, kind="stable")  # the batch's rows grouped by block: one slice of `order` each
+        bounds = np.searchsorted(blk[order], ids, side="right")
+        for a, lo, hi in zip(arrays, np.r_[0, bounds[:-1]], bounds):
+            sel = torch.from_numpy(order[lo:hi])
+            out.index_copy_(0, sel, a.index_select(0, off.index_select(0, sel)))  # (index_put: 3x slower)
         return out
 
 
