@@ -156,3 +156,25 @@ def test_cli_ablate_memory_budget(cache, tmp_path):
     assert [r.name for r in runs] == ["fusion=concat,epochs=1,seed=0"]
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert metrics["data"]["streamed"] and metrics["data"]["budget_bytes"] == 0
+
+
+def test_streamed_image_views_equal_memory(cache, tmp_path):
+    """A cache with stored image views (--image-views K): the view a batch picks per row is read from disk too."""
+    import shutil
+
+    import h5py
+    path = str(tmp_path / "views.h5")
+    shutil.copy(cache, path)
+    rng = np.random.default_rng(0)
+    with h5py.File(path, "a") as f:
+        n, p, d = f["image/tokens"].shape
+        f["image_views/tokens"] = rng.normal(size=(n, 2, p, d)).astype(np.float16)
+        f["image_views/pooled"] = rng.normal(size=(n, 2, f["image/pooled"].shape[1])).astype(np.float32)
+    mem, st = load_data(path), load_data(path, budget="0", block_rows=9)
+    assert mem.num_views() == st.num_views() == 2
+    rows, views = np.array([4, 100, 7, 250, 31]), np.array([0, 1, 2, 2, 1])
+    a = mem.batch(rows, keys=KEYS, views=views)
+    b = st.batch(rows, keys=KEYS, views=views)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(a["image_tokens"], mem.batch(rows, keys=KEYS)["image_tokens"])  # the views were used

@@ -118,8 +118,7 @@ class StreamData(CacheData):
     buffer_blocks: int = BUFFER_BLOCKS
     budget: int = 0  # what the arrays did not fit, and how much they need: said by `heads train`
     need: int = 0
-
-    n_views: int = 0
+    n_views: int = 0  # K of a cache with --image-views K
 
     def __post_init__(self):
         self._blocks = _Blocks(self.path, self.names, self.block_rows, len(self.guids), 3 * self.buffer_blocks)
