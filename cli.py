@@ -435,7 +435,8 @@ def heads_predict_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     proba: bool = typer.Option(False, "--proba", help="Also write each class's probability (p_<class> "
                                "columns after guid,tag; empty for invalid samples)."),
-    memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP + " With --cache, stage-1 runs."),
+    memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP + " Stage-1 runs (stage 2 reads its "
+                                      "cache into memory)."),
 ):
     """Apply a trained head (or a cross-fit run's K heads, probabilities averaged) to every sample of a cache
     split, or of raw data (--data); invalid samples are listed, not dropped."""
@@ -452,7 +453,7 @@ def heads_predict_cmd(
             if path:
                 _writable(path, what)
         res = predict_data(str(run), str(data), str(out), split=split, fmt=fmt, keep_cache=_opt(keep_cache),
-                           device=device, proba=proba, console=console)
+                           device=device, proba=proba, console=console, memory_budget=memory_budget)
     tags = ", ".join(f"{t} {n}" for t, n in sorted(res.tags.items()))
     console.print(f"wrote {res.written} predictions ({tags}) to {res.out}", highlight=False)
     if res.invalid:

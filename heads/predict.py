@@ -119,7 +119,8 @@ def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test",
 
 def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
                  reader_options: dict | None = None, keep_cache: str | None = None, device: str = "auto",
-                 proba: bool = False, console=None, progress: bool = True, keep_models: bool = False) -> PredictResult:
+                 proba: bool = False, console=None, progress: bool = True, keep_models: bool = False,
+                 memory_budget: str = "auto") -> PredictResult:
     """`heads predict --data`: extract the rows of `split` of raw data exactly as the run's cache was extracted
     (extract_for_run), into `keep_cache` or a temporary file, then `predict` on it: one extraction engine, one
     inference loop, so the result is what `featcache extract` + `heads predict --cache` give. `keep_models`:
@@ -127,7 +128,7 @@ def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: st
     with tempfile.TemporaryDirectory(prefix="heads-predict-") as tmp:
         cache = extract_for_run(run_dir, data, keep_cache or os.path.join(tmp, "features.h5"), split, fmt,
                                 reader_options, device, console, progress, keep_models)
-        res = predict(run_dir, cache, out, split=split, device=device, proba=proba)
+        res = predict(run_dir, cache, out, split=split, device=device, proba=proba, memory_budget=memory_budget)
         with CacheReader(cache) as r:
             problems = r.meta.get("problems") or []
     bad = set(res.invalid)
