@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 
@@ -78,6 +79,14 @@ def main():
     from featcache.cache.store import CacheReader
     with CacheReader(args.cache) as r:
         has_states = r.has("text_hidden/states") and r.start_layer is not None
+        top = has_states and r.start_layer == r.meta["text"]["num_layers"] - 1
+    if has_states and not top:  # states for more layers (an N=4 cache): time N=1 on a copy with N=1's states
+        copy = os.path.join(os.path.dirname(args.cache), "bench-n1-" + os.path.basename(args.cache))
+        if not os.path.exists(copy):
+            shutil.copy(args.cache, copy + ".tmp")
+            add_text_layers(copy + ".tmp", 1)
+            os.replace(copy + ".tmp", copy)
+        args.cache, has_states = copy, True
     if not has_states:  # the documented add-on step; the features themselves are not recomputed
         print(f"adding stage-2 states to {args.cache} (featcache add-text-layers --layers 1)", flush=True)
         add_text_layers(args.cache, 1)
