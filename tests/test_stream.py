@@ -178,3 +178,37 @@ def test_streamed_image_views_equal_memory(cache, tmp_path):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert not torch.equal(a["image_tokens"], mem.batch(rows, keys=KEYS)["image_tokens"])  # the views were used
+
+
+def test_row_reader_reads_every_layout_like_h5py(tmp_path):
+    """pread of row-chunked arrays (ranges inside one chunk, across chunks, the partial last chunk), a contiguous
+    array, and the h5py fallback for a compressed one: the same values as h5py's own slicing."""
+    import h5py
+    from featcache.cache.rows import _File
+    rng = np.random.default_rng(0)
+    path = str(tmp_path / "layouts.h5")
+    arrays = {"chunked": rng.normal(size=(50, 3, 4)).astype(np.float16), "mask": rng.random((50, 6)) > 0.5,
+              "contiguous": rng.normal(size=(50, 5)).astype(np.float32),
+              "compressed": rng.normal(size=(50, 5)).astype(np.float32)}
+    with h5py.File(path, "w") as f:
+        f.create_dataset("chunked", data=arrays["chunked"], chunks=(7, 3, 4))
+        f.create_dataset("mask", data=arrays["mask"], chunks=(16, 6))
+        f.create_dataset("contiguous", data=arrays["contiguous"])
+        f.create_dataset("compressed", data=arrays["compressed"], chunks=(10, 5), compression="gzip")
+    class Reader:  # what _File takes from a CacheReader
+        def __init__(self, h5):
+            self.f, self.path = h5, path
+
+        def __len__(self):
+            return 50
+
+    with h5py.File(path, "r") as h5:
+        file = _File(Reader(h5))
+        try:
+            for name, want in arrays.items():
+                for lo, hi in ((0, 50), (3, 6), (6, 15), (13, 50), (49, 50), (14, 14)):
+                    got = file.rows(name, lo, hi)
+                    assert got.dtype == want.dtype and np.array_equal(got, want[lo:hi]), (name, lo, hi)
+            assert file._layout("chunked") and file._layout("contiguous") and file._layout("compressed") is None
+        finally:
+            file.close()

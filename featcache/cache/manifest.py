@@ -177,20 +177,6 @@ class ShardedReader(MetaView):
             start += n
         return out
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop across shards (one slice per shard it touches)."""
-        parts, base = [], 0
-        for r in self.readers:
-            n = len(r)
-            lo, hi = max(start, base), min(stop, base + n)
-            if lo < hi:
-                parts.append(r.rows(name, lo - base, hi - base))
-            base += n
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
-
-    def chunk_rows(self, name: str) -> int:
-        return self.readers[0].chunk_rows(name)
-
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = self.readers[0].datasets()
         return {k: ((len(self),) + shape[1:], dtype) for k, (shape, dtype) in out.items()}

@@ -361,13 +361,6 @@ class CacheReader(MetaView):
         """The whole array in memory, in its stored dtype (fp16 stays fp16)."""
         return self.f[name][:]
 
-    def rows(self, name: str, start: int, stop: int) -> np.ndarray:
-        """Rows start..stop: one hyperslab, a run of whole chunks when chunk-aligned (heads.data.stream's reads)."""
-        return self.f[name][start:stop]
-
-    def chunk_rows(self, name: str) -> int:
-        return (self.f[name].chunks or self.f[name].shape)[0]  # rows per HDF5 chunk (all for a contiguous array)
-
     def datasets(self) -> dict[str, tuple[tuple[int, ...], str]]:
         out = {}
         self.f.visititems(lambda k, v: out.__setitem__(k, (v.shape, str(v.dtype)))

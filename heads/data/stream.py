@@ -5,8 +5,8 @@
 `load_data` keeps today's in-memory path (heads.data.cache.CacheData) whenever the arrays a head reads fit the
 memory budget, and returns a StreamData otherwise: the same interface (labels, splits, guids in memory; `batch`,
 `rows`, `dims`), but the feature arrays stay on disk and are read in *blocks*: `block_rows` consecutive rows
-of every array a head reads, one contiguous hyperslab each (a run of whole HDF5 chunks: featcache writes
-row-chunked arrays, heads.data.stream never uses HDF5 fancy indexing over scattered rows).
+of every array a head reads, one contiguous byte range per chunk (featcache.cache.rows: featcache writes
+row-chunked, uncompressed arrays; never HDF5 fancy indexing over scattered rows).
 
 Shuffling (the one thing that differs from the in-memory path): an epoch visits the training rows' blocks in
 a seeded random order and, `buffer_blocks` blocks at a time, the rows inside those blocks in a seeded random
@@ -15,8 +15,8 @@ whole split; every row is still seen once per epoch. Validation, test and `predi
 the in-memory path, so their numbers are identical.
 
 A background thread reads the blocks ahead of the batches in the order the epoch (or inference) will need
-them (`schedule`). It opens the file itself, per process: h5py handles are not fork-safe, and the forked
-workers of an ablation each open their own.
+them (`schedule`), with pread, which releases the GIL while the training step runs. It opens the file itself,
+per process: h5py handles are not fork-safe, and the forked workers of an ablation each open their own.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from featcache.cache.manifest import open_cache
+from featcache.cache.rows import RowReader
 from featcache.errors import ConfigError
 
 from .cache import FEATURES, TEXT_STATES, VIEWS, CacheData, load_cache
@@ -73,13 +73,13 @@ def load_data(path: str, keys=None, texts: bool = False, budget: str | int | Non
     reading blocks of `block_rows` rows (None: whole chunks, at least BLOCK_BYTES of the widest array)."""
     keys = list(FEATURES) if keys is None else list(keys)
     limit = parse_budget(budget)
-    with open_cache(path) as r:  # verifies a manifest's shards once; the streaming readers then skip it
-        stored = r.datasets()
-        names = _streamed(r, keys)
+    with RowReader(path) as r:  # verifies a manifest's shards once; the streaming readers then skip it
+        stored = r.reader.datasets()
+        names = _streamed(r.reader, keys)
         need = sum(int(np.prod(stored[n][0], dtype=np.int64)) * np.dtype(stored[n][1]).itemsize
                    for n in names.values() if n in stored)
         chunks = {n: r.chunk_rows(n) for n in names.values() if n in stored}
-        start = r.start_layer if TEXT_STATES[0] in names else None
+        start = r.reader.start_layer if TEXT_STATES[0] in names else None
     if need <= limit:
         return load_cache(path, keys, texts)
     meta = load_cache(path, keys=(), texts=texts)  # labels, guids, splits, shapes: everything but the arrays
@@ -201,7 +201,7 @@ class _Blocks:
         """(Re)open per process: after a fork the parent's handle, lock and thread are not usable."""
         if self._pid == os.getpid():
             return
-        self._pid, self._reader = os.getpid(), open_cache(self.path, verify=False)
+        self._pid, self._reader = os.getpid(), RowReader(self.path, verify=False)
         self._cond, self._blocks, self._reading = threading.Condition(), OrderedDict(), set()
         self._plan, self._next, self._gen = [], 0, 0
         self._thread = threading.Thread(target=self._ahead, daemon=True, name="featcache-prefetch")
