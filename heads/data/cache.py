@@ -15,6 +15,9 @@ On CUDA (`CacheData.to_device`) the arrays move to the GPU once, fp16 tokens as 
 gathered, cut and cast to fp32 there: nothing per step goes through pageable host memory, and the batch's text
 length comes from per-row lengths kept on the host, so gathering a batch never waits for the GPU.
 
+A cache whose arrays exceed the memory budget is not loaded: heads.data.stream serves the same batches from
+disk through the same `batch` (its `_gather` reads blocks instead of indexing `features`).
+
 Invalid rows (samples/valid False) are kept in memory so `predict` can still list them, but training and
 validation exclude them and count how many were excluded.
 """

@@ -3,8 +3,8 @@
     cfg = TrainConfig.from_flat(fusion="film", seed=0)
     result = train(cfg, "cache/mvsa.h5", "runs/film")          # or train(cfg, load_cache(...), ...)
 
-`train` accepts an already loaded CacheData (or a StreamData: heads.data.stream) so that an ablation loads the cache once and trains many
-configs from memory; with out_dir=None nothing is written. Runs are repeatable: the seed fixes the split,
+`train` accepts an already loaded CacheData (or a StreamData, heads.data.stream) so that an ablation loads
+the cache once and trains many configs from it; with out_dir=None nothing is written. Runs are repeatable: the seed fixes the split,
 the initialisation, dropout, modality dropout and the batch order.
 """
 from __future__ import annotations
