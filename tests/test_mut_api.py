@@ -190,25 +190,27 @@ def test_predict_cache_is_the_cli_on_the_cache(env, tmp_path):
 def test_bad_rows_keep_their_place_with_the_fallback(env, tmp_path):
     (text, path), good_text = env["pairs"][0], env["pairs"][1][0]
     raw = open(path, "rb").read()
-    texts = [text, "", "   ", None, 7, good_text, text, text, text]
-    images = [path, path, path, path, path, raw, b"not an image", str(tmp_path / "none.png"), 3.5]
+    texts = [text, "", "   ", None, 7, good_text, text, text, text, text]
+    handle = open(path, "rb")  # an open file is not one of the image types: a bad row, not a crash
+    images = [path, path, path, path, path, raw, b"not an image", str(tmp_path / "none.png"), 3.5, handle]
     with towers():
         clf = load_run(env["run"], device="cpu")
         alone = clf.predict(texts=[text, good_text], images=[path, raw])
         with pytest.warns(UserWarning) as caught:
             res = clf.predict(texts=texts, images=images)
-    bad = [1, 2, 3, 4, 6, 7, 8]
+    handle.close()
+    bad = [1, 2, 3, 4, 6, 7, 8, 9]
     assert sorted(res.problems) == bad and list(res.problems) == bad and clf.problems == res.problems
-    assert [res[k] for k in bad] == [clf.fallback] * 7 and [res[0], res[5]] == list(alone)
+    assert [res[k] for k in bad] == [clf.fallback] * 8 and [res[0], res[5]] == list(alone)
     assert np.isnan(res.proba[bad]).all() and np.isfinite(res.proba[[0, 5]]).all()
     np.testing.assert_allclose(res.proba[[0, 5]], alone.proba, atol=2e-6, rtol=0)
     assert res.problems[1] == res.problems[2] == res.problems[3] == "empty text: the run's fallback label"
     assert res.problems[4] == "text of type int, not str: the run's fallback label"
-    for k in (6, 7, 8):
+    for k in (6, 7, 8, 9):
         assert f"guid {k}" in res.problems[k]  # extraction's own problem line for the image
-    assert "not-an-image-8-float" in res.problems[8]
+    assert "not-an-image-8-float" in res.problems[8] and "not-an-image-9-BufferedReader" in res.problems[9]
     msg = fallback_warning(caught)
-    assert msg.startswith(f"7 input row(s) got the fallback label {clf.fallback!r}: 1: empty text") and "..." not in msg
+    assert msg.startswith(f"8 input row(s) got the fallback label {clf.fallback!r}: 1: empty text") and "..." not in msg
 
 
 def test_more_than_ten_problems_are_cut_in_the_warning(env):
@@ -250,8 +252,27 @@ def test_the_working_directory_is_left_alone(env, tmp_path, monkeypatch):
         (tmp_path / name).write_text(text)
     text, path = env["pairs"][0]
     clf = load_run(env["run"])
-    assert len(clf.predict_cache(env["cache"])) == N_TEST
+    with pytest.warns(UserWarning, match="invalid in the cache"):
+        assert len(clf.predict_cache(env["cache"])) == N_TEST
     with towers(), pytest.warns(UserWarning, match="fallback label"):
         assert len(clf.predict(texts=[text, ""], images=[path, open(path, "rb").read()])) == 2
     assert sorted(os.listdir(tmp_path)) == sorted(mine)
     assert all((tmp_path / name).read_text() == text for name, text in mine.items())
+
+
+def test_the_api_prints_nothing_and_loads_the_backbones_once(env, capfd, monkeypatch):
+    """A library call reports through its return value and a warning, not on the terminal; the backbones load
+    at the first raw prediction and stay loaded for the next (the extraction engine keeps one set)."""
+    from featcache.extract import engine
+    text, path = env["pairs"][0]
+    loads = []
+    real = engine.create_text
+    monkeypatch.setattr(engine, "create_text", lambda *a, **k: loads.append(a) or real(*a, **k))
+    with towers():
+        clf = load_run(env["run"])
+        first = clf.predict(texts=[text], images=[path])
+        loaded = len(loads)  # 1, or 0 when an earlier test's classifier left the same backbones loaded
+        again = clf.predict(texts=[text, text], images=[path, path])
+    assert loaded <= 1 and len(loads) == loaded and list(again) == list(first) * 2
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""

@@ -241,8 +241,10 @@ def test_manifests_that_cannot_be_read_are_refused(tmp_path):
         with pytest.raises(CacheError, match=r"out\.manifest\.json is not a featcache shard manifest"):
             open_cache(man)
     for change, words in ((lambda d: d.update(version=2), "manifest version 2 and was written by a newer"),
-                          (lambda d: d.update(rows=11), r"the shards hold 10 rows, the dataset has 11"),
-                          (lambda d: d["shards"][1].update(start=5), r"holds rows 5\.\.10 \(6 rows\) but the next "
+                          (lambda d: d.update(rows=11), r"out\.manifest\.json: the shards hold 10 rows, the "
+                                                        r"dataset has 11"),
+                          (lambda d: d["shards"][1].update(start=5), r"json: shard out\.shard-1-of-2\.h5 holds "
+                                                                     r"rows 5\.\.10 \(6 rows\) but the next "
                                                                      r"rows are 4\.\.: the shards do not tile"),
                           (lambda d: d["shards"][0].update(rows=3), r"holds rows 0\.\.4 \(3 rows\)")):
         json.dump(good, open(man, "w"))

@@ -135,3 +135,30 @@ def test_refusals(tmp_path):
         split_labelled(data, SplitConfig(val_ratio=1.0), seed=0)
     with pytest.raises(DataError, match="--val-split nope: .* splits with labels: train"):
         split_labelled(data, SplitConfig(val_split="nope"), seed=0)
+
+
+def test_a_class_too_small_to_stratify_is_refused_naming_it(tmp_path):
+    """One labelled row of class c cannot be split between train and validation; two can (one each)."""
+    data = load_cache(build_synthetic_cache(str(tmp_path / "c.h5"), n_train=40, n_test=4, classes=CLASSES),
+                      keys=())
+    rows = usable(data)
+    of_c = rows[data.labels[rows] == 2]
+    data.labels[of_c[2:]] = 0
+    s = split_labelled(data, SplitConfig(val_ratio=0.3), seed=0)  # two rows of c: one trains, one validates
+    assert s.counts["train_per_class"]["c"] == 1 and s.counts["val_per_class"]["c"] == 1
+    data.labels[of_c[1]] = 0
+    with pytest.raises(DataError, match=r"^class\(es\) c have fewer than 2 valid labelled samples: a stratified "
+                                        r"train/validation split is impossible$"):
+        split_labelled(data, SplitConfig(), seed=0)
+    with pytest.raises(DataError, match=r"labelled samples with --test-ratio 0\.99 leave a split smaller than the 3 "
+                                        r"classes; use more data or another --test-ratio$"):
+        split_labelled(load_cache(data.path, keys=()), SplitConfig(test_ratio=0.99), seed=0)
+    with pytest.raises(DataError, match=r"^34 labelled samples with --val-ratio 0\.01 leave a split smaller than the 3 "
+                                        r"classes; use more data or another --val-ratio$"):
+        split_labelled(load_cache(data.path, keys=()), SplitConfig(val_ratio=0.01), seed=0)
+
+
+def test_a_test_share_too_large_for_the_train_split_names_its_option(published):
+    with pytest.raises(DataError, match=r"^56 labelled samples with --test-ratio 0\.99 leave a split smaller than the "
+                                        r"3 classes; use more data or another --test-ratio$"):
+        split_labelled(published, SplitConfig(test_ratio=0.99), seed=0)  # validating on dev, the share of train
