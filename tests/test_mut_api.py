@@ -210,7 +210,8 @@ def test_bad_rows_keep_their_place_with_the_fallback(env, tmp_path):
         assert f"guid {k}" in res.problems[k]  # extraction's own problem line for the image
     assert "not-an-image-8-float" in res.problems[8] and "not-an-image-9-BufferedReader" in res.problems[9]
     msg = fallback_warning(caught)
-    assert msg.startswith(f"8 input row(s) got the fallback label {clf.fallback!r}: 1: empty text") and "..." not in msg
+    assert msg.startswith(f"8 input row(s) got the fallback label {clf.fallback!r}: 1: empty text: the run's "
+                          "fallback label; 2: empty text") and "..." not in msg
 
 
 def test_more_than_ten_problems_are_cut_in_the_warning(env):
@@ -225,8 +226,9 @@ def test_more_than_ten_problems_are_cut_in_the_warning(env):
     assert "10: " not in msg and sorted(res.problems) == list(range(11)) and res[11] != "" and len(res) == 12
 
 
-def test_input_mistakes_are_user_errors_and_no_input_no_rows(env):
+def test_input_mistakes_are_user_errors_and_no_input_no_rows(env, tmp_path):
     clf = load_run(env["run"])
+    assert clf.problems == {}  # before any call
     with pytest.raises(ConfigError, match=r"^give one image per text: 2 texts, 1 images$"):
         clf.predict(texts=["a", "b"], images=["x.png"])
     for texts, kind in (("one post", "str"), (None, "NoneType"), (b"bytes", "bytes"), (iter(["a"]), "list_iterator")):
@@ -241,6 +243,11 @@ def test_input_mistakes_are_user_errors_and_no_input_no_rows(env):
     assert clf.predict_proba(texts=[], images=[]).shape == (0, 3)
     with pytest.raises(FileNotFoundError):
         load_run(os.path.join(env["run"], "nope"))
+    half = tmp_path / "half"  # a config.json alone (a copy cut short) is not a run
+    half.mkdir()
+    (half / "config.json").write_text(open(os.path.join(env["run"], "config.json")).read())
+    with pytest.raises(FileNotFoundError, match=r"half is not a heads run directory \(no cache\.json\)"):
+        load_run(str(half))
 
 
 def test_the_working_directory_is_left_alone(env, tmp_path, monkeypatch):
