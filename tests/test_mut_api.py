@@ -166,8 +166,10 @@ def test_raw_pairs_predict_as_the_cli_does_on_the_same_rows(env, tmp_path, kind,
     assert list(labels) == tags and len(set(tags)) >= 2 and labels.problems == {} and clf.problems == {}
     assert labels.ids is None and labels.fallback == clf.fallback
     assert got.shape == (N_TEST - 1, 3) and np.isfinite(got).all()
-    np.testing.assert_allclose(got, proba, atol=2e-6, rtol=0)
-    np.testing.assert_allclose(labels.proba, proba, atol=2e-6, rtol=0)
+    # the API extracts its 8 pairs, the CLI the split's 9 rows: other batches may round a stored fp16 feature
+    # the other way, so allow more than the written precision (1e-6), far less than any wrong column or row
+    np.testing.assert_allclose(got, proba, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(labels.proba, proba, atol=1e-4, rtol=0)
     assert guids == [f"t,{N_TRAIN + k}" for k in range(N_TEST) if k != 4]
 
 
@@ -203,7 +205,7 @@ def test_bad_rows_keep_their_place_with_the_fallback(env, tmp_path):
     assert sorted(res.problems) == bad and list(res.problems) == bad and clf.problems == res.problems
     assert [res[k] for k in bad] == [clf.fallback] * 8 and [res[0], res[5]] == list(alone)
     assert np.isnan(res.proba[bad]).all() and np.isfinite(res.proba[[0, 5]]).all()
-    np.testing.assert_allclose(res.proba[[0, 5]], alone.proba, atol=2e-6, rtol=0)
+    np.testing.assert_allclose(res.proba[[0, 5]], alone.proba, atol=1e-4, rtol=0)
     assert res.problems[1] == res.problems[2] == res.problems[3] == "empty text: the run's fallback label"
     assert res.problems[4] == "text of type int, not str: the run's fallback label"
     for k in (6, 7, 8, 9):
