@@ -81,21 +81,22 @@ class RunClassifier:
         with tempfile.TemporaryDirectory(prefix="heads-api-") as tmp:
             manifest, problems = _write_manifest(tmp, texts, images)
             res = predict_data(self.run_dir, manifest, os.path.join(tmp, "p.csv"), split="test", fmt="manifest",
-                               device=self.device, proba=True, progress=self.progress, console=Console(quiet=True),
-                               keep_models=True)
+                               device=self.device, proba=True, progress=self.progress,
+                               console=Console(stderr=True, quiet=not self.progress), keep_models=True)
             ids, labels, proba = _read_csv(res.out, len(self.classes))
         for guid in res.invalid:
             problems[int(guid)] = res.problems.get(guid) or "invalid input"
         for k in problems:  # empty texts: encoded as a placeholder by extraction, but nothing to classify
             labels[k], proba[k] = self.fallback, np.nan
-        return self._done(labels, dict(sorted(problems.items())), proba, None)
+        return self._done(labels, dict(sorted(problems.items())), proba, None, stacklevel=4)
 
-    def _done(self, labels, problems: dict, proba, ids) -> Predictions:
+    def _done(self, labels, problems: dict, proba, ids, stacklevel: int = 3) -> Predictions:
+        # stacklevel: the warning points at the user's line (predict_cache -> _done; predict -> _raw -> _done)
         self.problems = problems
         if problems:
             listed = "; ".join(f"{k}: {why}" for k, why in list(problems.items())[:10])
             warnings.warn(f"{len(problems)} input row(s) got the fallback label {self.fallback!r}: {listed}"
-                          + (" ..." if len(problems) > 10 else ""), stacklevel=3)
+                          + (" ..." if len(problems) > 10 else ""), stacklevel=stacklevel)
         return Predictions(labels, problems, self.fallback, proba, ids)
 
 

@@ -178,8 +178,9 @@ def test_predict_cache_is_the_cli_on_the_cache(env, tmp_path):
     guids, tags, proba = cli_predict(env["run"], tmp_path, "--cache", env["cache"])
     clf = load_run(env["run"])
     with pytest.warns(UserWarning, match=r"^1 input row\(s\) got the fallback label '\w+': t,49: invalid in the "
-                                         r"cache$"):
+                                         r"cache$") as caught:
         res = clf.predict_cache(env["cache"])
+    assert {w.filename for w in caught if "fallback" in str(w.message)} == {__file__}  # the user's line
     assert res.ids == guids == [f"t,{k}" for k in range(N_TRAIN, N_TRAIN + N_TEST)]
     assert list(res) == tags and res[4] == clf.fallback and len(set(tags)) >= 2
     assert res.problems == clf.problems == {"t,49": "invalid in the cache"}
@@ -225,6 +226,8 @@ def test_more_than_ten_problems_are_cut_in_the_warning(env):
     msg = fallback_warning(caught)
     assert msg.startswith("11 input row(s) got the fallback label") and msg.endswith("9: empty text: the run's "
                                                                                      "fallback label ...")
+    # the warning points at the user's line, not into heads/api.py
+    assert {w.filename for w in caught if "fallback" in str(w.message)} == {__file__}
     assert "10: " not in msg and sorted(res.problems) == list(range(11)) and res[11] != "" and len(res) == 12
 
 
@@ -285,3 +288,7 @@ def test_the_api_prints_nothing_and_loads_the_backbones_once(env, capfd, monkeyp
     assert loaded <= 1 and len(loads) == loaded and list(again) == list(first) * 2
     out, err = capfd.readouterr()
     assert out == "" and err == ""
+    with towers():  # progress=True: extraction's progress goes to stderr (and only there)
+        assert list(load_run(env["run"], progress=True).predict(texts=[text], images=[path])) == list(first)
+    out, err = capfd.readouterr()
+    assert out == "" and "extract" in err

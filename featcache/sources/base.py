@@ -77,7 +77,8 @@ class Dataset:
         for fname in self.index_files:
             path = os.path.join(self.root, fname)
             if os.path.exists(path):
-                h.update(open(path, "rb").read())
+                with open(path, "rb") as f:  # closed: an open handle left per extraction warned (ResourceWarning)
+                    h.update(f.read())
         for s in self.samples:
             h.update(s.guid.encode() + b"\0" + s.raw_text.encode("utf-8", "surrogatepass") + b"\0")
             if os.path.exists(s.image_path):
