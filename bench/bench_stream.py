@@ -177,7 +177,8 @@ def main():
     slowest = max(growth, key=growth.get)
     res = {"tiles": a.tiles, "epochs": a.epochs, "threads": a.threads, "runs": rows, "extract": extract,
            "stream_vs_memory_10x": ratio, "stream_vs_memory_10x_min": ratio[worst],
-           "memory_10x_epoch_s": rows[f"{mid}x/{worst}/memory"]["epoch_s"][0], "stream_10x_epoch_s": ten[worst],
+           "memory_10x_epoch_s": round(rows[f"{mid}x/{worst}/memory"]["epoch_s"][0], 2),
+           "stream_10x_epoch_s": round(ten[worst], 2),
            "peak_rss_gb_50x": round(rss, 2), "rss_target_gb": 4.0, "rss_50x_vs_target": round(rss / 4.0, 2),
            "per_1k_rows_50x_vs_1x": growth, "per_1k_rows_50x_vs_1x_max": growth[slowest],
            "s_per_1k_rows_1x": rows[f"{small}x/{slowest}/stream"]["s_per_1k_rows"],
