@@ -156,7 +156,8 @@ def main():
     for t in tiles:
         path = a.cache if t == 1 else tile(a.cache, os.path.join(a.scratch, f"tile{t}x.h5"), t)
         made += [path] if t != 1 else []
-        n = h5py.File(path, "r")["samples/guid"].shape[0]
+        with h5py.File(path, "r") as f:
+            n = f["samples/guid"].shape[0]
         for fusion in fusions:
             for mode in ("auto",) if t == big else ("memory", "stream"):
                 r = measure(path, fusion, mode, a.epochs, a.threads)
