@@ -31,7 +31,7 @@ test: setup
 bench: setup
 	$(BIN)/python bench/run_all.py
 
-# Mutation testing (TESTING.md; not CI: about 15 minutes on 2 cores). mutmut runs the functions of
+# Mutation testing (TESTING.md; not CI: about an hour on 2 cores). mutmut runs the functions of
 # docs/mutation/scope.txt with one worker; its results (mutants/*.meta) are kept in docs/mutation/meta/ and
 # scripts/mutation_score.py writes the score table and the judged survivors into TESTING.md.
 MUTMUT_SCOPE = $(shell grep -v '^\#' docs/mutation/scope.txt | grep .)
