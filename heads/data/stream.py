@@ -133,7 +133,8 @@ class StreamData(CacheData):
     def epoch_order(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
         """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead."""
         blk = np.asarray(rows) // self.block_rows
-        order = np.unique(blk)[torch.randperm(len(np.unique(blk)), generator=gen).numpy()]
+        blocks = np.unique(blk)
+        order = blocks[torch.randperm(len(blocks), generator=gen).numpy()]
         parts = []
         for g in range(0, len(order), self.buffer_blocks):
             pos = np.flatnonzero(np.isin(blk, order[g:g + self.buffer_blocks]))
