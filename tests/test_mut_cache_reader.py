@@ -180,6 +180,22 @@ def test_a_missing_or_changed_shard_is_refused_naming_it(tmp_path):
     with pytest.raises(CacheError, match=r"shard out\.shard-1-of-2\.h5 has changed since the manifest was written"):
         open_cache(man)
     assert_closed(paths[0])
+    with pytest.raises(CacheError, match=r"shard out\.shard-1-of-2\.h5 has changed"):
+        ShardedReader(man)  # verifying is the default of the reader too, not only of open_cache
+
+
+def test_verify_false_trusts_the_manifest_and_hashes_nothing(tmp_path, monkeypatch):
+    # Streaming workers reopen a manifest the parent has verified: they must not re-hash every shard.
+    paths = shards(tmp_path)
+    man = write_manifest(str(tmp_path / "out.manifest.json"), paths)
+    with h5py.File(paths[1], "r+") as f:
+        f["text/pooled"][0, 0] = 99.0
+
+    def no_hashing(path):
+        raise AssertionError(f"hashed {path}")
+    monkeypatch.setattr("featcache.cache.manifest.file_sha256", no_hashing)
+    with open_cache(man, verify=False) as r:
+        assert r.array("text/pooled")[4, 0] == 99.0  # the changed shard is read as it is
 
 
 def edit(man: str, change) -> None:

@@ -21,7 +21,9 @@ from featcache.cache.store import (LEGACY_CLASSES, CacheError, CacheReader, Cach
                                    problems_path)
 from featcache.sources.base import Sample
 from heads.config import TrainConfig
-from heads.data.cache import load_cache
+import heads.predict
+from heads.data.cache import FEATURES, load_cache
+from heads.data.stream import StreamData
 from heads.infer import infer, softmax
 from heads.predict import fallback_tag, predict
 from heads.train.crossfit import train_crossfit
@@ -187,6 +189,30 @@ def test_a_short_fallback_does_not_cut_longer_tags(run, tmp_path):
     assert res.fallback_tag == "neutral"
     assert {r["tag"] for r in read(tmp_path / "p.csv")} <= set(CLASSES)
     assert set(res.tags) <= set(CLASSES) and len(res.tags) >= 2
+
+
+@pytest.mark.parametrize("budget", ["0", "1GB"])
+def test_the_memory_budget_decides_whether_predict_streams_the_heads_arrays(run, tmp_path, monkeypatch, budget):
+    """--memory-budget 0 streams exactly the arrays the head reads (not every array of the cache); a budget they
+    fit loads them; the tags are the same either way."""
+    cache, out, model = run
+    loaded = []
+
+    def spy(*args, **kwargs):
+        loaded.append(real(*args, **kwargs))
+        return loaded[-1]
+    real = heads.predict.load_data
+    monkeypatch.setattr(heads.predict, "load_data", spy)
+    predict(out, cache, str(tmp_path / "p.csv"), memory_budget=budget)
+    monkeypatch.undo()
+    predict(out, cache, str(tmp_path / "memory.csv"))
+    assert open(tmp_path / "p.csv").read() == open(tmp_path / "memory.csv").read()
+    assert len(loaded) == 1 and isinstance(loaded[0], StreamData) == (budget == "0")
+    if budget == "0":
+        with h5py.File(cache, "r") as f:
+            own = sum(f[FEATURES[k]].nbytes for k in model.inputs)
+            every = sum(f[name].nbytes for name in FEATURES.values() if name in f)
+        assert loaded[0].need == own < every
 
 
 def test_refusals_name_the_cache_and_the_splits_it_has(run, tmp_path):
