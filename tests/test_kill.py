@@ -187,3 +187,18 @@ def test_damaged_partial_is_named_not_a_traceback(corpus, tmp_path):
     flat = " ".join(log.split())
     assert code == 2 and "Traceback" not in log, log
     assert "cannot be resumed" in flat and "d.h5.partial" in flat and "without --resume" in flat
+
+
+
+def test_problems_of_a_batch_killed_before_its_flags_are_reported_once(corpus, reference, tmp_path):
+    """A batch's image problems are logged before its rows and flags; killed in between, the resumed run
+    decodes that batch again and must not report its problems a second time (they were counted twice)."""
+    out, kill_at = tmp_path / "f.h5", 11  # batch 11 (rows 20, 21): the first bad rows after the 20 good ones
+    code, log = _finish(_start("flags", kill_at, corpus.root, out, resume=False))
+    assert code == -signal.SIGKILL, log
+    with open(problems_path(str(out))) as f:
+        logged = {row for row, *_ in json.load(f)}
+    assert logged & set(np.flatnonzero(~_done(out))[:BATCH].tolist())  # the unflagged batch had logged problems
+    code, log = _finish(_start("none", 0, corpus.root, out, resume=True))
+    assert code == 0, log
+    _assert_same_cache(out, reference, f"killed before the flags of batch {kill_at}")

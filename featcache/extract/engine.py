@@ -228,7 +228,9 @@ def _open(plan: Plan, models: Models, meta: dict, resume: bool, say) -> _Loop:
     start = writer.first_undone() if resume else 0
     start -= start % plan.cfg.batch_size  # keep batch boundaries of an uninterrupted run
     # Image problems found so far, kept beside the partial file so a resumed run still reports all of them.
-    problems = writer.problems() if resume else []
+    # Only those of rows before `start`: a batch's problems are logged before its rows and flags, so a kill in
+    # between leaves logged problems of rows this run decodes (and reports) again.
+    problems = [p for p in writer.problems() if p[0] < start] if resume else []
     if resume:
         for p in problems:
             note_image_problems(plan.ds, p[0], [ImageNote(*p[1:])])
