@@ -2,6 +2,10 @@
 trained with --test-ratio (their metrics.json hold init_test and test). Prints one markdown row per metric.
 
     .venv/bin/python examples/stage2_heldout.py runs/t2-film-s*
+    .venv/bin/python examples/stage2_heldout.py runs/fresh-s0=runs/t1-s0 runs/fresh-s1=runs/t1-s1
+
+`STAGE2=STAGE1` pairs a stage-2 run that trained a fresh head (no --init) on the split of a stage-1 run (the
+stage-1 run's split.json as --split-file: same train, validation and internal test rows) with that run.
 
 Validation numbers of an --init run can only go up (the init head is kept unless an epoch beats it), so the
 internal test rows, never used for selection, are the ones that say whether stage 2 helped.
@@ -14,13 +18,24 @@ import sys
 from scipy.stats import binomtest, ttest_rel
 
 
+def load(arg: str) -> dict:
+    """metrics.json of an --init run, or of a fresh run with its stage-1 run's scores filled in as the init's."""
+    run, _, stage1 = arg.partition("=")
+    m = json.load(open(os.path.join(run, "metrics.json")))
+    if stage1:
+        s1 = json.load(open(os.path.join(stage1, "metrics.json")))
+        m = {**m, "init_scores": s1, "init_test": s1["test"], "test": m["heldout"]["test"]}
+    return m
+
+
 def main(runs):
-    ms = [json.load(open(os.path.join(r, "metrics.json"))) for r in runs]
+    runs = [r.rstrip("/") for r in runs]
+    ms = [load(r) for r in runs]
     missing = [r for r, m in zip(runs, ms) if "init_test" not in m]
     if missing:
         sys.exit(f"{missing[0]}: no init_test in metrics.json (its --init run had no --test-ratio)")
     fmt = lambda v: f"{st.mean(v):.4f} ± {st.stdev(v):.4f}"
-    print(f"{len(ms)} runs: {', '.join(os.path.basename(r) for r in runs)}")
+    print(f"{len(ms)} runs: {', '.join(os.path.basename(r.partition('=')[0]) for r in runs)}")
     print("| metric | val, stage 1 → 2 | internal test, stage 1 → 2 | test change: mean, up / down / same | "
           "paired t-test p | sign test p |")
     print("|---|---|---|---|---|---|")
