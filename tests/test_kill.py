@@ -189,7 +189,6 @@ def test_damaged_partial_is_named_not_a_traceback(corpus, tmp_path):
     assert "cannot be resumed" in flat and "d.h5.partial" in flat and "without --resume" in flat
 
 
-
 def test_problems_of_a_batch_killed_before_its_flags_are_reported_once(corpus, reference, tmp_path):
     """A batch's image problems are logged before its rows and flags; killed in between, the resumed run
     decodes that batch again and must not report its problems a second time (they were counted twice)."""

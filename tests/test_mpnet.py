@@ -170,7 +170,6 @@ def test_extract_text_layers_and_stage2_through_the_short_name(fake, tmp_path):
     assert r.exit_code == 0 and "joining" not in r.output, r.output
 
 
-
 def test_captions_views_and_shards_through_the_short_name(fake, tmp_path):
     """What works with minilm-l6 works with mpnet-base: BLIP captions appended to the texts (MPNet's tokenizer
     joins the pair), augmented image views, and two shards (as two SLURM tasks) whose manifest reads as one cache
@@ -193,6 +192,7 @@ def test_captions_views_and_shards_through_the_short_name(fake, tmp_path):
         for name in ("text/tokens", "text/pooled", "image_views/pooled", "samples/valid"):
             assert (w.array(name) == m.array(name)).all(), name
         assert w.strings("samples/caption") == m.strings("samples/caption")
+
 
 def test_checksum_mismatch_is_exit_2_naming_both_hashes_and_leaves_nothing(fake, tmp_path):
     """The registry's pin is the real model's; the tiny model's file has another sha256."""
