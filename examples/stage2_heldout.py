@@ -34,7 +34,7 @@ def main(runs):
     missing = [r for r, m in zip(runs, ms) if "init_test" not in m]
     if missing:
         sys.exit(f"{missing[0]}: no init_test in metrics.json (its --init run had no --test-ratio)")
-    fmt = lambda v: f"{st.mean(v):.4f} ± {st.stdev(v):.4f}"
+    fmt = lambda v: f"{st.mean(v):.4f}" + (f" ± {st.stdev(v):.4f}" if len(v) > 1 else "")
     print(f"{len(ms)} runs: {', '.join(os.path.basename(r.partition('=')[0]) for r in runs)}")
     print("| metric | val, stage 1 → 2 | internal test, stage 1 → 2 | test change: mean, up / down / same | "
           "paired t-test p | sign test p |")
