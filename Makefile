@@ -26,7 +26,7 @@ run: setup
 	$(BIN)/heads show $(RUN)
 
 test: setup
-	$(BIN)/python -m pytest -q --durations=10  # the ten slowest: the suite's budget is about 10 minutes
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile --durations=10  # 2 workers, one test file each at a time; the budget is about 10 minutes
 
 bench: setup
 	$(BIN)/python bench/run_all.py
