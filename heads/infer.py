@@ -16,7 +16,7 @@ import torch
 from featcache.errors import ConfigError
 
 from .data.cache import CacheData
-from .fusions import HeadConfig, HeadDims, create_fusion
+from .fusions import HeadConfig, HeadDims, load_fusion
 from .rundir import DamagedRunError, head_files, load_weights, read_config
 
 
@@ -25,6 +25,13 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     """{"logits": (n,C) float32 numpy, and "gate": (n,) when the head exports one}. Leaves the model in eval."""
     model.eval()
     rows = np.asarray(rows, dtype=np.int64)
+    # A head that reads text tokens gets rows in order of text length, in smaller batches: each is cut to its
+    # own longest text (CacheData.batch) instead of every batch to the longest of all. Rows are independent in
+    # eval mode, so only float rounding can differ. Not for a streamed cache: its batches follow its blocks.
+    lengths = data.text_lengths() if "text_tokens" in model.inputs else None
+    order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else None
+    if order is not None:
+        rows, batch_size = rows[order], min(batch_size, SORTED_BATCH)
     data.schedule(rows)  # a streamed cache reads these rows' blocks ahead (heads.data.stream)
     outs: dict[str, list] = {}
     for start in range(0, len(rows), batch_size):
@@ -33,7 +40,11 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
             outs.setdefault(k, []).append(v.float().cpu())
     if not outs:  # no rows: keep the shapes downstream code expects
         return {"logits": np.zeros((0, model.num_classes), dtype=np.float32)}
-    return {k: torch.cat(v).numpy() for k, v in outs.items()}
+    res = {k: torch.cat(v).numpy() for k, v in outs.items()}
+    return res if order is None else {k: v[np.argsort(order)] for k, v in res.items()}
+
+
+SORTED_BATCH = 256  # rows per inference batch of a head that reads text tokens (sorted by length)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -59,10 +70,11 @@ def load_heads(run_dir: str, device="cpu") -> tuple[list[torch.nn.Module], dict]
     head = HeadConfig(**{f.name: flat[f.name] for f in fields(HeadConfig) if f.name in flat})
     models = []
     for name in head_files(cfg):
-        model = create_fusion(head, HeadDims(**cfg["dims"]))
         path = os.path.join(run_dir, name)
+        state = load_weights(path)
+        model = load_fusion(head, HeadDims(**cfg["dims"]), state)  # a run of a since rebuilt head: the old one
         try:
-            model.load_state_dict(load_weights(path))
+            model.load_state_dict(state)
         except RuntimeError as exc:  # load_state_dict: missing/unexpected keys or other shapes than config.json's
             raise DamagedRunError(f"{path} does not hold the head config.json describes ({str(exc).splitlines()[0]}"
                                   f"); restore the file from a copy, or train the run again") from exc

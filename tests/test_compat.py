@@ -35,7 +35,8 @@ def _cli(src: Path, cwd: Path, app: str, *args: str) -> subprocess.CompletedProc
 
 @pytest.fixture(scope="module")
 def old(tmp_path_factory):
-    """A cache, a stage-1 run (with a tuned bias) and a stage-2 run written by the code of release 0.1.0."""
+    """A cache, stage-1 runs (film with a tuned bias, cross-attn, co-attn) and a stage-2 run written by the code of
+    release 0.1.0."""
     data = require_mvsa()
     archive = subprocess.run(["git", "archive", PINNED, "cli.py", "featcache", "heads"], cwd=ROOT,
                              capture_output=True)
@@ -51,7 +52,10 @@ def old(tmp_path_factory):
          "--out", "old-run")
     _cli(src, work, "heads", "finetune", "--cache", "old.h5", "--unfreeze-text", "1", "--init", "old-run",
          "--epochs", "1", "--no-plots", "--out", "old-ft")
-    for run in ("old-run", "old-ft"):
+    for fusion in ("cross-attn", "co-attn"):  # heads rebuilt since (2026-12-07): their runs load the old layers
+        _cli(src, work, "heads", "train", "--cache", "old.h5", "--fusion", fusion, "--epochs", "2", "--no-plots",
+             "--out", f"old-{fusion}")
+    for run in ("old-run", "old-ft", "old-cross-attn", "old-co-attn"):
         _cli(src, work, "heads", "predict", "--run", run, "--cache", "old.h5", "--split", "test",
              "--out", f"{run}/old_predictions.txt")
     return work
@@ -74,7 +78,7 @@ def test_old_cache_reads(old, monkeypatch):
     assert "minilm-l6" in out and "80" in out  # 40 train + 40 test rows
 
 
-@pytest.mark.parametrize("run", ["old-run", "old-ft"])
+@pytest.mark.parametrize("run", ["old-run", "old-ft", "old-cross-attn", "old-co-attn"])
 def test_old_runs_predict_as_they_did(old, run, monkeypatch):
     _new(old, monkeypatch, "heads", "predict", "--run", run, "--cache", "old.h5", "--split", "test",
          "--out", f"{run}/new_predictions.txt")

@@ -71,8 +71,12 @@ def test_inference_is_identical(cache, fusion):
     model = create_fusion(TrainConfig.from_flat(fusion=fusion).head,
                           HeadDims(**mem.dims(), num_classes=len(mem.classes)))
     rows = np.flatnonzero(mem.valid)
-    assert np.array_equal(infer(model, mem, rows, batch_size=37)["logits"],
-                          infer(model, st, rows, batch_size=37)["logits"])
+    a, b = infer(model, mem, rows, batch_size=37)["logits"], infer(model, st, rows, batch_size=37)["logits"]
+    if "text_tokens" not in model.inputs:
+        assert np.array_equal(a, b)
+    else:  # in memory these rows go in order of text length (other batches, other float rounding), streamed not
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+        assert np.array_equal(a.argmax(1), b.argmax(1))
 
 
 def test_epoch_order_is_a_block_shuffle(cache):

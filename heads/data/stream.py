@@ -130,8 +130,9 @@ class StreamData(CacheData):
     def to_device(self, device) -> "StreamData":
         return self  # batches move to the device one by one (batch(..., device))
 
-    def epoch_order(self, rows: np.ndarray, gen: torch.Generator) -> torch.Tensor:
-        """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead."""
+    def epoch_order(self, rows: np.ndarray, gen: torch.Generator, group: int = 0) -> torch.Tensor:
+        """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead. No
+        length grouping (group is ignored): a batch must come from the blocks in the buffer."""
         blk = np.asarray(rows) // self.block_rows
         blocks = np.unique(blk)
         order = blocks[torch.randperm(len(blocks), generator=gen).numpy()]

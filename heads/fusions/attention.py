@@ -1,17 +1,26 @@
-"""One pre-norm cross-attention layer: queries from one modality, keys/values from the other, residual.
+"""Text-image attention for the token-level heads (cross-attn, co-attn), computed where it is cheap.
 
-There is deliberately no per-token feed-forward block: on 2 CPU cores it costs as much as the attention
-projections, and every head pools the tokens and applies an MLP classifier right after, which is where
-the non-linearity goes. For the same reason there is no dropout inside the block (neither on the attention
-weights nor on its output): CPU dropout draws one random number per element (~16 ns each, measured), and the
-(B, heads, Lq, Lk) weights and (B, Lq, H) outputs are the largest tensors of a step, so token-level dropout
-cost about a third of the training time. The heads' classifiers keep dropout on the pooled vectors.
+Both heads score every real text token against every image patch,
 
-The attention is written out (matmul, masked_fill(-inf), softmax, matmul) rather than calling
-`F.scaled_dot_product_attention`: at these tiny sizes (Lq ~ 60, Lk ~ 50, 32 per head) the explicit form is
-as fast in fp32 and several times faster under bf16 autocast, where the fused CPU kernel is slow. A boolean
-key mask gives masked keys exactly zero weight, so padded text positions cannot change any output, however
-large their (garbage) values are.
+    s[h, l, p] = q_h(t_l) . k_h(x_p) / sqrt(d)        t_l, x_p: the LayerNorm-normalised backbone tokens,
+
+and both reduce what the attention gathers to one vector per sample with a mean. Nothing non-linear sits between
+the attention's weighted sum and that mean, so the value and output projections commute with both sums:
+
+    mean_l  W_o [ sum_p softmax_p(s[h, l, :])_p  W_v x_p ]_h  =  W [ sum_p a[h, p] x_p ]_h,
+    a[h, p] = mean_l softmax_p(s[h, l, :])_p                   (the patch weights of the average text token)
+
+and the head applies one projection to nh pooled image vectors per sample (`gather`) instead of projecting
+every patch and every text token to the hidden width. Per-token work is then only the query and key
+projections into the small attention space (AttentionSpace: `width` = hidden / 4 dims, not hidden), the scores
+and one softmax. That is what made the old layer (full-width q/kv/out projections of every token, a residual
+and a LayerNorm per token before the mean) three to five times slower than film per epoch (BENCHMARKS.md).
+
+The per-token LayerNorm of the old layer was the only non-linearity this gives up; the heads apply a LayerNorm to
+the pooled sum instead, and the classifier MLP follows. The attention is written out (matmul, softmax, matmul)
+rather than calling `F.scaled_dot_product_attention`: its output is per query, and the weights are needed
+pooled over the queries first. Padded text positions are excluded exactly: they get weight 0 in the text mean
+(`text_weights`) and -inf scores as keys (`gather(..., key_mask=...)`), whatever their values.
 """
 from __future__ import annotations
 
@@ -19,52 +28,87 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .base import NORMED, FusionHead, HeadConfig, Projector, projector, safe_mask
 
-class CrossAttention(nn.Module):
-    def __init__(self, hidden: int, heads: int):
+LN_EPS = 1e-5  # nn.LayerNorm's default, as heads.data.cache normalises with
+WIDTH_FRACTION = 4  # attention space width = hidden / WIDTH_FRACTION (32 of 128: measured, README)
+
+
+def attention_width(cfg: HeadConfig) -> int:
+    """hidden / WIDTH_FRACTION dims, split between the heads (at least one dim each)."""
+    return cfg.attn_heads * max(1, cfg.hidden // cfg.attn_heads // WIDTH_FRACTION)
+
+
+class AttentionSpace(nn.Module):
+    """Scores between text tokens and image patches in a small space: (B, nh, L, P)."""
+
+    def __init__(self, text_dim: int, image_dim: int, width: int, heads: int):
         super().__init__()
+        if width % heads:
+            raise ValueError(f"attention width {width} is not divisible by {heads} heads")
         self.heads = heads
-        self.norm_q, self.norm_kv = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
-        self.q = nn.Linear(hidden, hidden)
-        self.kv = nn.Linear(hidden, 2 * hidden)
-        self.out = nn.Linear(hidden, hidden)
+        self.q: Projector = projector(text_dim, width)
+        self.k: Projector = projector(image_dim, width)
 
-    def forward(self, x: torch.Tensor, ctx: torch.Tensor, ctx_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B,Lq,H) attends over ctx (B,Lk,H); ctx_mask (B,Lk) bool, True = may be attended to."""
-        B, Lq, H = x.shape
-        Lk, nh = ctx.shape[1], self.heads
-        q = self.q(self.norm_q(x)).view(B, Lq, nh, H // nh).transpose(1, 2)
-        k, v = self.kv(self.norm_kv(ctx)).view(B, Lk, 2, nh, H // nh).permute(2, 0, 3, 1, 4)
-        scores = torch.matmul(q * (H // nh) ** -0.5, k.transpose(-1, -2))  # (B, nh, Lq, Lk); q is the smaller
-        if ctx_mask is not None:
-            # Zero the padded values too: weights are exactly 0 there, but 0 * inf would still be NaN.
-            v = v.masked_fill(~ctx_mask[:, None, :, None], 0.0)
-            scores = scores.masked_fill(~ctx_mask[:, None, None, :], float("-inf"))  # callers pass safe_mask
-        # Softmax in the scores' dtype: the CPU kernel accumulates bf16 in fp32 anyway, and the weights were
-        # rounded to bf16 for the next matmul before; the fp32 round trip was two copies of the largest tensor.
-        att = torch.matmul(F.softmax(scores, dim=-1).to(v.dtype), v)
-        return x + self.out(att.transpose(1, 2).reshape(B, Lq, H))
+    def forward(self, text: torch.Tensor, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(q (B,nh,L,d), k (B,nh,P,d)) from text (B,L,Dt) and image (B,P,Di) LayerNorm-normalised without affine
+        (`normed_tokens`; the projectors' affine is folded into their Linear: Projector.normed). q carries the
+        1/sqrt(d) of the scores, so q @ k^T and k @ q^T are the scores in either layout."""
+        (B, L, _), P, nh = text.shape, image.shape[1], self.heads
+        q = self.q.normed(text).view(B, L, nh, -1).transpose(1, 2)
+        k = self.k.normed(image).view(B, P, nh, -1).transpose(1, 2)
+        return q * q.shape[-1] ** -0.5, k
 
 
-def by_length(fn, mask: torch.Tensor, text: torch.Tensor, image: torch.Tensor, keep: torch.Tensor | None,
-              groups: int = 4) -> torch.Tensor:
-    """fn(mask, text, image, keep) -> (B, W), computed on `groups` sets of rows of similar text length, each cut to
-    its own longest text, and put back in the original order.
+def normed_tokens(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    """batch[key] LayerNorm-normalised without affine: as the loader put it (key + NORMED, training on the
+    CPU), or normalised here (validation, predict, a GPU)."""
+    x = batch.get(key + NORMED)
+    if x is not None:
+        return x
+    x = batch[key]
+    return F.layer_norm(x, x.shape[-1:], eps=LN_EPS)
 
-    A batch is padded to its longest tweet (often the 64-token maximum; the median is ~30), and every text
-    position costs the projection, the attention's scores, softmax and outputs. Rows are independent in every
-    head (no batch statistics; dropout comes after fn), so grouping changes nothing but float rounding, and it
-    removes most of the padding before anything is computed: text (B, L, D) is cut per group, image (B, P, D)
-    and keep (B, 2) only split. Cutting beats packing the real tokens (boolean indexing): the gather, the zero
-    fill and the scatter back cost more than the few padded positions left in a group.
-    On a GPU it runs once on the whole batch: the group lengths would be a host sync per step."""
-    B, L = mask.shape
-    if mask.is_cuda or B < 2 * groups:
-        return fn(mask, text, image, keep)
-    last = (torch.arange(1, L + 1, device=mask.device) * mask).amax(1)  # used positions per row
-    order = last.argsort()
-    parts = []
-    for rows in order.tensor_split(groups):
-        n = int(last[rows[-1]])  # sorted: the group's last row is its longest
-        parts.append(fn(mask[rows, :n], text[rows, :n], image[rows], None if keep is None else keep[rows]))
-    return torch.cat(parts).index_select(0, order.argsort())
+
+def text_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(B, L): 1/n on a row's n real text positions, 0 on padding (safe_mask guarantees n >= 1)."""
+    w = mask.to(dtype)
+    return w / w.sum(1, keepdim=True)
+
+
+def gather(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None, values: torch.Tensor,
+           key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, nh, D): per head, `values` (B,Lk,D) averaged with the attention weights of the average query.
+
+    queries (B,nh,Lq,d) attend over keys (B,nh,Lk,d): softmax over the keys (padded ones, key_mask False, get
+    -inf scores), then averaged over the queries with `weights` (B,Lq) (the real text positions), or a plain mean
+    (weights None: image patches). The scores are made in the layout whose softmax runs over the last dim: the
+    CPU softmax over a middle dim was several times slower (profiled)."""
+    scores = torch.matmul(queries, keys.transpose(-1, -2))  # (B, nh, Lq, Lk)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+    att = F.softmax(scores, dim=-1)
+    pooled = att.mean(2) if weights is None else torch.matmul(weights[:, None, None, :], att).squeeze(2)
+    return torch.matmul(pooled, values)
+
+
+class AttentionHead(FusionHead):
+    """What cross-attn and co-attn share: normalised tokens, the modality switch, the text mean weights. A subclass
+    implements attend(text, image, mask, weights) -> h (B, width)."""
+
+    inputs = ("text_tokens", "text_mask", "image_tokens")
+    prenorm = ("text_tokens", "image_tokens")
+
+    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+        text, image = normed_tokens(batch, "text_tokens"), normed_tokens(batch, "image_tokens")
+        keep_t, keep_i = self.modality_keep(text.shape[0], text.device)
+        if self.cfg.modality != "both" or (self.training and self.cfg.modality_dropout > 0):
+            # A switched-off or dropped modality is zero (FusionHead's rule): its text mean, its pooled values and
+            # its side of the scores are then constants, so the head reduces to the other modality.
+            text, image = text * keep_t[:, None, None].to(text.dtype), image * keep_i[:, None, None].to(image.dtype)
+        mask = safe_mask(batch["text_mask"])
+        return self.attend(text, image, mask, text_weights(mask, text.dtype)), {}
+
+    def attend(self, text: torch.Tensor, image: torch.Tensor, mask: torch.Tensor,
+               weights: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError

@@ -51,7 +51,7 @@ class HeadConfig:
     modality_dropout: float = 0.0  # per-sample probability of dropping ONE modality while training
     hidden: int = 128
     dropout: float = 0.1
-    attn_heads: int = 4
+    attn_heads: int = 1  # the attention heads (cross-attn, co-attn): one measured best (README, #17)
 
     def __post_init__(self):
         if self.modality not in MODALITIES:
@@ -60,15 +60,6 @@ class HeadConfig:
             raise ConfigError(f"modality_dropout must be in [0, 1), got {self.modality_dropout}")
         if self.hidden % self.attn_heads:
             raise ConfigError(f"hidden ({self.hidden}) must be divisible by attn_heads ({self.attn_heads})")
-
-
-def mean_unpadded(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean over dim 1 of (B,L,H) using only mask==True positions. `where` (not multiply) so that even
-    inf/NaN in padding cannot leak into the result (featcache.backbones' masked_mean multiplies: a backbone's
-    padding is finite, a head's projected padding need not be)."""
-    m = mask.unsqueeze(-1)
-    total = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device)).sum(1)
-    return total / m.sum(1).clamp_min(1).to(x.dtype)
 
 
 def safe_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -174,36 +165,6 @@ class FusionHead(nn.Module):
         """False when the config switches `modality` off: its features are then known to be zero, and heads
         skip projecting them (a third of the work of single-modality runs in an ablation)."""
         return self.cfg.modality in ("both", modality)
-
-    def token_inputs(self, batch: dict[str, torch.Tensor]) -> tuple:
-        """(text (B,L,Dt), image (B,P,Di), keep, normed): the token-level heads' inputs before projection, for
-        `by_length` to cut into groups of rows; keep is (B, 2) float (text, image) or None when every sample keeps
-        both modalities (no multiply over every token then). The arrays are the pre-normalised ones when the
-        loader put them in the batch (key + NORMED), and normed says which, so that `project_tokens` picks the
-        matching projector."""
-        text = batch.get("text_tokens" + NORMED, batch.get("text_tokens"))
-        image = batch.get("image_tokens" + NORMED, batch.get("image_tokens"))
-        normed = ("text_tokens" + NORMED in batch, "image_tokens" + NORMED in batch)
-        dropping = self.training and self.cfg.modality_dropout > 0 and self.cfg.modality == "both"
-        keep = torch.stack(self.modality_keep(text.shape[0], text.device), 1) if dropping else None
-        return text, image, keep, normed
-
-    def project_tokens(self, text: torch.Tensor, image: torch.Tensor, keep: torch.Tensor | None,
-                       normed: tuple[bool, bool]):
-        """(text (B,L,H), image (B,P,H)) of one group of rows from `token_inputs`: each modality through its
-        projector (times its keep factor), a switched-off modality as zeros without computing its projection.
-        Padded text positions are projected too (a group is cut to its longest row, so there are few): the heads
-        drop them by masked pooling and masked keys, and their values are finite (the cache stores real
-        backbone states there and CacheData.normalize keeps them finite)."""
-        normed_t, normed_i = normed
-        shape = lambda x: (*x.shape[:2], self.cfg.hidden)  # noqa: E731
-        t = (self.proj_t.normed if normed_t else self.proj_t)(text) if self.active("text") else \
-            text.new_zeros(shape(text), dtype=torch.float)
-        i = (self.proj_i.normed if normed_i else self.proj_i)(image) if self.active("image") else \
-            image.new_zeros(shape(image), dtype=torch.float)
-        if keep is not None:
-            t, i = t * keep[:, 0, None, None], i * keep[:, 1, None, None]
-        return t, i
 
     def modality_keep(self, batch_size: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(keep_text, keep_image), float (B,) of 0/1. Never both 0: dropout removes one modality of a sample

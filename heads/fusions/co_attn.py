@@ -1,45 +1,41 @@
-"""`co-attn`: co-attention, both directions, then fused.
+"""`co-attn`: parallel co-attention (Lu et al., 2016): one affinity between text tokens and image patches, read
+both ways, then fused.
 
-Text tokens attend over image patches and image patches attend over the (masked) text tokens; each side is
-pooled (masked mean for text, mean for image) and the classifier sees [h_t, h_i, h_t * h_i], the product
-giving it an explicit agreement term. Padded text positions are excluded twice: as keys (attention mask) and
-from the text pooling. A switched-off modality has zero projected tokens, so the other direction receives a
-constant and the head reduces to the remaining modality's self-contained path.
+The scores s[h, l, p] (heads.fusions.attention) are normalised over the patches for the text side (what each
+text token gathers from the image) and over the real text tokens for the image side (what each patch gathers from
+the text). Each side adds what it gathered, averaged over its own tokens, to its mean token:
+
+    h_t = LN(W_t mean_l t_l + W_vi [sum_p a[h, p] x_p]_h),    h_i = LN(W_i mean_p x_p + W_vt [sum_l b[h, l] t_l]_h)
+
+and the classifier sees [h_t, h_i, h_t * h_i], the product giving it an explicit agreement term. Padded text
+positions are excluded twice: as keys (-inf scores) and from the text mean (weight 0). A switched-off modality is
+zero, so its mean, what it offers the other side and what it gathers are constants: the head reduces to the
+remaining modality's own path.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttention, by_length
-from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
+from .attention import AttentionHead, AttentionSpace, attention_width, gather
+from .base import FUSIONS, HeadConfig, HeadDims
 
 
 @FUSIONS.register("co-attn")
-class CoAttnHead(FusionHead):
+class CoAttnHead(AttentionHead):
     """text->image and image->text attention (masked), pooled and fused"""
 
-    inputs = ("text_tokens", "text_mask", "image_tokens")
-    prenorm = ("text_tokens", "image_tokens")
-
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
-        self.proj_t = projector(dims.text_dim, cfg.hidden)
-        self.proj_i = projector(dims.image_dim, cfg.hidden)
-        self.text_to_image = CrossAttention(cfg.hidden, cfg.attn_heads)
-        self.image_to_text = CrossAttention(cfg.hidden, cfg.attn_heads)
+        self.space = AttentionSpace(dims.text_dim, dims.image_dim, attention_width(cfg), cfg.attn_heads)
+        self.text, self.image = nn.Linear(dims.text_dim, cfg.hidden), nn.Linear(dims.image_dim, cfg.hidden)
+        self.value_i = nn.Linear(cfg.attn_heads * dims.image_dim, cfg.hidden)  # image gathered by the text
+        self.value_t = nn.Linear(cfg.attn_heads * dims.text_dim, cfg.hidden)  # text gathered by the image
         self.norm_t, self.norm_i = nn.LayerNorm(cfg.hidden), nn.LayerNorm(cfg.hidden)
         return 3 * cfg.hidden
 
-    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        text, image, keep, normed = self.token_inputs(batch)
-        return by_length(partial(self._pooled, normed=normed), safe_mask(batch["text_mask"]), text, image, keep), {}
-
-    def _pooled(self, mask, text, image, keep, normed) -> torch.Tensor:
-        t, i = self.project_tokens(text, image, keep, normed)
-        t2 = self.text_to_image(t, i)
-        i2 = self.image_to_text(i, t, mask)
-        ht = mean_unpadded(self.norm_t(t2), mask)
-        hi = self.norm_i(i2).mean(1)
+    def attend(self, text, image, mask, weights) -> torch.Tensor:
+        q, k = self.space(text, image)
+        mean_text = torch.matmul(weights[:, None, :], text).squeeze(1)
+        ht = self.norm_t(self.text(mean_text) + self.value_i(gather(q, k, weights, image).flatten(1)))
+        hi = self.norm_i(self.image(image.mean(1)) + self.value_t(gather(k.mean(2, keepdim=True), q, None, text, key_mask=mask).flatten(1)))
         return torch.cat([ht, hi, ht * hi], dim=-1)

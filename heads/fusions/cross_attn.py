@@ -1,41 +1,36 @@
 """`cross-attn`: text tokens (queries) attend over image patch tokens (keys/values); text mask pools.
 
-Each text token gathers the image evidence relevant to it; the fused token states are averaged over the
-real (unpadded) text positions only. Padded text positions are queries whose outputs are dropped by the
-masked mean, so their values never matter. With the image switched off the patch tokens are zero and every
-query receives the same constant: the head reduces to a token-level text model. With the text switched off
-all queries are equal and the result is an attention-weighted pool of the image patches.
+Each real text token gathers the image evidence relevant to it; what the tokens gathered is averaged over the real
+(unpadded) text positions and added to the mean text token (the residual of a cross-attention layer):
+
+    h = LN(W_t mean_l t_l + W_v [sum_p a[h, p] x_p]_h),   a[h, p] = mean_l softmax_p(q_h(t_l) . k_h(x_p))
+
+computed per sample rather than per token (heads.fusions.attention says why that is the same attention). With the
+image switched off the gathered vectors are zero and the head is a text model on the mean token. With the text
+switched off all queries are equal and the result is a learned attention pool of the image patches.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import torch
 import torch.nn as nn
 
-from .attention import CrossAttention, by_length
-from .base import FUSIONS, FusionHead, HeadConfig, HeadDims, mean_unpadded, projector, safe_mask
+from .attention import AttentionHead, AttentionSpace, attention_width, gather
+from .base import FUSIONS, HeadConfig, HeadDims
 
 
 @FUSIONS.register("cross-attn")
-class CrossAttnHead(FusionHead):
+class CrossAttnHead(AttentionHead):
     """text tokens attend over image patches; masked text pooling"""
 
-    inputs = ("text_tokens", "text_mask", "image_tokens")
-    prenorm = ("text_tokens", "image_tokens")
-
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
-        self.proj_t = projector(dims.text_dim, cfg.hidden)
-        self.proj_i = projector(dims.image_dim, cfg.hidden)
-        self.block = CrossAttention(cfg.hidden, cfg.attn_heads)
+        self.space = AttentionSpace(dims.text_dim, dims.image_dim, attention_width(cfg), cfg.attn_heads)
+        self.text = nn.Linear(dims.text_dim, cfg.hidden)
+        self.value = nn.Linear(cfg.attn_heads * dims.image_dim, cfg.hidden)  # every head's pooled patches
         self.norm = nn.LayerNorm(cfg.hidden)
         return cfg.hidden
 
-    def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
-        text, image, keep, normed = self.token_inputs(batch)
-        return by_length(partial(self._pooled, normed=normed), safe_mask(batch["text_mask"]), text, image, keep), {}
-
-    def _pooled(self, mask, text, image, keep, normed) -> torch.Tensor:
-        t, i = self.project_tokens(text, image, keep, normed)
-        x = self.block(t, i)  # image patches are all valid: no key mask
-        return mean_unpadded(self.norm(x), mask)
+    def attend(self, text, image, mask, weights) -> torch.Tensor:
+        mean_text = torch.matmul(weights[:, None, :], text).squeeze(1)
+        q, k = self.space(text, image)
+        gathered = gather(q, k, weights, image)  # (B, heads, image_dim)
+        return self.norm(self.text(mean_text) + self.value(gathered.flatten(1)))

@@ -126,8 +126,10 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
         val_loss = float(loss(torch.from_numpy(logits), torch.from_numpy(y_val)))
         return {"val_loss": val_loss, **quick_scores(y_val, logits.argmax(1), len(data.classes), logits)}
 
+    # Heads that read text tokens train on batches of similar text length (CacheData.epoch_order): less padding.
+    group = cfg.optim.batch_size if "text_tokens" in model.inputs else 0
     return Trainer(model, cfg.optim, cfg.seed, len(split.train), loss_fn, evaluate,
-                   order=lambda gen: data.epoch_order(split.train, gen))
+                   order=lambda gen: data.epoch_order(split.train, gen, group))
 
 
 def _score(cfg: TrainConfig, model, data: CacheData, split: Split, device, logits: np.ndarray):
