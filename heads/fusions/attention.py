@@ -98,6 +98,7 @@ class AttentionHead(FusionHead):
 
     inputs = ("text_tokens", "text_mask", "image_tokens")
     prenorm = ("text_tokens", "image_tokens")
+    normed_eval = True  # inference reads the tokens pre-normalised too (heads.infer): nothing else is computed from them
 
     def fuse(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
         text, image = normed_tokens(batch, "text_tokens"), normed_tokens(batch, "image_tokens")

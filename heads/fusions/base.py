@@ -125,6 +125,9 @@ class FusionHead(nn.Module):
     # Inputs that enter a Projector (its LayerNorm) unchanged and nothing else: a training batch may carry them
     # pre-normalised as key + NORMED instead (heads.train.stage1). Token arrays only: pooled vectors are small.
     prenorm: tuple[str, ...] = ()
+    # True: inference reads the prenorm inputs normalised as well (heads.infer). Film's inference reads the raw ones,
+    # so that predictions of runs trained before training read normalised inputs do not move.
+    normed_eval: bool = False
 
     def __init__(self, cfg: HeadConfig, dims: HeadDims):
         super().__init__()
