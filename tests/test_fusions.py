@@ -176,8 +176,9 @@ def test_prenormalised_inputs_give_the_plain_logits(name):
 
 @pytest.mark.parametrize("name", ["cross-attn", "co-attn"])
 def test_attention_pooled_per_sample_equals_attention_per_token(name):
-    """The attention heads pool attention weights before projecting (heads.fusions.attention): the same numbers
-    as the textbook layer, every real token's own softmax and value projection, then the masked mean."""
+    """The attention heads pool attention weights before gathering (heads.fusions.attention): the same numbers as
+    the textbook layer, where every real token gathers with its own softmax and the masked mean follows (the
+    projection after it is linear, so applying it before or after the mean is the same)."""
     import torch.nn.functional as F
     m, b = head(name, attn_heads=2), make_batch()
     t = F.layer_norm(b["text_tokens"], (DIMS["text_dim"],))
@@ -188,13 +189,13 @@ def test_attention_pooled_per_sample_equals_attention_per_token(name):
         real = b["text_mask"][r]
         qr, kr, tr = q[r][:, real], k[r], t[r][real]  # only this row's real tokens
         per_token = torch.stack([F.softmax(qr[h] @ kr[h].T, -1) @ x[r] for h in range(2)], 1)  # (L, heads, Di)
-        value_i = m.value if name == "cross-attn" else m.value_i
-        h_text = m.text(tr.mean(0)) + value_i(per_token.flatten(1)).mean(0)  # mean of every token's projection
+        gathered_i = per_token.mean(0).flatten()  # what the tokens gathered, averaged over the real tokens
         if name == "cross-attn":
-            rows.append(m.norm(h_text))
+            rows.append(m.norm(m.fused(torch.cat([tr.mean(0), gathered_i]))))
             continue
         kbar = kr.mean(1)  # (heads, d): the mean patch's key as the one image query over the real text tokens
-        gathered = torch.stack([F.softmax(qr[h] @ kbar[h], 0) @ tr for h in range(2)])  # (heads, Dt)
-        ht, hi = m.norm_t(h_text), m.norm_i(m.image(x[r].mean(0)) + m.value_t(gathered.flatten()))
+        gathered_t = torch.stack([F.softmax(qr[h] @ kbar[h], 0) @ tr for h in range(2)]).flatten()  # (heads * Dt)
+        ht = m.norm_t(m.text_side(torch.cat([tr.mean(0), gathered_i])))
+        hi = m.norm_i(m.image_side(torch.cat([x[r].mean(0), gathered_t])))
         rows.append(torch.cat([ht, hi, ht * hi]))
     torch.testing.assert_close(m(b)["logits"], m.forward_head(torch.stack(rows)), rtol=1e-4, atol=1e-5)

@@ -154,7 +154,7 @@ class CacheData:
             length = int(used[-1]) + 1 if used.numel() else 1
         out = {}
         for k in keys:
-            x = mask if k == "text_mask" else self._gather(k, idx)
+            x = mask if k == "text_mask" else self._gather(k, idx, length if k in TEXT_SEQUENCES else None)
             if views is not None and k in self.views:
                 aug = torch.as_tensor(views) > 0
                 if aug.any():
@@ -168,9 +168,11 @@ class CacheData:
             out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
         return out
 
-    def _gather(self, key: str, idx: torch.Tensor) -> torch.Tensor:
-        """Rows idx of one feature array, as stored (heads.data.stream reads them from disk instead)."""
-        return self.features[key].index_select(0, idx)
+    def _gather(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Rows idx of one feature array, as stored (heads.data.stream reads them from disk instead); a per-position
+        text array only up to `length` (the caller cuts it there anyway: gathering less is cheaper)."""
+        x = self.features[key]
+        return (x if length is None else x[:, :length]).index_select(0, idx)
 
     def _gather_views(self, key: str, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         """Augmented view view[r] of row idx[r] of one feature array."""
@@ -211,8 +213,9 @@ def length_grouped(perm: torch.Tensor, lengths: torch.Tensor, batch_size: int, g
     the maximum length (median ~30 of 64): every text position of every row is then gathered, normalised,
     projected and attended over. As transformers' LengthGroupedSampler does, random chunks of GROUP_BATCHES
     batches are sorted by length and cut into batches, and the batches are shuffled: a batch is still a random
-    draw (from its chunk's length quantile), and the padding falls by about a third. The last, shorter batch
-    stays last, where the Trainer's slicing expects it."""
+    draw (from its chunk's length quantile). On the shared data a training batch of 128 is then cut to 39 text
+    positions on average instead of 63 (31 used per row). The last, shorter batch stays last, where the Trainer's
+    slicing expects it."""
     span, batches = GROUP_BATCHES * batch_size, []
     for s in range(0, len(perm), span):
         chunk = perm[s:s + span]

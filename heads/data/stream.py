@@ -148,7 +148,7 @@ class StreamData(CacheData):
         _, first = np.unique(blk, return_index=True)
         self._blocks.schedule(blk[np.sort(first)])
 
-    def _gather(self, key: str, idx: torch.Tensor) -> torch.Tensor:
+    def _gather(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:  # whole rows: batch cuts
         return self._rows(key, idx)
 
     def _gather_views(self, key: str, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,9 @@ the attention's weighted sum and that mean, so the value and output projections 
     mean_l  W_o [ sum_p softmax_p(s[h, l, :])_p  W_v x_p ]_h  =  W [ sum_p a[h, p] x_p ]_h,
     a[h, p] = mean_l softmax_p(s[h, l, :])_p                   (the patch weights of the average text token)
 
-and the head applies one projection to nh pooled image vectors per sample (`gather`) instead of projecting
+and the head applies one projection to nh pooled image vectors per sample (`pooled_attention`) instead of projecting
 every patch and every text token to the hidden width. Per-token work is then only the query and key
-projections into the small attention space (AttentionSpace: `width` = hidden / 4 dims, not hidden), the scores
+projections into the small attention space (AttentionSpace: `width` = hidden / 8 dims, not hidden), the scores
 and one softmax. That is what made the old layer (full-width q/kv/out projections of every token, a residual
 and a LayerNorm per token before the mean) three to five times slower than film per epoch (BENCHMARKS.md).
 
@@ -20,7 +20,7 @@ The per-token LayerNorm of the old layer was the only non-linearity this gives u
 the pooled sum instead, and the classifier MLP follows. The attention is written out (matmul, softmax, matmul)
 rather than calling `F.scaled_dot_product_attention`: its output is per query, and the weights are needed
 pooled over the queries first. Padded text positions are excluded exactly: they get weight 0 in the text mean
-(`text_weights`) and -inf scores as keys (`gather(..., key_mask=...)`), whatever their values.
+(`text_weights`) and -inf scores as keys (`pooled_attention(..., key_mask=...)`), whatever their values.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from .base import NORMED, FusionHead, HeadConfig, Projector, projector, safe_mask
 
 LN_EPS = 1e-5  # nn.LayerNorm's default, as heads.data.cache normalises with
-WIDTH_FRACTION = 4  # attention space width = hidden / WIDTH_FRACTION (32 of 128: measured, README)
+WIDTH_FRACTION = 8  # attention space width = hidden / WIDTH_FRACTION (16 of 128: measured as good as 32, README)
 
 
 def attention_width(cfg: HeadConfig) -> int:
@@ -76,20 +76,20 @@ def text_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w / w.sum(1, keepdim=True)
 
 
-def gather(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None, values: torch.Tensor,
-           key_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """(B, nh, D): per head, `values` (B,Lk,D) averaged with the attention weights of the average query.
+def pooled_attention(queries: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor | None,
+                     key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, nh, Lk): per head, the attention weights over the keys of the average query. Multiplied by the values
+    (B, Lk, D) they give what the queries gather on average, the layer's output averaged over the queries.
 
-    queries (B,nh,Lq,d) attend over keys (B,nh,Lk,d): softmax over the keys (padded ones, key_mask False, get
-    -inf scores), then averaged over the queries with `weights` (B,Lq) (the real text positions), or a plain mean
-    (weights None: image patches). The scores are made in the layout whose softmax runs over the last dim: the
-    CPU softmax over a middle dim was several times slower (profiled)."""
+    queries (B,nh,Lq,d) attend over keys (B,nh,Lk,d): softmax over the keys (padded ones, key_mask False, get -inf
+    scores), then averaged over the queries with `weights` (B,Lq) (the real text positions), or a plain mean
+    (weights None). The scores are made in the layout whose softmax runs over the last dim: the CPU softmax over a
+    middle dim was several times slower (profiled)."""
     scores = torch.matmul(queries, keys.transpose(-1, -2))  # (B, nh, Lq, Lk)
     if key_mask is not None:
         scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
     att = F.softmax(scores, dim=-1)
-    pooled = att.mean(2) if weights is None else torch.matmul(weights[:, None, None, :], att).squeeze(2)
-    return torch.matmul(pooled, values)
+    return att.mean(2) if weights is None else torch.matmul(weights[:, None, None, :], att).squeeze(2)
 
 
 class AttentionHead(FusionHead):

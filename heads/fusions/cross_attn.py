@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .attention import AttentionHead, AttentionSpace, attention_width, gather
+from .attention import AttentionHead, AttentionSpace, attention_width, pooled_attention
 from .base import FUSIONS, HeadConfig, HeadDims
 
 
@@ -24,13 +24,13 @@ class CrossAttnHead(AttentionHead):
 
     def build(self, cfg: HeadConfig, dims: HeadDims) -> int:
         self.space = AttentionSpace(dims.text_dim, dims.image_dim, attention_width(cfg), cfg.attn_heads)
-        self.text = nn.Linear(dims.text_dim, cfg.hidden)
-        self.value = nn.Linear(cfg.attn_heads * dims.image_dim, cfg.hidden)  # every head's pooled patches
+        # W_t and W_v as one Linear on [mean text token, every head's pooled patches]: one matmul, not two and a sum
+        self.fused = nn.Linear(dims.text_dim + cfg.attn_heads * dims.image_dim, cfg.hidden)
         self.norm = nn.LayerNorm(cfg.hidden)
         return cfg.hidden
 
     def attend(self, text, image, mask, weights) -> torch.Tensor:
-        mean_text = torch.matmul(weights[:, None, :], text).squeeze(1)
         q, k = self.space(text, image)
-        gathered = gather(q, k, weights, image)  # (B, heads, image_dim)
-        return self.norm(self.text(mean_text) + self.value(gathered.flatten(1)))
+        mean_text = torch.matmul(weights[:, None, :], text).squeeze(1)
+        gathered = torch.matmul(pooled_attention(q, k, weights), image)  # (B, heads, image_dim)
+        return self.norm(self.fused(torch.cat([mean_text, gathered.flatten(1)], 1)))
