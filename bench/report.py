@@ -30,6 +30,8 @@ ROWS = [
      "e2e_epoch_s", "speedup_vs_e2e", "-", None),
     ("ablate.json", "default ablation grid (45 runs) wall time vs 120 s budget", "grid_s", "budget_s",
      "budget_ratio", "<= 1.0x", lambda r: r <= 1.0),
+    ("ablate.json", "default ablation grid (45 runs) wall time vs two end-to-end epochs", "grid_s",
+     "two_e2e_epochs_s", "vs_two_e2e_epochs", "< 1.0x", lambda r: r < 1.0),
     ("views.json", "extraction time of one augmented view vs the clean extraction", "extract_s_per_view",
      "clean_extract_s", "per_view_vs_clean", "-", None),
     ("views.json", "load time of one stored view vs the clean image arrays", "load_s_per_view",
@@ -68,6 +70,9 @@ def main(src: str = os.path.join(HERE, "out"), dest: str = os.path.join(HERE, ".
             lines.append(f"| {title} | not run{why} | | | {target} | |")
             continue
         r = json.load(open(path))
+        if key not in r:  # e.g. ablate.json without heads.json beside it (bench_ablate.py run alone)
+            lines.append(f"| {title} | not run (no {b} in {fname}) | | | {target} | |")
+            continue
         met = "-" if ok is None else "yes" if ok(r[key]) else "**no**"  # None: reported, no target
         lines.append(f"| {title} | {a} = {r[a]} | {b} = {r[b]} | {r[key]}x | {target} | {met} |")
     notes = []

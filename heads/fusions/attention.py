@@ -13,8 +13,9 @@ the attention's weighted sum and that mean, so the value and output projections 
 and the head applies one projection to nh pooled image vectors per sample (`pooled_attention`) instead of projecting
 every patch and every text token to the hidden width. Per-token work is then only the query and key
 projections into the small attention space (AttentionSpace: `width` = hidden / 8 dims, not hidden), the scores
-and one softmax. That is what made the old layer (full-width q/kv/out projections of every token, a residual
-and a LayerNorm per token before the mean) three to five times slower than film per epoch (BENCHMARKS.md).
+and one softmax. The old layer (heads.fusions.legacy: full-width q/kv/out projections of every token, a residual
+and a LayerNorm per token before the mean) did all of that per token, and trained three to five times slower than
+film per epoch; these heads train at film's speed or faster (README, Speed).
 
 The per-token LayerNorm of the old layer was the only non-linearity this gives up; the heads apply a LayerNorm to
 the pooled sum instead, and the classifier MLP follows. The attention is written out (matmul, softmax, matmul)
@@ -40,7 +41,7 @@ def attention_width(cfg: HeadConfig) -> int:
 
 
 class AttentionSpace(nn.Module):
-    """Scores between text tokens and image patches in a small space: (B, nh, L, P)."""
+    """The queries (text tokens) and keys (image patches) of the attention, in a small space of `width` dims."""
 
     def __init__(self, text_dim: int, image_dim: int, width: int, heads: int):
         super().__init__()
@@ -61,8 +62,8 @@ class AttentionSpace(nn.Module):
 
 
 def normed_tokens(batch: dict[str, torch.Tensor], key: str) -> torch.Tensor:
-    """batch[key] LayerNorm-normalised without affine: as the loader put it (key + NORMED, training on the
-    CPU), or normalised here (validation, predict, a GPU)."""
+    """batch[key] LayerNorm-normalised without affine: as the batcher put it (key + NORMED: training and
+    inference on the CPU), or normalised here (a GPU, where batches are gathered on the device)."""
     x = batch.get(key + NORMED)
     if x is not None:
         return x
