@@ -104,8 +104,9 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
     view_gen = torch.Generator().manual_seed(cfg.seed)  # its own stream: views do not shift the batch order
     # Training steps read the token arrays pre-normalised (by the batcher, without autograd; Projector.normed
     # folds the LayerNorm's affine into its Linear): no LayerNorm backward over (B, L, D) per step. On the CPU without
-    # image views (a GPU batch is gathered on the device; a view is a different array). Validation and
-    # predict keep the plain path, so predictions of older runs do not move.
+    # image views (a GPU batch is gathered on the device; a view is a different array). Validation and predict
+    # read them so only for heads with normed_eval (heads.infer): film's keep the plain path, so predictions of
+    # its older runs do not move.
     normed = model.prenorm if device.type == "cpu" and not n_views else ()
     normed_dtype = torch.bfloat16 if bf16 else torch.float16
 
