@@ -95,6 +95,29 @@ def test_epoch_order_is_a_block_shuffle(cache):
                        torch.randperm(len(rows), generator=torch.Generator().manual_seed(0)))  # in memory: as before
 
 
+def test_streamed_epochs_of_text_token_heads_group_lengths_inside_the_buffer(cache):
+    """group = batch size (heads that read text tokens): batches of similar text length, drawn from the buffer's
+    rows; every row once, seeded, and a batch's blocks still come from at most two neighbouring buffers."""
+    st = load_data(cache, budget="0", block_rows=10, buffer_blocks=6)  # about 30 of the rows below per buffer
+    assert st.row_lengths is not None and st.text_lengths() is None  # inference keeps block order
+    lengths = load_data(cache).text_lengths()
+    assert torch.equal(st.row_lengths, lengths)
+    assert load_data(cache, keys=("text_pooled", "image_tokens"), budget="0").row_lengths is None
+    rows = np.flatnonzero(st.valid & (st.splits == "train"))[::2]
+    gen = lambda s: torch.Generator().manual_seed(s)  # noqa: E731
+    grouped = [st.epoch_order(rows, gen(s), group=8) for s in (0, 0, 1)]
+    assert torch.equal(grouped[0], grouped[1]) and not torch.equal(grouped[0], grouped[2])
+    plain = st.epoch_order(rows, gen(0))
+    spread = lambda order: np.mean([np.ptp(lengths[rows[b]].numpy())  # noqa: E731
+                                    for b in order.numpy()[:len(rows) // 8 * 8].reshape(-1, 8)])
+    assert spread(grouped[0]) < 0.6 * spread(plain)  # batches of similar length (0.45 here; lengths 2-12)
+    for order in grouped:
+        assert sorted(order.tolist()) == list(range(len(rows)))
+        blocks = rows[order.numpy()] // 10  # open blocks (begun, not finished): this buffer's and the last's
+        span = {b: (np.flatnonzero(blocks == b)[0], np.flatnonzero(blocks == b)[-1]) for b in set(blocks)}
+        assert max(sum(lo <= i <= hi for lo, hi in span.values()) for i in range(len(blocks))) <= 2 * 6
+
+
 @pytest.mark.parametrize("fusion", ["film", "cross-attn"])
 def test_streamed_training_learns_like_memory(cache, fusion):
     cfg = TrainConfig.from_flat(fusion=fusion, epochs=4, patience=0, plots=False, threads=1)

@@ -10,7 +10,7 @@ row-chunked, uncompressed arrays; never HDF5 fancy indexing over scattered rows)
 
 Shuffling (the one thing that differs from the in-memory path): an epoch visits the training rows' blocks in
 a seeded random order and, `buffer_blocks` blocks at a time, the rows inside those blocks in a seeded random
-order. A batch therefore mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from the
+order (heads that read text tokens: in batches of similar text length, as in memory). A batch therefore mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from the
 whole split; every row is still seen once per epoch. Validation, test and `predict` read the same values as
 the in-memory path, so their numbers are identical.
 
@@ -33,7 +33,7 @@ import torch
 from featcache.cache.rows import RowReader
 from featcache.errors import ConfigError
 
-from .cache import FEATURES, TEXT_STATES, VIEWS, CacheData, load_cache
+from .cache import FEATURES, TEXT_STATES, VIEWS, CacheData, length_grouped, load_cache
 
 RAM_SHARE = 8  # budget "auto": an eighth of the machine's RAM, so that the arrays, the forked workers of an
 # ablation and the page cache of a streamed file fit beside each other (and a 50x MVSA cache trains in 4 GB)
@@ -91,9 +91,11 @@ def load_data(path: str, keys=None, texts: bool = False, budget: str | int | Non
     per = chunks[widest]
     block = block_rows or -(-max(per, -(-BLOCK_BYTES // row_bytes)) // per) * per
     views = next((stored[n][0][1] for k, n in names.items() if k.startswith("views:")), 0)
+    # the text mask is small (one byte per position): read whole once for the lengths, then dropped
+    lengths = load_cache(path, keys=("text_mask",)).text_lengths() if "text_mask" in names else None
     return StreamData(**{f: getattr(meta, f) for f in CacheData.__dataclass_fields__ if f != "start_layer"},
                       start_layer=start, names=names, block_rows=block, buffer_blocks=buffer_blocks, budget=limit,
-                      need=need, n_views=views)
+                      need=need, n_views=views, row_lengths=lengths)
 
 
 def data_record(data: CacheData) -> dict:
@@ -119,6 +121,9 @@ class StreamData(CacheData):
     budget: int = 0  # what the arrays did not fit, and how much they need: said by `heads train`
     need: int = 0
     n_views: int = 0  # K of a cache with --image-views K
+    # (N,) each row's used text positions, for length-grouped epochs (None: the head reads no text mask). Not
+    # `lengths`: that one makes inference sort rows by length, which would read every block for every batch.
+    row_lengths: torch.Tensor | None = None
 
     def __post_init__(self):
         self._blocks = _Blocks(self.path, self.names, self.block_rows, len(self.guids), 3 * self.buffer_blocks)
@@ -131,17 +136,33 @@ class StreamData(CacheData):
         return self  # batches move to the device one by one (batch(..., device))
 
     def epoch_order(self, rows: np.ndarray, gen: torch.Generator, group: int = 0) -> torch.Tensor:
-        """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead. No
-        length grouping (group is ignored): a batch must come from the blocks in the buffer."""
+        """Positions into `rows` for one epoch, block-shuffled (module docstring); the thread reads ahead.
+        group = the batch size, for heads that read text tokens: inside each buffer's rows, batches of similar
+        text length (length_grouped, as in memory). A buffer's last, partial batch is carried over and completed
+        by the next buffer's first rows, so batch boundaries stay aligned and at most two neighbouring buffers'
+        blocks are in use at a time."""
         blk = np.asarray(rows) // self.block_rows
         blocks = np.unique(blk)
         order = blocks[torch.randperm(len(blocks), generator=gen).numpy()]
-        parts = []
+        lengths = self.row_lengths if group else None
+        parts, carry = [], np.zeros(0, dtype=np.int64)
         for g in range(0, len(order), self.buffer_blocks):
             pos = np.flatnonzero(np.isin(blk, order[g:g + self.buffer_blocks]))
-            parts.append(pos[torch.randperm(len(pos), generator=gen).numpy()])
+            pos = pos[torch.randperm(len(pos), generator=gen).numpy()]
+            if lengths is not None:  # the carried partial batch, completed by this buffer's first rows, goes first
+                k = (group - len(carry)) if len(carry) else 0
+                head, pos = np.concatenate([carry, pos[:k]]), pos[k:]
+                if 0 < len(head) < group:  # a buffer too small to complete it
+                    carry = head
+                    continue
+                pos = length_grouped(torch.from_numpy(pos), lengths[torch.from_numpy(np.asarray(rows)[pos])],
+                                     group, gen).numpy()
+                cut = len(pos) // group * group
+                pos, carry = np.concatenate([head, pos[:cut]]), pos[cut:]
+            parts.append(pos)
         self._blocks.schedule(order)
-        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+        parts.append(carry)
+        return torch.from_numpy(np.concatenate(parts))
 
     def schedule(self, rows) -> None:
         blk = np.asarray(rows) // self.block_rows
