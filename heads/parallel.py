@@ -1,6 +1,6 @@
 """Train many runs side by side from caches loaded once: how many workers, in which order, and the fork pool.
 
-Used by `heads ablate`. A job is (spec, run_dir) with spec.train a TrainConfig and spec.cache the key of its
+Used by `heads ablate` (run_all) and by the folds of a cross-fit run (fork_map). A job is (spec, run_dir) with spec.train a TrainConfig and spec.cache the key of its
 loaded cache; `train(cfg, data, run_dir)` is the unit (heads.train.stage1.train, or crossfit.train_crossfit).
 Workers are forked, so they share the parent's in-memory arrays copy-on-write instead of loading or
 unpickling them again; each run then uses one CPU thread (the caller sets threads=1 in its config).
@@ -8,6 +8,7 @@ unpickling them again; each run then uses one CPU thread (the caller sets thread
 from __future__ import annotations
 
 import multiprocessing
+import signal
 
 import torch
 
@@ -40,6 +41,17 @@ def longest_first(todo: list) -> list:
 
 
 _SHARED: dict = {}  # what forked workers inherit: the loaded caches and the unit (never pickled)
+_MAP: dict = {}  # fork_map's function and items, inherited the same way
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer. Ctrl-C at a terminal signals the whole process group: the command's own process says
+    what was kept and terminates the pool, so a worker must not also die printing its own traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _pool(workers: int):
+    return multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
 
 
 def _train_in_worker(job) -> str:
@@ -58,7 +70,25 @@ def run_all(todo: list, datas: dict, workers: int, train):
         return
     _SHARED.update(datas=datas, train=train)
     try:
-        with multiprocessing.get_context("fork").Pool(workers) as pool:
+        with _pool(workers) as pool:
             yield from pool.imap_unordered(_train_in_worker, longest_first(todo))
     finally:
         _SHARED.clear()
+
+
+def _call_in_worker(i: int):
+    return _MAP["fn"](_MAP["items"][i])
+
+
+def fork_map(fn, items: list, workers: int) -> list:
+    """[fn(item) for item in items], in a fork pool of `workers` when that is more than one: fn and the items
+    (and whatever they reference, such as a loaded cache) are inherited, never pickled; only the results come
+    back pickled, in the items' order. Used by the cross-fit folds (heads.train.crossfit)."""
+    if workers <= 1 or len(items) < 2:
+        return [fn(item) for item in items]
+    _MAP.update(fn=fn, items=items)
+    try:
+        with _pool(min(workers, len(items))) as pool:
+            return list(pool.imap(_call_in_worker, range(len(items))))
+    finally:
+        _MAP.clear()

@@ -7,6 +7,8 @@ POINT, ARG:
   extract-batch K   after the K-th batch of `featcache extract` is written, print "paused" and sleep
   ablate-run NAME   when the ablation starts training a run whose name contains NAME, print "paused" and sleep
                     (the other runs train normally, in this process or in the ablation's forked workers)
+  fold K            when fold K of a cross-fit run starts training (two forked workers, also on one core), print
+                    "paused" and sleep: the other fold trains on
   commit NAME       when a finished temporary file or folder is about to be renamed to a path named NAME
                     (featcache.outdir.commit: run directories, reports, predictions), print "paused" and sleep
 The signal then arrives in a real process at a known moment. sys.argv is set to APP ARGS..., as the entry
@@ -59,6 +61,16 @@ def main():
                 return train(cfg, data, out_dir, **kw)
             return paused_train
         ha.train_unit = train_unit
+    elif point == "fold":
+        import heads.parallel as hp
+        import heads.train.crossfit as hc
+        real_train, hp.cpu_threads = hc.train, lambda: 2
+
+        def fold_train(cfg, data, *a, **k):
+            if cfg.split.fold == int(arg):
+                pause()
+            return real_train(cfg, data, *a, **k)
+        hc.train = fold_train
     elif point == "commit":
         import featcache.outdir as od
         real_commit = od.commit

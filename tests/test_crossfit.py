@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from heads.config import TrainConfig
@@ -90,6 +91,23 @@ def test_reproducible_and_single_head_unchanged(cache, tmp_path):
     out = str(tmp_path / "p.csv")
     predict(single.run_dir, cache, out, split="test", device="cpu")
     assert list(read_csv(out)[0]) == ["guid", "tag"]  # without --proba the label-file format, unchanged
+
+
+@pytest.mark.parametrize("fusion", ["film", "cross-attn"])
+def test_folds_side_by_side_give_the_numbers_of_threads_1(cache, tmp_path, monkeypatch, fusion):
+    """threads=0 (the default) on the CPU trains the folds in forked workers, one thread each: the same heads,
+    out-of-fold logits and held-out scores as the folds one after another with --threads 1."""
+    monkeypatch.setattr("heads.parallel.cpu_threads", lambda: 2)  # two workers, also on a one-core machine
+    side = train_crossfit(cfg(fusion=fusion, folds=3, test_ratio=0.1), cache, str(tmp_path / "side"))
+    one = train_crossfit(cfg(fusion=fusion, folds=3, test_ratio=0.1, threads=1), cache, str(tmp_path / "one"))
+    assert side.metrics["timing"]["workers"] == 2 and one.metrics["timing"]["workers"] == 1
+    assert side.metrics["timing"]["threads"] == 1
+    np.testing.assert_array_equal(side.oof_logits, one.oof_logits)
+    assert side.metrics["test"] == one.metrics["test"] and side.metrics["folds"] == one.metrics["folds"]
+    for a, b in zip(side.folds, one.folds):
+        assert [{**h, "seconds": 0} for h in a.history] == [{**h, "seconds": 0} for h in b.history]
+        for k, v in a.model.state_dict().items():
+            assert torch.equal(v, b.model.state_dict()[k]), k
 
 
 def test_cli_train_folds_show_predict_and_finetune(cache, tmp_path):

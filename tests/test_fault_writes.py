@@ -18,7 +18,7 @@ import cli
 from featcache.cache.store import partial_path
 from featcache.digest import file_sha256
 from heads.report.runs import find_run_dirs
-from tests.test_faults import EXTRACT, FAST, _child, _mount_tmpfs, _one_paragraph, _run, _signal, _umount
+from tests.test_faults import CHILD, EXTRACT, FAST, _child, _mount_tmpfs, _one_paragraph, _run, _signal, _umount
 from tests.test_faults import trained  # noqa: F401  (the module fixture: a cache and a finished run)
 
 
@@ -152,6 +152,33 @@ def test_a_signal_during_training_says_nothing_was_kept_and_how_to_rerun(trained
     else:
         assert not os.path.exists(out)
     assert _hidden(tmp_path) == []  # the interrupted write removed its hidden folder
+
+
+def test_ctrl_c_to_the_process_group_while_folds_train_side_by_side(trained, tmp_path):
+    """Ctrl-C at a terminal signals every process of the group, the fold workers too: the command alone speaks
+    (one paragraph, no worker traceback), exits 130 and leaves no worker behind."""
+    import sys
+    cache, _ = trained
+    out = str(tmp_path / "run")
+    args = ["train", "--cache", cache, "--out", out, "--folds", "3", "--epochs", "50", "--patience", "0", *FAST[2:]]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": root}
+    p = subprocess.Popen([sys.executable, CHILD, "fold", "1", "heads", *args], env=env, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    lines = []
+    for line in p.stdout:
+        lines.append(line)
+        if line.strip() == "paused":  # fold 1 sleeps in one worker while fold 0 trains in the other
+            break
+    assert lines and lines[-1].strip() == "paused", "".join(lines)
+    os.killpg(p.pid, signal.SIGINT)
+    rest, _ = p.communicate(timeout=60)
+    text = " ".join(("".join(lines[:-1]) + rest).split())
+    _one_paragraph(p.returncode, text, f"interrupted (SIGINT): nothing of this run was kept: {out}",
+                   exit_code=130)
+    assert "ForkPoolWorker" not in text and not os.path.exists(out)
+    with pytest.raises(ProcessLookupError):  # the whole group is gone: no worker left behind
+        os.killpg(p.pid, 0)
 
 
 # ------------------------------------------------------------------------------------------ merge, add-text-layers

@@ -11,8 +11,9 @@ OOF predictions of every labelled row (plus per-fold mean and std); `--tune-bias
 OOF logits, so the offsets are not fitted on rows they are scored on by the same head's selection alone.
 `heads predict` averages the K heads' probabilities (heads.infer.mean_log_proba).
 
-The cache is loaded once and the K heads train one after the other in this process (stage1.train with
-out_dir=None). A --test-ratio share (and the data's other labelled splits) is set aside before the folds and
+The cache is loaded once; the K heads train (stage1.train with out_dir=None) side by side in forked workers
+that share it, one CPU thread each (fold_workers: the numbers of `--threads 1`), or one after the other in this
+process with --threads N or on a GPU. A --test-ratio share (and the data's other labelled splits) is set aside before the folds and
 scored once with the averaged heads. The same code is the unit of `heads ablate --folds K` (one cross-fit run
 per configuration and seed), and its scoring and writing (finish_crossfit, write_crossfit) end stage 2 from a
 cross-fit run (`heads finetune --init`, fold by fold: heads.train.stage2.finetune_folds).
@@ -34,11 +35,13 @@ from ..data.cache import CacheData
 from ..data.stream import data_record, describe_stream, load_data
 from ..fusions import get_fusion
 from ..infer import mean_log_proba, softmax
+from ..parallel import count_workers, fork_map
 from ..report import figures
 from ..report.console import print_summary
 from ..rundir import FOLD_FILE, TEXT_FOLD_FILE, RunRecord, cache_info, write_run
 from .bias import apply_bias, tune_bias
 from .metrics import compute_metrics
+from .runtime import set_threads
 from .stage1 import TrainResult, train
 
 FOLD_KEYS = ("accuracy", "macro_f1", "weighted_f1")  # summarised per fold as mean and std
@@ -61,6 +64,15 @@ def fold_configs(cfg, folds: int) -> list:
     return [cfg.with_flat(folds=folds, fold=k) for k in range(folds)]
 
 
+def fold_workers(cfg: TrainConfig) -> int:
+    """How many folds train side by side: on the CPU, when the run may use every core (threads=0, the default),
+    one fold per core with one thread each (heads.parallel.fork_map), as `heads ablate` runs configurations:
+    small heads use two threads poorly. The numbers are then those of `--threads 1` (the thread count changes
+    floating-point sums), whatever the number of cores. 1 (one fold after another) with --threads N, on a GPU,
+    or inside an ablation worker (whose runs have threads=1)."""
+    return count_workers(0, [cfg] * cfg.split.folds) if cfg.threads == 0 else 1
+
+
 def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | None = None,
                    console=None) -> CrossfitResult:
     """Train cfg.split.folds heads (K >= 2), score their OOF predictions, write one run directory."""
@@ -74,9 +86,15 @@ def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_di
         if console is not None and data_record(data)["streamed"]:
             console.print(describe_stream(data), markup=False, highlight=False, soft_wrap=True)
     # Each fold head is early-stopped on its own fold; bias and plots belong to the whole run.
-    results = [train(fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio), data)
-               for fc in fold_configs(cfg, folds)]
+    workers = fold_workers(cfg)
+    one = cfg.with_flat(threads=1) if workers > 1 else cfg
+    fold_cfgs = [fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio)
+                 for fc in fold_configs(one, folds)]
+    results = fork_map(lambda fc: train(fc, data), fold_cfgs, workers)
+    if workers > 1:
+        set_threads(1)  # the averaged heads score the held-out rows as a --threads 1 run does
     result = finish_crossfit(cfg, data, results, t_start)
+    result.metrics["timing"]["workers"] = workers
     if out_dir is not None:
         result.run_dir = write_crossfit(out_dir, cfg, data, result)
     if console is not None:
