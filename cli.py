@@ -384,8 +384,9 @@ def heads_train_cmd(
     precision: str = typer.Option("auto", help="auto | fp32 | bf16: bf16 autocast for the training steps; "
                                   "auto = bf16 where the CPU/GPU computes it natively."),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
-    threads: int = typer.Option(0, help="CPU threads for torch (0 = every core). 1 is faster when other work "
-                                "shares the cores."),
+    threads: int = typer.Option(0, help="CPU threads for torch (0 = every core; with --folds K, 0 trains the "
+                                "folds side by side, one per core with one thread each: the numbers of "
+                                "--threads 1). 1 is faster when other work shares the cores."),
     memory_budget: str = typer.Option("auto", help=MEMORY_BUDGET_HELP),
     plots: bool = typer.Option(True, help="Write PNG plots into the run directory."),
     out: Optional[Path] = typer.Option(None, help="Run directory (default: runs/<fusion>-<modality>-s<seed>-"
