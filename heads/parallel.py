@@ -1,8 +1,8 @@
 """Train many runs side by side from caches loaded once: how many workers, in which order, and the fork pool.
 
-Used by `heads ablate` (run_all) and by the folds of a cross-fit run (fork_map). A job is (spec, run_dir) with spec.train a TrainConfig and spec.cache the key of its
-loaded cache; `train(cfg, data, run_dir)` is the unit (heads.train.stage1.train, or crossfit.train_crossfit).
-Workers are forked, so they share the parent's in-memory arrays copy-on-write instead of loading or
+Used by `heads ablate` (run_all) and by the folds of a cross-fit run (fork_map). A job of run_all is
+(spec, run_dir) with spec.train a TrainConfig and spec.cache the key of its loaded cache; `train(cfg, data,
+run_dir)` is the unit (heads.train.stage1.train, or crossfit.train_crossfit). Workers are forked, so they share the parent's in-memory arrays copy-on-write instead of loading or
 unpickling them again; each run then uses one CPU thread (the caller sets threads=1 in its config).
 """
 from __future__ import annotations

@@ -10,8 +10,9 @@ row-chunked, uncompressed arrays; never HDF5 fancy indexing over scattered rows)
 
 Shuffling (the one thing that differs from the in-memory path): an epoch visits the training rows' blocks in
 a seeded random order and, `buffer_blocks` blocks at a time, the rows inside those blocks in a seeded random
-order (heads that read text tokens: in batches of similar text length, as in memory). A batch therefore mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from the
-whole split; every row is still seen once per epoch. Validation, test and `predict` read the same values as
+order (heads that read text tokens: in batches of similar text length, as in memory). A batch therefore
+mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from the whole split; every row is
+still seen once per epoch. Validation, test and `predict` read the same values as
 the in-memory path, so their numbers are identical.
 
 A background thread reads the blocks ahead of the batches in the order the epoch (or inference) will need

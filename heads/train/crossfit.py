@@ -12,11 +12,12 @@ OOF logits, so the offsets are not fitted on rows they are scored on by the same
 `heads predict` averages the K heads' probabilities (heads.infer.mean_log_proba).
 
 The cache is loaded once; the K heads train (stage1.train with out_dir=None) side by side in forked workers
-that share it, one CPU thread each (fold_workers: the numbers of `--threads 1`), or one after the other in this
-process with --threads N or on a GPU. A --test-ratio share (and the data's other labelled splits) is set aside before the folds and
-scored once with the averaged heads. The same code is the unit of `heads ablate --folds K` (one cross-fit run
-per configuration and seed), and its scoring and writing (finish_crossfit, write_crossfit) end stage 2 from a
-cross-fit run (`heads finetune --init`, fold by fold: heads.train.stage2.finetune_folds).
+that share it, one CPU thread each (fold_workers: the numbers of `--threads 1`), or one after the other in
+this process with --threads N or on a GPU. A --test-ratio share (and the data's other labelled splits) is set
+aside before the folds and scored once with the averaged heads. The same code is the unit of `heads ablate
+--folds K` (one cross-fit run per configuration and seed), and its scoring and writing (finish_crossfit,
+write_crossfit) end stage 2 from a cross-fit run (`heads finetune --init`, fold by fold:
+heads.train.stage2.finetune_folds).
 """
 from __future__ import annotations
 
