@@ -102,6 +102,9 @@ def test_folds_side_by_side_give_the_numbers_of_threads_1(cache, tmp_path, monke
     one = train_crossfit(cfg(fusion=fusion, folds=3, test_ratio=0.1, threads=1), cache, str(tmp_path / "one"))
     assert side.metrics["timing"]["workers"] == 2 and one.metrics["timing"]["workers"] == 1
     assert side.metrics["timing"]["threads"] == 1
+    from heads.report.console import _counts_line  # what `heads train` and `heads show` print of it
+    assert "of fold time on cpu (2 folds at a time, 1 thread each)" in _counts_line(side.metrics)
+    assert "on cpu (1 threads)" in _counts_line(one.metrics)
     np.testing.assert_array_equal(side.oof_logits, one.oof_logits)
     assert side.metrics["test"] == one.metrics["test"] and side.metrics["folds"] == one.metrics["folds"]
     for a, b in zip(side.folds, one.folds):

@@ -58,8 +58,10 @@ def _counts_line(metrics: dict) -> str:
     else:
         val = f"{n.get('val')} (split {n['val_split']})" if "val_split" in n else n.get("val")
         rows = f"train {n.get('train')} · val {val}{test}"
-    trained = f" · trained in {timing['train_s']:.1f}s on {timing.get('device')} ({timing.get('threads')} threads)" \
-        if "train_s" in timing else ""
+    side = timing.get("workers", 1) > 1  # cross-fit folds side by side: train_s sums the folds' own seconds
+    how = f"{timing.get('workers')} folds at a time, 1 thread each" if side else f"{timing.get('threads')} threads"
+    trained = f" · trained in {timing['train_s']:.1f}s{' of fold time' if side else ''} on {timing.get('device')} " \
+        f"({how})" if "train_s" in timing else ""
     return rows + rest + trained
 
 
