@@ -170,20 +170,22 @@ class StreamData(CacheData):
         _, first = np.unique(blk, return_index=True)
         self._blocks.schedule(blk[np.sort(first)])
 
-    def _gather(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:  # whole rows: batch cuts
-        return self._rows(key, idx)
+    def _gather(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        return self._rows(key, idx, length)
 
     def _gather_views(self, key: str, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
         return self._rows("views:" + key, idx)[torch.arange(len(idx)), view]
 
-    def _rows(self, key: str, idx: torch.Tensor) -> torch.Tensor:
-        """Rows idx of one array, from the blocks that hold them (each read once, then kept in the buffer)."""
+    def _rows(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:
+        """Rows idx of one array, from the blocks that hold them (each read once, then kept in the buffer); a
+        per-position text array only up to `length`, as CacheData._gather (copying less is the point)."""
         idx = idx.numpy()
         blk, off = idx // self.block_rows, torch.from_numpy(idx % self.block_rows)
         ids = np.unique(blk)
+        cut = (lambda a: a) if length is None else (lambda a: a[:, :length])  # noqa: E731
         if len(ids) <= 1:  # one block (or no rows)
-            return self._blocks.get(int(ids[0]) if len(ids) else 0)[key].index_select(0, off)
-        arrays = [self._blocks.get(int(b))[key] for b in ids]
+            return cut(self._blocks.get(int(ids[0]) if len(ids) else 0)[key]).index_select(0, off)
+        arrays = [cut(self._blocks.get(int(b))[key]) for b in ids]
         out = torch.empty((len(idx),) + tuple(arrays[0].shape[1:]), dtype=arrays[0].dtype)
         order = np.argsort(blk, kind="stable")  # the batch's rows grouped by block: one slice of `order` each
         bounds = np.searchsorted(blk[order], ids, side="right")
