@@ -237,7 +237,8 @@ def extract_cmd(
                                 "(-1: auto, the cores beyond two, at most 4)."),
     overlap: str = typer.Option("auto", help="auto | on | off: the image backbone in a second thread while "
                                 "the main one decodes and runs the text backbone, each with half the CPU "
-                                "threads (auto: on for CPU runs without --workers)."),
+                                "threads (auto: on for CPU runs without --workers whose two backbones are within "
+                                "10x of each other in parameters: not for mpnet-base beside a small CNN)."),
     limit: Optional[int] = typer.Option(None, help="Only the first N rows of each label file (quick trials)."),
     split: Optional[str] = typer.Option(None, "--split", help="Only the rows of these splits (comma list, e.g. "
                                         "test: new posts to predict; default every row)."),

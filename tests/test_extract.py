@@ -300,6 +300,21 @@ def test_second_extract_refused_while_lock_is_held(mvsa, tmp_path, monkeypatch):
     assert not out.exists() and not os.path.exists(partial_path(str(out)))
 
 
+def test_overlap_auto_keeps_the_lane_only_for_towers_of_comparable_size(monkeypatch):
+    """The lane halves each tower's threads: worth it when the towers are of comparable size (MiniLM beside
+    EfficientNet-Lite0, 4.9x), not when one dwarfs the other (mpnet-base, 24x). on/off are obeyed as given."""
+    import torch
+    from featcache.extract.forward import LANE_MAX_RATIO, use_lane
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    cpu, small = torch.device("cpu"), torch.nn.Linear(10, 10)  # 110 parameters
+    near, far = torch.nn.Linear(10, LANE_MAX_RATIO * 10), torch.nn.Linear(10, LANE_MAX_RATIO * 12)
+    assert use_lane("auto", cpu, None, 0, near, small) and use_lane("auto", cpu, None, 0, small, near)
+    assert not use_lane("auto", cpu, None, 0, far, small) and not use_lane("auto", cpu, None, 0, small, far)
+    assert use_lane("on", cpu, None, 0, far, small) and not use_lane("off", cpu, None, 0, near, small)
+    assert not use_lane("auto", cpu, None, 2, near, small)  # DataLoader workers decode instead
+    assert not use_lane("auto", torch.device("meta"), None, 0, near, small)  # not a CPU run
+
+
 def test_image_lane_matches_the_serial_path(mvsa, cli8, tmp_path):
     """--overlap on (image tower + decoding in a second thread, half the threads each) writes the arrays of
     the serial path to fp16 rounding: both towers then run on fewer threads, and their matmuls and convolutions

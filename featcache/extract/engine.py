@@ -149,7 +149,7 @@ def _run_threads(plan: Plan, resume: bool, console, progress: bool, t_start: flo
     meta = _meta(plan, models)  # built once; `_finish` adds what the run itself changes
     loop = _open(plan, models, meta, resume, console.print)
     workers = auto_workers(plan.cfg.workers, models.device)
-    use = use_lane(plan.cfg.overlap, models.device, models.captioner, workers)
+    use = use_lane(plan.cfg.overlap, models.device, models.captioner, workers, models.text, models.image)
     lane = ImageLane(models, loop.timings.extra) if use else None
     if lane:  # half the threads each (set before the lane's thread first runs an op: it takes the value then)
         torch.set_num_threads(max(1, torch.get_num_threads() // 2))

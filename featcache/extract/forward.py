@@ -222,11 +222,26 @@ class ImageLane:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def use_lane(setting: str, device: torch.device, captioner, workers: int) -> bool:
-    """auto: on for CPU extraction without DataLoader workers and at least 2 threads to split; a captioner
-    (which needs the decoded images first) keeps the serial path."""
+# auto: no lane when one backbone has more than this many times the other's parameters. The lane gives each
+# tower half the threads, so the heavier one then runs on half the CPU while the lighter one's thread idles:
+# mpnet-base (109 M parameters) beside EfficientNet-Lite0 (4.7 M) extracted 1.32x slower with the lane than
+# without it (2026-12-07, 2 cores, 160 rows, 3 pairs); MiniLM (23 M, 4.9x) keeps it (BENCHMARKS.md).
+LANE_MAX_RATIO = 10
+
+
+def _params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def use_lane(setting: str, device: torch.device, captioner, workers: int, text=None, image=None) -> bool:
+    """auto: on for CPU extraction without DataLoader workers and at least 2 threads to split, when the two
+    towers (`text`, `image`: modules, parameters counted) are within LANE_MAX_RATIO of each other in size; a
+    captioner (which needs the decoded images first) keeps the serial path."""
     if setting not in ("auto", "on", "off"):
         raise ConfigError(f"--overlap must be auto, on or off, got {setting!r}")
     if setting != "auto":
         return setting == "on" and captioner is None
-    return device.type == "cpu" and captioner is None and workers == 0 and torch.get_num_threads() >= 2
+    sizes = sorted(max(1, _params(m)) for m in (text, image) if m is not None)
+    balanced = len(sizes) < 2 or sizes[1] <= LANE_MAX_RATIO * sizes[0]
+    return device.type == "cpu" and captioner is None and workers == 0 and torch.get_num_threads() >= 2 \
+        and balanced
