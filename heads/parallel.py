@@ -2,8 +2,9 @@
 
 Used by `heads ablate` (run_all) and by the folds of a cross-fit run (fork_map). A job of run_all is
 (spec, run_dir) with spec.train a TrainConfig and spec.cache the key of its loaded cache; `train(cfg, data,
-run_dir)` is the unit (heads.train.stage1.train, or crossfit.train_crossfit). Workers are forked, so they share the parent's in-memory arrays copy-on-write instead of loading or
-unpickling them again; each run then uses one CPU thread (the caller sets threads=1 in its config).
+run_dir)` is the unit (heads.train.stage1.train, or crossfit.train_crossfit). Workers are forked, so they
+share the parent's in-memory arrays copy-on-write instead of loading or unpickling them again; each run then
+uses one CPU thread (the caller sets threads=1 in its config).
 """
 from __future__ import annotations
 
@@ -40,8 +41,7 @@ def longest_first(todo: list) -> list:
     return sorted(todo, key=arrays, reverse=True)  # stable: equal runs keep the grid's order
 
 
-_SHARED: dict = {}  # what forked workers inherit: the loaded caches and the unit (never pickled)
-_MAP: dict = {}  # fork_map's function and items, inherited the same way
+_INHERITED: dict = {}  # what forked workers inherit (the function, its items and the loaded caches they reach)
 
 
 def _ignore_sigint() -> None:
@@ -50,45 +50,37 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _pool(workers: int):
-    return multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint)
+def _call_in_worker(i: int):
+    return _INHERITED["fn"](_INHERITED["items"][i])
 
 
-def _train_in_worker(job) -> str:
-    spec, run_dir = job
-    _SHARED["train"](spec.train, _SHARED["datas"][spec.cache], run_dir)
-    return spec.name
+def _forked(fn, items: list, workers: int, ordered: bool):
+    """Yield fn(item) for every item: in this process with one worker, else in a fork pool of `workers`, which
+    inherits fn and the items (never pickled) and sends back only the results, in the items' order or as they
+    finish."""
+    if workers <= 1:
+        yield from (fn(item) for item in items)
+        return
+    _INHERITED.update(fn=fn, items=items)
+    try:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_ignore_sigint) as pool:
+            yield from (pool.imap if ordered else pool.imap_unordered)(_call_in_worker, range(len(items)))
+    finally:
+        _INHERITED.clear()
 
 
 def run_all(todo: list, datas: dict, workers: int, train):
     """Yield run names as they finish: one after another with one worker, else in a fork pool, costliest first
     (then in any order)."""
-    if workers <= 1:
-        for spec, run_dir in todo:
-            train(spec.train, datas[spec.cache], run_dir)
-            yield spec.name
-        return
-    _SHARED.update(datas=datas, train=train)
-    try:
-        with _pool(workers) as pool:
-            yield from pool.imap_unordered(_train_in_worker, longest_first(todo))
-    finally:
-        _SHARED.clear()
-
-
-def _call_in_worker(i: int):
-    return _MAP["fn"](_MAP["items"][i])
+    def one(job) -> str:
+        spec, run_dir = job
+        train(spec.train, datas[spec.cache], run_dir)
+        return spec.name
+    yield from _forked(one, longest_first(todo) if workers > 1 else todo, workers, ordered=False)
 
 
 def fork_map(fn, items: list, workers: int) -> list:
     """[fn(item) for item in items], in a fork pool of `workers` when that is more than one: fn and the items
     (and whatever they reference, such as a loaded cache) are inherited, never pickled; only the results come
     back pickled, in the items' order. Used by the cross-fit folds (heads.train.crossfit)."""
-    if workers <= 1 or len(items) < 2:
-        return [fn(item) for item in items]
-    _MAP.update(fn=fn, items=items)
-    try:
-        with _pool(min(workers, len(items))) as pool:
-            return list(pool.imap(_call_in_worker, range(len(items))))
-    finally:
-        _MAP.clear()
+    return list(_forked(fn, items, min(workers, len(items)), ordered=True))

@@ -83,7 +83,9 @@ def load_data(path: str, keys=None, texts: bool = False, budget: str | int | Non
         start = r.reader.start_layer if TEXT_STATES[0] in names else None
     if need <= limit:
         return load_cache(path, keys, texts)
-    meta = load_cache(path, keys=(), texts=texts)  # labels, guids, splits, shapes: everything but the arrays
+    # labels, guids, splits, shapes: everything but the arrays; and the text mask (one byte per position) when the
+    # head reads it, for the lengths of length-grouped epochs (then dropped: the batches stream it)
+    meta = load_cache(path, keys=("text_mask",) if "text_mask" in names else (), texts=texts)
     # Blocks are whole chunks of the array with the widest rows (the token arrays, whose chunks are the
     # fewest rows): one block is one contiguous run of chunks there and a contiguous slice of the others.
     widest = max(names.values(), key=lambda n: int(np.prod(stored[n][0][1:], dtype=np.int64)) *
@@ -92,11 +94,11 @@ def load_data(path: str, keys=None, texts: bool = False, budget: str | int | Non
     per = chunks[widest]
     block = block_rows or -(-max(per, -(-BLOCK_BYTES // row_bytes)) // per) * per
     views = next((stored[n][0][1] for k, n in names.items() if k.startswith("views:")), 0)
-    # the text mask is small (one byte per position): read whole once for the lengths, then dropped
-    lengths = load_cache(path, keys=("text_mask",)).text_lengths() if "text_mask" in names else None
-    return StreamData(**{f: getattr(meta, f) for f in CacheData.__dataclass_fields__ if f != "start_layer"},
-                      start_layer=start, names=names, block_rows=block, buffer_blocks=buffer_blocks, budget=limit,
-                      need=need, n_views=views, row_lengths=lengths)
+    kept = {f: getattr(meta, f) for f in CacheData.__dataclass_fields__
+            if f not in ("start_layer", "features", "lengths")}
+    return StreamData(**kept, features={}, start_layer=start, names=names, block_rows=block,
+                      buffer_blocks=buffer_blocks, budget=limit, need=need, n_views=views,
+                      row_lengths=meta.text_lengths())
 
 
 def data_record(data: CacheData) -> dict:
