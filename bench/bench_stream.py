@@ -3,8 +3,10 @@ cross-attn on the default cache tiled 1x, 10x and 50x, in memory vs streamed fro
 
   tile          : the default cache's rows repeated T times into a new cache (cache/tiles/, written with the
                   extractor's chunk layout; built here, never committed; 50x is about 16 GB)
-  mode          : memory (budget 1TB: everything read into RAM) and stream (budget 0) at 1x and 10x; auto (the
-                  default budget, RAM / 8, which streams there) at 50x
+  mode          : memory (budget 1TB: everything read into RAM), stream (budget 0: nothing kept in memory) and
+                  kept (a budget of half what the head's arrays need: streamed, with room to keep the validation
+                  rows in memory, heads.data.stream) at 1x and 10x; auto (the default budget, RAM / 8, which
+                  streams there) at 50x
   epoch_s       : the first epoch of a `--epochs 1 --patience 0` run (training steps + validation pass); the file
                   is evicted from the page cache (posix_fadvise DONTNEED) before every streamed run, so the epoch
                   reads the disk
@@ -34,7 +36,7 @@ from common import default_cache, write_result  # noqa: E402
 from featcache.cache.store import row_chunk  # noqa: E402
 
 FUSIONS = ("film", "cross-attn")
-BUDGETS = {"memory": "1TB", "stream": "0", "auto": "auto"}
+BUDGETS = {"memory": "1TB", "stream": "0", "kept": "half", "auto": "auto"}
 # The largest tile (50x) runs with the default budget only, what the memory target is about (it streams there: the
 # arrays exceed RAM / 8; reading 16 GB into memory is what streaming exists to avoid); the others in memory and
 # streamed, the second (10x) giving the throughput ratio.
@@ -86,12 +88,17 @@ def evict(path: str) -> None:
 def child(cache: str, fusion: str, budget: str, epochs: int, threads: int) -> None:
     """One run in this process: prints {epochs' seconds, streamed, peak RSS}."""
     from heads.config import TrainConfig
+    from heads.data.stream import load_data
+    from heads.fusions import get_fusion
     from heads.train.stage1 import train
+    if budget == "half":  # the arrays need twice this: streamed, with room to keep the validation rows
+        budget = str(load_data(cache, keys=get_fusion(fusion).inputs, budget="0").need // 2)
     cfg = TrainConfig.from_flat(fusion=fusion, seed=0, epochs=epochs, patience=0, plots=False, threads=threads,
                                 memory_budget=budget)
     t0 = time.perf_counter()
     res = train(cfg, cache)
     print(json.dumps({"epoch_s": [h["seconds"] for h in res.history], "streamed": res.metrics["data"]["streamed"],
+                      "kept_rows": res.metrics["data"].get("kept_rows", 0),
                       "load_s": res.metrics["timing"]["load_s"], "total_s": time.perf_counter() - t0,
                       "macro_f1": res.metrics["macro_f1"],
                       "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
@@ -159,7 +166,7 @@ def main():
         with h5py.File(path, "r") as f:
             n = f["samples/guid"].shape[0]
         for fusion in fusions:
-            for mode in ("auto",) if t == big else ("memory", "stream"):
+            for mode in ("auto",) if t == big else ("memory", "stream", "kept"):
                 r = measure(path, fusion, mode, a.epochs, a.threads)
                 r.update(rows_in_cache=n, s_per_1k_rows=round(r["epoch_s"][0] / n * 1000, 4))
                 rows[f"{t}x/{fusion}/{mode}"] = r
@@ -169,6 +176,8 @@ def main():
     extract = extract_memory(a.data, limits, a.scratch) if limits else {}
     ten = {f: rows[f"{mid}x/{f}/stream"]["epoch_s"][0] for f in fusions}
     ratio = {f: round(rows[f"{mid}x/{f}/memory"]["epoch_s"][0] / ten[f], 2) for f in fusions}
+    kept = {f: round(rows[f"{mid}x/{f}/memory"]["epoch_s"][0] / rows[f"{mid}x/{f}/kept"]["epoch_s"][0], 2)
+            for f in fusions}
     worst = min(ratio, key=ratio.get)
     rss = max(rows[f"{big}x/{f}/auto"]["peak_rss_gb"] for f in fusions)
     # linear in rows: seconds per 1,000 rows at the largest tile (default budget: streamed) over the smallest
@@ -178,6 +187,7 @@ def main():
     slowest = max(growth, key=growth.get)
     res = {"tiles": a.tiles, "epochs": a.epochs, "threads": a.threads, "runs": rows, "extract": extract,
            "stream_vs_memory_10x": ratio, "stream_vs_memory_10x_min": ratio[worst],
+           "kept_vs_memory_10x": kept,
            "memory_10x_epoch_s": round(rows[f"{mid}x/{worst}/memory"]["epoch_s"][0], 2),
            "stream_10x_epoch_s": round(ten[worst], 2),
            "peak_rss_gb_50x": round(rss, 2), "rss_target_gb": 4.0, "rss_50x_vs_target": round(rss / 4.0, 2),
@@ -187,7 +197,8 @@ def main():
            "note": "stream.json: film and cross-attn on the default cache tiled 1x/10x (in memory and streamed) and "
                    "50x (default budget: streamed), one epoch each (training + validation), one thread; the file "
                    "is evicted from the page cache before each streamed run; stream/memory = memory epoch seconds / "
-                   "streamed; peak RSS of the training process"}
+                   "streamed with budget 0 (kept: with a budget of half what the head's arrays need, which keeps the "
+                   "validation rows in memory); peak RSS of the training process"}
     write_result(a.out, res)
     if not a.keep:
         for p in made:

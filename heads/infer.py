@@ -27,8 +27,9 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     rows = np.asarray(rows, dtype=np.int64)
     # A head that reads text tokens gets rows in order of text length, in smaller batches: each is cut to its
     # own longest text (CacheData.batch) instead of every batch to the longest of all. Rows are independent in
-    # eval mode, so only float rounding can differ. Not for a streamed cache: its batches follow its blocks.
-    lengths = data.text_lengths() if "text_tokens" in model.inputs else None
+    # eval mode, so only float rounding can differ. Not for rows a streamed cache reads from disk: their batches
+    # follow its blocks (rows it keeps in memory, validation's, are sorted).
+    lengths = data.sort_lengths(rows) if "text_tokens" in model.inputs else None
     order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else None
     if order is not None:
         rows, batch_size = rows[order], min(batch_size, SORTED_BATCH)

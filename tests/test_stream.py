@@ -239,3 +239,51 @@ def test_row_reader_reads_every_layout_like_h5py(tmp_path):
             assert file._layout("chunked") and file._layout("contiguous") and file._layout("compressed") is None
         finally:
             file.close()
+
+
+def test_kept_validation_rows_read_no_block_and_sort_as_in_memory(cache):
+    """keep(val): once an epoch has read their blocks, validation reads no block, and inference goes in order of
+    text length as in memory, so its logits are the in-memory ones exactly; rows over the budget are not kept."""
+    mem = load_data(cache)
+    need = load_data(cache, budget="0").need
+    st = load_data(cache, budget=need - 1, block_rows=8, buffer_blocks=2)  # streams; a fifth of the rows fits
+    rows = np.flatnonzero(st.valid & (st.splits == "train"))
+    val, train_rows = rows[::5], np.setdiff1d(rows, rows[::5])
+    assert st.keep(val) and st.kept_rows() == len(val)
+    assert st.sort_lengths(val) is None  # nothing copied yet: inference would read blocks, so keeps their order
+    for b in st.epoch_order(train_rows, torch.Generator().manual_seed(0)).split(16):  # one epoch's reads
+        st.batch(train_rows[b.numpy()], keys=KEYS)
+    reads = []
+    get = st._blocks.get
+    st._blocks.get = lambda b: reads.append(b) or get(b)
+    torch.manual_seed(0)
+    model = create_fusion(TrainConfig.from_flat(fusion="cross-attn").head,
+                          HeadDims(**mem.dims(), num_classes=len(mem.classes)))
+    a, b = infer(model, mem, val, batch_size=37)["logits"], infer(model, st, val, batch_size=37)["logits"]
+    assert reads == [] and np.array_equal(a, b)
+    for k, v in mem.batch(val[:20], keys=KEYS).items():
+        assert torch.equal(v, st.batch(val[:20], keys=KEYS)[k]), k
+    infer(model, st, train_rows[:5])
+    assert reads  # other rows still come from their blocks
+    assert not load_data(cache, budget="0", block_rows=8).keep(val)  # budget 0: nothing kept
+    assert load_data(cache).keep(val)  # in memory: every row is
+
+
+def test_an_epoch_reads_each_block_once(cache):
+    """Blocks read ahead are not evicted before their turn: least-recently-used alone evicted them (a block read
+    ahead but not yet used looks older than the blocks just finished with), and they were read a second time."""
+    st = load_data(cache, budget="0", block_rows=4, buffer_blocks=3)  # 9 blocks in memory at most
+    rows = np.flatnonzero(st.valid & (st.splits == "train"))
+    reads, lock = [], __import__("threading").Lock()
+    read = type(st._blocks)._read
+
+    def counted(self, b):
+        with lock:
+            reads.append(b)
+        return read(self, b)
+
+    st._blocks._read = counted.__get__(st._blocks)
+    for b in st.epoch_order(rows, torch.Generator().manual_seed(0), group=8).split(8):
+        st.batch(rows[b.numpy()], keys=KEYS)
+        __import__("time").sleep(0.002)  # a training step: the thread reads ahead meanwhile
+    assert len(reads) == len(set(reads)) == len(np.unique(rows // 4))

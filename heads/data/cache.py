@@ -121,6 +121,16 @@ class CacheData:
     def schedule(self, rows) -> None:
         """Rows the next batches will read, in order: nothing to do in memory (heads.data.stream reads ahead)."""
 
+    def keep(self, rows) -> bool:
+        """Rows read again after every epoch (validation): all rows are in memory here (a streamed cache keeps
+        these, heads.data.stream). True if they are kept."""
+        return True
+
+    def sort_lengths(self, rows) -> torch.Tensor | None:
+        """(N,) text lengths by which inference may order `rows` (None: keep their order; a streamed cache
+        that would read blocks for them)."""
+        return self.text_lengths()
+
     def num_views(self) -> int:
         return next(iter(self.views.values())).shape[1] if self.views else 0
 

@@ -15,6 +15,11 @@ mixes rows of at most about 2 x buffer_blocks blocks instead of rows drawn from 
 still seen once per epoch. Validation, test and `predict` read the same values as
 the in-memory path, so their numbers are identical.
 
+Validation rows are read again after every epoch. `keep(rows)` (stage 1 calls it with its validation rows)
+copies them out of their blocks as the training epoch reads those blocks, when they fit the memory budget
+beside the block buffers: validation then reads no block (it would otherwise read nearly every block a second
+time, for a fifth of the rows) and goes in order of text length, as in memory.
+
 A background thread reads the blocks ahead of the batches in the order the epoch (or inference) will need
 them (`schedule`), with pread, which releases the GIL while the training step runs. It opens the file itself,
 per process: h5py handles are not fork-safe, and the forked workers of an ablation each open their own.
@@ -94,11 +99,13 @@ def load_data(path: str, keys=None, texts: bool = False, budget: str | int | Non
     per = chunks[widest]
     block = block_rows or -(-max(per, -(-BLOCK_BYTES // row_bytes)) // per) * per
     views = next((stored[n][0][1] for k, n in names.items() if k.startswith("views:")), 0)
+    clean = sum(int(np.prod(stored[n][0][1:], dtype=np.int64)) * np.dtype(stored[n][1]).itemsize
+                for k, n in names.items() if not k.startswith("views:") and n in stored)
     kept = {f: getattr(meta, f) for f in CacheData.__dataclass_fields__
             if f not in ("start_layer", "features", "lengths")}
     return StreamData(**kept, features={}, start_layer=start, names=names, block_rows=block,
                       buffer_blocks=buffer_blocks, budget=limit, need=need, n_views=views,
-                      row_lengths=meta.text_lengths())
+                      row_lengths=meta.text_lengths(), row_bytes=clean)
 
 
 def data_record(data: CacheData) -> dict:
@@ -106,7 +113,7 @@ def data_record(data: CacheData) -> dict:
     if not isinstance(data, StreamData):
         return {"streamed": False}
     return {"streamed": True, "need_bytes": data.need, "budget_bytes": data.budget, "block_rows": data.block_rows,
-            "buffer_blocks": data.buffer_blocks}
+            "buffer_blocks": data.buffer_blocks, "kept_rows": data.kept_rows()}
 
 
 def describe_stream(data: "StreamData") -> str:
@@ -127,10 +134,30 @@ class StreamData(CacheData):
     # (N,) each row's used text positions, for length-grouped epochs (None: the head reads no text mask). Not
     # `lengths`: that one makes inference sort rows by length, which would read every block for every batch.
     row_lengths: torch.Tensor | None = None
+    row_bytes: int = 0  # one row of the arrays `keep` copies (all but the views)
 
     def __post_init__(self):
         self._blocks = _Blocks(self.path, self.names, self.block_rows, len(self.guids), 3 * self.buffer_blocks)
         self.views = {k[len("views:"):]: None for k in self.names if k.startswith("views:")}  # batch() asks `in`
+        self._kept = _Kept.none(len(self.guids))
+
+    def keep(self, rows) -> bool:
+        """Keep `rows` (validation: read after every epoch) in memory once their blocks have been read, if they
+        fit the budget beside the block buffers (module docstring); replaces the rows kept before. True if kept."""
+        rows = np.unique(np.asarray(rows, dtype=np.int64))
+        buffers = self._blocks.capacity * self.block_rows * (self.need // max(1, len(self.guids)))
+        if not len(rows) or len(rows) * self.row_bytes + buffers > self.budget:
+            self._kept = _Kept.none(len(self.guids))
+            return False
+        self._kept = _Kept(rows, len(self.guids), self.block_rows)
+        return True
+
+    def kept_rows(self) -> int:
+        return len(self._kept.rows)
+
+    def sort_lengths(self, rows) -> torch.Tensor | None:
+        # Kept rows are in memory: inference may visit them in order of length without reading any block.
+        return self.row_lengths if self._kept.holds(rows) else None
 
     def num_views(self) -> int:
         return self.n_views
@@ -168,7 +195,10 @@ class StreamData(CacheData):
         return torch.from_numpy(np.concatenate(parts))
 
     def schedule(self, rows) -> None:
-        blk = np.asarray(rows) // self.block_rows
+        rows = np.asarray(rows)
+        if len(self._kept.rows):  # kept rows need no block
+            rows = rows[~self._kept.have(rows)]
+        blk = rows // self.block_rows
         _, first = np.unique(blk, return_index=True)
         self._blocks.schedule(blk[np.sort(first)])
 
@@ -182,12 +212,14 @@ class StreamData(CacheData):
         """Rows idx of one array, from the blocks that hold them (each read once, then kept in the buffer); a
         per-position text array only up to `length`, as CacheData._gather (copying less is the point)."""
         idx = idx.numpy()
+        cut = (lambda a: a) if length is None else (lambda a: a[:, :length])  # noqa: E731
+        if len(idx) and self._kept.holds(idx) and key in self._kept.arrays:
+            return cut(self._kept.arrays[key]).index_select(0, torch.from_numpy(self._kept.slot[idx]))
         blk, off = idx // self.block_rows, torch.from_numpy(idx % self.block_rows)
         ids = np.unique(blk)
-        cut = (lambda a: a) if length is None else (lambda a: a[:, :length])  # noqa: E731
         if len(ids) <= 1:  # one block (or no rows)
-            return cut(self._blocks.get(int(ids[0]) if len(ids) else 0)[key]).index_select(0, off)
-        arrays = [cut(self._blocks.get(int(b))[key]) for b in ids]
+            return cut(self._block(int(ids[0]) if len(ids) else 0)[key]).index_select(0, off)
+        arrays = [cut(self._block(int(b))[key]) for b in ids]
         out = torch.empty((len(idx),) + tuple(arrays[0].shape[1:]), dtype=arrays[0].dtype)
         order = np.argsort(blk, kind="stable")  # the batch's rows grouped by block: one slice of `order` each
         bounds = np.searchsorted(blk[order], ids, side="right")
@@ -195,6 +227,50 @@ class StreamData(CacheData):
             sel = torch.from_numpy(order[lo:hi])
             out.index_copy_(0, sel, a.index_select(0, off.index_select(0, sel)))  # (index_put: 3x slower)
         return out
+
+    def _block(self, b: int) -> dict[str, torch.Tensor]:
+        arrays = self._blocks.get(b)
+        self._kept.fill(b, arrays)
+        return arrays
+
+
+class _Kept:
+    """The kept rows (StreamData.keep): row -> slot, the arrays (allocated when the first block is copied from),
+    and which slots hold their values yet."""
+
+    def __init__(self, rows: np.ndarray, n_rows: int, block_rows: int):
+        self.rows, self.block_rows = rows, block_rows
+        self.slot = np.full(n_rows, -1, dtype=np.int64)
+        self.slot[rows] = np.arange(len(rows))
+        self.filled = np.zeros(len(rows), dtype=bool)
+        self.pending = set((rows // block_rows).tolist())  # blocks not yet copied from
+        self.arrays: dict[str, torch.Tensor] = {}
+
+    @classmethod
+    def none(cls, n_rows: int) -> "_Kept":
+        return cls(np.zeros(0, dtype=np.int64), n_rows, 1)
+
+    def have(self, idx: np.ndarray) -> np.ndarray:
+        """Per row of idx: kept, and its values copied."""
+        s = self.slot[idx]
+        return (s >= 0) & self.filled[np.maximum(s, 0)]
+
+    def holds(self, idx) -> bool:
+        return len(self.rows) > 0 and bool(self.have(np.asarray(idx)).all())
+
+    def fill(self, b: int, arrays: dict[str, torch.Tensor]) -> None:
+        if b not in self.pending:
+            return
+        self.pending.discard(b)
+        lo = b * self.block_rows
+        rows = self.rows[(self.rows >= lo) & (self.rows < lo + self.block_rows)]
+        for key, a in arrays.items():
+            if key.startswith("views:"):
+                continue
+            if key not in self.arrays:
+                self.arrays[key] = torch.empty((len(self.rows),) + tuple(a.shape[1:]), dtype=a.dtype)
+            self.arrays[key].index_copy_(0, torch.from_numpy(self.slot[rows]), a.index_select(0, torch.from_numpy(rows - lo)))
+        self.filled[self.slot[rows]] = True
 
 
 _LIVE = weakref.WeakSet()  # every _Blocks of this process, for the fork guard below
@@ -243,6 +319,17 @@ class _Blocks:
     def _put(self, b: int, arrays) -> None:  # with the lock held
         self._blocks[b] = arrays
         self._blocks.move_to_end(b)
+        if len(self._blocks) <= self.capacity:
+            return
+        # Least recently used first, but never a block of the plan's current or next window: a block read
+        # ahead has not been used yet, so by recency alone it looked older than the blocks just finished
+        # with, and was evicted (and read again) just before its turn.
+        w = self.capacity // 3
+        near = set(self._plan[max(0, self._next - w):self._next + w])
+        for k in [k for k in self._blocks if k not in near and k != b]:
+            if len(self._blocks) <= self.capacity:
+                break
+            del self._blocks[k]
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
 

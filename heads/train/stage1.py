@@ -60,6 +60,7 @@ def train(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_dir: str | 
     if say and data_record(data)["streamed"]:
         say(describe_stream(data))
     split = split_labelled(data, cfg.split, cfg.seed, say)
+    data.keep(split.val)  # a streamed cache keeps the rows validated after every epoch in memory, if they fit
     device = resolve_device(cfg.device)
     data.to_device(device)  # CUDA: the arrays move to the GPU once (an ablation's later runs find them there)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and native_bf16(device))
