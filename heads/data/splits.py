@@ -126,6 +126,14 @@ def split_labelled(data: CacheData, cfg: SplitConfig, seed: int, say=None) -> Sp
     return _with_counts(data, np.sort(train), np.sort(val), np.sort(test), heldout, source)
 
 
+def stratified_kfold():
+    """sklearn's StratifiedKFold, imported on first use: it is heavy (with scipy, 1.5-2.5 s here) and only --folds
+    pays for it. A cross-fit calls this before forking its fold workers, which then inherit the import instead
+    of each paying it again (five folds on two cores: three rounds of it)."""
+    from sklearn.model_selection import StratifiedKFold
+    return StratifiedKFold
+
+
 def _carve(data: CacheData, cfg: SplitConfig, usable: np.ndarray, seed: int):
     """(train, val, test) carved from `usable` with sklearn's stratified draws (today's split, row for row)."""
     _check_classes(data, data.labels[usable], 2, "a stratified train/validation split is impossible")
@@ -133,11 +141,10 @@ def _carve(data: CacheData, cfg: SplitConfig, usable: np.ndarray, seed: int):
     if cfg.test_ratio:
         usable, test = _holdout(data, usable, cfg.test_ratio, seed, "--test-ratio")
     if cfg.folds:
-        from sklearn.model_selection import StratifiedKFold  # heavy (with scipy): only --folds pays for it
         y = data.labels[usable]
         _check_classes(data, y, cfg.folds,
                        f"stratified {cfg.folds}-fold cross-validation is impossible; use fewer folds")
-        kfold = StratifiedKFold(n_splits=cfg.folds, shuffle=True, random_state=seed)
+        kfold = stratified_kfold()(n_splits=cfg.folds, shuffle=True, random_state=seed)
         train, val = list(kfold.split(usable, y))[cfg.fold]
         return usable[train], usable[val], test
     train, val = _holdout(data, usable, cfg.val_ratio, seed, "--val-ratio")

@@ -33,6 +33,7 @@ from featcache.errors import ConfigError
 
 from ..config import TrainConfig
 from ..data.cache import CacheData
+from ..data.splits import stratified_kfold
 from ..data.stream import data_record, describe_stream, load_data
 from ..fusions import get_fusion
 from ..infer import mean_log_proba, softmax
@@ -91,6 +92,8 @@ def train_crossfit(cfg: TrainConfig, data: str | os.PathLike | CacheData, out_di
     one = cfg.with_flat(threads=1) if workers > 1 else cfg
     fold_cfgs = [fc.with_flat(tune_bias=False, plots=False, test_ratio=cfg.split.test_ratio)
                  for fc in fold_configs(one, folds)]
+    if workers > 1:
+        stratified_kfold()  # imported once here, inherited by the fold workers
     results = fork_map(lambda fc: train(fc, data), fold_cfgs, workers)
     if workers > 1:
         set_threads(1)  # the averaged heads score the held-out rows as a --threads 1 run does
