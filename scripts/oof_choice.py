@@ -18,7 +18,9 @@ val` does) and prints three tables:
      that row), with row-bootstrap differences against film. A K=5 run predicts with the average of its K
      heads, so one OOF prediction per row understates it (see docs/default_choice.md).
 `table ... --seeds 0,1,2,3,4` uses other seeds than 0, 1, 2. `curve NAME --seeds 0,1,2,3,4`: metrics of n of NAME's seeds averaged per row, n = 1..5 (how much averaging
-more heads buys). `logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text ||
+more heads buys). `average NAME=RUN+RUN+... ...`: each row's probabilities averaged over any runs, also of
+different caches of the same rows (text backbones), with a paired row-bootstrap interval against the first
+candidate. `logreg` writes OOF probabilities of a logistic regression on L2-normalised pooled text ||
 pooled image (the README's hidden-set reference), as OUT/lr-C{C}-s{seed}/val_predictions.csv.
 """
 from __future__ import annotations
@@ -162,10 +164,38 @@ def curve(runs: str, name: str, seeds) -> None:
         print(f"| {n} | {len(rows)} | {cells} |")
 
 
+def average(runs: str, specs: list[str], boot: int = 1000) -> None:
+    """Candidates NAME=RUN+RUN+... (run directories under `runs`, any caches of the same rows): each row's OOF
+    probabilities averaged over the runs, with the paired row-bootstrap difference to the first candidate
+    (mean and 95% percentile interval). Compares heads of different caches (text backbones) at equal numbers
+    of averaged runs."""
+    cands = {}
+    for spec in specs:
+        name, _, members = spec.partition("=")
+        loaded = [load(os.path.join(runs, m, "val_predictions.csv")) for m in members.split("+")]
+        if any(not np.array_equal(y, loaded[0][0]) for y, _, _ in loaded):
+            sys.exit(f"{name}: the runs do not score the same rows")
+        cands[name] = (loaded[0][0], sum(p for _, p, _ in loaded) / len(loaded), loaded[0][2])
+    (y, ref, classes), first = next(iter(cands.values())), next(iter(cands))
+    rng = np.random.default_rng(0)
+    draws = [rng.integers(0, len(y), len(y)) for _ in range(boot)]
+    print(f"| candidate | runs | accuracy | macro-F1 | weighted-F1 | Δ vs {first} (row bootstrap, 95% interval) |\n"
+          "|---|---|---|---|---|---|")
+    for (name, (yc, p, _)), spec in zip(cands.items(), specs):
+        if not np.array_equal(yc, y):
+            sys.exit(f"{name} does not score the rows of {first}")
+        m = scores(y, p.argmax(1), classes)
+        d = np.array([scores(y[i], p.argmax(1)[i], classes) - scores(y[i], ref.argmax(1)[i], classes) for i in draws])
+        lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
+        delta = " / ".join(f"{a:+.4f} [{b:+.4f}, {c:+.4f}]" for a, b, c in zip(d.mean(0), lo, hi))
+        print(f"| {name} | {spec.count('+') + 1} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("command", choices=("train", "table", "logreg", "curve"))
-    ap.add_argument("items", nargs="*", help="train: NAME:flat=value,...; table: candidates")
+    ap.add_argument("command", choices=("train", "table", "logreg", "curve", "average"))
+    ap.add_argument("items", nargs="*", help="train: NAME:flat=value,...; table: candidates; average: "
+                    "NAME=RUN+RUN+...")
     ap.add_argument("--cache", default="/work/shared-cache/mvsa-default.h5")
     ap.add_argument("--out", "--runs", dest="out", default="/tmp/q/runs")
     ap.add_argument("--C", default="0.3,1")
@@ -176,6 +206,8 @@ def main() -> None:
     elif a.command == "curve":
         for name in a.items:
             curve(a.out, name, [int(x) for x in (a.seeds or "0,1,2,3,4").split(",")])
+    elif a.command == "average":
+        average(a.out, a.items)
     elif a.command == "logreg":
         logreg(a.cache, a.out, [float(c) for c in a.C.split(",")])
     else:

@@ -269,7 +269,8 @@ class _Kept:
                 continue
             if key not in self.arrays:
                 self.arrays[key] = torch.empty((len(self.rows),) + tuple(a.shape[1:]), dtype=a.dtype)
-            self.arrays[key].index_copy_(0, torch.from_numpy(self.slot[rows]), a.index_select(0, torch.from_numpy(rows - lo)))
+            self.arrays[key].index_copy_(0, torch.from_numpy(self.slot[rows]),
+                                         a.index_select(0, torch.from_numpy(rows - lo)))
         self.filled[self.slot[rows]] = True
 
 
