@@ -188,7 +188,7 @@ def average(runs: str, specs: list[str], boot: int = 1000) -> None:
         d = np.array([scores(y[i], p.argmax(1)[i], classes) - scores(y[i], ref.argmax(1)[i], classes) for i in draws])
         lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
         delta = " / ".join(f"{a:+.4f} [{b:+.4f}, {c:+.4f}]" for a, b, c in zip(d.mean(0), lo, hi))
-        print(f"| {name} | {spec.count('+') + 1} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")
+        print(f"| {name} | {spec.partition('=')[2].count('+') + 1} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")
 
 
 def main() -> None:
