@@ -127,12 +127,31 @@ def extract_memory(data: str, limits: list[int], scratch: str) -> dict:
     return out
 
 
-def measure(cache: str, fusion: str, mode: str, epochs: int, threads: int) -> dict:
+def measure(cache: str, fusion: str, mode: str, epochs: int, threads: int, script: str = __file__) -> dict:
+    """One run in its own process; `script`: this file, or bench_stream.py of another checkout (--vs)."""
     if mode != "memory":
         evict(cache)
-    out = subprocess.run([sys.executable, __file__, "--child", cache, fusion, BUDGETS[mode], str(epochs),
+    out = subprocess.run([sys.executable, script, "--child", cache, fusion, BUDGETS[mode], str(epochs),
                           str(threads)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def versus(cache: str, other: str, fusion: str, rounds: int, threads: int, out: str) -> None:
+    """This checkout's epoch in memory, streamed and kept against another checkout's streamed epoch (budget 0)
+    on the same tile, interleaved `rounds` times (medians): what a change to streaming bought, on a machine
+    whose speed drifts."""
+    arms = {"memory": (__file__, "memory"), "stream": (__file__, "stream"), "kept": (__file__, "kept"),
+            "other_stream": (os.path.join(other, "bench", "bench_stream.py"), "stream")}
+    got = {k: [] for k in arms}
+    for _ in range(rounds):
+        for name, (script, mode) in arms.items():
+            got[name].append(measure(cache, fusion, mode, 1, threads, script)["epoch_s"][0])
+        print({k: round(v[-1], 2) for k, v in got.items()}, flush=True)
+    med = {k: round(float(np.median(v)), 2) for k, v in got.items()}
+    write_result(out, {"cache": os.path.basename(cache), "fusion": fusion, "other": os.path.abspath(other),
+                       "rounds": rounds, "epoch_s": got, "median_epoch_s": med,
+                       "vs_memory": {k: round(med["memory"] / v, 2) for k, v in med.items()},
+                       "note": "one epoch each (training + validation), file evicted before each streamed run"})
 
 
 def main():
@@ -147,6 +166,9 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "stream.json"))
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "mvsa"))
     ap.add_argument("--extract-limits", default="200,1600", help="featcache extract --limit values ('' skips)")
+    ap.add_argument("--vs", metavar="CHECKOUT", help="instead: this checkout against another one's streamed epoch "
+                    "on the 10x tile (--fusions' first head), interleaved --rounds times; writes bench/out/stream_vs.json")
+    ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--extract-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -156,6 +178,11 @@ def main():
         return extract_child(a.extract_child[0], int(a.extract_child[1]), a.extract_child[2])
     if not a.cache:
         sys.exit("no cache: run `make run` (or featcache extract --data ../shared/mvsa) first")
+    if a.vs:
+        mid = int(a.tiles.split(",")[1])
+        path = tile(a.cache, os.path.join(a.scratch, f"tile{mid}x.h5"), mid)
+        return versus(path, a.vs, a.fusions.split(",")[0], a.rounds, a.threads,
+                      os.path.join(os.path.dirname(a.out), "stream_vs.json"))
     rows, made = {}, []
     tiles = [int(x) for x in a.tiles.split(",")]
     small, mid, big = tiles[0], tiles[1], tiles[-1]

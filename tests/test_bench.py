@@ -47,7 +47,19 @@ def figures(tmp_path_factory):
         p = subprocess.run([sys.executable, os.path.join(BENCH, script), *args, "--out", str(out / f"{name}.json")],
                            capture_output=True, text=True, timeout=600, env=env)
         assert p.returncode == 0, f"{script} failed:\n{p.stdout[-2000:]}\n{p.stderr[-3000:]}"
+    # bench_stream --vs: this checkout against another (itself here), on the second tile
+    p = subprocess.run([sys.executable, os.path.join(BENCH, "bench_stream.py"), "--cache", cache, "--tiles", "1,2",
+                        "--fusions", "film", "--scratch", str(tmp / "tiles"), "--vs", os.path.dirname(BENCH),
+                        "--rounds", "1", "--out", str(out / "stream.json")], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert p.returncode == 0, f"bench_stream.py --vs failed:\n{p.stderr[-3000:]}"
     return out
+
+
+def test_stream_versus_writes_every_arm(figures):
+    r = json.load(open(figures / "stream_vs.json"))
+    assert set(r["median_epoch_s"]) == {"memory", "stream", "kept", "other_stream"}
+    assert all(math.isfinite(v) for v in r["vs_memory"].values())
 
 
 def test_every_bench_writes_the_figures_the_report_reads(figures):
