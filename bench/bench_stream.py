@@ -167,7 +167,8 @@ def main():
     ap.add_argument("--data", default=os.path.join(ROOT, "..", "shared", "mvsa"))
     ap.add_argument("--extract-limits", default="200,1600", help="featcache extract --limit values ('' skips)")
     ap.add_argument("--vs", metavar="CHECKOUT", help="instead: this checkout against another one's streamed epoch "
-                    "on the 10x tile (--fusions' first head), interleaved --rounds times; writes bench/out/stream_vs.json")
+                    "on the second --tiles tile (10x) with the first --fusions head, interleaved --rounds times; writes "
+                    "bench/out/stream_vs.json")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     ap.add_argument("--extract-child", nargs=3, help=argparse.SUPPRESS)
