@@ -130,7 +130,7 @@ def stratified_kfold():
     """sklearn's StratifiedKFold, imported on first use: it is heavy (with scipy, 1.5-2.5 s here) and only --folds
     pays for it. A cross-fit calls this before forking its fold workers, which then inherit the import instead
     of each paying it again (five folds on two cores: three rounds of it)."""
-    from sklearn.model_selection import StratifiedKFold
+    from sklearn.model_selection import StratifiedKFold  # heavy (with scipy): only --folds pays for it
     return StratifiedKFold
 
 
