@@ -126,6 +126,11 @@ def with_bias(y, p, classes, seed: int, nested: bool) -> np.ndarray:
     return scores(y, pred, classes)
 
 
+def boot_deltas(y, p, ref, classes, draws) -> np.ndarray:
+    """(draws, 3): scores of probabilities p minus those of ref on each bootstrap draw of the rows."""
+    return np.array([scores(y[i], p.argmax(1)[i], classes) - scores(y[i], ref.argmax(1)[i], classes) for i in draws])
+
+
 def mean_std(rows) -> str:
     a = np.array(rows)
     return " | ".join(f"{a[:, k].mean():.4f} ± {a[:, k].std(ddof=1):.4f}" for k in range(3))
@@ -147,7 +152,7 @@ def table(runs: str, candidates: list[str], reference: str = "film", boot: int =
     for c in candidates:
         _, p, _ = combined(runs, c, seeds)
         m = scores(y, p.argmax(1), classes)
-        d = np.array([scores(y[i], p.argmax(1)[i], classes) - scores(y[i], ref.argmax(1)[i], classes) for i in draws])
+        d = boot_deltas(y, p, ref, classes, draws)
         delta = " / ".join(f"{a:+.4f} ± {b:.4f}" for a, b in zip(d.mean(0), d.std(0)))
         print(f"| {c} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")
 
@@ -185,7 +190,7 @@ def average(runs: str, specs: list[str], boot: int = 1000) -> None:
         if not np.array_equal(yc, y):
             sys.exit(f"{name} does not score the rows of {first}")
         m = scores(y, p.argmax(1), classes)
-        d = np.array([scores(y[i], p.argmax(1)[i], classes) - scores(y[i], ref.argmax(1)[i], classes) for i in draws])
+        d = boot_deltas(y, p, ref, classes, draws)
         lo, hi = np.percentile(d, [2.5, 97.5], axis=0)
         delta = " / ".join(f"{a:+.4f} [{b:+.4f}, {c:+.4f}]" for a, b, c in zip(d.mean(0), lo, hi))
         print(f"| {name} | {spec.partition('=')[2].count('+') + 1} | {m[0]:.4f} | {m[1]:.4f} | {m[2]:.4f} | {delta} |")

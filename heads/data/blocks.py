@@ -40,8 +40,9 @@ os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_parent,
 
 
 class Blocks:
-    """At most `capacity` blocks in memory, least recently used evicted first; a thread reads scheduled blocks
-    ahead of the reader (up to capacity / 3 ahead), each process with its own file handle."""
+    """At most `capacity` blocks in memory, least recently used evicted first but never one of the plan's current
+    or next window (`_put`); a thread reads scheduled blocks ahead of the reader (up to capacity / 3 ahead), each
+    process with its own file handle."""
 
     def __init__(self, path: str, names: dict, block_rows: int, n_rows: int, capacity: int):
         self.path, self.names, self.block_rows, self.n_rows, self.capacity = path, names, block_rows, n_rows, capacity
