@@ -423,8 +423,9 @@ def heads_train_cmd(
 def heads_predict_cmd(
     run: Path = typer.Option(..., "--run", help="A run directory written by `heads train` / `finetune` / "
                              "`ensemble`."),
-    cache: Optional[Path] = typer.Option(None, "--cache", help="Feature cache with the same backbone/"
-                                         "preprocessing."),
+    cache: Optional[str] = typer.Option(None, "--cache", help="Feature cache with the same backbone/"
+                                        "preprocessing (an ensemble of runs of several backbones: one cache "
+                                        "per backbone, comma-separated)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Or raw data (any layout of `featcache formats`): "
                                         "its --split rows are extracted as the run's cache was (backbones, "
                                         "weights by sha256, preprocessing), then predicted."),
@@ -448,7 +449,7 @@ def heads_predict_cmd(
         fail("give exactly one of --cache (extracted features) or --data (raw data, extracted for the run)")
     if data is None:
         _writable(out, "the predictions")
-        res = predict(str(run), str(cache), str(out), split=split, device=device, proba=proba,
+        res = predict(str(run), cache.split(","), str(out), split=split, device=device, proba=proba,
                       memory_budget=memory_budget)
     else:
         for path, what in ((out, "the predictions"), (keep_cache, "the cache")):
@@ -465,12 +466,14 @@ def heads_predict_cmd(
 
 @command(heads_app, "ensemble")
 def heads_ensemble_cmd(
-    runs: list[Path] = typer.Argument(..., help="Finished `heads train` runs (single or --folds) of one cache."),
+    runs: list[Path] = typer.Argument(..., help="Finished `heads train` runs (single or --folds) with the same "
+                                      "classes: of one cache, or of caches of other backbones on the same data."),
     out: Path = typer.Option(..., "--out", help="The ensemble's run directory (usable by `heads predict`)."),
     weighting: str = typer.Option("equal", help="equal | val: weight each run by its validation (with --folds: "
                                   "out-of-fold) macro-F1."),
 ):
-    """Combine finished runs of one cache into one run that averages their class probabilities."""
+    """Combine finished runs into one run that averages their class probabilities. Runs of caches of other
+    backbones predict with one cache per backbone (`heads predict --cache a.h5,b.h5`, or `--data`)."""
     from heads.ensemble import build_ensemble
 
     _writable(out, "the ensemble's run directory")

@@ -1,12 +1,15 @@
-"""`heads ensemble RUN... --out DIR`: finished stage-1 runs of one cache combined into one run by averaging
-their class probabilities; `heads predict --run DIR` applies it like any run.
+"""`heads ensemble RUN... --out DIR`: finished stage-1 runs combined into one run by averaging their class
+probabilities; `heads predict --run DIR` applies it like any run.
 
     build_ensemble(["runs/film-cv5", "runs/gmu-cv5", "runs/cross-attn-cv5"], "runs/ens")
+    build_ensemble(["runs/minilm-cv5", "runs/mpnet-cv5"], "runs/two-backbones")   # two caches of one dataset
 
 Members may be single heads, cross-fit runs (`heads train --folds K`, themselves K averaged heads) or other
-fusions; they must have been trained on caches with the same feature signature and class names (the same
-check predict makes). A member's probabilities are its heads' averaged softmax (no --tune-bias offsets: they
-move one head's thresholds and do not carry over to an average).
+fusions, with the same class names. They may come from caches of different backbones (member_groups: the
+members grouped by the features they read); predicting then takes one cache per group (`--cache a.h5,b.h5`,
+matched by feature signature, rows matched by guid), and `--data` extracts one per group. A member's
+probabilities are its heads' averaged softmax (no --tune-bias offsets: they move one head's thresholds and do
+not carry over to an average).
 
 Weighting: `equal` (1/n each) or `val`: each member weighted by its validation macro-F1 (metrics.json,
 untuned with --tune-bias), normalised to sum 1. With cross-fit members of the same seed and K, those are
@@ -18,8 +21,8 @@ validation rows were training rows of another member, and there is no honest val
 then lists the members' own metrics only (`validated: false`).
 
 Run directory: config.json {"format": 2, "stage": "ensemble", "ensemble": {"members", "weights",
-"weighting"}, "classes"}, cache.json and split.json of the first member (what predict checks and its
-fallback tag), metrics.json, and val_predictions.csv when validated.
+"weighting"}, "classes"}, cache.json and split.json of the first member (its fallback tag), metrics.json, and
+val_predictions.csv when validated. Each member's own cache.json says which cache features it reads.
 """
 from __future__ import annotations
 
@@ -28,12 +31,15 @@ import shutil
 
 import numpy as np
 
+from featcache.cache.manifest import open_cache
+from featcache.cache.store import CacheError, feature_signature
 from featcache.errors import ConfigError
 from featcache.outdir import atomic_dir
 
-from .data.cache import CacheData
+from .data.cache import CacheData, split_rows
+from .data.stream import load_data
 from .infer import infer, load_heads, mean_log_proba
-from .rundir import (FORMAT, check_out_dir, load_json, read_config, read_predictions, save_json,
+from .rundir import (FORMAT, check_cache, check_out_dir, load_json, read_config, read_predictions, save_json,
                      write_predictions)
 from .train.metrics import compute_metrics
 
@@ -55,11 +61,10 @@ def build_ensemble(runs: list[str], out: str, weighting: str = "equal") -> dict:
     if any(os.path.realpath(r) == os.path.realpath(out) for r in runs):
         raise ConfigError(f"--out {out} is one of the runs; the ensemble needs a directory of its own")
     cfgs = [_member_config(r) for r in runs]
-    sigs = [load_json(os.path.join(r, "cache.json")).get("signature") for r in runs]
-    for r, cfg, sig in zip(runs[1:], cfgs[1:], sigs[1:]):
-        if sig != sigs[0] or cfg["classes"] != cfgs[0]["classes"]:
-            raise ConfigError(f"{r} was trained on a cache with other features or classes than {runs[0]}; an "
-                              "ensemble combines runs of one cache")
+    for r, cfg in zip(runs[1:], cfgs[1:]):
+        if cfg["classes"] != cfgs[0]["classes"]:
+            raise ConfigError(f"{r} predicts the classes {', '.join(cfg['classes'])}, {runs[0]} "
+                              f"{', '.join(cfgs[0]['classes'])}; an ensemble combines runs of one set of classes")
     classes, metrics = cfgs[0]["classes"], [load_json(os.path.join(r, "metrics.json")) for r in runs]
     raw = [m.get("untuned", m)["macro_f1"] for m in metrics] if weighting == "val" else [1.0] * len(runs)
     weights = (np.asarray(raw, dtype=np.float64) / np.sum(raw)).tolist()
@@ -88,7 +93,8 @@ def _member_config(run: str) -> dict:
                           "--folds)")
     if not os.path.exists(os.path.join(run, "metrics.json")):
         raise ConfigError(f"{run} has no metrics.json: it did not finish; train it again")
-    load_json(os.path.join(run, "split.json"))  # copied into the ensemble: a damaged one stops it before writing
+    for name in ("split.json", "cache.json"):  # read by the ensemble: a damaged one stops it before writing
+        load_json(os.path.join(run, name))
     return cfg
 
 
@@ -107,26 +113,107 @@ def _validate(runs, weights, classes, out) -> dict:
     return {"validated": True, **compute_metrics(y, pred, classes, np.log(np.clip(probs, 1e-12, None)))}
 
 
-def ensemble_inputs(run_dir: str) -> tuple[str, ...]:
-    """Every cache array the members' heads read (the cache is loaded once for all of them)."""
-    keys: list[str] = []
-    for member in load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"]:
-        models, _ = load_heads(member)
-        keys += [k for k in models[0].inputs if k not in keys]
-    return tuple(keys)
+def member_groups(run_dir: str) -> list[tuple[dict, list[int]]]:
+    """The members grouped by the cache features they read, in order of first appearance: [(the cache.json of
+    the group's first member, member indices)]. One group unless members come from caches of other backbones."""
+    groups: list[tuple[dict, dict, list[int]]] = []
+    for i, member in enumerate(load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"]):
+        recorded = load_json(os.path.join(member, "cache.json"))
+        sig = recorded.get("signature") or feature_signature(recorded)
+        same = next((g for g in groups if g[0] == sig), None)
+        if same:
+            same[2].append(i)
+        else:
+            groups.append((sig, recorded, [i]))
+    return [(recorded, members) for _, recorded, members in groups]
 
 
-def ensemble_log_proba(run_dir: str, data: CacheData, rows, device="cpu", batch_size: int = 1024) -> np.ndarray:
-    """log of the members' weighted averaged probabilities (n, C) on `rows` of `data`."""
+def ensemble_predict(run_dir: str, caches, split: str, device="cpu", batch_size: int = 1024,
+                     budget: str = "auto") -> tuple[CacheData, np.ndarray, np.ndarray, np.ndarray]:
+    """(the first group's data, its rows of `split`, which of them are valid in every cache, log of the
+    members' weighted averaged probabilities on the valid ones). `caches`: one cache (path or CacheData) per
+    member group, in any order; they are matched to the groups by feature signature and their rows by guid."""
+    groups = member_groups(run_dir)
+    datas = [_group_data(run_dir, groups, i, path, budget) for i, path in enumerate(_match(run_dir, groups, caches))]
+    rows = [split_rows(datas[0], split)]
+    guids = [datas[0].guids[r] for r in rows[0]]
+    for d in datas[1:]:
+        at = {d.guids[r]: r for r in split_rows(d, split)}
+        if set(at) != set(guids):
+            only = next(iter(set(at) ^ set(guids)))
+            raise CacheError(f"{datas[0].path} and {d.path} hold other rows in split {split!r} ({len(guids)} and "
+                             f"{len(at)}; guid {only} is in one only): give caches extracted from the same data")
+        rows.append(np.array([at[g] for g in guids], dtype=np.int64))
+    ok = np.logical_and.reduce([d.valid[r] for d, r in zip(datas, rows)])
+    total = np.ones((0, len(datas[0].classes)))
+    if ok.any():  # no valid row: nothing to run the heads on
+        total = sum(_weighted_proba(run_dir, members, d, r[ok], device, batch_size)
+                    for (_, members), d, r in zip(groups, datas, rows))
+    return datas[0], rows[0], ok, np.log(np.clip(total, 1e-12, None)).astype(np.float32)
+
+
+def _match(run_dir: str, groups, caches) -> list:
+    """The given caches in the order of the member groups (each matched by its features' signature)."""
+    caches = list(caches) if isinstance(caches, (list, tuple)) else [caches]
+    if len(groups) == 1 and len(caches) == 1:
+        return caches  # checked by check_cache, whose message names each differing field
+    sigs = [feature_signature(c.meta) if isinstance(c, CacheData) else _signature(str(c)) for c in caches]
+    names = [c.path if isinstance(c, CacheData) else str(c) for c in caches]
+    want = [g[0].get("signature") or feature_signature(g[0]) for g in groups]
+    for name, sig in zip(names, sigs):
+        if sig not in want:
+            raise CacheError(f"{name} has the features of none of the members of {run_dir}; " + _wanted(groups))
+    out = []
+    for recorded, sig in zip((g[0] for g in groups), want):
+        if sigs.count(sig) != 1:
+            given = "none of the caches given has" if sig not in sigs else "two caches given have"
+            raise CacheError(f"{given} the features of the members trained on {recorded.get('path')} "
+                             f"({_backbone(recorded)}); " + _wanted(groups))
+        out.append(caches[sigs.index(sig)])
+    return out
+
+
+def _wanted(groups) -> str:
+    return ("give one cache per backbone, comma-separated (--cache a.h5,b.h5): " +
+            "; ".join(f"one like {g[0].get('path')} ({_backbone(g[0])})" for g in groups))
+
+
+def _backbone(recorded: dict) -> str:
+    backbone = recorded.get("backbone") or (recorded.get("signature") or {}).get("backbone") or {}
+    return str(backbone.get("name") or backbone) if isinstance(backbone, dict) else str(backbone)
+
+
+def _signature(path: str) -> dict:
+    with open_cache(path, verify=False) as r:  # the features' meaning only; load_data verifies the shards
+        return feature_signature(r.meta)
+
+
+def _group_data(run_dir: str, groups, i: int, cache, budget) -> CacheData:
+    """Group i's cache loaded with the arrays its members' heads read, checked as predict checks a run."""
+    members = [load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"][k] for k in groups[i][1]]
+    if isinstance(cache, CacheData):
+        data = cache
+    else:
+        keys: list[str] = []
+        for member in members:
+            models, _ = load_heads(member)
+            keys += [k for k in models[0].inputs if k not in keys]
+        data = load_data(str(cache), keys=tuple(keys), budget=budget)
+    check_cache(members[0], read_config(members[0]), data.path, data.meta, data.classes)
+    return data
+
+
+def _weighted_proba(run_dir: str, members: list[int], data: CacheData, rows, device, batch_size) -> np.ndarray:
+    """The weighted sum of the probabilities of `members` (indices) on `rows` of `data`."""
     spec = load_json(os.path.join(run_dir, "config.json"))["ensemble"]
     total = 0.0
-    for member, weight in zip(spec["members"], spec["weights"]):
-        models, _ = load_heads(member, device)
+    for k in members:
+        models, _ = load_heads(spec["members"][k], device)
         if len(models) == 1:
             logits = infer(models[0], data, rows, device, batch_size)["logits"]
             logits = logits - logits.max(1, keepdims=True)
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         else:
             probs = np.exp(mean_log_proba(models, data, rows, device, batch_size))
-        total = total + weight * probs
-    return np.log(np.clip(total, 1e-12, None)).astype(np.float32)
+        total = total + spec["weights"][k] * probs
+    return total

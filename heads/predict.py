@@ -36,10 +36,10 @@ from featcache.errors import ConfigError
 from featcache.outdir import atomic_file
 from featcache.text_tower import load_text_backbone
 
-from .data.cache import CacheData, load_cache
+from .data.cache import CacheData, load_cache, split_rows
 from .data.stream import load_data
 from .data.text_layers import stage2_keys, with_text_inputs
-from .ensemble import ensemble_inputs, ensemble_log_proba, is_ensemble
+from .ensemble import ensemble_predict, is_ensemble, member_groups
 from .infer import infer, load_heads, mean_log_proba, softmax
 from .rundir import check_cache, load_json, load_text_layers, read_config, text_layer_files
 from .train.bias import apply_bias
@@ -66,55 +66,64 @@ def fallback_tag(run_dir: str, classes: list[str]) -> str:
     return max(classes, key=lambda c: (counts.get(c, 0), -classes.index(c)))  # ties: first class
 
 
-def predict(run_dir: str, cache: str | CacheData, out: str, split: str = "test", device: str = "auto",
+def predict(run_dir: str, cache: str | CacheData | list, out: str, split: str = "test", device: str = "auto",
             batch_size: int | None = None, proba: bool = False, memory_budget: str = "auto") -> PredictResult:
     """Write `guid,tag` lines (with `proba`, also p_<class> per line) for every sample of `split`. A cross-fit
-    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average.
+    run's K heads vote by their averaged probabilities, an ensemble's members by their weighted average
+    (`cache`: a list of one cache per backbone when its members come from several, heads.ensemble).
     A stage-1 run's cache is streamed from disk when its arrays need more than `memory_budget`
     (heads.data.stream; the same numbers); stage 2 reads it into memory."""
     dev = resolve_device(device)
-    if is_ensemble(run_dir):  # `heads ensemble`: its members' heads, probabilities averaged
-        models, cfg = [], load_json(os.path.join(run_dir, "config.json"))
-        flat, keys = {}, ensemble_inputs(run_dir)
+    if is_ensemble(run_dir):  # `heads ensemble`: its members' heads (one cache per backbone), probabilities averaged
+        cfg, bias = load_json(os.path.join(run_dir, "config.json")), None
+        data, rows, ok, logits = ensemble_predict(run_dir, cache, split, dev, batch_size or BATCH["train"],
+                                                  memory_budget)
     else:
-        models, cfg = load_heads(run_dir, dev)
-        flat, keys = cfg["train"], models[0].inputs
+        cfg, data, rows, ok, logits, bias = _run_rows(run_dir, cache, split, dev, batch_size, memory_budget)
     classes = cfg["classes"]
+    fallback = fallback_tag(run_dir, classes)
+    tags = np.full(rows.size, fallback, dtype=object)
+    probs = np.full((rows.size, len(classes)), np.nan)  # invalid samples: no probabilities (empty cells)
+    if ok.any():
+        tags[ok] = np.asarray(classes, dtype=object)[apply_bias(logits, bias).argmax(1)]
+        probs[ok] = softmax(logits)
+    _write_tags(out, [data.guids[r] for r in rows], tags, probs if proba else None, classes)
+    return PredictResult(out=out, split=split, written=int(rows.size), fallback_tag=fallback,
+                         invalid=[data.guids[r] for r in rows[~ok]], tags=dict(Counter(tags.tolist())))
+
+
+def _run_rows(run_dir: str, cache, split: str, dev, batch_size, memory_budget):
+    """(config, data, rows of `split`, which are valid, logits of the valid ones, bias offsets) of one run:
+    a head, a cross-fit run's K heads (log of their averaged probabilities) or a stage-2 run."""
+    models, cfg = load_heads(run_dir, dev)
+    flat, keys = cfg["train"], models[0].inputs
     n = flat.get("text_layers", 0) if cfg["stage"] == "finetune" else 0
     text_forward = flat.get("text_forward", "cached")
+    if isinstance(cache, (list, tuple)):
+        if len(cache) != 1:
+            raise ConfigError(f"{run_dir} reads one cache; {len(cache)} were given (several caches are for "
+                              "`heads ensemble` runs of several backbones)")
+        cache = cache[0]
     if not isinstance(cache, CacheData) and n:
         cache = load_cache(str(cache), keys=keys + stage2_keys(text_forward), texts=True)
     elif not isinstance(cache, CacheData):
         cache = load_data(str(cache), keys=keys, budget=memory_budget)
     data = cache
     check_cache(run_dir, cfg, data.path, data.meta, data.classes)
-
-    rows = data.rows(split)
-    if rows.size == 0:
-        have = ", ".join(sorted(set(data.splits.tolist()))) or "none"
-        raise ConfigError(f"{data.path} has no samples in split {split!r} (splits present: {have})")
+    rows = split_rows(data, split)
     bias_path = os.path.join(run_dir, "bias.json")
     bias = load_json(bias_path)["offsets"] if os.path.exists(bias_path) else None
-
     ok = data.valid[rows]
-    fallback = fallback_tag(run_dir, classes)
-    tags = np.full(rows.size, fallback, dtype=object)
-    probs = np.full((rows.size, len(classes)), np.nan)  # invalid samples: no probabilities (empty cells)
+    logits = None
     if ok.any():
         if n:
             models, data = _with_text_layers(run_dir, cfg, models, data, n, text_forward, dev)
         size = batch_size or BATCH.get(cfg["stage"], BATCH["train"])
-        if not models:
-            logits = ensemble_log_proba(run_dir, data, rows[ok], dev, size)
-        elif len(models) == 1:  # one head: its raw logits, as always (bit for bit)
+        if len(models) == 1:  # one head: its raw logits, as always (bit for bit)
             logits = infer(models[0], data, rows[ok], dev, size)["logits"]
         else:
             logits = mean_log_proba(models, data, rows[ok], dev, size)
-        tags[ok] = np.asarray(classes, dtype=object)[apply_bias(logits, bias).argmax(1)]
-        probs[ok] = softmax(logits)
-    _write_tags(out, [data.guids[r] for r in rows], tags, probs if proba else None, classes)
-    return PredictResult(out=out, split=split, written=int(rows.size), fallback_tag=fallback,
-                         invalid=[data.guids[r] for r in rows[~ok]], tags=dict(Counter(tags.tolist())))
+    return cfg, data, rows, ok, logits, bias
 
 
 def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
@@ -126,11 +135,13 @@ def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: st
     inference loop, so the result is what `featcache extract` + `heads predict --cache` give. `keep_models`:
     keep the backbones loaded for the next call (the Python API)."""
     with tempfile.TemporaryDirectory(prefix="heads-predict-") as tmp:
-        cache = extract_for_run(run_dir, data, keep_cache or os.path.join(tmp, "features.h5"), split, fmt,
-                                reader_options, device, console, progress, keep_models)
-        res = predict(run_dir, cache, out, split=split, device=device, proba=proba, memory_budget=memory_budget)
-        with CacheReader(cache) as r:
-            problems = r.meta.get("problems") or []
+        caches = extract_for_run(run_dir, data, keep_cache or os.path.join(tmp, "features.h5"), split, fmt,
+                                 reader_options, device, console, progress, keep_models)
+        res = predict(run_dir, caches, out, split=split, device=device, proba=proba, memory_budget=memory_budget)
+        problems = []
+        for cache in caches:
+            with CacheReader(cache) as r:
+                problems += [p for p in r.meta.get("problems") or [] if p not in problems]
     bad = set(res.invalid)
     for p in problems:  # "[kind] guid G (file): message -> level" (featcache.sources.base.Problem)
         m = re.match(r"\[[^]]*\] guid (.*?) \(", p)
@@ -141,30 +152,35 @@ def predict_data(run_dir: str, data: str, out: str, split: str = "test", fmt: st
 
 def extract_for_run(run_dir: str, data: str, out: str, split: str = "test", fmt: str = "auto",
                     reader_options: dict | None = None, device: str = "auto", console=None,
-                    progress: bool = True, keep_models: bool = False) -> str:
+                    progress: bool = True, keep_models: bool = False) -> list[str]:
     """Extract `split` of `data` into `out` with the backbones, weights (their sha256 checked: other weights
     are refused by name) and preprocessing of the cache the run was trained on (its cache.json), plus the
-    text-layer states a stage-2 run reads; returns the cache path (a complete one of the same key is reused)."""
+    text-layer states a stage-2 run reads; returns the cache paths (a complete one of the same key is reused):
+    one, or for an ensemble of several backbones one per member group, the k-th (k >= 1) as `out` + `.k.h5`."""
     # heavy (the backbones' libraries): only predicting from raw data extracts; heads never import them directly
     from featcache.extract.config import ExtractConfig, recorded_weights
     from featcache.extract.engine import extract
     from featcache.sources.base import detect_format
 
-    recorded = load_json(os.path.join(run_dir, "cache.json"))
     if is_ensemble(run_dir):
         cfg, flat = load_json(os.path.join(run_dir, "config.json")), {}
+        recorded = [g[0] for g in member_groups(run_dir)]
     else:
         cfg = read_config(run_dir)
-        flat = cfg["train"]
+        flat, recorded = cfg["train"], [load_json(os.path.join(run_dir, "cache.json"))]
     cached_states = cfg["stage"] == "finetune" and flat.get("text_forward", "cached") == "cached"
     options = dict(reader_options or {})
     if (detect_format(data) if fmt == "auto" else fmt) == "manifest":  # unlabelled rows: the run's classes
         options.setdefault("classes", list(cfg["classes"]))
-    xcfg = ExtractConfig.like(recorded, str(data), format=fmt, reader_options=options, out=str(out),
-                              splits=(split,), text_layers=flat.get("text_layers", 0) if cached_states else 0,
-                              device=device, batch_size=0)
-    return extract(xcfg, console=console, progress=progress, expect_weights=recorded_weights(recorded),
-                   keep_models=keep_models)
+    paths = []
+    for k, rec in enumerate(recorded):
+        path = str(out) if k == 0 else f"{os.path.splitext(str(out))[0]}.{k}.h5"
+        xcfg = ExtractConfig.like(rec, str(data), format=fmt, reader_options=options, out=path, splits=(split,),
+                                  text_layers=flat.get("text_layers", 0) if cached_states else 0, device=device,
+                                  batch_size=0)
+        paths.append(extract(xcfg, console=console, progress=progress, expect_weights=recorded_weights(rec),
+                             keep_models=keep_models))
+    return paths
 
 
 def _write_tags(out: str, guids: list[str], tags, probs, classes: list[str]) -> None:

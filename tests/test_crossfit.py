@@ -169,7 +169,7 @@ def test_ensemble_of_crossfit_runs_validates_and_predicts_the_weighted_average(c
     assert [r["tag"] for r in rows] == [data.classes[k] for k in want.argmax(1)]
 
 
-def test_ensemble_cli_refuses_other_caches_and_says_when_unvalidated(cache, make_synthetic_cache, tmp_path):
+def test_ensemble_cli_refuses_other_classes_and_says_when_unvalidated(cache, make_synthetic_cache, tmp_path):
     from cli import heads_app
     runner = CliRunner()
     s0 = train(cfg(fusion="concat", seed=0), cache, str(tmp_path / "s0")).run_dir
@@ -184,9 +184,59 @@ def test_ensemble_cli_refuses_other_caches_and_says_when_unvalidated(cache, make
     r = runner.invoke(heads_app, ["predict", "--run", str(tmp_path / "e"), "--cache", cache, "--out",
                                   str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
-    other = make_synthetic_cache("prep.h5", preprocessing={"clean_text": True})  # other features
+    other = make_synthetic_cache("cls.h5", classes=["a", "b", "c"])  # other class names
     o = train(cfg(fusion="concat", seed=0), other, str(tmp_path / "o")).run_dir
     r = runner.invoke(heads_app, ["ensemble", s0, o, "--out", str(tmp_path / "e2")])
-    assert r.exit_code == 2 and "an ensemble combines runs of one cache" in r.output
+    assert r.exit_code == 2 and "an ensemble combines runs of one set of classes" in r.output
     r = runner.invoke(heads_app, ["ensemble", s0, "--out", str(tmp_path / "e3")])
     assert r.exit_code == 2 and "at least two runs" in r.output
+
+
+def test_ensemble_of_two_backbones_predicts_with_one_cache_per_backbone(cache, make_synthetic_cache, tmp_path):
+    """Runs of caches of other features (another text backbone) on the same rows: validated out of fold on the
+    shared rows, predicted with one cache per member group, matched by signature whatever the order."""
+    from cli import heads_app
+    from heads.ensemble import build_ensemble, member_groups
+    runner = CliRunner()
+    other = make_synthetic_cache("other.h5", preprocessing={"clean_text": True}, Dt=24, Dtp=24, noise=3.0)
+    a = train_crossfit(cfg(fusion="concat", folds=2, seed=2), cache, str(tmp_path / "a"))
+    b = train_crossfit(cfg(fusion="film", folds=2, seed=2), other, str(tmp_path / "b"))
+    m = build_ensemble([a.run_dir, b.run_dir], str(tmp_path / "ab"))
+    oof = (softmax(a.oof_logits) + softmax(b.oof_logits)) / 2  # same seed, K and labels: the same fold rows
+    y = load_cache(cache).labels[a.oof_rows]
+    assert m["validated"] and np.array_equal(a.oof_rows, b.oof_rows)
+    assert m["macro_f1"] == pytest.approx(compute_metrics(y, oof.argmax(1), ["negative", "neutral", "positive"])
+                                          ["macro_f1"], abs=1e-6)
+
+    c = train(cfg(fusion="gmu", seed=2), cache, str(tmp_path / "c")).run_dir  # a second member of the first cache
+    ens = str(tmp_path / "abc")
+    build_ensemble([a.run_dir, b.run_dir, c], ens)
+    assert [members for _, members in member_groups(ens)] == [[0, 2], [1]]
+    alone = [predict(r, x, str(tmp_path / f"{k}.csv"), proba=True, device="cpu").out
+             for k, (r, x) in enumerate([(a.run_dir, cache), (b.run_dir, other), (c, cache)])]
+    r = runner.invoke(heads_app, ["predict", "--run", ens, "--cache", f"{other},{cache}", "--out",
+                                  str(tmp_path / "p.csv"), "--proba"])
+    assert r.exit_code == 0, r.output
+    got = read_csv(str(tmp_path / "p.csv"))
+    parts = [read_csv(p) for p in alone]
+    assert [g["guid"] for g in got] == [g["guid"] for g in parts[0]]
+    ok = [k for k, g in enumerate(got) if g["p_positive"]]
+    bad = sorted(set(range(len(got))) - set(ok))
+    assert len(bad) == 1  # the synthetic test split's one invalid row: written with the fallback tag
+    assert [got[k]["tag"] for k in bad] == [parts[0][k]["tag"] for k in bad]
+    cols = ["p_negative", "p_neutral", "p_positive"]
+    want = np.mean([[[float(p[k][col]) for col in cols] for k in ok] for p in parts], axis=0)
+    np.testing.assert_allclose([[float(got[k][col]) for col in cols] for k in ok], want, atol=2e-6)
+
+    def refused(caches: str) -> str:
+        r = runner.invoke(heads_app, ["predict", "--run", ens, "--cache", caches, "--out", str(tmp_path / "x.csv")])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        return " ".join(r.output.split())
+
+    out = refused(cache)  # one backbone's cache only: which one is missing, and how to give both
+    assert "none of the caches given has the features of the members trained on" in out and "--cache a.h5,b.h5" in out
+    third = make_synthetic_cache("third.h5", preprocessing={"lowercase": True})
+    assert "has the features of none of the members" in refused(f"{cache},{other},{third}")
+    fewer = make_synthetic_cache("fewer.h5", preprocessing={"clean_text": True}, Dt=24, Dtp=24, noise=3.0, n_test=39)
+    assert "hold other rows in split 'test'" in refused(f"{cache},{fewer}")
+    assert not os.path.exists(tmp_path / "x.csv")

@@ -112,6 +112,36 @@ def test_data_api_and_cache_routes_agree(env, tmp_path, kind):
     assert list(cached) == tags and cached.ids == guids
 
 
+def test_ensemble_of_two_caches_predicts_raw_data_with_one_extraction_each(env, tmp_path, monkeypatch):
+    """An ensemble whose members read caches of other preprocessing (here the token limit; in use, another
+    text backbone): `--data` extracts one cache per member group, and the three routes agree."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv(ENV_DIR, str(env["weights"]))
+    short = extract(ExtractConfig(data=env["data"], backbone=BACKBONE, out=str(tmp_path / "short.h5"), workers=0,
+                                  batch_size=8, max_text_len=12), progress=False)
+    other = train(TrainConfig.from_flat(**FAST, fusion="gmu"), short, str(tmp_path / "gmu")).run_dir
+    ens = str(tmp_path / "ens")
+    build_ensemble([env["runs"]["crossfit"], other], ens)
+    code, out = cli("predict", "--run", ens, "--cache", f"{short},{env['cache']}", "--out", tmp_path / "c.csv", "--proba")
+    assert code == 0, out
+    code, out = cli("predict", "--run", ens, "--data", env["data"], "--out", tmp_path / "d.csv", "--proba",
+                    "--keep-cache", tmp_path / "kept.h5")
+    assert code == 0, out
+    assert os.path.exists(tmp_path / "kept.h5") and os.path.exists(tmp_path / "kept.1.h5")  # one per backbone
+    (gc, tc, pc), (gd, td, pd) = read_preds(tmp_path / "c.csv"), read_preds(tmp_path / "d.csv")
+    assert gc == gd == read_preds_guids(env["data"]) and tc == td
+    np.testing.assert_allclose(pd, pc, atol=PROBA_ATOL)
+    alone = [cli("predict", "--run", r, "--cache", c, "--out", tmp_path / f"{k}.csv", "--proba")[0]
+             for k, (r, c) in enumerate([(env["runs"]["crossfit"], env["cache"]), (other, short)])]
+    assert alone == [0, 0]
+    np.testing.assert_allclose(pc, (read_preds(tmp_path / "0.csv")[2] + read_preds(tmp_path / "1.csv")[2]) / 2,
+                               atol=2e-6)
+    _, texts, images = test_pairs(env)
+    clf = load_run(ens)
+    assert list(clf.predict(texts=texts, images=images)) == tc
+    assert list(clf.predict_cache([str(tmp_path / "kept.h5"), str(tmp_path / "kept.1.h5")])) == tc
+
+
 def test_featcache_extract_in_python_then_predict_cache(env, tmp_path):
     res = featcache.extract(env["data"], out=tmp_path / "test.h5", backbone=BACKBONE, max_text_len=24,
                             splits=("test",), workers=0, progress=False)

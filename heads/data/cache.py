@@ -236,6 +236,16 @@ def length_grouped(perm: torch.Tensor, lengths: torch.Tensor, batch_size: int, g
         if batches else perm
 
 
+def split_rows(data, split: str) -> np.ndarray:
+    """The rows of `split` in `data` (a CacheData or StreamData); a ConfigError naming the splits there are when
+    it has none."""
+    rows = data.rows(split)
+    if rows.size == 0:
+        have = ", ".join(sorted(set(data.splits.tolist()))) or "none"
+        raise ConfigError(f"{data.path} has no samples in split {split!r} (splits present: {have})")
+    return rows
+
+
 def load_cache(path: str, keys=None, texts: bool = False) -> CacheData:
     """Read a complete cache into memory: every FEATURES array, or only `keys` (a head's `inputs`: `heads
     train` of one film head then reads 120 of the default cache's 320 MB), plus `text_states` when asked for
