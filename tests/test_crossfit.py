@@ -93,17 +93,36 @@ def test_reproducible_and_single_head_unchanged(cache, tmp_path):
     assert list(read_csv(out)[0]) == ["guid", "tag"]  # without --proba the label-file format, unchanged
 
 
+def test_fold_workers_train_every_fold_at_once_on_a_multicore_cpu(monkeypatch):
+    from heads.train.crossfit import fold_workers
+    for cores, threads, want in ((1, 0, 1), (2, 0, 5), (8, 0, 5), (2, 1, 1), (8, 2, 1)):
+        monkeypatch.setattr("heads.parallel.cpu_threads", lambda: cores)
+        assert fold_workers(cfg(folds=5, threads=threads)) == want, (cores, threads)
+    assert fold_workers(cfg(folds=5, device="cuda")) == 1  # on a GPU the folds go one after another
+    monkeypatch.setattr("heads.parallel.cpu_threads", lambda: 2)
+    assert fold_workers(cfg(folds=5), streamed=True) == 2  # a streamed cache: one worker (block buffers) per core
+
+
+def test_a_streamed_crossfit_trains_one_fold_per_core_with_the_in_memory_numbers(cache, tmp_path, monkeypatch):
+    monkeypatch.setattr("heads.parallel.cpu_threads", lambda: 2)
+    streamed = train_crossfit(cfg(fusion="film", folds=3, memory_budget="0"), cache, str(tmp_path / "s"))
+    memory = train_crossfit(cfg(fusion="film", folds=3), cache, str(tmp_path / "m"))
+    assert streamed.folds[0].metrics["data"]["streamed"] and not memory.folds[0].metrics["data"]["streamed"]
+    assert streamed.metrics["timing"]["workers"] == 2 and memory.metrics["timing"]["workers"] == 3
+    np.testing.assert_array_equal(streamed.oof_logits, memory.oof_logits)
+
+
 @pytest.mark.parametrize("fusion", ["film", "cross-attn"])
 def test_folds_side_by_side_give_the_numbers_of_threads_1(cache, tmp_path, monkeypatch, fusion):
     """threads=0 (the default) on the CPU trains the folds in forked workers, one thread each: the same heads,
     out-of-fold logits and held-out scores as the folds one after another with --threads 1."""
-    monkeypatch.setattr("heads.parallel.cpu_threads", lambda: 2)  # two workers, also on a one-core machine
+    monkeypatch.setattr("heads.parallel.cpu_threads", lambda: 2)  # two cores, also on a one-core machine
     side = train_crossfit(cfg(fusion=fusion, folds=3, test_ratio=0.1), cache, str(tmp_path / "side"))
     one = train_crossfit(cfg(fusion=fusion, folds=3, test_ratio=0.1, threads=1), cache, str(tmp_path / "one"))
-    assert side.metrics["timing"]["workers"] == 2 and one.metrics["timing"]["workers"] == 1
+    assert side.metrics["timing"]["workers"] == 3 and one.metrics["timing"]["workers"] == 1  # every fold at once
     assert side.metrics["timing"]["threads"] == 1
     from heads.report.console import _counts_line  # what `heads train` and `heads show` print of it
-    assert "of fold time on cpu (2 folds at a time, 1 thread each)" in _counts_line(side.metrics)
+    assert "(folds, cache load, scoring) on cpu (3 folds at a time, 1 thread each)" in _counts_line(side.metrics)
     assert "on cpu (1 threads)" in _counts_line(one.metrics)
     np.testing.assert_array_equal(side.oof_logits, one.oof_logits)
     assert side.metrics["test"] == one.metrics["test"] and side.metrics["folds"] == one.metrics["folds"]

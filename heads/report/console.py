@@ -58,10 +58,12 @@ def _counts_line(metrics: dict) -> str:
     else:
         val = f"{n.get('val')} (split {n['val_split']})" if "val_split" in n else n.get("val")
         rows = f"train {n.get('train')} · val {val}{test}"
-    side = timing.get("workers", 1) > 1  # cross-fit folds side by side: train_s sums the folds' own seconds
+    # cross-fit folds side by side: the run's wall time (train_s sums the folds' own, which overlap)
+    side = timing.get("workers", 1) > 1
     how = f"{timing.get('workers')} folds at a time, 1 thread each" if side else f"{timing.get('threads')} threads"
-    trained = f" · trained in {timing['train_s']:.1f}s{' of fold time' if side else ''} on {timing.get('device')} " \
-        f"({how})" if "train_s" in timing else ""
+    secs = timing.get("total_s") if side else timing.get("train_s")
+    trained = f" · trained in {secs:.1f}s{' (folds, cache load, scoring)' if side else ''} on " \
+        f"{timing.get('device')} ({how})" if secs is not None else ""
     return rows + rest + trained
 
 
