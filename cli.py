@@ -479,12 +479,15 @@ def heads_ensemble_cmd(
     _writable(out, "the ensemble's run directory")
     m = build_ensemble([str(r) for r in runs], str(out), weighting)
     if m["validated"]:
-        console.print(f"{m['fusion']}: validation accuracy {m['accuracy']:.4f} · macro_f1 {m['macro_f1']:.4f} · "
-                      f"weighted_f1 {m['weighted_f1']:.4f} (averaged probabilities of {len(runs)} runs on their "
-                      f"shared validation rows)", highlight=False)
+        oof = m.get("out_of_fold")
+        rows = "every labelled row, out of fold in each" if oof else "their shared validation rows"
+        console.print(f"{m['fusion']}: {'out-of-fold' if oof else 'validation'} accuracy {m['accuracy']:.4f} · "
+                      f"macro_f1 {m['macro_f1']:.4f} · "
+                      f"weighted_f1 {m['weighted_f1']:.4f} (averaged probabilities of {len(runs)} runs on {rows})",
+                      highlight=False)
     else:
         console.print(f"{m['fusion']}: the runs validated on different rows, so the ensemble has no validation "
-                      "score (train them with one seed, or --folds K with one seed and K)", highlight=False)
+                      "score (single runs: train them with one seed; cross-fit runs, --folds K, share every labelled row)", highlight=False)
     console.print(f"ensemble run directory: {out}", highlight=False)
 
 

@@ -12,13 +12,14 @@ probabilities are its heads' averaged softmax (no --tune-bias offsets: they move
 not carry over to an average).
 
 Weighting: `equal` (1/n each) or `val`: each member weighted by its validation macro-F1 (metrics.json,
-untuned with --tune-bias), normalised to sum 1. With cross-fit members of the same seed and K, those are
-out-of-fold scores of the same rows, so the weights are not fitted on rows a member trained on.
+untuned with --tune-bias), normalised to sum 1. With cross-fit members those are out-of-fold scores of every
+labelled row, so the weights are not fitted on rows a member trained on.
 
 The ensemble's own metrics.json scores the averaged validation probabilities when every member validated on
-the same rows (cross-fit runs with one seed and K, or single runs with one seed); otherwise a member's
-validation rows were training rows of another member, and there is no honest validation score: metrics.json
-then lists the members' own metrics only (`validated: false`).
+the same rows: cross-fit runs (any seeds and K: each scores every labelled row out of fold, so each row's average
+comes from heads that never trained on it; `out_of_fold: true`), or single runs with one seed. Otherwise a
+member's validation rows were training rows of another member, and there is no honest validation score:
+metrics.json then lists the members' own metrics only (`validated: false`).
 
 Run directory: config.json {"format": 2, "stage": "ensemble", "ensemble": {"members", "weights",
 "weighting"}, "classes"}, cache.json and split.json of the first member (its fallback tag), metrics.json, and
@@ -81,6 +82,8 @@ def build_ensemble(runs: list[str], out: str, weighting: str = "equal") -> dict:
                   "members": [{"run": os.path.abspath(r), "weight": w, "macro_f1": m.get("macro_f1")}
                               for r, w, m in zip(runs, weights, metrics)], "classes": classes}
         result.update(_validate(runs, weights, classes, tmp))
+        if result["validated"] and all("crossfit" in m for m in metrics):  # every labelled row, out of fold
+            result["out_of_fold"] = True
         result["counts"] = metrics[0].get("counts", {})
         save_json(os.path.join(tmp, "metrics.json"), result)
     return result

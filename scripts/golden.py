@@ -2,7 +2,7 @@
 
     python scripts/golden.py                       # HEAD (a temporary git worktree) vs the working tree
     python scripts/golden.py --base 3fba582        # any older revision vs the working tree
-    python scripts/golden.py --quick               # skip the full-data `make run` part (a slice only)
+    python scripts/golden.py --quick               # skip the full-data part (a slice only)
 
 Each side runs in its own folder with the same relative paths, so run directories and caches are byte-for-byte
 comparable. What is compared: every array of every cache (exactly), cache metadata without timings, versions
@@ -36,7 +36,7 @@ VOLATILE = {"timing", "timings", "train_s", "seconds", "elapsed", "epoch_s", "en
 def commands(quick: bool) -> list[list[str]]:
     d = str(DATA)
     steps = []
-    if not quick:  # `make run`, verbatim apart from paths
+    if not quick:  # full data: extract, one film head, predict
         steps += [["featcache", "extract", "--data", d, "--out", "full.h5", "--no-progress"],
                   ["heads", "train", "--cache", "full.h5", "--out", "main", "--no-plots"],
                   ["heads", "predict", "--run", "main", "--cache", "full.h5", "--split", "test",
@@ -179,7 +179,7 @@ def compare(base: Path, new: Path) -> tuple[list[str], list[str]]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", default="HEAD", help="git revision to compare against (default HEAD)")
-    ap.add_argument("--quick", action="store_true", help="the slice only, without the full-data make run")
+    ap.add_argument("--quick", action="store_true", help="the slice only, without the full-data part")
     ap.add_argument("--keep", type=Path, help="keep both output folders here (default: a temporary folder)")
     ap.add_argument("--base-out", type=Path, help="reuse outputs recorded earlier for the base side")
     ap.add_argument("--new-out", type=Path, help="reuse outputs recorded earlier for the new side")

@@ -223,7 +223,10 @@ def test_ensemble_of_two_backbones_predicts_with_one_cache_per_backbone(cache, m
     m = build_ensemble([a.run_dir, b.run_dir], str(tmp_path / "ab"))
     oof = (softmax(a.oof_logits) + softmax(b.oof_logits)) / 2  # same seed, K and labels: the same fold rows
     y = load_cache(cache).labels[a.oof_rows]
-    assert m["validated"] and np.array_equal(a.oof_rows, b.oof_rows)
+    assert m["validated"] and m["out_of_fold"] and np.array_equal(a.oof_rows, b.oof_rows)
+    r = runner.invoke(heads_app, ["show", str(tmp_path / "ab")])
+    assert r.exit_code == 0 and "out-of-fold metrics of the averaged probabilities" in " ".join(r.output.split())
+    assert "out of fold" in r.output and f"{m['accuracy']:.4f}" in r.output
     assert m["macro_f1"] == pytest.approx(compute_metrics(y, oof.argmax(1), ["negative", "neutral", "positive"])
                                           ["macro_f1"], abs=1e-6)
 

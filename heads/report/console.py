@@ -15,7 +15,7 @@ def summary_table(metrics: dict) -> Table:
     t = Table()
     t.add_column("")
     cols = [("untuned", metrics["untuned"]), ("tuned bias", metrics)] if "untuned" in metrics \
-        else [("out of fold" if "crossfit" in metrics else "val", metrics)]
+        else [("out of fold" if "crossfit" in metrics or metrics.get("out_of_fold") else "val", metrics)]
     if "test" in metrics:  # --test-ratio: the held-out split, never used for selection
         cols.append(("internal test", metrics["test"]))
     if "init_test" in metrics:  # stage 2 from an init run with a test split: that head on the same rows
@@ -38,8 +38,9 @@ def _title(metrics: dict) -> str:
     views = f" · trained on {metrics['image_views_used']} augmented image views" \
         if metrics.get("image_views_used") else ""
     if "members" in metrics:  # heads ensemble: no training of its own
-        what = "validation metrics of the averaged probabilities" if metrics.get("validated", True) else \
-            "members validated on different rows: no metrics of its own"
+        what = "members validated on different rows: no metrics of its own" if not metrics.get("validated", True) \
+            else "out-of-fold metrics of the averaged probabilities (cross-fit members)" \
+            if metrics.get("out_of_fold") else "validation metrics of the averaged probabilities"
         return f"{head} · {len(metrics['members'])} members · {what}"
     if "crossfit" in metrics:  # heads train --folds K: each fold head stops at its own epoch
         epochs = ", ".join(str(e) for e in metrics["folds"].get("best_epoch", []))
