@@ -139,6 +139,9 @@ def test_ensemble_of_two_caches_predicts_raw_data_with_one_extraction_each(env, 
     _, texts, images = test_pairs(env)
     clf = load_run(ens)
     assert list(clf.predict(texts=texts, images=images)) == tc
+    loads = []
+    monkeypatch.setattr(engine, "create_text", lambda *a, **k: loads.append(a) or pytest.fail("reloaded"))
+    assert list(clf.predict(texts=texts, images=images)) == tc and not loads  # both backbones' towers were kept
     assert list(clf.predict_cache([str(tmp_path / "kept.h5"), str(tmp_path / "kept.1.h5")])) == tc
 
 

@@ -184,7 +184,10 @@ def _load_models(plan: Plan) -> tuple[Models, float]:
     return Models(text, image, captioner, cfg, device, start_layer, targets=plan.targets), load_s
 
 
-_KEPT: dict = {}  # Plan.keep_models: the last towers loaded, under what built them
+_KEPT: dict = {}  # Plan.keep_models: the last towers loaded, under what built them, oldest first
+# Sets kept at most: backbones are large, and a run predicts with one set, or one per text backbone when it is an
+# ensemble of runs of two caches (`make run`'s model), whose raw-data predictions would otherwise reload both.
+KEEP_SETS = 2
 
 
 def _towers(plan: Plan, device) -> tuple:
@@ -193,6 +196,7 @@ def _towers(plan: Plan, device) -> tuple:
     key = json.dumps([weights, cfg.max_text_len, cfg.text_pooling, cfg.max_image_tokens, cfg.captions,
                       str(device)], sort_keys=True)
     if plan.keep_models and key in _KEPT:
+        _KEPT[key] = _KEPT.pop(key)  # now the most recently used
         return _KEPT[key]
     text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len,
                        pooling=cfg.text_pooling)
@@ -203,9 +207,12 @@ def _towers(plan: Plan, device) -> tuple:
     for m in (text, image, captioner):
         if m is not None:
             m.to(device).eval()
-    _KEPT.clear()  # one set at most: backbones are large
     if plan.keep_models:
+        while len(_KEPT) >= KEEP_SETS:
+            _KEPT.pop(next(iter(_KEPT)))  # the least recently used set
         _KEPT[key] = (text, image, captioner)
+    else:
+        _KEPT.clear()
     return text, image, captioner
 
 
