@@ -487,7 +487,8 @@ def heads_ensemble_cmd(
                       highlight=False)
     else:
         console.print(f"{m['fusion']}: the runs validated on different rows, so the ensemble has no validation "
-                      "score (single runs: train them with one seed; cross-fit runs, --folds K, share every labelled row)", highlight=False)
+                      "score (single runs: train them with one seed; cross-fit runs, --folds K, share every "
+                      "labelled row)", highlight=False)
     console.print(f"ensemble run directory: {out}", highlight=False)
 
 

@@ -122,7 +122,8 @@ def test_ensemble_of_two_caches_predicts_raw_data_with_one_extraction_each(env, 
     other = train(TrainConfig.from_flat(**FAST, fusion="gmu"), short, str(tmp_path / "gmu")).run_dir
     ens = str(tmp_path / "ens")
     build_ensemble([env["runs"]["crossfit"], other], ens)
-    code, out = cli("predict", "--run", ens, "--cache", f"{short},{env['cache']}", "--out", tmp_path / "c.csv", "--proba")
+    code, out = cli("predict", "--run", ens, "--cache", f"{short},{env['cache']}", "--out", tmp_path / "c.csv",
+                    "--proba")
     assert code == 0, out
     code, out = cli("predict", "--run", ens, "--data", env["data"], "--out", tmp_path / "d.csv", "--proba",
                     "--keep-cache", tmp_path / "kept.h5")
