@@ -22,8 +22,9 @@ member's validation rows were training rows of another member, and there is no h
 metrics.json then lists the members' own metrics only (`validated: false`).
 
 Run directory: config.json {"format": 2, "stage": "ensemble", "ensemble": {"members", "weights",
-"weighting"}, "classes"}, cache.json and split.json of the first member (its fallback tag), metrics.json, and
-val_predictions.csv when validated. Each member's own cache.json says which cache features it reads.
+"weighting"}, "classes"}: members relative to the ensemble's parent directory, so runs/ holding an ensemble and
+its members moves whole (older ensembles stored absolute paths, which still load); cache.json and split.json of
+the first member (its fallback tag), metrics.json, and val_predictions.csv when validated. Each member's own cache.json says which cache features it reads.
 """
 from __future__ import annotations
 
@@ -74,7 +75,7 @@ def build_ensemble(runs: list[str], out: str, weighting: str = "equal") -> dict:
                     "disk) and run `heads ensemble` again") as tmp:  # whole or not at all, as write_run
         save_json(os.path.join(tmp, "config.json"), {
             "format": FORMAT, "stage": STAGE, "classes": classes,
-            "ensemble": {"members": [os.path.abspath(r) for r in runs], "weights": weights,
+            "ensemble": {"members": [_relative(r, out) for r in runs], "weights": weights,
                          "weighting": weighting}})
         for name in ("cache.json", "split.json"):
             shutil.copyfile(os.path.join(runs[0], name), os.path.join(tmp, name))
@@ -116,11 +117,25 @@ def _validate(runs, weights, classes, out) -> dict:
     return {"validated": True, **compute_metrics(y, pred, classes, np.log(np.clip(probs, 1e-12, None)))}
 
 
+def _relative(member: str, out: str) -> str:
+    """A member's path as the ensemble stores it: relative to the ensemble's directory, so that a folder holding
+    both (runs/ with runs/main and runs/main-parts) can move or be copied whole."""
+    return os.path.relpath(os.path.abspath(member), os.path.dirname(os.path.abspath(out)))
+
+
+def members(run_dir: str) -> list[str]:
+    """The ensemble's member run directories: stored relative to the ensemble's parent directory (older
+    ensembles: absolute)."""
+    parent = os.path.dirname(os.path.abspath(run_dir))
+    return [os.path.normpath(os.path.join(parent, m)) for m in
+            load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"]]
+
+
 def member_groups(run_dir: str) -> list[tuple[dict, list[int]]]:
     """The members grouped by the cache features they read, in order of first appearance: [(the cache.json of
     the group's first member, member indices)]. One group unless members come from caches of other backbones."""
     groups: list[tuple[dict, dict, list[int]]] = []
-    for i, member in enumerate(load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"]):
+    for i, member in enumerate(members(run_dir)):
         recorded = load_json(os.path.join(member, "cache.json"))
         sig = recorded.get("signature") or feature_signature(recorded)
         same = next((g for g in groups if g[0] == sig), None)
@@ -128,7 +143,7 @@ def member_groups(run_dir: str) -> list[tuple[dict, list[int]]]:
             same[2].append(i)
         else:
             groups.append((sig, recorded, [i]))
-    return [(recorded, members) for _, recorded, members in groups]
+    return [(recorded, idx) for _, recorded, idx in groups]
 
 
 def ensemble_predict(run_dir: str, caches, split: str, device="cpu", batch_size: int = 1024,
@@ -150,8 +165,8 @@ def ensemble_predict(run_dir: str, caches, split: str, device="cpu", batch_size:
     ok = np.logical_and.reduce([d.valid[r] for d, r in zip(datas, rows)])
     total = np.ones((0, len(datas[0].classes)))
     if ok.any():  # no valid row: nothing to run the heads on
-        total = sum(_weighted_proba(run_dir, members, d, r[ok], device, batch_size)
-                    for (_, members), d, r in zip(groups, datas, rows))
+        total = sum(_weighted_proba(run_dir, which, d, r[ok], device, batch_size)
+                    for (_, which), d, r in zip(groups, datas, rows))
     return datas[0], rows[0], ok, np.log(np.clip(total, 1e-12, None)).astype(np.float32)
 
 
@@ -193,25 +208,25 @@ def _signature(path: str) -> dict:
 
 def _group_data(run_dir: str, groups, i: int, cache, budget) -> CacheData:
     """Group i's cache loaded with the arrays its members' heads read, checked as predict checks a run."""
-    members = [load_json(os.path.join(run_dir, "config.json"))["ensemble"]["members"][k] for k in groups[i][1]]
+    runs = [members(run_dir)[k] for k in groups[i][1]]
     if isinstance(cache, CacheData):
         data = cache
     else:
         keys: list[str] = []
-        for member in members:
+        for member in runs:
             models, _ = load_heads(member)
             keys += [k for k in models[0].inputs if k not in keys]
         data = load_data(str(cache), keys=tuple(keys), budget=budget)
-    check_cache(members[0], read_config(members[0]), data.path, data.meta, data.classes)
+    check_cache(runs[0], read_config(runs[0]), data.path, data.meta, data.classes)
     return data
 
 
-def _weighted_proba(run_dir: str, members: list[int], data: CacheData, rows, device, batch_size) -> np.ndarray:
-    """The weighted sum of the probabilities of `members` (indices) on `rows` of `data`."""
-    spec = load_json(os.path.join(run_dir, "config.json"))["ensemble"]
+def _weighted_proba(run_dir: str, which: list[int], data: CacheData, rows, device, batch_size) -> np.ndarray:
+    """The weighted sum of the probabilities of members `which` (indices) on `rows` of `data`."""
+    spec, runs = load_json(os.path.join(run_dir, "config.json"))["ensemble"], members(run_dir)
     total = 0.0
-    for k in members:
-        models, _ = load_heads(spec["members"][k], device)
+    for k in which:
+        models, _ = load_heads(runs[k], device)
         if len(models) == 1:
             logits = infer(models[0], data, rows, device, batch_size)["logits"]
             logits = logits - logits.max(1, keepdims=True)

@@ -262,3 +262,27 @@ def test_ensemble_of_two_backbones_predicts_with_one_cache_per_backbone(cache, m
     fewer = make_synthetic_cache("fewer.h5", preprocessing={"clean_text": True}, Dt=24, Dtp=24, noise=3.0, n_test=39)
     assert "hold other rows in split 'test'" in refused(f"{cache},{fewer}")
     assert not os.path.exists(tmp_path / "x.csv")
+
+
+def test_an_ensemble_and_its_members_move_together(cache, tmp_path):
+    """Members are stored relative to the ensemble's parent directory: runs/ moves or is copied whole; an ensemble
+    written with absolute member paths (older versions) still loads."""
+    import shutil
+    from heads.ensemble import build_ensemble, members
+    runs = tmp_path / "here" / "runs"
+    a = train(cfg(fusion="concat", seed=0), cache, str(runs / "parts" / "a")).run_dir
+    b = train(cfg(fusion="gmu", seed=0), cache, str(runs / "parts" / "b")).run_dir
+    build_ensemble([a, b], str(runs / "ens"))
+    spec = json.load(open(runs / "ens" / "config.json"))["ensemble"]
+    assert spec["members"] == [os.path.join("parts", "a"), os.path.join("parts", "b")]
+    before = predict(str(runs / "ens"), cache, str(tmp_path / "before.csv"), device="cpu", proba=True).out
+    moved = tmp_path / "elsewhere" / "runs"
+    shutil.move(str(runs), str(moved))
+    assert members(str(moved / "ens")) == [str(moved / "parts" / "a"), str(moved / "parts" / "b")]
+    after = predict(str(moved / "ens"), cache, str(tmp_path / "after.csv"), device="cpu", proba=True).out
+    assert read_csv(before) == read_csv(after)
+    spec["members"] = [str(moved / "parts" / "a"), str(moved / "parts" / "b")]  # as older versions wrote them
+    cfg_path = moved / "ens" / "config.json"
+    cfg_path.write_text(json.dumps({**json.load(open(cfg_path)), "ensemble": spec}))
+    assert read_csv(predict(str(moved / "ens"), cache, str(tmp_path / "abs.csv"), device="cpu").out) == \
+        [{"guid": r["guid"], "tag": r["tag"]} for r in read_csv(before)]
