@@ -118,8 +118,8 @@ def _validate(runs, weights, classes, out) -> dict:
 
 
 def _relative(member: str, out: str) -> str:
-    """A member's path as the ensemble stores it: relative to the ensemble's directory, so that a folder holding
-    both (runs/ with runs/main and runs/main-parts) can move or be copied whole."""
+    """A member's path as the ensemble stores it: relative to the ensemble's parent directory, so that a folder
+    holding both (runs/ with runs/main and runs/main-parts) can move or be copied whole."""
     return os.path.relpath(os.path.abspath(member), os.path.dirname(os.path.abspath(out)))
 
 
