@@ -41,8 +41,8 @@ from featcache.outdir import atomic_dir
 from .data.cache import CacheData, split_rows
 from .data.stream import load_data
 from .infer import infer, load_heads, mean_log_proba
-from .rundir import (FORMAT, check_cache, check_out_dir, load_json, read_config, read_predictions, save_json,
-                     write_predictions)
+from .rundir import (FORMAT, check_cache, check_out_dir, load_json, read_config, read_predictions,
+                     recorded_signature, save_json, write_predictions)
 from .train.metrics import compute_metrics
 
 STAGE = "ensemble"
@@ -137,7 +137,7 @@ def member_groups(run_dir: str) -> list[tuple[dict, list[int]]]:
     groups: list[tuple[dict, dict, list[int]]] = []
     for i, member in enumerate(members(run_dir)):
         recorded = load_json(os.path.join(member, "cache.json"))
-        sig = recorded.get("signature") or feature_signature(recorded)
+        sig = recorded_signature(recorded)
         same = next((g for g in groups if g[0] == sig), None)
         if same:
             same[2].append(i)
@@ -151,8 +151,11 @@ def ensemble_predict(run_dir: str, caches, split: str, device="cpu", batch_size:
     """(the first group's data, its rows of `split`, which of them are valid in every cache, log of the
     members' weighted averaged probabilities on the valid ones). `caches`: one cache (path or CacheData) per
     member group, in any order; they are matched to the groups by feature signature and their rows by guid."""
-    groups = member_groups(run_dir)
-    datas = [_group_data(run_dir, groups, i, path, budget) for i, path in enumerate(_match(run_dir, groups, caches))]
+    spec, runs, groups = load_json(os.path.join(run_dir, "config.json"))["ensemble"], members(run_dir), \
+        member_groups(run_dir)
+    heads = [load_heads(r, device)[0] for r in runs]  # each member's heads, loaded once
+    datas = [_group_data([runs[k] for k in which], [heads[k] for k in which], cache, budget)
+             for (_, which), cache in zip(groups, _match(run_dir, groups, caches))]
     rows = [split_rows(datas[0], split)]
     guids = [datas[0].guids[r] for r in rows[0]]
     for d in datas[1:]:
@@ -165,8 +168,8 @@ def ensemble_predict(run_dir: str, caches, split: str, device="cpu", batch_size:
     ok = np.logical_and.reduce([d.valid[r] for d, r in zip(datas, rows)])
     total = np.ones((0, len(datas[0].classes)))
     if ok.any():  # no valid row: nothing to run the heads on
-        total = sum(_weighted_proba(run_dir, which, d, r[ok], device, batch_size)
-                    for (_, which), d, r in zip(groups, datas, rows))
+        total = sum(_weighted_proba([heads[k] for k in which], [spec["weights"][k] for k in which], d, r[ok],
+                                    device, batch_size) for (_, which), d, r in zip(groups, datas, rows))
     return datas[0], rows[0], ok, np.log(np.clip(total, 1e-12, None)).astype(np.float32)
 
 
@@ -177,7 +180,7 @@ def _match(run_dir: str, groups, caches) -> list:
         return caches  # checked by check_cache, whose message names each differing field
     sigs = [feature_signature(c.meta) if isinstance(c, CacheData) else _signature(str(c)) for c in caches]
     names = [c.path if isinstance(c, CacheData) else str(c) for c in caches]
-    want = [g[0].get("signature") or feature_signature(g[0]) for g in groups]
+    want = [recorded_signature(g[0]) for g in groups]
     for name, sig in zip(names, sigs):
         if sig not in want:
             raise CacheError(f"{name} has the features of none of the members of {run_dir}; " + _wanted(groups))
@@ -206,32 +209,30 @@ def _signature(path: str) -> dict:
         return feature_signature(r.meta)
 
 
-def _group_data(run_dir: str, groups, i: int, cache, budget) -> CacheData:
-    """Group i's cache loaded with the arrays its members' heads read, checked as predict checks a run."""
-    runs = [members(run_dir)[k] for k in groups[i][1]]
+def _group_data(runs: list[str], heads: list[list], cache, budget) -> CacheData:
+    """One member group's cache, loaded with the arrays its members' `heads` read (once for all of them), checked
+    as predict checks a run."""
     if isinstance(cache, CacheData):
         data = cache
     else:
         keys: list[str] = []
-        for member in runs:
-            models, _ = load_heads(member)
+        for models in heads:
             keys += [k for k in models[0].inputs if k not in keys]
         data = load_data(str(cache), keys=tuple(keys), budget=budget)
     check_cache(runs[0], read_config(runs[0]), data.path, data.meta, data.classes)
     return data
 
 
-def _weighted_proba(run_dir: str, which: list[int], data: CacheData, rows, device, batch_size) -> np.ndarray:
-    """The weighted sum of the probabilities of members `which` (indices) on `rows` of `data`."""
-    spec, runs = load_json(os.path.join(run_dir, "config.json"))["ensemble"], members(run_dir)
+def _weighted_proba(heads: list[list], weights: list[float], data: CacheData, rows, device,
+                    batch_size) -> np.ndarray:
+    """The weighted sum of the members' probabilities (each member: its heads, averaged) on `rows` of `data`."""
     total = 0.0
-    for k in which:
-        models, _ = load_heads(runs[k], device)
+    for models, weight in zip(heads, weights):
         if len(models) == 1:
             logits = infer(models[0], data, rows, device, batch_size)["logits"]
             logits = logits - logits.max(1, keepdims=True)
             probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
         else:
             probs = np.exp(mean_log_proba(models, data, rows, device, batch_size))
-        total = total + spec["weights"][k] * probs
+        total = total + weight * probs
     return total

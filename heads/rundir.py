@@ -170,6 +170,12 @@ def head_files(cfg: dict) -> list[str]:
     return list(cfg.get("heads") or [HEAD_FILE])
 
 
+def recorded_signature(recorded: dict) -> dict:
+    """The feature signature of the cache a run was trained on, from its cache.json (older runs recorded the
+    cache's metadata only: the signature is derived from it)."""
+    return recorded.get("signature") or feature_signature(recorded)
+
+
 def check_cache(run_dir: str, cfg: dict, cache_path: str, meta: dict, classes: list[str]) -> None:
     """Raise CacheError unless a cache can be fed to a run: every field of the feature signature equal to
     that of the cache it was trained on (cache.json), naming both sides of each that differs, and the same
@@ -179,7 +185,7 @@ def check_cache(run_dir: str, cfg: dict, cache_path: str, meta: dict, classes: l
     preprocessing may not, or the features the head sees would mean something else.
     """
     trained_on = load_json(os.path.join(run_dir, "cache.json"))
-    ran = trained_on.get("signature") or feature_signature(trained_on)
+    ran = recorded_signature(trained_on)
     has = feature_signature(meta)
     diffs = [f"{k}: run has {_show(ran.get(k))}, cache has {_show(has.get(k))}"
              for k in has if ran.get(k) != has.get(k)]

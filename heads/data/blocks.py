@@ -55,7 +55,7 @@ class Blocks:
             return
         self._pid, self._reader = os.getpid(), RowReader(self.path, verify=False)
         self._cond, self._blocks, self._reading = threading.Condition(), OrderedDict(), set()
-        self._plan, self._next, self._gen = [], 0, 0
+        self._plan, self._next = [], 0
         self._thread = threading.Thread(target=self._ahead, daemon=True, name="featcache-prefetch")
         self._thread.start()
 
@@ -85,7 +85,7 @@ class Blocks:
         """The blocks the next reads will need, in order: the thread reads them ahead."""
         self._fresh()
         with self._cond:
-            self._plan, self._next, self._gen = [int(b) for b in blocks], 0, self._gen + 1
+            self._plan, self._next = [int(b) for b in blocks], 0
             self._cond.notify_all()
 
     def get(self, b: int) -> dict[str, torch.Tensor]:
