@@ -6,7 +6,7 @@ stopping, so a head that stops sooner does not look faster), relative to film's,
                       interleaved head by head in every repeat
   attention_epoch_s : the slower of cross-attn and co-attn
   attention_vs_film : attention_epoch_s / film_epoch_s (target, issue 17: <= 1)
-The batcher normalises the token features of each training batch (CacheData.normalize), inside every epoch.
+The batcher normalises the token features of each training batch (heads.data.normstats), inside every epoch.
 Writes bench/out/epochs.json.
 """
 from __future__ import annotations

@@ -33,8 +33,8 @@ def infer(model: torch.nn.Module, data: CacheData, rows, device="cpu", batch_siz
     order = np.argsort(lengths[rows].numpy(), kind="stable") if lengths is not None else None
     if order is not None:
         rows, batch_size = rows[order], min(batch_size, SORTED_BATCH)
-    # Heads that compute on normalised tokens only (normed_eval) read them normalised by the batcher, in fp16 on
-    # the host: half the memory traffic of an fp32 copy normalised afterwards, and what their training steps read.
+    # Heads that compute on normalised tokens only (normed_eval) read them normalised by the batcher on the host
+    # (from per-token statistics: heads.data.normstats), as their training steps do.
     normed = model.prenorm if getattr(model, "normed_eval", False) and torch.device(device).type == "cpu" else ()
     data.schedule(rows)  # a streamed cache reads these rows' blocks ahead (heads.data.stream)
     outs: dict[str, list] = {}

@@ -33,6 +33,8 @@ from featcache.cache.store import CacheError
 from featcache.errors import ConfigError
 from featcache.text_tower import cache_targets, require_texts
 
+from .normstats import TokenStats
+
 FEATURES = {  # batch key -> cache dataset; every cache has these
     "text_tokens": "text/tokens",
     "text_mask": "text/mask",
@@ -48,9 +50,6 @@ TEXT_STATES = ("text_states", "text_hidden/states")  # optional (--text-layers /
 # Per-position text arrays: a batch cuts them all to its longest text (text_mask decides; input_ids are added by
 # heads.data.text_layers and have the same mask).
 TEXT_SEQUENCES = ("text_tokens", "text_mask", "text_states", "input_ids")
-
-
-LN_EPS = 1e-5  # nn.LayerNorm's default, which every head's projector uses
 
 
 class DataError(ConfigError):
@@ -76,16 +75,7 @@ class CacheData:
     targets: list[str] | None = None  # samples/target (Twitter: the texts' second segment), None without
     device: torch.device | None = None  # set by to_device: features and views live there
     lengths: torch.Tensor | None = None  # (N,) on the host, with `device`: each row's used text positions
-
-    def normalize(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Rows `x` of a token array LayerNorm-normalised over the last dim without affine (eps as nn.LayerNorm's),
-        rounded to `dtype`: what training steps read instead of running the heads' projector LayerNorm
-        (heads.fusions.base.Projector.normed). Per batch, never for the whole array: a normalised copy of the
-        token arrays would double the memory of a load (#21). Padded text positions are normalised too: they
-        stay finite."""
-        if x.dtype == dtype == torch.float16:  # fp16 in and out, fp32 inside: 3x cheaper than through fp32 copies
-            return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=LN_EPS)
-        return torch.nn.functional.layer_norm(x.float(), x.shape[-1:], eps=LN_EPS).to(dtype)
+    stats: dict[str, TokenStats] = field(default_factory=dict)  # token key -> its per-token LayerNorm statistics
 
     def to_device(self, device: torch.device) -> "CacheData":
         """Move every array to a CUDA `device` (in place: an ablation shares one load; arrays added since, e.g.
@@ -143,17 +133,20 @@ class CacheData:
                 "image_dim": f["image_tokens"][-1], "image_pooled_dim": f["image_pooled"][-1]}
 
     def batch(self, idx, device: str | torch.device = "cpu", keys=None, views=None, normed=(),
-              normed_dtype=torch.float16) -> dict[str, torch.Tensor]:
+              normed_dtype=torch.float32) -> dict[str, torch.Tensor]:
         """Rows `idx` as a batch dict (only `keys`, default FEATURES): floating arrays in fp32, masks bool, token
         ids as stored. `views` (one int per row, 0 = clean, k = augmented view k) picks the image features.
-        Keys in `normed` (host only, without views) come as key + "_normed", normalize()d and rounded to
-        normed_dtype: bf16 stays bf16 (bf16 training reads nothing else), fp16 comes in fp32.
+        Keys in `normed` (host only, without views) come as key + "_normed": each token LayerNorm-normalised
+        without affine (heads.data.normstats; what training steps read instead of running the heads' projector
+        LayerNorm: heads.fusions.base.Projector.normed), in normed_dtype (bf16 training reads nothing else).
 
         Text positions that are padding in every row of the batch are cut off. That is exact (heads and text
         layers ignore padding) and it is the cheapest speed-up there is: tweets are much shorter than
         max_text_len."""
         idx = torch.as_tensor(idx, dtype=torch.long)
         keys = FEATURES if keys is None else keys
+        if normed and views is not None:  # the statistics are the stored rows', not an augmented view's
+            raise ValueError("normed batches are read without image views")
         if self.device is not None and torch.device(device) == self.device and \
                 all(self.features[k].device == self.device for k in keys if k in self.features):
             return self._device_batch(idx, keys, views)  # (an array added after to_device: the host path)
@@ -172,11 +165,19 @@ class CacheData:
             if k in TEXT_SEQUENCES:
                 x = x[:, :length]
             if k in normed:
-                x = self.normalize(x, normed_dtype)
-                out[k + "_normed"] = x if x.dtype == torch.bfloat16 else x.float()
+                x = self.token_stats(k).normalize(x, idx)
+                out[k + "_normed"] = x.to(normed_dtype)
                 continue
             out[k] = (x.float() if x.is_floating_point() else x).to(device, non_blocking=True)
         return out
+
+    def token_stats(self, key: str) -> TokenStats:
+        """The per-token LayerNorm statistics of token array `key`, filled in as batches read its rows: on the
+        host, kept across the epochs and runs of one load (forked workers fill their own copies)."""
+        if key not in self.stats:
+            shape = self.shapes.get(key) or self.features[key].shape
+            self.stats[key] = TokenStats(len(self.guids), shape[1])
+        return self.stats[key]
 
     def _gather(self, key: str, idx: torch.Tensor, length: int | None = None) -> torch.Tensor:
         """Rows idx of one feature array, as stored (heads.data.stream reads them from disk instead); a per-position

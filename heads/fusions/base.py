@@ -79,7 +79,7 @@ class Projector(nn.Sequential):
     """LayerNorm then Linear (state-dict keys 0.* and 1.*, as the plain Sequential of older runs).
 
     `normed(x_hat)` is the same map on features that are already normalised without the affine (what
-    CacheData.normalize computes per batch): LN's gain and shift are folded into the Linear,
+    the batcher computes per batch, heads.data.normstats): LN's gain and shift are folded into the Linear,
     W (g * x_hat + s) + b = (W * g) x_hat + (W s + b), so a training step skips the LayerNorm forward and
     backward over every (B, L, D) token array, the largest tensors of a step. The fold is exact in real
     arithmetic; in floating point it rounds differently from LN then Linear."""
@@ -108,7 +108,7 @@ def classifier(in_dim: int, hidden: int, num_classes: int, dropout: float) -> nn
                          nn.Linear(hidden, num_classes))
 
 
-NORMED = "_normed"  # batch key suffix: the features LayerNorm-normalised without affine (CacheData.normalize)
+NORMED = "_normed"  # batch key suffix: the features LayerNorm-normalised without affine (heads.data.normstats)
 INPUTS = ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")
 
 

@@ -109,7 +109,7 @@ def _trainer(cfg: TrainConfig, model, data: CacheData, split: Split, device, bf1
     # read them so only for heads with normed_eval (heads.infer): film's keep the plain path, so predictions of
     # its older runs do not move.
     normed = model.prenorm if device.type == "cpu" and not n_views else ()
-    normed_dtype = torch.bfloat16 if bf16 else torch.float16
+    normed_dtype = torch.bfloat16 if bf16 else torch.float32
 
     def loss_fn(model, idx):
         rows = train_rows[idx]
