@@ -68,8 +68,7 @@ class RunClassifier:
         """Labels for every row of `split` of an extracted cache (ids: its guids; problems: its invalid rows); an
         ensemble of runs of several backbones takes a list of caches, one per backbone."""
         with tempfile.TemporaryDirectory(prefix="heads-api-") as tmp:
-            caches = [str(c) for c in cache] if isinstance(cache, (list, tuple)) else str(cache)
-            res = predict(self.run_dir, caches, os.path.join(tmp, "p.csv"), split=split, device=self.device,
+            res = predict(self.run_dir, cache, os.path.join(tmp, "p.csv"), split=split, device=self.device,
                           proba=True)
             ids, labels, proba = _read_csv(res.out, len(self.classes))
         return self._done(labels, {g: "invalid in the cache" for g in res.invalid}, proba, ids)

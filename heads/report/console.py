@@ -38,9 +38,12 @@ def _title(metrics: dict) -> str:
     views = f" · trained on {metrics['image_views_used']} augmented image views" \
         if metrics.get("image_views_used") else ""
     if "members" in metrics:  # heads ensemble: no training of its own
-        what = "members validated on different rows: no metrics of its own" if not metrics.get("validated", True) \
-            else "out-of-fold metrics of the averaged probabilities (cross-fit members)" \
-            if metrics.get("out_of_fold") else "validation metrics of the averaged probabilities"
+        if not metrics.get("validated", True):
+            what = "members validated on different rows: no metrics of its own"
+        elif metrics.get("out_of_fold"):
+            what = "out-of-fold metrics of the averaged probabilities (cross-fit members)"
+        else:
+            what = "validation metrics of the averaged probabilities"
         return f"{head} · {len(metrics['members'])} members · {what}"
     if "crossfit" in metrics:  # heads train --folds K: each fold head stops at its own epoch
         epochs = ", ".join(str(e) for e in metrics["folds"].get("best_epoch", []))
