@@ -247,6 +247,9 @@ def extract_cmd(
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     max_image_tokens: int = typer.Option(0, help="Pool the image patch grid to at most N tokens (adaptive "
                                          "average on the 2-D grid; 0 = keep every patch)."),
+    image_size: int = typer.Option(0, help="Feed the image backbone N x N px images (timm CNNs: resnet*, "
+                                   "efficientnet-lite0, timm:...; 288 gives EfficientNet-Lite0 9 x 9 patches "
+                                   "instead of 7 x 7); 0 = the backbone's own size (224)."),
     text_pooling: str = typer.Option("", help="cls | mean: how an hf: text backbone pools its tokens "
                                      "(default: its sentence-transformers pooling config, else mean)."),
     text_weights: Optional[Path] = typer.Option(None, help="Local weights (folder or file) for the text backbone."),
@@ -272,7 +275,7 @@ def extract_cmd(
                         aug_seed=aug_seed, batch_size=batch_size, image_micro_batch=image_micro_batch,
                         workers=workers, overlap=overlap, limit=limit,
                         max_image_pixels=max_image_pixels, device=device,
-                        max_image_tokens=max_image_tokens, text_pooling=text_pooling,
+                        max_image_tokens=max_image_tokens, image_size=image_size, text_pooling=text_pooling,
                         text_weights=_opt(text_weights), image_weights=_opt(image_weights),
                         caption_weights=_opt(caption_weights), shard=shard,
                         splits=tuple(s.strip() for s in split.split(",")) if split else ())

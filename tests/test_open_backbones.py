@@ -284,3 +284,37 @@ def test_extract_with_budget_stores_the_pooled_full_grid(models, tmp_path):
         np.testing.assert_allclose(g["image/tokens"][:].astype(np.float32), pooled.numpy(), atol=2e-2, rtol=2e-2)
         np.testing.assert_array_equal(f["image/pooled"][:], g["image/pooled"][:])
         assert json.loads(f.attrs["meta"])["key"] != json.loads(g.attrs["meta"])["key"]
+
+
+def test_image_size_feeds_a_cnn_larger_images_and_is_recorded(models, tmp_path):
+    """--image-size: a timm CNN fed twice its own size stores four times the patches (and the size printed before
+    extraction says so), the preprocessing records the size (its own cache key; ExtractConfig.like reproduces it
+    for `heads predict --data`). A ViT of a fixed size, and CLIP's tower, are refused by name, no file left."""
+    from cli import featcache_app
+    from featcache.extract.config import ExtractConfig
+    backbone = f"hf:{models['bert']}+timm:test_resnet@{models['cnn']}"
+    own, big = str(tmp_path / "own.h5"), str(tmp_path / "big.h5")
+    _extract(models, backbone, own, "--limit", "3")
+    r = _extract(models, backbone, big, "--limit", "3", "--image-size", "320")  # test_resnet's own: 160 px
+    with h5py.File(own, "r") as f, h5py.File(big, "r") as g:
+        P, meta = f["image/tokens"].shape[1], json.loads(g.attrs["meta"])
+        assert g["image/tokens"].shape[1] == 4 * P and g["image/pooled"].shape == f["image/pooled"].shape
+        assert not np.allclose(f["image/pooled"][:], g["image/pooled"][:], atol=1e-3)
+        assert meta["preprocessing"]["image_size"] == 320 and "image_size" not in json.loads(f.attrs["meta"])["preprocessing"]
+        assert meta["key"] != json.loads(f.attrs["meta"])["key"]
+    assert f"image {4 * P} x" in " ".join(r.output.split())
+    assert ExtractConfig.like(meta, models["data"]).image_size == 320
+    name = f"timm:test_resnet@{models['cnn']}"  # JPEGs decode at least at the side the transform resizes to
+    assert create_image(name, locate(name), image_size=320).decode_side() == 336  # floor(320 / crop_pct 0.95)
+    from featcache.cache.store import feature_signature  # a head trained at one size refuses caches of another
+    assert feature_signature(meta) != feature_signature(json.loads(h5py.File(own, "r").attrs["meta"]))
+    vit = save_timm("vit_tiny_patch16_224", str(tmp_path / "vit224.pth"))  # fixed size (test_vit takes any)
+    for bad, name in ((f"hf:{models['bert']}+timm:vit_tiny_patch16_224@{vit}", "vit_tiny_patch16_224"),
+                      (f"open_clip:tiny-clip16@{models['clip']}", "tiny-clip16")):
+        out_file = tmp_path / f"bad-{name}.h5"
+        r = CliRunner().invoke(featcache_app, ["extract", "--data", models["data"], "--backbone", bad, "--out",
+                                               str(out_file), "--no-progress", "--workers", "0", "--limit", "3",
+                                               "--image-size", "96"])
+        out = " ".join(r.output.split())
+        assert r.exit_code == 2 and "--image-size" in out and name in out and "Traceback" not in out, out
+        assert not os.path.exists(out_file)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from . import hf_text, clip, blip, timm_image, aliases  # noqa: F401  (aliases last: it names the families' specs)  isort: skip
 from .registry import (BACKBONES, DEFAULT_BACKBONE, Alias, BackboneSpec, Family, create_captioner, create_image,
-                       create_text, get_backbone_spec, list_backbones, locate, parse_backbone)
+                       create_text, get_backbone_spec, list_backbones, locate, parse_backbone, sized)
 
 __all__ = ["BACKBONES", "DEFAULT_BACKBONE", "Alias", "BackboneSpec", "Family", "create_captioner", "create_image",
-           "create_text", "get_backbone_spec", "list_backbones", "locate", "parse_backbone"]
+           "create_text", "get_backbone_spec", "list_backbones", "locate", "parse_backbone", "sized"]

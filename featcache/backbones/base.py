@@ -132,6 +132,11 @@ class ImageEncoder(nn.Module):
         forkserver start methods (the default from Python 3.14)."""
         return self.transform
 
+    def decode_side(self) -> int:
+        """The short side (px) the transform resizes an image to: JPEGs may be decoded at a reduced scale, never
+        below it (featcache.sources.images.load_rgb's draft)."""
+        return self.image_size
+
     def forward_features(self, pixels: torch.Tensor) -> dict:
         raise NotImplementedError
 
@@ -176,6 +181,9 @@ class BudgetedImage(ImageEncoder):
 
     def pixel_transform(self):
         return self.inner.pixel_transform()
+
+    def decode_side(self) -> int:
+        return self.inner.decode_side()
 
     def forward_features(self, pixels):
         out = self.inner.forward_features(pixels)

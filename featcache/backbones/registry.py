@@ -179,9 +179,23 @@ def create_text(name: str, source: WeightsSource, max_len: int = 64, pooling: st
     return build(spec, source, max_len=max_len)
 
 
-def create_image(name: str, source: WeightsSource):
+def sized(spec: BackboneSpec, image_size: int) -> BackboneSpec:
+    """`spec` with its input resized to image_size px square (--image-size; 0: as it is). timm models only: a CNN
+    takes any size and gives more patches (EfficientNet-Lite0 at 288 px: 9 x 9 instead of 7 x 7); CLIP's towers
+    are fixed to the size their position embeddings were trained at."""
+    if not image_size:
+        return spec
+    if spec.family.name != "timm":
+        raise ConfigError(f"--image-size applies to timm image backbones (resnet18, resnet50, efficientnet-lite0, "
+                          f"timm:NAME); '{spec.name}' takes the {spec.family.name} model's own size")
+    # later pairs of a data config win: the recipe's crop ratio and normalisation stay, the size changes
+    data = spec.recipe.data_config + (("input_size", (3, image_size, image_size)),)
+    return replace(spec, recipe=replace(spec.recipe, data_config=data))
+
+
+def create_image(name: str, source: WeightsSource, image_size: int = 0):
     spec, build = _builder(name, "image")
-    return build(spec, source)
+    return build(sized(spec, image_size), source)
 
 
 def create_captioner(name: str, source: WeightsSource):
@@ -189,12 +203,13 @@ def create_captioner(name: str, source: WeightsSource):
     return build(spec, source)
 
 
-def planned_dims(name: str, source: WeightsSource, role: str) -> tuple[int, int, int] | None:
+def planned_dims(name: str, source: WeightsSource, role: str,
+                 image_size: int = 0) -> tuple[int, int, int] | None:
     """(tokens, token width, pooled width) of `name` in `role` (text | image) without loading it, or None."""
     spec = get_backbone_spec(name)
     if spec.family.dims is None:
         return None
     try:
-        return spec.family.dims(spec, source, role)
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError):  # only an estimate: never fail a run
+        return spec.family.dims(sized(spec, image_size) if role == "image" else spec, source, role)
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError, AssertionError):  # an estimate: never fail a run
         return None

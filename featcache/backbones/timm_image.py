@@ -15,6 +15,7 @@ conv_head, a checkpoint under other key names, BatchNorm folded, torchvision's d
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -111,6 +112,8 @@ class TimmImage(ImageEncoder):
         data_cfg = timm.data.resolve_data_config(dict(recipe.data_config), model=self.net)  # the recipe's over timm's
         self._transform = timm.data.create_transform(**data_cfg)
         self.image_size = data_cfg["input_size"][-1]
+        # timm resizes the short side to size / crop_pct before the center crop (256 for 224 at 0.875)
+        self._resize = int(math.floor(self.image_size / data_cfg.get("crop_pct", 1.0)))
         self.prefix = getattr(self.net, "num_prefix_tokens", 0)
         self.channels_last = recipe.fold_bn
         if recipe.fold_bn:
@@ -118,7 +121,11 @@ class TimmImage(ImageEncoder):
             self.net = self.net.to(memory_format=torch.channels_last)
         self._at = _TokensAt(self.net, recipe.tokens_at)
         with torch.inference_mode():  # one blank image: the token grid and widths, whatever the model
-            out = self.forward_features(torch.zeros(1, *data_cfg["input_size"]))
+            try:
+                out = self.forward_features(torch.zeros(1, *data_cfg["input_size"]))
+            except (AssertionError, RuntimeError) as e:  # a ViT at a size its position embeddings do not fit
+                raise ConfigError(f"timm '{arch}' does not take {self.image_size} px images (--image-size): "
+                                  f"{str(e).strip().splitlines()[-1]}") from e
         self.grid = self._at.grid
         self.num_patches, self.token_dim = out["tokens"].shape[1:]
         self.pooled_dim = out["pooled"].shape[-1]
@@ -130,6 +137,9 @@ class TimmImage(ImageEncoder):
 
     def pixel_transform(self):
         return self._transform
+
+    def decode_side(self) -> int:
+        return self._resize
 
     def forward_features(self, pixels):
         if self.channels_last:

@@ -41,6 +41,7 @@ class ExtractConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     device: str = "auto"
     max_image_tokens: int = 0  # pool the patch grid to at most this many tokens (0: every patch, as always)
+    image_size: int = 0  # the image backbone's input in px, square (timm CNNs: more patches); 0 = its own size
     text_pooling: str = ""  # cls | mean: overrides an hf: text backbone's pooling ("" = its own)
     text_weights: str | None = None
     image_weights: str | None = None
@@ -64,7 +65,8 @@ class ExtractConfig:
                     caption_mode=prep.get("caption_mode") or "store", clean_text=bool(prep.get("clean_text")),
                     max_text_len=prep.get("max_text_len") or 64,
                     max_image_pixels=prep.get("max_image_pixels") or DEFAULT_MAX_PIXELS,
-                    max_image_tokens=prep.get("max_image_tokens") or 0, text_pooling=prep.get("text_pooling") or "")
+                    max_image_tokens=prep.get("max_image_tokens") or 0, text_pooling=prep.get("text_pooling") or "",
+                    image_size=prep.get("image_size") or 0)
         return cls(data=data, **same, **options)
 
 
@@ -87,6 +89,7 @@ class ExtractConfig:
                 # only when set: other keys stay as they were
                 **({"no_text": True} if self.no_text else {}),
                 **({"max_image_tokens": self.max_image_tokens} if self.max_image_tokens else {}),
+                **({"image_size": self.image_size} if self.image_size else {}),
                 **({"text_pooling": self.text_pooling} if self.text_pooling else {}),
                 **({"precision": precision} if precision != "fp32" else {})}
 

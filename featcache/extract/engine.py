@@ -193,14 +193,14 @@ KEEP_SETS = 2
 def _towers(plan: Plan, device) -> tuple:
     """(text, image, captioner or None) in eval mode on `device`: loaded, or kept from the previous call."""
     cfg, weights = plan.cfg, plan.weights
-    key = json.dumps([weights, cfg.max_text_len, cfg.text_pooling, cfg.max_image_tokens, cfg.captions,
-                      str(device)], sort_keys=True)
+    key = json.dumps([weights, cfg.max_text_len, cfg.text_pooling, cfg.max_image_tokens, cfg.image_size,
+                      cfg.captions, str(device)], sort_keys=True)
     if plan.keep_models and key in _KEPT:
         _KEPT[key] = _KEPT.pop(key)  # now the most recently used
         return _KEPT[key]
     text = create_text(weights["text"]["name"], WeightsSource.from_record(weights["text"]), max_len=cfg.max_text_len,
                        pooling=cfg.text_pooling)
-    image = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]))
+    image = create_image(weights["image"]["name"], WeightsSource.from_record(weights["image"]), cfg.image_size)
     if cfg.max_image_tokens:
         image = BudgetedImage(image, cfg.max_image_tokens)
     captioner = create_captioner(cfg.captions, WeightsSource.from_record(weights["caption"])) if cfg.captions else None
@@ -253,7 +253,7 @@ def _batches(loop: _Loop, lane: ImageLane | None, workers: int):
     transforms = [m.image.pixel_transform()] + ([m.captioner.pixel_transform()] if m.captioner else [])
     views = ViewMaker(cfg.image_views, cfg.image_aug, cfg.aug_seed) if cfg.image_views else None
     rows = ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
-                     cfg.max_image_pixels, draft=max(256, getattr(m.image, "image_size", 224)), views=views,
+                     cfg.max_image_pixels, draft=max(256, m.image.decode_side()), views=views,
                      shared=frozenset(loop.owners))
     order = list(range(loop.start, len(ds.samples)))
     if lane:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, replace
 
 from rich.markup import escape
 
-from ..backbones import get_backbone_spec, locate, parse_backbone
+from ..backbones import get_backbone_spec, locate, parse_backbone, sized
 from ..backbones.weights import ENV_DIR, WeightsError
 from ..cache.store import CacheError, CacheReader, partial_path, problems_path
 from ..digest import file_sha256
@@ -57,6 +57,8 @@ def make_plan(cfg: ExtractConfig, expect_weights: dict | None = None) -> Plan:
         raise ConfigError(f"--caption-mode must be 'store' or 'append', got '{cfg.caption_mode}'")
     if cfg.max_image_tokens < 0:
         raise ConfigError(f"--max-image-tokens must be >= 0 (0 keeps every patch), got {cfg.max_image_tokens}")
+    if cfg.image_size and cfg.image_size < 32:
+        raise ConfigError(f"--image-size must be 0 (the backbone's own) or at least 32 px, got {cfg.image_size}")
     if cfg.image_views < 0:
         raise ConfigError(f"--image-views must be >= 0, got {cfg.image_views}")
     if cfg.overlap not in ("auto", "on", "off"):  # else found only once the models load and the output exists
@@ -66,6 +68,7 @@ def make_plan(cfg: ExtractConfig, expect_weights: dict | None = None) -> Plan:
     if cfg.splits:
         ds = only_splits(ds, cfg.splits, cfg.data)
     text_name, image_name = parse_backbone(cfg.backbone)
+    sized(get_backbone_spec(image_name), cfg.image_size)  # a size for a backbone that cannot take one: say so now
     weights = _weights(cfg, text_name, image_name)
     check_weights(weights, expect_weights or {})
     fingerprint, targets = ds.fingerprint(), any(s.target for s in ds.samples)

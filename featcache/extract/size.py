@@ -21,7 +21,7 @@ def planned_bytes(plan) -> tuple[int, str] | None:
     """(bytes of the feature arrays, a one-line breakdown), or None when a backbone's widths are unknown."""
     cfg, w, n = plan.cfg, plan.weights, len(plan.ds.samples)
     text = planned_dims(w["text"]["name"], WeightsSource.from_record(w["text"]), "text")
-    image = planned_dims(w["image"]["name"], WeightsSource.from_record(w["image"]), "image")
+    image = planned_dims(w["image"]["name"], WeightsSource.from_record(w["image"]), "image", cfg.image_size)
     if text is None or image is None:
         return None
     # HF encoders keep --max-text-len positions (capped by the model); CLIP always its context length
