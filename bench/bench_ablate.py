@@ -31,8 +31,8 @@ BUDGET_S = 120
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cache", default=default_cache(), help="the full default cache (default: the largest "
-                    "cache/mvsa-minilm-l6_efficientnet-lite0-*.h5)")
+    ap.add_argument("--cache", default=default_cache(), help="the full default cache (default: `make run`'s "
+                    "MiniLM cache, bench/common.default_cache)")
     ap.add_argument("--out", default=os.path.join(ROOT, "bench", "out", "ablate.json"))
     ap.add_argument("--keep", default=None, help="keep the ablation directory here (default: a temp dir, removed)")
     ap.add_argument("--seeds", default=None, help="comma-separated seeds instead of the grid's three (the CI "

@@ -19,7 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
+from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
 from featcache.backbones import create_image, locate  # noqa: E402
 from featcache.extract.forward import cpu_image_micro  # noqa: E402
 from featcache.sources.images import load_rgb  # noqa: E402
@@ -66,7 +66,7 @@ def epoch(model, make_batch, labels, rows, bs, text_params, head_params) -> floa
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cache", default="cache/mvsa-default.h5",
+    ap.add_argument("--cache", default=default_cache(),
                     help="the full default cache (`make run`); stage-2 states are added to it if missing")
     ap.add_argument("--samples", type=int, default=256, help="train pairs timed (the same for all three)")
     ap.add_argument("--batch-size", type=int, default=32)
@@ -107,11 +107,12 @@ def main():
     init = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("text.")}
     init.update({f"text.{k}": v.detach().clone() for k, v in model.text_params().items()})
 
-    image = create_image(data.meta["backbone"]["image"], locate(data.meta["backbone"]["image"]))
+    image = create_image(data.meta["backbone"]["image"], locate(data.meta["backbone"]["image"]),  # the cache's size
+                         image_size=data.meta["preprocessing"].get("image_size", 0))
     root = data.meta["dataset"]["root"]
     t0 = time.perf_counter()
     pixels = {int(r): image.transform(load_rgb(os.path.join(root, "data", f"{data.guids[int(r)]}.jpg"),
-                                               draft_size=256)[0]) for r in rows}
+                                               draft_size=max(256, image.decode_side()))[0]) for r in rows}
     decode_s = time.perf_counter() - t0
 
     def e2e_batch(idx):

@@ -9,7 +9,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_cache() -> str | None:
-    """The full default-backbone cache (`make run`): the largest one, smaller ones come from --limit trials."""
+    """The full MiniLM + EfficientNet-Lite0 cache: `make run`'s (288 px images), else the largest one at the
+    backbones' own size (smaller ones come from --limit trials)."""
+    run = os.path.join(ROOT, "cache", "mvsa-288.h5")
+    if os.path.exists(run):
+        return run
     caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
                     glob.glob(os.path.join(ROOT, "cache", "mvsa-minilm-l6_efficientnet-lite0-*.h5")),
                     key=os.path.getsize)
