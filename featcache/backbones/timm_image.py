@@ -124,6 +124,8 @@ class TimmImage(ImageEncoder):
             try:
                 out = self.forward_features(torch.zeros(1, *data_cfg["input_size"]))
             except (AssertionError, RuntimeError) as e:  # a ViT at a size its position embeddings do not fit
+                if tuple(data_cfg["input_size"]) == tuple(self.net.pretrained_cfg.get("input_size", ())):
+                    raise  # at the model's own size: not the user's choice of size, a bug to report as such
                 raise ConfigError(f"timm '{arch}' does not take {self.image_size} px images (--image-size): "
                                   f"{str(e).strip().splitlines()[-1]}") from e
         self.grid = self._at.grid
