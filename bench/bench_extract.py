@@ -37,7 +37,7 @@ def models(backbone):
 
 @torch.inference_mode()
 def backbone_only(ds, text, image, bs):
-    pix = torch.stack([image.transform(load_rgb(s.image_path, draft_size=256)[0]) for s in ds.samples])
+    pix = torch.stack([image.transform(load_rgb(s.image_path, draft_size=image.decode_side())[0]) for s in ds.samples])
     micro = cpu_image_micro()
     toks = [text.tokenize([s.text for s in ds.samples[k:k + bs]]) for k in range(0, len(ds.samples), bs)]
     t0 = time.perf_counter()

@@ -112,7 +112,7 @@ def main():
     root = data.meta["dataset"]["root"]
     t0 = time.perf_counter()
     pixels = {int(r): image.transform(load_rgb(os.path.join(root, "data", f"{data.guids[int(r)]}.jpg"),
-                                               draft_size=max(256, image.decode_side()))[0]) for r in rows}
+                                               draft_size=image.decode_side())[0]) for r in rows}
     decode_s = time.perf_counter() - t0
 
     def e2e_batch(idx):

@@ -59,7 +59,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
     head = create_fusion(HeadConfig(fusion="film"), HeadDims(**data.dims(), num_classes=len(data.classes)))
     opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
     ds = ImageRows([f"{root}/data/{data.guids[i]}.jpg" for i in rows], [data.guids[i] for i in rows],
-                   [image.transform], 40_000_000, max(256, image.decode_side()))
+                   [image.transform], 40_000_000, image.decode_side())
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, num_workers=0, collate_fn=collate_rows)
     labels = torch.from_numpy(data.labels)
     t = time.perf_counter()

@@ -115,6 +115,9 @@ class TextEncoder(nn.Module):
                 p.requires_grad_(True)
 
 
+DECODE_MIN = 256  # px: JPEGs of 224 px models decode at reduced scale down to this short side, not below
+
+
 class ImageEncoder(nn.Module):
     """Subclasses set: token_dim, pooled_dim, num_patches, image_size, and `transform` (PIL -> tensor)."""
 
@@ -133,9 +136,9 @@ class ImageEncoder(nn.Module):
         return self.transform
 
     def decode_side(self) -> int:
-        """The short side (px) the transform resizes an image to: JPEGs may be decoded at a reduced scale, never
-        below it (featcache.sources.images.load_rgb's draft)."""
-        return self.image_size
+        """The smallest short side (px) a JPEG may be decoded at (featcache.sources.images.load_rgb's draft): the
+        side the transform resizes to, and never below DECODE_MIN, what every cache at 224 px was decoded at."""
+        return max(DECODE_MIN, self.image_size)
 
     def forward_features(self, pixels: torch.Tensor) -> dict:
         raise NotImplementedError

@@ -21,7 +21,7 @@ import os
 import torch
 
 from ..errors import ConfigError
-from .base import ImageEncoder, get_attr_path
+from .base import DECODE_MIN, ImageEncoder, get_attr_path
 from .bn_fold import fold_batchnorm
 from .registry import OPEN_FAMILIES, BackboneSpec, Family, OpenFamily, Recipe
 from .weights import WeightsError, WeightsSource, hf_cached, hub_or_missing, load_state_dict, local_source, missing
@@ -141,7 +141,7 @@ class TimmImage(ImageEncoder):
         return self._transform
 
     def decode_side(self) -> int:
-        return self._resize
+        return max(DECODE_MIN, self._resize)
 
     def forward_features(self, pixels):
         if self.channels_last:

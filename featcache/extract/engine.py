@@ -253,7 +253,7 @@ def _batches(loop: _Loop, lane: ImageLane | None, workers: int):
     transforms = [m.image.pixel_transform()] + ([m.captioner.pixel_transform()] if m.captioner else [])
     views = ViewMaker(cfg.image_views, cfg.image_aug, cfg.aug_seed) if cfg.image_views else None
     rows = ImageRows([s.image_path for s in ds.samples], [s.guid for s in ds.samples], transforms,
-                     cfg.max_image_pixels, draft=max(256, m.image.decode_side()), views=views,
+                     cfg.max_image_pixels, draft=m.image.decode_side(), views=views,
                      shared=frozenset(loop.owners))
     order = list(range(loop.start, len(ds.samples)))
     if lane:
