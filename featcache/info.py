@@ -134,7 +134,7 @@ def print_backbones(console: Console | None = None) -> None:
     for name in list_backbones():
         alias = BACKBONES.get(name)
         console.print(f"  [bold]{name}[/]: {escape(alias.description)}" +
-                      (f". [yellow]Built as {escape(alias.target)} with a recipe that keeps what it always stored; "
+                      (f". [yellow]Built as {escape(alias.target)} with a recipe (what it stores, as data); "
                        f"plain {escape(alias.target)} differs:[/] {escape(alias.differs)}." if alias.differs and
                        alias.target else f" ({escape(alias.differs)})" if alias.differs else ""))
     console.print("Any other model, by name (TEXT+IMAGE pairs as above; weights: @PATH, $FEATCACHE_WEIGHTS, hub):")

