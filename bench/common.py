@@ -9,9 +9,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def default_cache() -> str | None:
-    """The full MiniLM + EfficientNet-Lite0 cache: `make run`'s (288 px images), else the largest one at the
-    backbones' own size (smaller ones come from --limit trials)."""
-    run = os.path.join(ROOT, "cache", "mvsa-288.h5")
+    """The full MiniLM + EfficientNet-Lite0 cache: `make run`'s (efficientnet-lite0-tf, 288 px images), else the
+    largest one of the default backbones at their own size (smaller ones come from --limit trials)."""
+    run = os.path.join(ROOT, "cache", "mvsa-tf-288.h5")
     if os.path.exists(run):
         return run
     caches = sorted(glob.glob(os.path.join(ROOT, "cache", "mvsa-default.h5")) +
