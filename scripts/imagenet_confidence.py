@@ -1,7 +1,7 @@
 """How sure an ImageNet classifier is on a dataset's images under each preprocessing: a check that a backbone's
 input normalisation is the one its weights were trained with (docs/default_choice.md, "the preprocessing
 EfficientNet-Lite0's weights expect"). Wrong mean/std shifts every activation, and the classifier's top-1
-probability drops; the same weights fed as trained are more confident and agree more with other models.
+probability drops: the same weights fed as trained are the more confident.
 
     python scripts/imagenet_confidence.py --data ../shared/mvsa --n 150 efficientnet-lite0 efficientnet-lite0-tf
 

@@ -65,7 +65,7 @@ register(
                   "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
                   f"{TV_PREP} (timm's config: mean/std 0.5, which its TF-trained weights expect; "
                   "efficientnet-lite0-tf normalises that way), BatchNorm folded"),
-    # The same weights, normalised as they were trained (TF's EfficientNet-Lite: (x - 127) / 128, i.e. mean/std
+    # The same weights, normalised as they were trained (TF's EfficientNet-Lite scales pixels to [-1, 1]: mean/std
     # 0.5, timm's config for them). efficientnet-lite0 keeps ImageNet mean/std, what it always stored, so its
     # caches stay valid; a new name gives these features their own signature and cache keys.
     Alias("efficientnet-lite0-tf", "timm:tf_efficientnet_lite0", ("image",),
