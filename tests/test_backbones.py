@@ -17,10 +17,12 @@ import time
 import numpy as np
 import pytest
 import torch
+import typer
 from PIL import Image
 
-from featcache.backbones import (create_captioner, create_image, create_text, get_backbone_spec, list_backbones,
-                                 locate, parse_backbone)
+from cli import featcache_app
+from featcache.backbones import (DEFAULT_BACKBONE, create_captioner, create_image, create_text, get_backbone_spec,
+                                 list_backbones, locate, parse_backbone)
 from featcache.backbones.aliases import IMAGENET_MEAN, IMAGENET_STD
 from featcache.backbones.base import get_attr_path
 from featcache.backbones.weights import ENV_DIR, WeightsError
@@ -114,6 +116,13 @@ def test_registry_names_and_parse_backbone():
         parse_backbone("minilm-l6+vgg16")
     with pytest.raises(ValueError, match="not a captioner"):
         create_captioner("resnet18", None)
+
+
+def test_cli_backbone_default_is_the_registry_default():
+    """cli.py spells the default as a literal (importing the registry would pull torch into every `--help`); the
+    two must not drift apart."""
+    extract = typer.main.get_command(featcache_app).commands["extract"]
+    assert {p.name: p.default for p in extract.params}["backbone"] == DEFAULT_BACKBONE
 
 
 # --------------------------------------------------------------------------- where weights come from
