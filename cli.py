@@ -208,7 +208,7 @@ def extract_cmd(
                                           "(default: the labels found, sorted)."),
     no_text: bool = typer.Option(False, "--no-text", help="Keep features, ids, labels and splits only, not "
                                  "the posts' texts (a cache to share)."),
-    backbone: str = typer.Option("minilm-l6+efficientnet-lite0", help="A paired name (clip-vit-b32) or "
+    backbone: str = typer.Option("minilm-l6+efficientnet-lite0-tf", help="A paired name (clip-vit-b32) or "
                                  "TEXT+IMAGE (roberta-base+resnet50); any model as hf:ID, timm:NAME[@FILE], "
                                  "open_clip:ARCH@TAG. See `featcache backbones`."),
     captions: Optional[str] = typer.Option(None, help="Caption every image once with this captioner "

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import featcache.cache.store as fs
 import featcache.extract.engine as fx
+from featcache.backbones import DEFAULT_BACKBONE, parse_backbone
 from featcache.cache.store import CacheError, CacheReader, partial_path
 from featcache.extract.config import ExtractConfig
 from featcache.extract.engine import extract
@@ -141,7 +142,7 @@ def test_extract_shapes_dtypes_rows(mvsa, cache24):
     assert d["text_encodings"] == encodings and d["empty_texts"] == 0 and meta["problems"] == []
     assert d["root"] == str(mvsa.resolve()) or os.path.samefile(d["root"], mvsa)
     assert meta["preprocessing"]["limit"] == 24 and meta["preprocessing"]["max_text_len"] == 64
-    assert meta["backbone"]["text"] == "minilm-l6" and meta["backbone"]["image"] == "efficientnet-lite0"
+    assert (meta["backbone"]["text"], meta["backbone"]["image"]) == parse_backbone(DEFAULT_BACKBONE)
     assert meta["text"] == {"max_len": 64, "token_dim": 384, "pooled_dim": 384, "num_layers": 6,
                             "start_layer": None}
     assert meta["image"]["num_patches"] == 49 and meta["image"]["pooled_dim"] == 1280

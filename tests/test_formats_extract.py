@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 
 import featcache.extract.engine as fx
 import featcache.extract.forward as ff
+from featcache.backbones import DEFAULT_BACKBONE, parse_backbone
 from mvsa_fixtures import good_row, jpeg_bytes, make_dataset
 from reader_fixtures import images_for, meme, tw_row, write_csv, write_memes, write_release, write_twitter
 
@@ -93,7 +94,7 @@ def test_extract_every_format(extracted, fmt):
     assert info["format"] == fmt and info["classes"] == classes
     assert {s: v["samples"] for s, v in info["splits"].items()} == splits
     assert info["samples"] == sum(splits.values()) == sum(v["samples"] for v in info["splits"].values())
-    assert info["backbones"]["text"] == "minilm-l6" and info["backbones"]["image"] == "efficientnet-lite0"
+    assert (info["backbones"]["text"], info["backbones"]["image"]) == parse_backbone(DEFAULT_BACKBONE)
     assert info["texts"] is True
     with h5py.File(cache, "r") as f:
         meta = json.loads(f.attrs["meta"])

@@ -30,8 +30,9 @@ def real_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def on_the_fly(real_cache):
     """Features for every row, recomputed one sample at a time straight from the dataset files."""
-    text = create_text("minilm-l6", locate("minilm-l6"), max_len=real_cache.meta["text"]["max_len"]).eval()
-    image = create_image("efficientnet-lite0", locate("efficientnet-lite0")).eval()
+    names = real_cache.meta["backbone"]  # the default pair the cache was extracted with
+    text = create_text(names["text"], locate(names["text"]), max_len=real_cache.meta["text"]["max_len"]).eval()
+    image = create_image(names["image"], locate(names["image"])).eval()
     texts = [s for s in _strings(real_cache.path, "samples/text")]
     feats = {k: [] for k in ("text_tokens", "text_mask", "text_pooled", "image_tokens", "image_pooled")}
     root = real_cache.meta["dataset"]["root"]

@@ -90,7 +90,7 @@ class Alias:
 
 
 BACKBONES: Registry[Alias] = Registry("backbone")
-DEFAULT_BACKBONE = "minilm-l6+efficientnet-lite0"
+DEFAULT_BACKBONE = "minilm-l6+efficientnet-lite0-tf"
 
 
 @dataclass(frozen=True)
