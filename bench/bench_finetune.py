@@ -19,8 +19,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
-from featcache.backbones import create_image, locate  # noqa: E402
+from common import cache_image_encoder, default_cache, write_result  # noqa: E402  (bench/ is sys.path[0])
 from featcache.extract.forward import cpu_image_micro  # noqa: E402
 from featcache.sources.images import load_rgb  # noqa: E402
 from featcache.text_tower import load_text_backbone  # noqa: E402
@@ -107,8 +106,7 @@ def main():
     init = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("text.")}
     init.update({f"text.{k}": v.detach().clone() for k, v in model.text_params().items()})
 
-    image = create_image(data.meta["backbone"]["image"], locate(data.meta["backbone"]["image"]),  # the cache's size
-                         image_size=data.meta["preprocessing"].get("image_size", 0))
+    image = cache_image_encoder(data.meta)
     root = data.meta["dataset"]["root"]
     t0 = time.perf_counter()
     pixels = {int(r): image.transform(load_rgb(os.path.join(root, "data", f"{data.guids[int(r)]}.jpg"),

