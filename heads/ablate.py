@@ -7,7 +7,8 @@ A grid maps TrainConfig fields, by their flat names (heads.config: fusion, lr, .
 runs are the cartesian product (grid order, then seeds), each a TrainConfig built with `with_flat`
 (dataclasses.replace underneath): configs are data, never command strings. Each run has its own directory
 named after its grid values (`runs/fusion=film,modality=both,seed=0`); a re-run skips the finished ones
-(metrics.json present, config.json equal): an interrupted ablation resumes where it stopped.
+(metrics.json present, config.json equal, trained on a cache of the same key): an interrupted ablation resumes
+where it stopped.
 
 Axes come from the command line (`--fusion a,b`, `--set key=v1,v2` for any field, values parsed to the
 field's type) or a TOML file (keys = flat TrainConfig names, values = lists; a scalar is a one-value axis).
@@ -47,7 +48,7 @@ from .parallel import count_workers, run_all
 from .report.plan import check_plan, missing_runs, record_plan
 from .report.build import write_reports
 from .report.compare import parse_baseline
-from .rundir import is_finished, load_json
+from .rundir import is_finished, run_cache_key
 from .shard import grid_plan, resolve_shard, slice_of
 from .train import crossfit, stage1
 from .train.metrics import check_metric_classes
@@ -236,16 +237,12 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
     return runs
 
 
-def is_done(run_dir: str, train_cfg: TrainConfig, cache: str | None = None) -> bool:
-    """Finished with this config and, when given, on this cache file (a replaced cache means new runs)."""
-    if not is_finished(run_dir, "train", train_cfg.flat(), lambda saved: TrainConfig.from_flat(saved).flat()):
-        return False
-    if cache is None:
-        return True
-    try:
-        return load_json(os.path.join(run_dir, "cache.json"))["path"] == os.path.abspath(cache)
-    except (OSError, ValueError, KeyError):
-        return False
+def is_done(run_dir: str, train_cfg: TrainConfig, cache_key: str) -> bool:
+    """Finished with this config on a cache of these features. The cache key, not the path, says so: the same
+    --out with another cache (other data, or the file replaced by other features) trains anew, while a copy of
+    the same cache elsewhere (a node-local one) resumes."""
+    return is_finished(run_dir, "train", train_cfg.flat(), lambda saved: TrainConfig.from_flat(saved).flat()) \
+        and run_cache_key(run_dir) == cache_key
 
 
 def load_caches(paths: list[str], budget: str = "auto") -> dict:
@@ -311,7 +308,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
         for spec in runs:
             run_dir = os.path.join(cfg.out, "runs", spec.name)
             run_dirs.append(run_dir)
-            if is_done(run_dir, spec.train, spec.cache if several else None):
+            if is_done(run_dir, spec.train, datas[spec.cache].meta.get("key")):
                 skipped += 1
                 bar.advance(task)
             else:
@@ -323,7 +320,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
             run_dir = os.path.join(cfg.out, "runs", name)
             run_dirs.append(run_dir)
             bar.update(task, description=name)
-            if probe_done(run_dir, probe_cfg):
+            if probe_done(run_dir, probe_cfg) and run_cache_key(run_dir) == datas[path].meta.get("key"):
                 skipped += 1
             else:
                 run_probe(probe_cfg, datas[path], run_dir)

@@ -111,6 +111,14 @@ def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
         return False
 
 
+def run_cache_key(run_dir: str) -> str | None:
+    """The key of the cache a run was trained on (cache.json), None if unknown."""
+    try:
+        return load_json(os.path.join(run_dir, "cache.json")).get("key")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def cache_info(meta: dict, path: str) -> dict:
     return {"path": os.path.abspath(path), **{k: meta.get(k) for k in CACHE_FIELDS},
             "signature": feature_signature(meta), "dataset": meta.get("dataset")}

@@ -185,6 +185,23 @@ def test_interrupted_ablation_resumes(cache, tmp_path, monkeypatch):
     assert changed.trained == 4
 
 
+def test_resume_is_by_cache_key_not_path(cache, tmp_path):
+    """The same --out with another cache trains anew (before, a one-cache ablation took the runs of whatever
+    cache had filled it as finished: other data's metrics under this cache's name); a copy of the same cache
+    at another path (a node-local one) resumes."""
+    import shutil
+    cfg = AblateConfig(cache=cache, out=str(tmp_path / "a"), grid={"fusion": ["concat"]}, seeds=[0],
+                       base=FAST_BASE, progress=False, probe=True, workers=1, n_boot=50)
+    assert ablate(cfg).trained == 2  # the head and the probe
+    copy = shutil.copy(cache, tmp_path / "copy.h5")
+    assert (ablate(AblateConfig(**{**cfg.__dict__, "cache": str(copy)}))).skipped == 2
+    other = build_synthetic_cache(str(tmp_path / "other.h5"), n_train=150, noise=3.0, seed=1, key="other-key")
+    res = ablate(AblateConfig(**{**cfg.__dict__, "cache": other}))
+    assert (res.trained, res.skipped) == (2, 0)
+    for name in os.listdir(tmp_path / "a" / "runs"):
+        assert load(tmp_path / "a" / "runs" / name / "cache.json")["key"] == "other-key", name
+
+
 def test_parallel_ablation_resumes_and_matches_itself(cache, tmp_path, monkeypatch):
     import heads.train.stage1
     real_train = heads.train.stage1.train
