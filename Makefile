@@ -29,6 +29,14 @@ $(VENV)/.mpnet: $(VENV)/.installed
 	$(BIN)/pip install -q -e '.[mpnet]'
 	touch $@
 
+# One `heads ablate` per cache trains its cross-fits (one cache load; the runs `heads train --folds 5 --seed S`
+# writes, byte for byte); a second `make run` finds them finished (same config, same cache key) and only
+# ensembles and predicts. Members in seed order, alternating backbones.
+comma  := ,
+space  := $(subst ,, )
+GRID    = --fusion co-attn --modality both --folds 5 --seeds $(subst $(space),$(comma),$(strip $(SEEDS))) --baseline co-attn
+MEMBERS = $(foreach s,$(SEEDS),$(foreach b,minilm mpnet,$(RUN)-parts/$(b)/runs/fusion=co-attn$(comma)modality=both$(comma)seed=$(s)$(comma)folds=5))
+
 # The model cross-validation measured best (README, Results; docs/default_choice.md): co-attn 5-fold cross-fits
 # on the caches of two text backbones (MiniLM-L6 and mpnet-base; for images EfficientNet-Lite0 normalised as its
 # weights were trained, fed 288 px: 9 x 9 patches), seeds 0-5 each, their probabilities averaged by
@@ -36,11 +44,9 @@ $(VENV)/.mpnet: $(VENV)/.installed
 run: setup $(VENV)/.mpnet
 	$(BIN)/featcache extract --data $(DATA) --backbone minilm-l6+efficientnet-lite0-tf --image-size 288 --out $(CACHE)
 	$(BIN)/featcache extract --data $(DATA) --backbone mpnet-base+efficientnet-lite0-tf --image-size 288 --out $(CACHE2)
-	for s in $(SEEDS); do \
-	  $(BIN)/heads train --cache $(CACHE) --fusion co-attn --folds 5 --seed $$s --no-plots --out $(RUN)-parts/minilm-s$$s \
-	  && $(BIN)/heads train --cache $(CACHE2) --fusion co-attn --folds 5 --seed $$s --no-plots --out $(RUN)-parts/mpnet-s$$s \
-	  || exit 1; done
-	$(BIN)/heads ensemble $(foreach s,$(SEEDS),$(RUN)-parts/minilm-s$(s) $(RUN)-parts/mpnet-s$(s)) --out $(RUN)
+	$(BIN)/heads ablate --cache $(CACHE) $(GRID) --out $(RUN)-parts/minilm
+	$(BIN)/heads ablate --cache $(CACHE2) $(GRID) --out $(RUN)-parts/mpnet
+	$(BIN)/heads ensemble $(MEMBERS) --out $(RUN)
 	if $(BIN)/featcache info --json $(CACHE) | $(BIN)/python -c "import json, sys; sys.exit('test' not in json.load(sys.stdin)['splits'])"; \
 	then $(BIN)/heads predict --run $(RUN) --cache $(CACHE),$(CACHE2) --split test --out $(RUN)-test_predictions.txt; \
 	else echo "$(DATA) has no test split: nothing to predict"; fi
