@@ -48,7 +48,7 @@ from .parallel import count_workers, run_all
 from .report.plan import check_plan, missing_runs, record_plan
 from .report.build import write_reports
 from .report.compare import parse_baseline
-from .rundir import is_finished, run_cache_key
+from .rundir import is_finished
 from .shard import grid_plan, resolve_shard, slice_of
 from .train import crossfit, stage1
 from .train.metrics import check_metric_classes
@@ -237,12 +237,10 @@ def expand(cfg: AblateConfig) -> list[RunSpec]:
     return runs
 
 
-def is_done(run_dir: str, train_cfg: TrainConfig, cache_key: str) -> bool:
-    """Finished with this config on a cache of these features. The cache key, not the path, says so: the same
-    --out with another cache (other data, or the file replaced by other features) trains anew, while a copy of
-    the same cache elsewhere (a node-local one) resumes."""
-    return is_finished(run_dir, "train", train_cfg.flat(), lambda saved: TrainConfig.from_flat(saved).flat()) \
-        and run_cache_key(run_dir) == cache_key
+def is_done(run_dir: str, train_cfg: TrainConfig, cache_key: str | None) -> bool:
+    """Finished with this config on a cache of these features (rundir.is_finished: by key, not path, so the same
+    --out with another cache trains anew while a node-local copy of the same cache resumes)."""
+    return is_finished(run_dir, "train", train_cfg.flat(), cache_key, lambda saved: TrainConfig.from_flat(saved).flat())
 
 
 def load_caches(paths: list[str], budget: str = "auto") -> dict:
@@ -320,7 +318,7 @@ def ablate(cfg: AblateConfig, console=None) -> AblateResult:
             run_dir = os.path.join(cfg.out, "runs", name)
             run_dirs.append(run_dir)
             bar.update(task, description=name)
-            if probe_done(run_dir, probe_cfg) and run_cache_key(run_dir) == datas[path].meta.get("key"):
+            if probe_done(run_dir, probe_cfg, datas[path].meta.get("key")):
                 skipped += 1
             else:
                 run_probe(probe_cfg, datas[path], run_dir)

@@ -97,26 +97,20 @@ def load_weights(path: str) -> dict[str, torch.Tensor]:
         raise DamagedRunError(f"{path} is truncated or not a safetensors file ({exc}); {_DAMAGED_HELP}") from exc
 
 
-def is_finished(run_dir: str, section: str, config: dict, upgrade=None) -> bool:
-    """A finished run of exactly this config: a run directory appears whole (write_run) with metrics.json last
-    in it, so its presence means complete, and config.json[section] (a flat view) must equal `config` (a
-    changed config is a different run).
+def is_finished(run_dir: str, section: str, config: dict, cache_key: str | None, upgrade=None) -> bool:
+    """A finished run of exactly this config on a cache of these features: a run directory appears whole
+    (write_run) with metrics.json last in it, so its presence means complete; config.json[section] (a flat view)
+    must equal `config` (a changed config is a different run) and cache.json's key `cache_key` (the same config
+    on another cache is a different run; a copy of the same cache elsewhere is not).
     `upgrade(saved)` (a config class's `from_flat(...).flat()`) first gives fields added since the run was
     written their defaults: a newer version resumes an older ablation instead of retraining it."""
     try:
         saved = load_json(os.path.join(run_dir, "config.json"))[section]
         return os.path.exists(os.path.join(run_dir, "metrics.json")) and \
+            load_json(os.path.join(run_dir, "cache.json")).get("key") == cache_key and \
             (saved == config or (upgrade is not None and upgrade(saved) == config))
-    except (OSError, ValueError, KeyError, ConfigError):
+    except (OSError, ValueError, KeyError, AttributeError, ConfigError):
         return False
-
-
-def run_cache_key(run_dir: str) -> str | None:
-    """The key of the cache a run was trained on (cache.json), None if unknown."""
-    try:
-        return load_json(os.path.join(run_dir, "cache.json")).get("key")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def cache_info(meta: dict, path: str) -> dict:

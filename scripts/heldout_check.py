@@ -36,12 +36,12 @@ def split(oof: str, out: str, test: float, seed: int) -> None:
     """A stratified `test` share of the rows the reference run scored, as a `guid,split` file."""
     from sklearn.model_selection import train_test_split  # only this command needs it
     y, _, _ = load(os.path.join(oof, "val_predictions.csv"))
-    _, held = train_test_split(guids_of(oof), test_size=test, stratify=y, random_state=seed)
-    held = set(held)
+    guids = guids_of(oof)
+    held = set(train_test_split(guids, test_size=test, stratify=y, random_state=seed)[1])
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     with open(out, "w") as f:
-        f.write("guid,split\n" + "".join(f"{g},{'test' if g in held else 'train'}\n" for g in guids_of(oof)))
-    print(f"wrote {out}: {len(guids_of(oof)) - len(held)} train, {len(held)} test")
+        f.write("guid,split\n" + "".join(f"{g},{'test' if g in held else 'train'}\n" for g in guids))
+    print(f"wrote {out}: {len(guids) - len(held)} train, {len(held)} test")
 
 
 def score(run: str, caches: list[str], split_file: str, oof: str, boot: int = 2000) -> None:
@@ -49,10 +49,11 @@ def score(run: str, caches: list[str], split_file: str, oof: str, boot: int = 20
     with open(split_file) as f:
         held = {r["guid"] for r in csv.DictReader(f) if r["split"] == "test"}
     y, p_oof, classes = load(os.path.join(oof, "val_predictions.csv"))
-    rows = np.array([g in held for g in guids_of(oof)])
+    guids = guids_of(oof)
+    rows = np.array([g in held for g in guids])
     pred = load_run(run).predict_cache(caches, split="train")  # MVSA's labelled rows are its split 'train'
     where = {g: i for i, g in enumerate(pred.ids)}
-    p_held = np.asarray(pred.proba)[[where[g] for g in np.array(guids_of(oof))[rows]]]
+    p_held = np.asarray(pred.proba)[[where[g] for g, r in zip(guids, rows) if r]]
     y, p_oof = y[rows], p_oof[rows]
     a, b = scores(y, p_held.argmax(1), classes), scores(y, p_oof.argmax(1), classes)
     rng = np.random.default_rng(0)

@@ -50,8 +50,8 @@ def probe_specs(runs) -> list[tuple[str, ProbeConfig]]:
     return out
 
 
-def probe_done(run_dir: str, cfg: ProbeConfig) -> bool:
-    return is_finished(run_dir, "probe", cfg.flat(), lambda saved: ProbeConfig.from_flat(saved).flat())
+def probe_done(run_dir: str, cfg: ProbeConfig, cache_key: str | None) -> bool:
+    return is_finished(run_dir, "probe", cfg.flat(), cache_key, lambda saved: ProbeConfig.from_flat(saved).flat())
 
 
 def pooled_features(data: CacheData, rows) -> np.ndarray:
